@@ -1,0 +1,222 @@
+"""Constants and layouts shared by the BPF programs, the module and the agent.
+
+The C side of every shared structure lives in one header,
+kmodule/iobridge_abi.h; this module mirrors it with ctypes.  The host test
+tests/test_abi.py compiles the header and checks every size, offset and
+constant below against it, and the agent compares ABI_VERSION with the
+header it compiles into BPF programs and with the loaded module before it
+uses either (check_header_version(), check_module_version()).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from pathlib import Path
+
+from .errors import IobridgeError
+
+# Bump together with IOBRIDGE_ABI_VERSION in kmodule/iobridge_abi.h.
+ABI_VERSION = 1
+
+MAX_LEGS = 8
+MAX_TARGETS = 64
+
+# Admission decisions are kept per (target, leg, I/O size bucket).
+# Bucket i holds requests of at most SIZE_BUCKET_MAX_BYTES[i] bytes; the
+# last bucket holds everything larger.
+SIZE_BUCKET_MAX_BYTES = (4096, 16384, 65536)
+NUM_SIZE_BUCKETS = len(SIZE_BUCKET_MAX_BYTES) + 1
+
+NO_LEG = -1
+DECISION_AVOID = 0
+DECISION_ADMIT = 1
+DECISION_ENTRIES = MAX_TARGETS * MAX_LEGS * NUM_SIZE_BUCKETS
+
+# Names used across the module, the BPF program and the agent.
+MODULE_NAME = "dm_iobridge"
+TARGET_TYPE = "iobridge"
+ROUTE_TRACEPOINT = "iobridge_route"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KMODULE_DIR = REPO_ROOT / "kmodule"
+ABI_HEADER = KMODULE_DIR / "iobridge_abi.h"
+
+
+def size_bucket(nbytes: int) -> int:
+    """Size bucket of a request of `nbytes` bytes (same rule as the BPF side)."""
+    for i, limit in enumerate(SIZE_BUCKET_MAX_BYTES):
+        if nbytes <= limit:
+            return i
+    return NUM_SIZE_BUCKETS - 1
+
+
+def decision_index(target: int, leg: int, bucket: int) -> int:
+    """Index of the decision entry for (target, leg, bucket)."""
+    if not 0 <= target < MAX_TARGETS:
+        raise ValueError(f"target id {target} outside 0..{MAX_TARGETS - 1}")
+    if not 0 <= leg < MAX_LEGS:
+        raise ValueError(f"leg {leg} outside 0..{MAX_LEGS - 1}")
+    if not 0 <= bucket < NUM_SIZE_BUCKETS:
+        raise ValueError(f"size bucket {bucket} outside 0..{NUM_SIZE_BUCKETS - 1}")
+    return (target * MAX_LEGS + leg) * NUM_SIZE_BUCKETS + bucket
+
+
+class RouteCtx(ctypes.Structure):
+    """struct iobridge_route_ctx: the routing hook's context."""
+
+    _fields_ = [
+        ("abi_version", ctypes.c_uint32),
+        ("target_id", ctypes.c_uint32),
+        ("nr_legs", ctypes.c_uint32),
+        ("bio_bytes", ctypes.c_uint32),
+        ("sector", ctypes.c_uint64),
+        ("now_ns", ctypes.c_uint64),
+        ("op_flags", ctypes.c_uint32),
+        ("chosen_leg", ctypes.c_int32),
+        ("inflight", ctypes.c_uint32 * MAX_LEGS),
+        ("healthy", ctypes.c_uint8 * MAX_LEGS),
+    ]
+
+
+class Decision(ctypes.Structure):
+    """struct iobridge_decision: one decision table entry."""
+
+    _fields_ = [
+        ("expires_ns", ctypes.c_uint64),
+        ("score", ctypes.c_int32),
+        ("admit", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+# (C struct name, ctypes mirror): checked field by field by tests/test_abi.py.
+STRUCTS = {
+    "iobridge_route_ctx": RouteCtx,
+    "iobridge_decision": Decision,
+}
+
+# Python constant -> C macro: checked by tests/test_abi.py.
+CONSTANTS = {
+    "ABI_VERSION": "IOBRIDGE_ABI_VERSION",
+    "MAX_LEGS": "IOBRIDGE_MAX_LEGS",
+    "MAX_TARGETS": "IOBRIDGE_MAX_TARGETS",
+    "NUM_SIZE_BUCKETS": "IOBRIDGE_NUM_SIZE_BUCKETS",
+    "NO_LEG": "IOBRIDGE_NO_LEG",
+    "DECISION_AVOID": "IOBRIDGE_DECISION_AVOID",
+    "DECISION_ADMIT": "IOBRIDGE_DECISION_ADMIT",
+    "DECISION_ENTRIES": "IOBRIDGE_DECISION_ENTRIES",
+}
+
+
+def header_version(header: Path = ABI_HEADER) -> int:
+    """IOBRIDGE_ABI_VERSION as written in the header file."""
+    try:
+        text = header.read_text()
+    except OSError as err:
+        raise IobridgeError(f"cannot read the ABI header {header}: {err.strerror}",
+                            "run from a complete iobridge checkout") from err
+    m = re.search(r"^#define\s+IOBRIDGE_ABI_VERSION\s+(\d+)\s*$", text, re.M)
+    if not m:
+        raise IobridgeError(f"{header} defines no IOBRIDGE_ABI_VERSION")
+    return int(m.group(1))
+
+
+def check_header_version(header: Path = ABI_HEADER) -> None:
+    """Refuse a header whose layout version differs from this agent's."""
+    found = header_version(header)
+    if found != ABI_VERSION:
+        raise IobridgeError(
+            f"ABI mismatch: header {header} has layout version {found}, "
+            f"the agent expects {ABI_VERSION}",
+            "use the agent and kmodule/ from the same iobridge release")
+
+
+def module_version() -> int | None:
+    """The loaded module's layout version, or None if it is not loaded."""
+    path = Path(f"/sys/module/{MODULE_NAME}/parameters/abi_version")
+    try:
+        return int(path.read_text().strip())
+    except FileNotFoundError:
+        return None
+
+
+def check_module_version() -> None:
+    """Refuse a loaded module whose layout version differs from the agent's."""
+    found = module_version()
+    if found is None:
+        raise IobridgeError(f"kernel module {MODULE_NAME} is not loaded",
+                            "build it with 'make -C kmodule' and insmod kmodule/dm-iobridge.ko")
+    if found != ABI_VERSION:
+        raise IobridgeError(
+            f"ABI mismatch: module {MODULE_NAME} has layout version {found}, "
+            f"the agent expects {ABI_VERSION}",
+            "load the module built from the same iobridge release as the agent")
+
+
+# ======================================================================
+# Observer section (mirrors the "Observer" part of kmodule/iobridge_abi.h)
+# ======================================================================
+
+LAT_SUB_BITS = 3
+LAT_SLOTS = 320
+OP_READ, OP_WRITE, OP_DISCARD, OP_OTHER = 0, 1, 2, 3
+NUM_OPS = 4
+OP_NAMES = ("read", "write", "discard", "other")
+
+
+class DevStats(ctypes.Structure):
+    """struct iobridge_dev_stats: per-device counters kept by the observer."""
+
+    _fields_ = [
+        ("issued", ctypes.c_uint64),
+        ("completed", ctypes.c_uint64),
+        ("inflight", ctypes.c_int64),
+        ("errors", ctypes.c_uint64),
+        ("ios", ctypes.c_uint64 * NUM_OPS),
+        ("bytes", ctypes.c_uint64 * NUM_OPS),
+        ("lat_sum_ns", ctypes.c_uint64),
+        ("lat_hist", ctypes.c_uint64 * LAT_SLOTS),
+    ]
+
+
+class IoEvent(ctypes.Structure):
+    """struct iobridge_io_event: one completed I/O from the ring buffer."""
+
+    _fields_ = [
+        ("issue_ns", ctypes.c_uint64),
+        ("complete_ns", ctypes.c_uint64),
+        ("sector", ctypes.c_uint64),
+        ("dev", ctypes.c_uint32),
+        ("bytes", ctypes.c_uint32),
+        ("queue_len", ctypes.c_uint32),
+        ("leg", ctypes.c_int32),
+        ("op", ctypes.c_uint8),
+        ("error", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 6),
+    ]
+
+
+class ObserverConfig(ctypes.Structure):
+    """struct iobridge_observer_config: element 0 of the observer's config map."""
+
+    _fields_ = [
+        ("filter_dev", ctypes.c_uint32),
+        ("stream_events", ctypes.c_uint32),
+    ]
+
+
+STRUCTS.update({
+    "iobridge_dev_stats": DevStats,
+    "iobridge_io_event": IoEvent,
+    "iobridge_observer_config": ObserverConfig,
+})
+CONSTANTS.update({
+    "LAT_SUB_BITS": "IOBRIDGE_LAT_SUB_BITS",
+    "LAT_SLOTS": "IOBRIDGE_LAT_SLOTS",
+    "OP_READ": "IOBRIDGE_OP_READ",
+    "OP_WRITE": "IOBRIDGE_OP_WRITE",
+    "OP_DISCARD": "IOBRIDGE_OP_DISCARD",
+    "OP_OTHER": "IOBRIDGE_OP_OTHER",
+    "NUM_OPS": "IOBRIDGE_NUM_OPS",
+})

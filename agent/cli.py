@@ -1,0 +1,59 @@
+"""The `iobridge` command line.
+
+Each concern registers its own subcommands: a module listed in
+COMMAND_MODULES provides `register_cli(subparsers)`, which adds its parsers
+and sets `func` (called with the parsed args, returns an exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .errors import IobridgeError
+
+COMMAND_MODULES = [
+    "iobridge.vm",
+    "iobridge.observe",
+    "iobridge.trace",
+    "iobridge.train",
+    "iobridge.model",
+    "iobridge.replay",
+    "iobridge.bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iobridge",
+        description="Learned I/O admission and prefetch policies for stock Linux.",
+    )
+    parser.add_argument("--version", action="version", version=f"iobridge {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="iobridge: %(levelname)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except IobridgeError as err:
+        print(f"iobridge: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""The test VM: boots a Debian 6.1 kernel with virtme-ng over the host's root
+filesystem and runs commands (or the kernel-facing tests) in it as root.
+
+The kernel release is pinned in vm/kernel-release (make setup installs that
+package). KVM is used only when a probe shows that a guest really boots under
+it (on nested setups /dev/kvm can exist while guests hang); otherwise QEMU
+runs under TCG.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import IobridgeError, UsageError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PINNED_RELEASE_FILE = REPO_ROOT / "vm" / "kernel-release"
+GUEST_PRELUDE = REPO_ROOT / "vm" / "guest-prelude.sh"
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "iobridge"
+
+DEFAULT_TIMEOUT_S = 600
+DEFAULT_TEST_TIMEOUT_S = 2400
+PER_TEST_TIMEOUT_S = 600      # pytest-timeout inside the VM: one hung test fails alone
+DEFAULT_MEMORY = "2G"
+DEFAULT_CPUS = 2
+KVM_PROBE_TIMEOUT_S = 45
+
+
+@dataclass
+class Kernel:
+    release: str
+    image: Path
+
+    @property
+    def modules_dir(self) -> Path:
+        return Path("/lib/modules") / self.release
+
+
+def pinned_release() -> str:
+    return PINNED_RELEASE_FILE.read_text().split()[0]
+
+
+def find_kernel(release: str | None = None) -> Kernel:
+    """The kernel to boot: $IOBRIDGE_KERNEL, else the pinned release.
+
+    Raises a clear error naming the package to install when it is missing.
+    """
+    release = release or os.environ.get("IOBRIDGE_KERNEL") or pinned_release()
+    image = Path("/boot") / f"vmlinuz-{release}"
+    kernel = Kernel(release, image)
+    missing = []
+    if not image.exists():
+        missing.append(f"linux-image-{release}-unsigned")
+    if not (kernel.modules_dir / "modules.dep").exists():
+        missing.append(f"linux-image-{release}-unsigned (modules)")
+    if not (kernel.modules_dir / "build" / "Makefile").exists():
+        missing.append(f"linux-headers-{release}")
+    if missing:
+        raise IobridgeError(
+            f"VM kernel {release} is not installed: missing {', '.join(dict.fromkeys(missing))}",
+            "run `make setup`, or set IOBRIDGE_KERNEL to an installed 6.1 release")
+    return kernel
+
+
+def find_vng() -> str:
+    """Path of virtme-ng's `vng`, preferring the one beside this Python."""
+    beside = Path(sys.executable).parent / "vng"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("vng")
+    if not found:
+        raise IobridgeError("virtme-ng (vng) is not installed", "run `make setup`")
+    return found
+
+
+def _kvm_probe_cache() -> Path:
+    qemu = shutil.which("qemu-system-x86_64") or "none"
+    key = f"{os.uname().release}-{os.path.getmtime(qemu) if qemu != 'none' else 0:.0f}"
+    return CACHE_DIR / f"kvm-probe-{key}.json"
+
+
+def kvm_usable(kernel: Kernel, refresh: bool = False) -> bool:
+    """Whether a guest actually boots under KVM here (probed once, cached)."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    cache = _kvm_probe_cache()
+    if cache.exists() and not refresh:
+        return bool(json.loads(cache.read_text())["usable"])
+    print(f"iobridge: probing whether a KVM guest boots here (up to {KVM_PROBE_TIMEOUT_S}s, "
+          "done once)...", file=sys.stderr)
+    started = time.monotonic()
+    result = _boot(kernel, "true", accel="kvm", timeout=KVM_PROBE_TIMEOUT_S, quiet=True)
+    usable = result.returncode == 0 and not result.timed_out
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"usable": usable, "seconds": round(time.monotonic() - started, 1)}))
+    return usable
+
+
+@dataclass
+class VmResult:
+    returncode: int
+    timed_out: bool
+    seconds: float
+    tail: list[str] = field(default_factory=list)
+    output: str = ""
+
+
+def _boot(kernel: Kernel, guest_cmd: str, *, accel: str, timeout: float,
+          rwdirs: tuple[Path, ...] = (), memory: str = DEFAULT_MEMORY,
+          cpus: int = DEFAULT_CPUS, quiet: bool = False, capture: bool = False,
+          log_path: Path | None = None) -> VmResult:
+    """Boot the VM, run guest_cmd (a shell command line) and return its status.
+
+    Output is streamed to our stdout (unless quiet or capture) and the last
+    lines are kept, so a hang can be reported with the console's last words.
+    """
+    cmd = [find_vng(), "--run", str(kernel.image), "--cpus", str(cpus), "--memory", memory,
+           "--rwdir", str(REPO_ROOT)]
+    for d in rwdirs:
+        cmd += ["--rwdir", str(d)]
+    if accel == "tcg":
+        cmd.append("--disable-kvm")
+    cmd += ["--exec", guest_cmd]
+    env = dict(os.environ)
+    # vng runs helpers (virtme-run) by name: make sure the venv's bin is on PATH.
+    env["PATH"] = f"{Path(find_vng()).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    captured: list[str] = []
+    started = time.monotonic()
+    log = open(log_path, "w", buffering=1) if log_path else None
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", start_new_session=True)
+    timed_out = False
+
+    def on_alarm(*_):
+        raise TimeoutError
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            if capture:
+                captured.append(line)
+            elif not quiet:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            if log:
+                log.write(line)
+        proc.wait()
+    except TimeoutError:
+        timed_out = True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if log:
+            log.close()
+    return VmResult(returncode=proc.returncode if not timed_out else -1, timed_out=timed_out,
+                    seconds=time.monotonic() - started, tail=list(tail),
+                    output="".join(captured))
+
+
+def choose_accel(kernel: Kernel, accel: str) -> str:
+    if accel not in ("auto", "kvm", "tcg"):
+        raise UsageError(f"unknown accelerator {accel!r}", "use auto, kvm or tcg")
+    if accel == "auto":
+        env = os.environ.get("IOBRIDGE_VM_ACCEL")
+        if env in ("kvm", "tcg"):
+            return env
+        return "kvm" if kvm_usable(kernel) else "tcg"
+    return accel
+
+
+def _guest_command(command: list[str]) -> str:
+    """The shell line the guest runs: our prelude, then the command."""
+    return (f"exec bash {shlex.quote(str(GUEST_PRELUDE))} {shlex.quote(sys.prefix)} "
+            + " ".join(shlex.quote(c) for c in command))
+
+
+def run(command: list[str], *, timeout: float = DEFAULT_TIMEOUT_S, accel: str = "auto",
+        memory: str = DEFAULT_MEMORY, cpus: int = DEFAULT_CPUS, capture: bool = False,
+        quiet: bool = False, rwdirs: tuple[Path, ...] = (),
+        log_path: Path | None = None, raise_on_timeout: bool = True) -> VmResult:
+    """Run `command` as root in a fresh VM; returns its exit status and output.
+
+    The guest's working directory is the repository, with the venv's bin
+    first on PATH and IOBRIDGE_IN_VM=1 set (vm/guest-prelude.sh).
+    """
+    if not command:
+        raise UsageError("no command given", "usage: iobridge vm run -- CMD [ARGS...]")
+    kernel = find_kernel()
+    accel = choose_accel(kernel, accel)
+    result = _boot(kernel, _guest_command(command), accel=accel, timeout=timeout,
+                   memory=memory, cpus=cpus, capture=capture, quiet=quiet, rwdirs=rwdirs,
+                   log_path=log_path)
+    if result.timed_out and raise_on_timeout:
+        lines = "\n".join(result.tail[-20:])
+        raise IobridgeError(f"VM did not finish within {timeout:.0f}s and was killed; "
+                            f"last console lines:\n{lines}",
+                            "raise the bound with --timeout, or look for a hang in the guest")
+    return result
+
+
+# ----------------------------------------------------------- the VM test suite
+
+@dataclass
+class TestOutcome:
+    nodeid: str
+    outcome: str          # passed, failed, skipped, error
+    seconds: float
+    longrepr: str = ""
+
+
+@dataclass
+class SuiteResult:
+    outcomes: dict[str, TestOutcome]
+    vm: VmResult
+    boot_to_first_test_s: float | None
+    log_path: Path
+
+
+def run_tests(pytest_args: list[str], *, timeout: float = DEFAULT_TEST_TIMEOUT_S,
+              accel: str = "auto", quiet: bool = False) -> SuiteResult:
+    """Run the `vm`-marked tests in one VM boot and collect each test's outcome.
+
+    Inside the guest, pytest loads tests/vm_report.py, which writes one JSON
+    line per finished test to a results file on a shared directory; a test
+    whose line never arrives (VM hang or crash) is reported as an error
+    together with the last console lines.
+    """
+    results_dir = Path(tempfile.mkdtemp(prefix="iobridge-vm-"))
+    results = results_dir / "results.jsonl"
+    log_path = results_dir / "console.log"
+    started = time.time()
+    env_args = ["env", f"IOBRIDGE_VM_RESULTS={results}"]
+    cmd = env_args + ["python", "-m", "pytest", "-p", "tests.vm_report", "-m", "vm",
+                      "-p", "no:cacheprovider", "-o", "addopts=", "-rA",
+                      f"--timeout={PER_TEST_TIMEOUT_S}", *pytest_args]
+    vm = run(cmd, timeout=timeout, accel=accel, quiet=quiet, rwdirs=(results_dir,),
+             log_path=log_path, raise_on_timeout=False)
+    outcomes: dict[str, TestOutcome] = {}
+    first = None
+    if results.exists():
+        for line in results.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("event") == "start" and first is None:
+                first = rec["time"] - started
+                continue
+            if "nodeid" in rec:
+                outcomes[rec["nodeid"]] = TestOutcome(rec["nodeid"], rec["outcome"],
+                                                      rec["seconds"], rec.get("longrepr", ""))
+    return SuiteResult(outcomes, vm, first, log_path)
+
+
+# ----------------------------------------------------------------- CLI
+
+def _cmd_run(args) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    result = run(command, timeout=args.timeout, accel=args.accel, memory=args.memory,
+                 cpus=args.cpus)
+    return result.returncode
+
+
+def _cmd_test(args) -> int:
+    extra = list(args.pytest_args)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    suite = run_tests(extra, timeout=args.timeout, accel=args.accel)
+    counts = collections.Counter(o.outcome for o in suite.outcomes.values())
+    if suite.boot_to_first_test_s is not None:
+        print(f"iobridge vm test: boot to first test {suite.boot_to_first_test_s:.1f}s, "
+              f"whole run {suite.vm.seconds:.1f}s")
+    if not suite.outcomes:
+        print("iobridge vm test: no VM test reported an outcome", file=sys.stderr)
+        return 1
+    bad = counts["failed"] + counts["error"]
+    return 0 if bad == 0 and suite.vm.returncode == 0 else 1
+
+
+def _cmd_info(args) -> int:
+    kernel = find_kernel()
+    print(f"kernel:  {kernel.release} ({kernel.image})")
+    print(f"headers: {kernel.modules_dir / 'build'}")
+    print(f"vng:     {find_vng()}")
+    accel = choose_accel(kernel, args.accel)
+    print(f"accel:   {accel}")
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("vm", help="boot the test VM, run commands or the kernel-facing tests",
+                       description="The test VM boots the pinned Debian 6.1 kernel "
+                       "(vm/kernel-release) with virtme-ng over this machine's root filesystem; "
+                       "the repository is writable inside, everything else is a copy-on-write "
+                       "overlay. Commands run as root.")
+    vsub = p.add_subparsers(dest="vm_command", metavar="SUBCOMMAND")
+    vsub.required = True
+
+    def common(sp, default_timeout):
+        sp.add_argument("--timeout", type=float, default=default_timeout,
+                        help=f"kill the VM after this many seconds (default {default_timeout})")
+        sp.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"],
+                        help="auto uses KVM only if a probe boot succeeded on this host "
+                        "(cached); env IOBRIDGE_VM_ACCEL overrides auto")
+
+    r = vsub.add_parser("run", help="run a command as root in a fresh VM; exits with its status",
+                        description="Example: iobridge vm run -- uname -r")
+    common(r, DEFAULT_TIMEOUT_S)
+    r.add_argument("--memory", default=DEFAULT_MEMORY, help="guest memory (default 2G)")
+    r.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help="guest CPUs (default 2)")
+    r.add_argument("command", nargs=argparse_remainder(), help="command and arguments, after --")
+    r.set_defaults(func=_cmd_run)
+
+    t = vsub.add_parser("test", help="run the kernel-facing (vm-marked) tests in one boot",
+                        description="Extra arguments after -- go to pytest inside the VM, "
+                        "e.g. iobridge vm test -- -k observer")
+    common(t, DEFAULT_TEST_TIMEOUT_S)
+    t.add_argument("pytest_args", nargs=argparse_remainder(), help="arguments for pytest")
+    t.set_defaults(func=_cmd_test)
+
+    i = vsub.add_parser("info", help="show the kernel, virtme-ng and accelerator in use")
+    i.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    i.set_defaults(func=_cmd_info)
+
+
+def argparse_remainder():
+    import argparse
+    return argparse.REMAINDER

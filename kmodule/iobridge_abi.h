@@ -1,0 +1,154 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * iobridge ABI: the one C definition of every structure shared by the
+ * kernel module (kmodule/), the BPF programs (bpf/) and the agent (agent/).
+ *
+ * The agent mirrors these layouts in agent/abi.py; tests/test_abi.py compiles
+ * this header with the host compiler and checks every size and offset against
+ * the Python side.  Any change to a layout below must bump
+ * IOBRIDGE_ABI_VERSION; the agent refuses to run when the module, the header
+ * it compiles into BPF programs and its own mirror disagree.
+ *
+ * This header is included from kernel code, from BCC-compiled BPF programs
+ * and from host user-space test programs, so it uses only <linux/types.h>.
+ */
+#ifndef _IOBRIDGE_ABI_H
+#define _IOBRIDGE_ABI_H
+
+#include <linux/types.h>
+
+#define IOBRIDGE_ABI_VERSION		1
+
+/* ------------------------------------------------------------------------
+ * Limits
+ * ------------------------------------------------------------------------ */
+#define IOBRIDGE_MAX_LEGS		8	/* legs per target (min 2) */
+#define IOBRIDGE_MAX_TARGETS		64	/* live targets (ids 0..63) */
+
+/*
+ * I/O size buckets.  Bucket i holds requests of at most
+ * IOBRIDGE_SIZE_BUCKETi_MAX bytes; the last bucket holds everything larger.
+ */
+#define IOBRIDGE_SIZE_BUCKET0_MAX	4096
+#define IOBRIDGE_SIZE_BUCKET1_MAX	16384
+#define IOBRIDGE_SIZE_BUCKET2_MAX	65536
+#define IOBRIDGE_NUM_SIZE_BUCKETS	4
+
+static inline __u32 iobridge_size_bucket(__u32 nbytes)
+{
+	if (nbytes <= IOBRIDGE_SIZE_BUCKET0_MAX)
+		return 0;
+	if (nbytes <= IOBRIDGE_SIZE_BUCKET1_MAX)
+		return 1;
+	if (nbytes <= IOBRIDGE_SIZE_BUCKET2_MAX)
+		return 2;
+	return 3;
+}
+
+/* ------------------------------------------------------------------------
+ * Routing hook: context of the writable tracepoint "iobridge_route"
+ *
+ * The module fills one of these for each read bio and calls the tracepoint.
+ * A BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE program gets a pointer to it as
+ * its first argument and may store a leg index into chosen_leg; every
+ * other field is input only.  The module ignores a choice that is out of
+ * range or names a failed leg and then uses its default policy.
+ * ------------------------------------------------------------------------ */
+#define IOBRIDGE_NO_LEG			(-1)
+
+struct iobridge_route_ctx {
+	__u32 abi_version;			/* IOBRIDGE_ABI_VERSION */
+	__u32 target_id;			/* 0..IOBRIDGE_MAX_TARGETS-1 */
+	__u32 nr_legs;				/* 2..IOBRIDGE_MAX_LEGS */
+	__u32 bio_bytes;			/* size of the read */
+	__u64 sector;				/* first sector, 512-byte units */
+	__u64 now_ns;				/* ktime_get_ns() at the call */
+	__u32 op_flags;				/* bio->bi_opf */
+	__s32 chosen_leg;			/* in: -1; out: leg or -1 */
+	__u32 inflight[IOBRIDGE_MAX_LEGS];	/* bios in flight per leg */
+	__u8 healthy[IOBRIDGE_MAX_LEGS];	/* 1 = may serve reads */
+};
+
+/* ------------------------------------------------------------------------
+ * Decision table (BPF array, BPF_F_MMAPABLE, written by the agent)
+ *
+ * Key: iobridge_decision_index(target, leg, bucket).  An entry is valid
+ * while expires_ns > now (CLOCK_MONOTONIC ns, i.e. ktime_get_ns()); an
+ * entry with expires_ns == 0 is empty.  The agent writes admit and score
+ * first and expires_ns last.
+ * ------------------------------------------------------------------------ */
+#define IOBRIDGE_DECISION_AVOID		0
+#define IOBRIDGE_DECISION_ADMIT		1
+
+struct iobridge_decision {
+	__u64 expires_ns;			/* 0 = empty */
+	__s32 score;				/* higher is better */
+	__u8 admit;				/* IOBRIDGE_DECISION_* */
+	__u8 pad[3];
+};
+
+#define IOBRIDGE_DECISION_ENTRIES \
+	(IOBRIDGE_MAX_TARGETS * IOBRIDGE_MAX_LEGS * IOBRIDGE_NUM_SIZE_BUCKETS)
+
+static inline __u32 iobridge_decision_index(__u32 target, __u32 leg, __u32 bucket)
+{
+	return (target * IOBRIDGE_MAX_LEGS + leg) * IOBRIDGE_NUM_SIZE_BUCKETS + bucket;
+}
+
+/* ========================================================================
+ * Observer: per-device statistics and per-I/O event records
+ * (bpf/observer.bpf.c writes them; agent/observe.py reads them).
+ * ======================================================================== */
+
+/*
+ * Latency histogram, log-linear in nanoseconds: values below
+ * 2^IOBRIDGE_LAT_SUB_BITS get a slot each; above, every power of two is
+ * split into 2^IOBRIDGE_LAT_SUB_BITS equal slots (12.5% wide at most), so
+ * percentiles come out within one slot's width of the truth.
+ */
+#define IOBRIDGE_LAT_SUB_BITS		3
+#define IOBRIDGE_LAT_SLOTS		320	/* covers up to ~2^40 ns (18 min) */
+
+/* Operation of a request, from the block layer's rwbs / cmd_flags. */
+#define IOBRIDGE_OP_READ		0
+#define IOBRIDGE_OP_WRITE		1
+#define IOBRIDGE_OP_DISCARD		2
+#define IOBRIDGE_OP_OTHER		3
+#define IOBRIDGE_NUM_OPS		4
+
+/*
+ * Per-device counters, keyed by the kernel's dev_t encoding
+ * (major << 20 | minor).  Only data requests (at least one sector) count.
+ */
+struct iobridge_dev_stats {
+	__u64 issued;				/* requests issued to the driver */
+	__u64 completed;			/* requests completed (any outcome) */
+	__s64 inflight;				/* issued and not yet completed */
+	__u64 errors;				/* completed with an error */
+	__u64 ios[IOBRIDGE_NUM_OPS];		/* completed, per operation */
+	__u64 bytes[IOBRIDGE_NUM_OPS];		/* completed bytes, per operation */
+	__u64 lat_sum_ns;			/* sum of issue->completion times */
+	__u64 lat_hist[IOBRIDGE_LAT_SLOTS];	/* issue->completion, ns */
+};
+
+/* One completed I/O, streamed through a ring buffer when asked for. */
+struct iobridge_io_event {
+	__u64 issue_ns;				/* ktime_get_ns() at issue */
+	__u64 complete_ns;			/* ktime_get_ns() at completion */
+	__u64 sector;				/* first sector, 512-byte units */
+	__u32 dev;				/* dev_t, major << 20 | minor */
+	__u32 bytes;
+	__u32 queue_len;			/* in flight on dev at issue, this one excluded */
+	__s32 leg;				/* iobridge leg, or -1 */
+	__u8 op;				/* IOBRIDGE_OP_* */
+	__u8 error;				/* 1 if completed with an error */
+	__u8 pad[6];
+};
+
+/* Observer settings, element 0 of a one-entry array written by the agent. */
+struct iobridge_observer_config {
+	__u32 filter_dev;			/* 0 = all devices, else this dev_t */
+	__u32 stream_events;			/* 1 = emit iobridge_io_event records */
+};
+
+#endif /* _IOBRIDGE_ABI_H */

@@ -1,0 +1,98 @@
+"""Host checks, device resolution and the CLI's error handling (no root, no kernel)."""
+
+import os
+
+import pytest
+
+from iobridge import blockdev, system, vm
+from iobridge.cli import build_parser, main
+from iobridge.errors import IobridgeError
+
+
+def test_non_root_gets_one_clear_line(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(IobridgeError, match="needs root") as err:
+        system.require_root("observing block I/O")
+    assert "sudo" in str(err.value)
+
+
+def test_old_kernel_is_unsupported(tmp_path):
+    with pytest.raises(IobridgeError, match=r"kernel 4\.19\.0-foo is not supported.*5\.8"):
+        system.require_bpf_kernel("4.19.0-foo", modules_root=tmp_path)
+
+
+def test_missing_headers_name_the_package(tmp_path):
+    with pytest.raises(IobridgeError, match="install linux-headers-6.1.0-99-amd64"):
+        system.require_bpf_kernel("6.1.0-99-amd64", modules_root=tmp_path)
+    (tmp_path / "6.1.0-99-amd64" / "build").mkdir(parents=True)
+    system.require_bpf_kernel("6.1.0-99-amd64", modules_root=tmp_path)
+
+
+def test_kdev_encoding_is_the_kernels():
+    assert blockdev.kdev(8, 16) == (8 << 20) | 16
+    assert blockdev.kdev_split(blockdev.kdev(259, 3)) == (259, 3)
+
+
+def _fake_sysfs(tmp_path):
+    for name, dev in (("sda", "8:0"), ("nullb0", "250:0")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dev").write_text(dev + "\n")
+    return tmp_path
+
+
+def test_resolve_by_name_and_number(tmp_path):
+    sysfs = _fake_sysfs(tmp_path)
+    assert blockdev.resolve("nullb0", sysfs) == blockdev.BlockDev("nullb0", 250, 0)
+    assert blockdev.resolve("8:0", sysfs).name == "sda"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nosuch", "no block device named 'nosuch'"),
+    ("9:9", "no block device with number 9:9"),
+    ("/dev/does-not-exist", "no such device: /dev/does-not-exist"),
+    ("/etc/hostname", "is not a block device"),
+    ("", "empty device name"),
+])
+def test_resolve_rejects_bad_devices(tmp_path, spec, message):
+    with pytest.raises(IobridgeError, match=message):
+        blockdev.resolve(spec, _fake_sysfs(tmp_path))
+
+
+def test_missing_vm_kernel_names_the_packages():
+    with pytest.raises(IobridgeError) as err:
+        vm.find_kernel("6.1.0-999-amd64")
+    text = str(err.value)
+    assert "linux-image-6.1.0-999-amd64-unsigned" in text
+    assert "linux-headers-6.1.0-999-amd64" in text
+    assert "make setup" in text
+
+
+def test_pinned_release_is_a_debian_6_1_kernel():
+    assert vm.pinned_release().startswith("6.1.0-") and vm.pinned_release().endswith("-amd64")
+
+
+def test_observe_arguments_parse_with_documented_defaults():
+    args = build_parser().parse_args(["observe", "--dev", "sda", "--dev", "8:16"])
+    assert args.dev == ["sda", "8:16"] and args.interval == 1.0 and args.count is None
+    assert args.probe == "auto" and not args.json
+
+
+def test_vm_run_keeps_the_guest_command_verbatim():
+    args = build_parser().parse_args(["vm", "run", "--timeout", "30", "--", "ls", "-l", "/"])
+    assert args.command == ["--", "ls", "-l", "/"] and args.timeout == 30
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["observe", "--interval", "0"], "--interval must be positive"),
+    (["observe", "--count", "-1"], "--count must be positive"),
+    (["observe", "--dev", "nosuchdisk"], "no block device named 'nosuchdisk'"),
+])
+def test_bad_observe_input_is_one_line_and_nonzero(capsys, argv, message):
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("iobridge: error: ")
+
+
+def test_vm_run_without_a_command_is_a_usage_error(capsys):
+    assert main(["vm", "run"]) == 2
+    assert "no command given" in capsys.readouterr().err

@@ -1,0 +1,189 @@
+"""The block observer on the real kernel: counts, latency, event stream, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import run
+
+from iobridge import abi, blockdev
+from iobridge.observe import BlockObserver, DevSnapshot
+
+# null_blk completing each request after 1 ms from a timer (irqmode=2), so
+# the device time dominates the software path under emulation.
+DEVICE_NS = 1_000_000
+N_IOS = 400
+
+
+def fio(dev: str, rw: str, n: int, extra: tuple[str, ...] = ()) -> dict:
+    out = run(["fio", "--name=obs", f"--filename={dev}", f"--rw={rw}", "--rwmixread=70",
+               "--bs=4k", "--direct=1", "--ioengine=psync", f"--number_ios={n}",
+               "--randrepeat=0", "--norandommap", "--output-format=json", *extra]).stdout
+    job = json.loads(out)["jobs"][0]
+    assert job["error"] == 0, job
+    return job
+
+
+def attached_tracepoints() -> list[str]:
+    """Tracepoint/kprobe attachments of BPF programs, as bpftool sees them."""
+    out = run(["bpftool", "perf", "show", "--json"]).stdout
+    return [f"{e.get('pid')}:{e.get('tracepoint') or e.get('func')}" for e in json.loads(out or "[]")]
+
+
+@pytest.fixture
+def slow_nullb(make_nullb):
+    return make_nullb(size_mb=64, irqmode=2, completion_nsec=DEVICE_NS)
+
+
+@pytest.fixture(scope="module")
+def observer():
+    """One loaded observer (tracepoints, event stream) shared by the tests
+    that only need to point it at their own device: a BCC compile takes
+    about 30 s under emulation."""
+    with BlockObserver(stream=True) as obs:
+        print(f"observer compile time in the VM: {obs.compile_seconds:.1f}s")
+        yield obs
+
+
+def test_observer_counts_match_fio_exactly_and_latency_agrees(observer, slow_nullb):
+    obs = observer
+    dev = blockdev.resolve(slow_nullb)
+    obs.set_devices([dev])
+    assert obs.probe == "tracepoint"
+    mine = [a for a in attached_tracepoints() if a.startswith(f"{os.getpid()}:")]
+    assert f"{os.getpid()}:block_rq_issue" in mine and f"{os.getpid()}:block_rq_complete" in mine
+    before = obs.snapshot().get(dev.kdev, DevSnapshot.empty())
+    job = fio(slow_nullb, "randrw", N_IOS)
+    snap = obs.snapshot()[dev.kdev].minus(before)
+    obs.poll_events(timeout_ms=0)   # keep the shared stream drained
+    reads, writes = job["read"]["total_ios"], job["write"]["total_ios"]
+    assert reads + writes == N_IOS
+    assert snap.completed == N_IOS
+    assert snap.issued == N_IOS
+    assert snap.inflight == 0
+    assert snap.ios[abi.OP_READ] == reads and snap.ios[abi.OP_WRITE] == writes
+    assert snap.bytes[abi.OP_READ] == reads * 4096
+    assert snap.errors == 0
+    assert int(snap.hist.sum()) == N_IOS
+
+    # Latency: the observer times issue -> completion inside the block layer,
+    # fio times submission -> completion from user space, which contains it.
+    # So each observer percentile is at most fio's (the larger of its read
+    # and write figures) plus one histogram slot (12.5%), and never below the
+    # device's 1 ms completion timer. At the median the software path outside
+    # the block layer is small next to the 1 ms device time, so there the
+    # observer is also at least 65% of fio's smaller figure (seen: 97%). In
+    # the tail, fio's figure also holds its own preemption on a loaded
+    # emulated CPU (seen: fio p99 4-24 ms, observer 2.9 ms), so no such lower
+    # bound is claimed for p99.
+    figs = snap.figures()
+    for q, key in (("50.000000", "lat_p50_us"), ("99.000000", "lat_p99_us")):
+        fio_hi = max(job["read"]["clat_ns"]["percentile"][q],
+                     job["write"]["clat_ns"]["percentile"][q]) / 1e3
+        fio_lo = min(job["read"]["clat_ns"]["percentile"][q],
+                     job["write"]["clat_ns"]["percentile"][q]) / 1e3
+        ours = figs[key]
+        print(f"p{q[:2]}: observer {ours:.1f} us, fio read/write {fio_lo:.1f}..{fio_hi:.1f} us")
+        assert ours >= DEVICE_NS / 1e3, "cannot be faster than the device's completion timer"
+        assert ours <= fio_hi * 1.125, (ours, fio_hi)
+        if key == "lat_p50_us":
+            assert ours >= fio_lo * 0.65, (ours, fio_lo)
+
+
+def test_kprobe_fallback_counts_match_fio_exactly(slow_nullb):
+    dev = blockdev.resolve(slow_nullb)
+    with BlockObserver(probe="kprobe", devs=[dev]) as obs:
+        assert obs.probe == "kprobe"
+        mine = [a for a in attached_tracepoints() if a.startswith(f"{os.getpid()}:")]
+        assert f"{os.getpid()}:blk_mq_start_request" in mine, mine
+        job = fio(slow_nullb, "randrw", N_IOS)
+        snap = obs.snapshot()[dev.kdev]
+    assert snap.completed == N_IOS
+    assert snap.ios[abi.OP_READ] == job["read"]["total_ios"]
+    assert snap.ios[abi.OP_WRITE] == job["write"]["total_ios"]
+
+
+def test_event_stream_has_one_record_per_io(observer, make_nullb):
+    obs = observer
+    nullb = make_nullb(size_mb=64)
+    dev = blockdev.resolve(nullb)
+    size = 64 << 20
+    obs.set_devices([dev])
+    obs.poll_events(timeout_ms=0)
+    dropped_before = obs.dropped_events()
+    before = obs.snapshot().get(dev.kdev, DevSnapshot.empty())
+    fio(nullb, "randread", N_IOS)
+    events = []
+    deadline = time.monotonic() + 10
+    while sum(len(e) for e in events) < N_IOS and time.monotonic() < deadline:
+        events.append(obs.poll_events(timeout_ms=50))
+    completed = obs.snapshot()[dev.kdev].minus(before).completed
+    ev = np.concatenate(events)
+    assert completed == N_IOS
+    assert obs.dropped_events() == dropped_before
+    assert len(ev) == N_IOS
+    assert (ev["dev"] == dev.kdev).all()
+    assert (ev["op"] == abi.OP_READ).all()
+    assert (ev["bytes"] == 4096).all()
+    assert (ev["complete_ns"] > ev["issue_ns"]).all()
+    assert (ev["sector"] * 512 + ev["bytes"] <= size).all()
+    assert (ev["queue_len"] == 0).all(), "psync at depth 1: nothing else in flight"
+
+
+def test_event_stream_counts_drops_when_the_ring_is_full(make_nullb):
+    nullb = make_nullb(size_mb=64)
+    dev = blockdev.resolve(nullb)
+    # One page holds ~70 events: without draining, most of 400 are dropped,
+    # and every I/O is either delivered or counted as dropped.
+    with BlockObserver(devs=[dev], stream=True, ringbuf_pages=1) as obs:
+        assert obs.dropped_events() == 0
+        fio(nullb, "randread", N_IOS)
+        delivered = 0
+        for _ in range(5):
+            delivered += len(obs.poll_events(timeout_ms=50))
+        dropped = obs.dropped_events()
+    assert dropped > 0
+    assert delivered + dropped == N_IOS
+
+
+def test_observe_cli_reports_and_detaches_on_ctrl_c(slow_nullb):
+    cmd = [sys.executable, "-m", "iobridge.cli", "observe", "--dev", slow_nullb,
+           "--interval", "0.5", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Wait until attached (it says so on stderr), then drive I/O.
+        line = proc.stderr.readline()
+        assert "attached" in line, line + proc.stderr.read()
+        assert any(a.startswith(f"{proc.pid}:block_rq_issue") for a in attached_tracepoints())
+        job = fio(slow_nullb, "randrw", N_IOS)
+        time.sleep(1.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    lines = [json.loads(x) for x in out.splitlines()]
+    reports, summary = lines[:-1], lines[-1]["summary"]
+    name = os.path.basename(os.path.realpath(slow_nullb))
+    assert reports and all(name in r["devices"] for r in reports)
+    assert summary["devices"][name]["completed"] == N_IOS
+    assert summary["devices"][name]["read_ios"] == job["read"]["total_ios"]
+    assert sum(r["devices"][name]["completed"] for r in reports) == N_IOS
+    assert not any(a.startswith(f"{proc.pid}:") for a in attached_tracepoints()), \
+        "programs still attached after Ctrl-C"
+
+
+def test_observe_cli_rejects_an_unknown_device():
+    proc = run([sys.executable, "-m", "iobridge.cli", "observe", "--dev", "nosuchdisk"],
+               check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == ("iobridge: error: no block device named 'nosuchdisk' "
+                                   "(lsblk lists the devices)")
