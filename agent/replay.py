@@ -1,0 +1,482 @@
+"""Trace-driven replay of read routing over N replica legs.
+
+The trace's arrivals (issue times, sizes, reads and writes) drive N legs of
+the device model (devmodel.py). Reads go to the leg a policy chooses; writes
+go to every leg (mirroring) and feed each leg's garbage-collection busy
+periods; flush, discard and other operations are ignored.
+
+Evaluation protocol: the trace is split by time (labeling.time_split) into
+an earlier training part and a later held-back part. Learned policies are
+trained on the training part, replayed with reads routed at random across
+the legs (so every leg sees a mix of load), and the hedging deadline is a
+percentile of read latency under least-in-flight routing on the training
+part. EVERY policy is then replayed on the held-back part only, starting
+from idle legs at the split time, and the report covers those reads.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import policies as P
+from .devmodel import DeviceParams, Leg, RecordedLeg
+from .errors import IobridgeError, UsageError
+from .labeling import time_split
+from .trace import OP_READ, OP_WRITE, Trace, load_any, _normalise_batch
+
+INF = 1 << 62
+
+
+class Progress:
+    """Progress on stderr: a live percentage on a terminal, phase lines otherwise."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def phase(self, msg: str) -> None:
+        if self.enabled:
+            print(f"iobridge: {msg}", file=sys.stderr, flush=True)
+
+    def update(self, label: str, done: int, total: int) -> None:
+        if not (self.enabled and self.tty):
+            return
+        now = time.monotonic()
+        if now - self._last > 0.5 or done == total:
+            self._last = now
+            end = "\n" if done == total else ""
+            print(f"\r  {label}: {100 * done // max(total, 1):3d}%", end=end,
+                  file=sys.stderr, flush=True)
+
+
+@dataclass
+class SimResult:
+    read_lat_ns: np.ndarray
+    read_issue_ns: np.ndarray
+    sent: list[int]
+    extra_ios: int
+    seconds: float
+    records: Trace | None = None
+    policy_stats: dict = field(default_factory=dict)
+
+
+def recorded_timelines(trace: Trace, nlegs: int) -> list[dict]:
+    """Per-leg (issue_ns, latency_ns) timelines for reads and writes of a
+    trace recorded on replica legs; an error if a leg or kind is missing."""
+    if not trace.has_latency:
+        raise IobridgeError("--latency trace: the trace has I/Os without measured latency")
+    out = []
+    for li in range(nlegs):
+        tl = {}
+        for is_write, opc in ((False, OP_READ), (True, OP_WRITE)):
+            m = (trace["leg"] == li) & (trace["op"] == opc)
+            if not m.any():
+                if is_write:        # a read-only trace: writes never happen
+                    tl[True] = (np.zeros(1, np.int64), np.zeros(1, np.int64))
+                    continue
+                raise IobridgeError(f"--latency trace: the trace has no recorded reads on "
+                                    f"leg {li}", "use --legs up to the number of recorded "
+                                    "legs, or --latency model")
+            idx = np.flatnonzero(m)
+            idx = idx[np.argsort(trace["issue_ns"][idx], kind="stable")]
+            tl[is_write] = (trace["issue_ns"][idx].astype(np.int64),
+                            trace["latency_ns"][idx].astype(np.int64))
+        out.append(tl)
+    return out
+
+
+def arrivals_of_recorded(trace: Trace) -> Trace:
+    """Arrivals of a trace recorded under the iobridge target: every read
+    once, and each mirrored write once (its copy on the lowest leg)."""
+    legs = trace["leg"][trace["leg"] >= 0]
+    if len(legs) == 0:
+        return trace
+    first = int(legs.min())
+    keep = (trace["op"] != OP_WRITE) | (trace["leg"] == first) | (trace["leg"] < 0)
+    return trace.take(np.flatnonzero(keep))
+
+
+def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
+             seed: int = 0, record: bool = False, progress: Progress | None = None,
+             label: str = "", timelines: list[dict] | None = None) -> SimResult:
+    """Replay `trace` (sorted by issue time) against `nlegs` fresh legs:
+    modelled ones, or with `timelines` legs replaying recorded latencies."""
+    t0 = time.perf_counter()
+    issue = trace["issue_ns"].astype(np.int64)
+    op = trace["op"]
+    nbytes = trace["bytes"].astype(np.int64)
+    n = len(issue)
+    start = int(issue[0]) if n else 0
+    if timelines is not None:
+        legs = [RecordedLeg(params, seed * 1009 + li, start, timelines[li])
+                for li in range(nlegs)]
+    else:
+        legs = [Leg(params, seed * 1009 + li, start) for li in range(nlegs)]
+    policy.reset(nlegs, seed)
+    is_read = op == OP_READ
+    ticks = policy.tick_times(issue[is_read]).tolist()
+    nticks = len(ticks)
+    nreads = int(is_read.sum())
+    read_lat = np.zeros(nreads, dtype=np.int64)
+    read_issue = issue[is_read].copy()
+    sent = [0] * nlegs
+    extra = 0
+    hedge_ns = policy.hedge_ns
+    hq: list = []
+    rec = {"issue_ns": [], "complete_ns": [], "qlen": [], "leg": [], "bytes": [], "op": []} if record else None
+    ti = 0
+    rid = 0
+    issue_l = issue.tolist(); op_l = op.tolist(); nb_l = nbytes.tolist()
+
+    def log(t, done, q, leg, nb, o):
+        rec["issue_ns"].append(t); rec["complete_ns"].append(done); rec["qlen"].append(q)
+        rec["leg"].append(leg); rec["bytes"].append(nb); rec["op"].append(o)
+
+    def run_hedge(item):
+        nonlocal extra
+        h, r, pl, pdone, arr, nb = item
+        for leg in legs:
+            leg.advance(h)
+        d = min((li for li in range(nlegs) if li != pl), key=lambda li: (legs[li].qlen, li))
+        ddone, q = legs[d].submit(h, nb, False)
+        if rec is not None:
+            log(h, ddone, q, d, nb, OP_READ)
+        sent[d] += 1
+        extra += 1
+        read_lat[r] = min(pdone, ddone) - arr
+
+    every = max(n // 200, 1)
+    for i in range(n):
+        t = issue_l[i]
+        while True:
+            nt = ticks[ti] if ti < nticks else INF
+            nh = hq[0][0] if hq else INF
+            if nt <= t and nt <= nh:
+                for leg in legs:
+                    leg.advance(nt)
+                policy.on_tick(nt, legs)
+                ti += 1
+            elif nh <= t:
+                run_hedge(heapq.heappop(hq))
+            else:
+                break
+        for leg in legs:
+            leg.advance(t)
+        o = op_l[i]
+        nb = nb_l[i]
+        if o == OP_READ:
+            li = policy.choose(t, nb, legs)
+            done, q = legs[li].submit(t, nb, False)
+            if rec is not None:
+                log(t, done, q, li, nb, o)
+            sent[li] += 1
+            read_lat[rid] = done - t
+            if hedge_ns is not None and nlegs > 1 and done - t > hedge_ns:
+                heapq.heappush(hq, (t + hedge_ns, rid, li, done, t, nb))
+            rid += 1
+        elif o == OP_WRITE:
+            for li, leg in enumerate(legs):
+                done, q = leg.submit(t, nb, True)
+                if rec is not None:
+                    log(t, done, q, li, nb, o)
+        if progress is not None and i % every == 0:
+            progress.update(label, i, n)
+    while hq:
+        run_hedge(heapq.heappop(hq))
+    if progress is not None:
+        progress.update(label, n, n)
+    records = None
+    if rec is not None:
+        cols = _normalise_batch(rec)
+        cols["latency_ns"] = cols["complete_ns"] - cols["issue_ns"]
+        cols["device"] = np.array([f"leg{x}" for x in cols["leg"]], dtype=object)
+        records = Trace(cols, {"source": "replay", "legs": nlegs, "policy": policy.name,
+                               "device_model": params.as_dict(), "seed": seed}).sorted()
+    return SimResult(read_lat, read_issue, sent, extra, time.perf_counter() - t0, records,
+                     policy.stats())
+
+
+def latency_stats(lat_ns: np.ndarray) -> dict:
+    us = np.asarray(lat_ns, dtype=np.float64) / 1000.0
+    if len(us) == 0:
+        return {"reads": 0}
+    return {"reads": int(len(us)), "mean_us": float(us.mean()),
+            "p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
+            "p999_us": float(np.percentile(us, 99.9)), "max_us": float(us.max())}
+
+
+def build_policy(name: str, *, learned: dict, hedge_deadline_ns: int | None,
+                 hedge_pct: float, tick_ns: int, staleness_ns: int, ttl_ns: int | None):
+    if name == "primary":
+        return P.Primary()
+    if name == "random":
+        return P.Random()
+    if name == "roundrobin":
+        return P.RoundRobin()
+    if name == "leastinflight":
+        return P.LeastInflight()
+    if name == "hedged":
+        return P.Hedged(hedge_deadline_ns, hedge_pct)
+    if name == "linnos":
+        return P.LinnOS(learned["linnos"])
+    if name == "heimdall":
+        return P.Heimdall(learned["heimdall"])
+    if name == "table":
+        return P.Table(learned["heimdall"], tick_ns, staleness_ns, ttl_ns)
+    raise UsageError(f"unknown policy {name!r}", f"choose from {', '.join(P.POLICY_NAMES)}")
+
+
+def run_replay(trace: Trace, nlegs: int, policy_names: list[str], *,
+               params: DeviceParams = DeviceParams(), train_fraction: float = 0.5,
+               seed: int = 0, tick_ns: int = 1_000_000, staleness_ns: int = 0,
+               ttl_ns: int | None = None, hedge_pct: float = 95.0,
+               model_path: str | None = None, max_epochs: int = 30,
+               progress: Progress | None = None, keep_latencies: bool = False,
+               latency: str = "auto") -> dict:
+    """latency: "model" (device model), "trace" (per-leg latencies recorded in
+    the trace) or "auto" (trace when it has measured latency on legs)."""
+    from . import train as TR
+    progress = progress or Progress(False)
+    if nlegs < 1 or nlegs > 8:
+        raise UsageError(f"--legs {nlegs}: the iobridge target supports 1 to 8 legs")
+    if len(trace) == 0 or not (trace["op"] == OP_READ).any():
+        raise IobridgeError("trace has no reads to replay")
+    if latency == "auto":
+        latency = "trace" if trace.has_latency and (trace["leg"] >= 0).all() else "model"
+    timelines = None
+    if latency == "trace":
+        timelines = recorded_timelines(trace, nlegs)
+        trace = arrivals_of_recorded(trace)
+    elif latency != "model":
+        raise UsageError(f"unknown latency source {latency!r}", "use model, trace or auto")
+    tr = trace.sorted()
+    split = time_split(tr["issue_ns"], train_fraction)
+    train_part = tr.take(np.flatnonzero(tr["issue_ns"] < split))
+    eval_part = tr.take(np.flatnonzero(tr["issue_ns"] >= split))
+    report: dict = {
+        "trace": tr.meta.get("source", "?"), "legs": nlegs, "seed": seed,
+        "latency_source": "recorded per-leg latencies" if timelines else "device model",
+        "device_model": None if timelines else params.as_dict(), "train_fraction": train_fraction,
+        "split_ns": split,
+        "train_part": {"records": len(train_part), "reads": int((train_part["op"] == OP_READ).sum())},
+        "eval_part": {"records": len(eval_part), "reads": int((eval_part["op"] == OP_READ).sum())},
+        "policies": {},
+    }
+    learned: dict = {}
+    need_learned = any(p in P.LEARNED for p in policy_names)
+    hedge_deadline = None
+    if need_learned and len(train_part) == 0:
+        raise IobridgeError("training part of the trace is empty", "raise --train-fraction")
+    if need_learned:
+        progress.phase(f"simulating the training part ({len(train_part)} records, random routing)")
+        sim = simulate(train_part, nlegs, P.Random(), params, seed + 101, record=True,
+                       progress=progress, label="training part", timelines=timelines)
+        recs = sim.records
+        if "heimdall" in policy_names or "table" in policy_names:
+            if model_path:
+                from .model import AdmissionModel
+                learned["heimdall"] = AdmissionModel(model_path)
+                report["heimdall_model"] = {"file": str(model_path),
+                                            "note": "given with --model; not trained here"}
+            else:
+                progress.phase("training the Heimdall-style model on the training part")
+                res = TR.train_heimdall_on_records([recs], max_epochs=max_epochs, seed=seed)
+                learned["heimdall"] = res.model
+                report["heimdall_model"] = {"trained_on": "training part", **res.summary()}
+        if "linnos" in policy_names:
+            progress.phase("training the LinnOS-style model on the training part")
+            res = TR.train_linnos_on_records([recs], max_epochs=max_epochs, seed=seed)
+            learned["linnos"] = res.model
+            report["linnos_model"] = {"trained_on": "training part", **res.summary()}
+    if "hedged" in policy_names:
+        if len(train_part) and (train_part["op"] == OP_READ).any():
+            sim = simulate(train_part, nlegs, P.LeastInflight(), params, seed + 101,
+                           timelines=timelines)
+            hedge_deadline = int(np.percentile(sim.read_lat_ns, hedge_pct))
+        else:
+            raise IobridgeError("hedged: no reads in the training part to set the deadline")
+    lat_out = {}
+    for name in policy_names:
+        pol = build_policy(name, learned=learned, hedge_deadline_ns=hedge_deadline,
+                           hedge_pct=hedge_pct, tick_ns=tick_ns, staleness_ns=staleness_ns,
+                           ttl_ns=ttl_ns)
+        progress.phase(f"replaying the held-back part with policy {name}")
+        r = simulate(eval_part, nlegs, pol, params, seed, progress=progress, label=name,
+                     timelines=timelines)
+        report["policies"][name] = {**latency_stats(r.read_lat_ns), "reads_per_leg": r.sent,
+                                    "extra_ios": r.extra_ios, "sim_seconds": round(r.seconds, 2),
+                                    **({"details": r.policy_stats} if r.policy_stats else {})}
+        lat_out[name] = r.read_lat_ns
+    if keep_latencies:
+        report["_latencies"] = lat_out
+    return report
+
+
+def format_table(report: dict) -> str:
+    lines = [f"trace {report['trace']}: {report['legs']} legs, held-back part "
+             f"{report['eval_part']['reads']} reads (training part "
+             f"{report['train_part']['reads']} reads, split at "
+             f"{report['split_ns'] / 1e9:.1f} s)",
+             f"{'policy':<14}{'mean us':>10}{'p50 us':>10}{'p99 us':>11}{'p99.9 us':>11}"
+             f"{'extra I/O':>11}  reads per leg"]
+    for name, s in report["policies"].items():
+        lines.append(f"{name:<14}{s['mean_us']:>10.1f}{s['p50_us']:>10.1f}{s['p99_us']:>11.1f}"
+                     f"{s['p999_us']:>11.1f}{s['extra_ios']:>11d}  "
+                     + "/".join(str(x) for x in s["reads_per_leg"]))
+    for key in ("heimdall_model", "linnos_model"):
+        if key in report:
+            m = report[key]
+            ev = m.get("evaluation", {})
+            if ev:
+                auc = "n/a" if ev["roc_auc"] is None else f"{ev['roc_auc']:.3f}"
+                lines.append(f"{key.split('_')[0]} model (validation on the last 20% of the "
+                             f"training part): precision {ev['precision']:.3f} recall "
+                             f"{ev['recall']:.3f} ROC AUC {auc}, {ev['slow_rows']} of "
+                             f"{ev['rows']} rows slow")
+            else:
+                lines.append(f"{key.split('_')[0]} model: {m.get('file')}")
+    if "hedged" in report["policies"]:
+        d = report["policies"]["hedged"]["details"]
+        lines.append(f"hedged: duplicate after {d['deadline_us']:.0f} us (p{d['percentile']:g} "
+                     "of least-in-flight read latency on the training part)")
+    if "table" in report["policies"]:
+        d = report["policies"]["table"]["details"]
+        lines.append(f"table: tick {d['tick_us']:g} us, staleness {d['staleness_us']:g} us, "
+                     f"TTL {d['ttl_us']:g} us, {d['inference_calls']} batched inferences")
+    return "\n".join(lines)
+
+
+def plot_cdf(latencies: dict, out: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, lat in latencies.items():
+        us = np.sort(np.asarray(lat, dtype=np.float64) / 1000.0)
+        if len(us) == 0:
+            continue
+        y = np.arange(1, len(us) + 1) / len(us)
+        a1.plot(us, y, label=name)
+        a2.plot(us, 1.0 - y + 1.0 / len(us), label=name)
+    a1.set_xscale("log"); a1.set_xlabel("read latency (us)"); a1.set_ylabel("CDF")
+    a2.set_xscale("log"); a2.set_yscale("log"); a2.set_xlabel("read latency (us)")
+    a2.set_ylabel("1 - CDF (tail)")
+    for a in (a1, a2):
+        a.grid(True, which="both", alpha=0.3)
+    a1.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _cmd_replay(args) -> int:
+    names = args.policy or list(P.POLICY_NAMES)
+    if "all" in names:
+        names = list(P.POLICY_NAMES)
+    for nm in names:
+        if nm not in P.POLICY_NAMES:
+            raise UsageError(f"unknown policy {nm!r}", f"choose from {', '.join(P.POLICY_NAMES)}, all")
+    names = list(dict.fromkeys(names))
+    if not 0.0 < args.train_fraction < 1.0:
+        raise UsageError("--train-fraction must be between 0 and 1 (exclusive)")
+    if args.tick_us <= 0 or args.staleness_us < 0:
+        raise UsageError("--tick-us must be > 0 and --staleness-us >= 0")
+    prog = Progress(not args.quiet)
+    tr = load_any(args.trace, args.format, time_unit=args.time_unit, duration_s=args.duration)
+    if args.speed != 1.0:
+        if args.speed <= 0:
+            raise UsageError("--speed must be positive")
+        tr.cols["issue_ns"] = (tr["issue_ns"] / args.speed).astype(np.int64)
+        tr.meta["speed"] = args.speed
+    params = DeviceParams(**{k: v for k, v in {
+        "bg_per_s": args.bg_per_s, "gc_every_write_mb": args.gc_every_write_mb,
+        "channels": args.channels}.items() if v is not None})
+    if args.no_busy:
+        params = DeviceParams(**{**params.as_dict(), "bg_per_s": 0.0, "gc_every_write_mb": 1e18})
+    rep = run_replay(tr, args.legs, names, params=params, train_fraction=args.train_fraction,
+                     seed=args.seed, tick_ns=int(args.tick_us * 1000),
+                     staleness_ns=int(args.staleness_us * 1000),
+                     ttl_ns=int(args.ttl_us * 1000) if args.ttl_us else None,
+                     hedge_pct=args.hedge_percentile, model_path=args.model,
+                     max_epochs=args.max_epochs, progress=prog, keep_latencies=bool(args.plot),
+                     latency=args.latency)
+    rep["speed"] = args.speed
+    lats = rep.pop("_latencies", None)
+    if args.plot:
+        plot_cdf(lats, args.plot, f"{rep['trace']}, {rep['legs']} legs, held-back part")
+        prog.phase(f"wrote {args.plot}")
+    if args.json:
+        print(json.dumps(rep, indent=2, default=float))
+    else:
+        print(format_table(rep))
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser(
+        "replay", help="compare read-routing policies on a trace over simulated replicas",
+        description="Replay a trace's arrivals against N replica legs of the documented "
+        "SSD model (agent/devmodel.py: 8 service units, 80 us + size/2 GB/s reads, "
+        "GC busy periods every 64 MB written per leg plus 0.5/s background ones). Reads "
+        "go where the policy says, writes to every leg. The trace is split by time; "
+        "learned policies train on the earlier part and every policy is reported on the "
+        "later, held-back part only. Latencies in microseconds.")
+    p.add_argument("--trace", required=True, help="trace: iobridge .parquet, CloudPhysics "
+                   ".csv, ARC .lis[.zst] or fio iolog")
+    p.add_argument("--legs", type=int, default=2, help="replica legs, 1-8 (default 2)")
+    p.add_argument("--policy", action="append", metavar="P",
+                   help="policy to compare, repeatable (default: all): " + ", ".join(P.POLICY_NAMES))
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="write latency CDF and tail plots")
+    p.add_argument("--train-fraction", type=float, default=0.5,
+                   help="earlier fraction of the trace's time span used for training "
+                   "(default 0.5); the rest is held back and reported")
+    p.add_argument("--model", help="use this ONNX admission model (with its card) for "
+                   "heimdall and table instead of training one on the training part. "
+                   "The result is a held-back evaluation only if the model never saw this "
+                   "part of the trace (the shipped model was trained on the first 70%% of "
+                   "cloudPhysicsIO.csv)")
+    p.add_argument("--tick-us", type=float, default=1000.0,
+                   help="table: decision tick period in us (default 1000)")
+    p.add_argument("--staleness-us", type=float, default=0.0,
+                   help="table: delay from reading the feature state to the table being "
+                   "visible, in us (default 0)")
+    p.add_argument("--ttl-us", type=float, default=None,
+                   help="table: entry lifetime after publication in us (default 10 ticks)")
+    p.add_argument("--hedge-percentile", type=float, default=95.0,
+                   help="hedged: duplicate a read still pending after this percentile of "
+                   "training-part read latency (default 95)")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="divide all arrival times by this factor to raise the load (default 1)")
+    p.add_argument("--channels", type=int, default=None,
+                   help="device model: parallel service units per leg (default 8)")
+    p.add_argument("--gc-every-write-mb", type=float, default=None,
+                   help="device model: MB written per leg between GC busy periods (default 64)")
+    p.add_argument("--bg-per-s", type=float, default=None,
+                   help="device model: background busy periods per second per leg (default 0.5)")
+    p.add_argument("--no-busy", action="store_true", help="device model without busy periods")
+    p.add_argument("--latency", choices=["auto", "model", "trace"], default="auto",
+                   help="where leg latency comes from: the device model, or the per-leg "
+                   "latencies recorded in the trace (a request sent to leg L at time t "
+                   "takes the latency recorded for L's latest I/O of the same kind at or "
+                   "before t); auto = trace when every I/O has a leg and a latency "
+                   "(default auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--max-epochs", type=int, default=30,
+                   help="training epochs for the learned policies' MLPs (default 30)")
+    p.add_argument("--format", choices=["parquet", "cloudphysics", "arc", "fio"],
+                   help="trace format (default: guessed)")
+    p.add_argument("--time-unit", choices=["s", "ms", "us", "ns"], default=None,
+                   help="CloudPhysics time column unit (default s)")
+    p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                   help="ARC traces: spread arrivals over this many seconds (default 3600)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_cmd_replay)

@@ -1,0 +1,98 @@
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from iobridge import cli
+from iobridge import features as F
+from iobridge.model import ModelCheckError, bench, card_path, check_model
+from offline_helpers import SHIPPED_MODEL
+
+
+def _copy_shipped(tmp_path, name="m"):
+    dst = tmp_path / f"{name}.onnx"
+    shutil.copy(SHIPPED_MODEL, dst)
+    card = json.loads(card_path(SHIPPED_MODEL).read_text())
+    card_path(dst).write_text(json.dumps(card))
+    return dst, card
+
+
+def test_shipped_model_passes_check_and_its_card_is_complete():
+    card = check_model(SHIPPED_MODEL)
+    assert card["task"] == "admission" and card["schema_version"] == F.SCHEMA_VERSION
+    assert [f["name"] for f in card["features"]] == list(F.FEATURE_NAMES)
+    ev = card["evaluation"]
+    for k in ("accuracy", "precision", "recall", "roc_auc"):
+        assert 0.0 <= ev[k] <= 1.0
+    data = card["training"]["data"]
+    assert data[0]["file"] == "cloudPhysicsIO.csv" and data[0]["records"] == 113_872
+    assert "device model" in data[0]["latency"]
+    assert card["training_time_s"] > 0 and card["tools"]["onnxruntime"]
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_wrong_input_width_is_rejected(tmp_path):
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import Pipeline
+    from iobridge.train import to_onnx
+    rng = np.random.default_rng(0)
+    X = rng.random((200, 10)).astype(np.float32)
+    est = Pipeline([("clf", MLPClassifier((4,), max_iter=5))]).fit(X, X[:, 0] > 0.5)
+    dst, card = _copy_shipped(tmp_path)
+    dst.write_bytes(to_onnx(est, 10))
+    with pytest.raises(ModelCheckError, match=r"shape \[None, 10\], expected \[N, 12\]"):
+        check_model(dst)
+
+
+def test_card_schema_version_mismatch_is_rejected(tmp_path):
+    dst, card = _copy_shipped(tmp_path)
+    card["schema_version"] = 99
+    card_path(dst).write_text(json.dumps(card))
+    with pytest.raises(ModelCheckError,
+                       match=r"card feature schema version 99, this iobridge uses feature "
+                             r"schema version 1"):
+        check_model(dst)
+
+
+def test_graph_emitting_nan_is_rejected(tmp_path):
+    x = helper.make_tensor_value_info(F.INPUT_NAME, TensorProto.FLOAT, [None, F.NUM_FEATURES])
+    y = helper.make_tensor_value_info(F.PROBA_OUTPUT, TensorProto.FLOAT, [None, 2])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [F.NUM_FEATURES, 2],
+                           [0.0] * (2 * F.NUM_FEATURES))
+    nan = helper.make_tensor("nan", TensorProto.FLOAT, [1, 2], [float("nan"), float("nan")])
+    g = helper.make_graph([helper.make_node("MatMul", [F.INPUT_NAME, "w"], ["z"]),
+                           helper.make_node("Add", ["z", "nan"], [F.PROBA_OUTPUT])],
+                          "nan", [x], [y], [w, nan])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    dst, _ = _copy_shipped(tmp_path)
+    dst.write_bytes(m.SerializeToString())
+    with pytest.raises(ModelCheckError, match=r"graph emits NaN/Inf on synthetic input"):
+        check_model(dst)
+
+
+def test_non_onnx_file_is_rejected(tmp_path):
+    dst, _ = _copy_shipped(tmp_path)
+    dst.write_text("this is not a model\n")
+    with pytest.raises(ModelCheckError, match=r"m\.onnx: not an ONNX model"):
+        check_model(dst)
+
+
+def test_missing_card_and_cli_message(tmp_path, capsys):
+    dst = tmp_path / "lonely.onnx"
+    shutil.copy(SHIPPED_MODEL, dst)
+    with pytest.raises(ModelCheckError, match=r"model card .*lonely\.card\.json is missing"):
+        check_model(dst)
+    assert cli.main(["model", "check", str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "is missing" in err
+    assert cli.main(["model", "check", str(SHIPPED_MODEL)]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_bench_times_batch_of_32():
+    r = bench(SHIPPED_MODEL, batch=32, runs=200)
+    assert r["batch"] == 32 and 0 < r["median_us"] <= r["p99_us"]

@@ -1,0 +1,123 @@
+import json
+
+import numpy as np
+import pytest
+
+from iobridge import cli
+from iobridge import policies as P
+from iobridge.errors import IobridgeError
+from iobridge.labeling import time_split
+from iobridge.replay import run_replay
+from iobridge.trace import OP_READ, import_cloudphysics, write_trace
+from offline_helpers import shared_trace
+
+
+@pytest.fixture(scope="module")
+def cloudphysics():
+    return import_cloudphysics(shared_trace("cloudPhysicsIO.csv"))
+
+
+@pytest.fixture(scope="module")
+def cp_report(cloudphysics):
+    return run_replay(cloudphysics, 2, list(P.POLICY_NAMES), max_epochs=5, seed=0)
+
+
+def test_cloudphysics_two_legs_reports_every_policy_on_held_back_part(cloudphysics, cp_report):
+    rep = cp_report
+    assert list(rep["policies"]) == list(P.POLICY_NAMES)
+    split = time_split(cloudphysics["issue_ns"], 0.5)
+    later_reads = int(((cloudphysics["issue_ns"] >= split) & (cloudphysics["op"] == OP_READ)).sum())
+    earlier_reads = int(((cloudphysics["issue_ns"] < split) & (cloudphysics["op"] == OP_READ)).sum())
+    assert rep["split_ns"] == split and rep["eval_part"]["reads"] == later_reads
+    assert rep["train_part"]["reads"] == earlier_reads
+    for name, s in rep["policies"].items():
+        assert s["reads"] == later_reads, name
+        assert sum(s["reads_per_leg"]) == s["reads"] + s["extra_ios"], name
+        assert s["p50_us"] <= s["p99_us"] <= s["p999_us"] <= s["max_us"], name
+        assert (s["extra_ios"] > 0) == (name == "hedged"), name
+    assert rep["policies"]["primary"]["reads_per_leg"] == [later_reads, 0]
+    # learned models were fitted on the training part only
+    for key in ("heimdall_model", "linnos_model"):
+        assert rep[key]["trained_on"] == "training part"
+    n_train = int((cloudphysics["issue_ns"] < split).sum())
+    assert 0 < rep["heimdall_model"]["train_rows"] < 2 * n_train
+    # the table policy went through the decision table, one batched call per needed tick
+    d = rep["policies"]["table"]["details"]
+    assert 0 < d["inference_calls"] <= later_reads and d["default_routed_reads"] == 0
+    # busy periods exist in the device model and hedging cuts the tail they cause
+    assert rep["policies"]["primary"]["p999_us"] > 1000
+    assert rep["policies"]["hedged"]["p999_us"] < rep["policies"]["primary"]["p999_us"] / 2
+
+
+def test_replays_are_deterministic_and_independent_of_other_policies(cloudphysics):
+    tr = cloudphysics.take(np.arange(20_000, 50_000))
+    a = run_replay(tr, 2, ["primary"], seed=3)["policies"]["primary"]
+    b = run_replay(tr, 2, ["random", "primary"], seed=3)["policies"]["primary"]
+    a.pop("sim_seconds"), b.pop("sim_seconds")
+    assert a == b
+
+
+def test_table_entries_expire_to_the_module_default(cloudphysics):
+    tr = cloudphysics.take(np.arange(20_000, 50_000))
+    rep = run_replay(tr, 2, ["table"], max_epochs=3, tick_ns=1_000_000, staleness_ns=0,
+                     ttl_ns=100_000)   # entries live 0.1 ms of each 1 ms tick
+    d = rep["policies"]["table"]["details"]
+    assert d["default_routed_reads"] > 0 and d["ttl_us"] == 100
+
+
+def test_cli_json_and_plot(tmp_path, cloudphysics, capsys):
+    src = tmp_path / "cp.parquet"
+    write_trace(src, cloudphysics.take(np.arange(20_000, 40_000)))
+    png = tmp_path / "cdf.png"
+    assert cli.main(["replay", "-q", "--trace", str(src), "--legs", "3", "--policy", "primary",
+                     "--policy", "leastinflight", "--policy", "hedged", "--json",
+                     "--plot", str(png)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert list(rep["policies"]) == ["primary", "leastinflight", "hedged"]
+    assert len(rep["policies"]["primary"]["reads_per_leg"]) == 3
+    assert png.stat().st_size > 10_000
+    assert cli.main(["replay", "-q", "--trace", str(src), "--policy", "nope"]) == 2
+    assert "unknown policy 'nope'" in capsys.readouterr().err
+
+
+def test_trace_without_reads_is_an_error(cloudphysics):
+    w = cloudphysics.take(np.flatnonzero(cloudphysics["op"] != OP_READ)[:1000])
+    with pytest.raises(IobridgeError, match="no reads"):
+        run_replay(w, 2, ["primary"])
+
+
+def test_replay_uses_recorded_per_leg_latencies(capsys):
+    from iobridge.trace import Trace, _normalise_batch
+    # recorded on 2 legs: leg 0 reads take 100 us, then 5 ms in the later half;
+    # leg 1 reads always take 300 us. Reads alternate legs, 1 ms apart.
+    n = 2000
+    issue = np.arange(n, dtype=np.int64) * 1_000_000
+    leg = np.arange(n) % 2
+    lat = np.where(leg == 1, 300_000, np.where(issue < n * 500_000, 100_000, 5_000_000))
+    rec = Trace(_normalise_batch({"issue_ns": issue, "bytes": np.full(n, 4096), "leg": leg,
+                                  "latency_ns": lat, "complete_ns": issue + lat,
+                                  "qlen": np.zeros(n), "op": np.zeros(n)}), {"source": "rec"})
+    rep = run_replay(rec, 2, ["primary", "roundrobin", "leastinflight"])
+    assert rep["latency_source"] == "recorded per-leg latencies"
+    pol = rep["policies"]
+    assert pol["primary"]["p50_us"] == pytest.approx(5000)
+    assert pol["roundrobin"]["mean_us"] == pytest.approx((5000 + 300) / 2, rel=0.01)
+    # leg 0 is busy 5 ms per read: least in-flight moves reads to leg 1
+    assert pol["leastinflight"]["reads_per_leg"][1] > 0.7 * pol["leastinflight"]["reads"]
+    with pytest.raises(IobridgeError, match="no recorded reads on leg 2"):
+        run_replay(rec, 3, ["primary"])
+    m = run_replay(rec, 2, ["primary"], latency="model")
+    assert m["latency_source"] == "device model" and m["policies"]["primary"]["p50_us"] < 200
+
+
+def test_table_with_staleness_uses_the_latest_published_table(cloudphysics):
+    # tick 100 us, tables visible 500 us after their tick, live 1 ms: some
+    # table is always in force, so no read may fall back to the default
+    # (arrivals every 70 us, so several tables are computed but not yet visible)
+    tr = cloudphysics.take(np.arange(20_000, 50_000))
+    tr.cols["issue_ns"] = np.arange(len(tr), dtype=np.int64) * 70_000
+    rep = run_replay(tr, 2, ["table"], max_epochs=3, tick_ns=100_000, staleness_ns=500_000,
+                     ttl_ns=1_000_000)
+    d = rep["policies"]["table"]["details"]
+    assert d["inference_calls"] > 1000
+    assert d["default_routed_reads"] == 0 and d["staleness_us"] == 500
