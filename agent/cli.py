@@ -18,11 +18,11 @@ from .errors import IobridgeError
 COMMAND_MODULES = [
     "iobridge.vm",
     "iobridge.observe",
+    "iobridge.record",
     "iobridge.trace",
     "iobridge.train",
     "iobridge.model",
     "iobridge.replay",
-    "iobridge.bench",
 ]
 
 
