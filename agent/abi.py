@@ -160,9 +160,9 @@ def check_module_version() -> None:
 
 LAT_SUB_BITS = 3
 LAT_SLOTS = 320
-OP_READ, OP_WRITE, OP_DISCARD, OP_OTHER = 0, 1, 2, 3
-NUM_OPS = 4
-OP_NAMES = ("read", "write", "discard", "other")
+OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_OTHER = 0, 1, 2, 3, 4
+NUM_OPS = 5
+OP_NAMES = ("read", "write", "flush", "discard", "other")
 
 
 class DevStats(ctypes.Structure):
@@ -216,6 +216,7 @@ CONSTANTS.update({
     "LAT_SLOTS": "IOBRIDGE_LAT_SLOTS",
     "OP_READ": "IOBRIDGE_OP_READ",
     "OP_WRITE": "IOBRIDGE_OP_WRITE",
+    "OP_FLUSH": "IOBRIDGE_OP_FLUSH",
     "OP_DISCARD": "IOBRIDGE_OP_DISCARD",
     "OP_OTHER": "IOBRIDGE_OP_OTHER",
     "NUM_OPS": "IOBRIDGE_NUM_OPS",

@@ -9,6 +9,7 @@ runs under TCG.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
@@ -285,10 +286,14 @@ def _cmd_test(args) -> int:
     suite = run_tests(extra, timeout=args.timeout, accel=args.accel)
     counts = collections.Counter(o.outcome for o in suite.outcomes.values())
     if suite.boot_to_first_test_s is not None:
-        print(f"iobridge vm test: boot to first test {suite.boot_to_first_test_s:.1f}s, "
+        print(f"iobridge vm test: boot to pytest start {suite.boot_to_first_test_s:.1f}s, "
               f"whole run {suite.vm.seconds:.1f}s")
+    if suite.vm.timed_out:
+        print(f"iobridge vm test: the VM was killed after {args.timeout:.0f}s; last console "
+              "lines:\n" + "\n".join(suite.vm.tail[-20:]), file=sys.stderr)
     if not suite.outcomes:
-        print("iobridge vm test: no VM test reported an outcome", file=sys.stderr)
+        print(f"iobridge vm test: no VM test reported an outcome (console log "
+              f"{suite.log_path})", file=sys.stderr)
         return 1
     bad = counts["failed"] + counts["error"]
     return 0 if bad == 0 and suite.vm.returncode == 0 else 1
@@ -325,21 +330,16 @@ def register_cli(sub) -> None:
     common(r, DEFAULT_TIMEOUT_S)
     r.add_argument("--memory", default=DEFAULT_MEMORY, help="guest memory (default 2G)")
     r.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help="guest CPUs (default 2)")
-    r.add_argument("command", nargs=argparse_remainder(), help="command and arguments, after --")
+    r.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments, after --")
     r.set_defaults(func=_cmd_run)
 
     t = vsub.add_parser("test", help="run the kernel-facing (vm-marked) tests in one boot",
                         description="Extra arguments after -- go to pytest inside the VM, "
                         "e.g. iobridge vm test -- -k observer")
     common(t, DEFAULT_TEST_TIMEOUT_S)
-    t.add_argument("pytest_args", nargs=argparse_remainder(), help="arguments for pytest")
+    t.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments for pytest")
     t.set_defaults(func=_cmd_test)
 
     i = vsub.add_parser("info", help="show the kernel, virtme-ng and accelerator in use")
     i.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     i.set_defaults(func=_cmd_info)
-
-
-def argparse_remainder():
-    import argparse
-    return argparse.REMAINDER

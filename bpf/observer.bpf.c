@@ -177,6 +177,8 @@ static __always_inline u8 rwbs_op(const char *rwbs)
 	char c0 = rwbs[0], c1 = rwbs[1];
 	char c = c0 == 'F' ? c1 : c0;
 
+	if (c0 == 'F' && (c1 == 0 || c1 == 'N'))
+		return IOBRIDGE_OP_FLUSH;
 	if (c == 'R')
 		return IOBRIDGE_OP_READ;
 	if (c == 'W')
@@ -230,6 +232,8 @@ static __always_inline u8 rq_op(struct request *rq)
 		return IOBRIDGE_OP_READ;
 	case REQ_OP_WRITE:
 		return IOBRIDGE_OP_WRITE;
+	case REQ_OP_FLUSH:
+		return IOBRIDGE_OP_FLUSH;
 	case REQ_OP_DISCARD:
 		return IOBRIDGE_OP_DISCARD;
 	}

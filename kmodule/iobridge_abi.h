@@ -109,12 +109,14 @@ static inline __u32 iobridge_decision_index(__u32 target, __u32 leg, __u32 bucke
 #define IOBRIDGE_LAT_SUB_BITS		3
 #define IOBRIDGE_LAT_SLOTS		320	/* covers up to ~2^40 ns (18 min) */
 
-/* Operation of a request, from the block layer's rwbs / cmd_flags. */
+/* Operation of a request, from the block layer's rwbs / cmd_flags (the
+ * trace format's "op" column uses the same codes). */
 #define IOBRIDGE_OP_READ		0
 #define IOBRIDGE_OP_WRITE		1
-#define IOBRIDGE_OP_DISCARD		2
-#define IOBRIDGE_OP_OTHER		3
-#define IOBRIDGE_NUM_OPS		4
+#define IOBRIDGE_OP_FLUSH		2
+#define IOBRIDGE_OP_DISCARD		3
+#define IOBRIDGE_OP_OTHER		4
+#define IOBRIDGE_NUM_OPS		5
 
 /*
  * Per-device counters, keyed by the kernel's dev_t encoding

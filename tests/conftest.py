@@ -65,7 +65,7 @@ def _vm_outcomes(session):
         if reporter:
             first = suite.boot_to_first_test_s
             reporter.write_line(
-                f"VM run finished in {suite.vm.seconds:.1f}s (boot to first test "
+                f"VM run finished in {suite.vm.seconds:.1f}s (boot to pytest start "
                 f"{first:.1f}s); console log {suite.log_path}" if first is not None else
                 f"VM run finished in {suite.vm.seconds:.1f}s without starting pytest; "
                 f"console log {suite.log_path}")

@@ -187,3 +187,42 @@ def test_observe_cli_rejects_an_unknown_device():
     assert proc.returncode != 0
     assert proc.stderr.strip() == ("iobridge: error: no block device named 'nosuchdisk' "
                                    "(lsblk lists the devices)")
+
+
+def test_record_writes_every_io_and_survives_ctrl_c(slow_nullb, tmp_path):
+    from iobridge.trace import read_trace
+
+    out = tmp_path / "rec.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "iobridge.cli", "record", "--dev", slow_nullb,
+                             "--out", str(out), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "attached" in line, line + proc.stderr.read()
+        job = fio(slow_nullb, "randrw", N_IOS)
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["interrupted"] and summary["dropped_in_kernel"] == 0
+    trace = read_trace(out)
+    name = os.path.basename(os.path.realpath(slow_nullb))
+    assert len(trace) == N_IOS == summary["ios"]
+    assert set(trace["device"]) == {name}
+    assert int((trace["op"] == abi.OP_READ).sum()) == job["read"]["total_ios"]
+    assert int((trace["op"] == abi.OP_WRITE).sum()) == job["write"]["total_ios"]
+    assert (trace["latency_ns"] >= DEVICE_NS).all()
+    assert (trace["complete_ns"] - trace["issue_ns"] == trace["latency_ns"]).all()
+    assert (trace["issue_ns"] >= 0).all() and (trace["bytes"] == 4096).all()
+
+
+def test_record_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "exists.parquet"
+    out.write_text("keep me")
+    proc = run([sys.executable, "-m", "iobridge.cli", "record", "--out", str(out)], check=False)
+    assert proc.returncode == 2 and "exists" in proc.stderr
+    assert out.read_text() == "keep me"
