@@ -16,22 +16,23 @@ help:
 setup:
 	@bash scripts/setup.sh
 
-demo: setup
+demo: setup module
 	$(IOB) vm run --timeout 900 -- bash vm/demo.sh
 
 # pytest exits 5 when it collected no test: that is a failure here.
-test: setup
+test: setup module
 	@$(PYTEST) -v -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 unit: setup
 	@$(PYTEST) -v -m "not vm" -p no:cacheprovider; rc=$$?; [ $$rc -ne 5 ] || rc=1; exit $$rc
 
-vmtest: setup
+vmtest: setup module
 	$(IOB) vm test
 
-module:
-	$(MAKE) -C kmodule
+# Built on the host against the VM kernel's headers; loaded only inside the VM.
+module: setup
+	@$(MAKE) -s -C kmodule
 
 clean:
 	-$(MAKE) -C kmodule clean

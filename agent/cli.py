@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "iobridge.train",
     "iobridge.model",
     "iobridge.replay",
+    "iobridge.bench",
 ]
 
 

@@ -15,10 +15,13 @@ import json
 import os
 import shlex
 import shutil
+import queue
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ PER_TEST_TIMEOUT_S = 600      # pytest-timeout inside the VM: one hung test fail
 DEFAULT_MEMORY = "2G"
 DEFAULT_CPUS = 2
 KVM_PROBE_TIMEOUT_S = 45
+BOOT_TIMEOUT_S = 240          # boot to our command takes 20-60 s under TCG, ~200 s when loaded
 
 
 @dataclass
@@ -101,7 +105,8 @@ def kvm_usable(kernel: Kernel, refresh: bool = False) -> bool:
     print(f"iobridge: probing whether a KVM guest boots here (up to {KVM_PROBE_TIMEOUT_S}s, "
           "done once)...", file=sys.stderr)
     started = time.monotonic()
-    result = _boot(kernel, "true", accel="kvm", timeout=KVM_PROBE_TIMEOUT_S, quiet=True)
+    result = _boot(kernel, "true", accel="kvm", timeout=KVM_PROBE_TIMEOUT_S, quiet=True,
+                   boot_timeout=KVM_PROBE_TIMEOUT_S)
     usable = result.returncode == 0 and not result.timed_out
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"usable": usable, "seconds": round(time.monotonic() - started, 1)}))
@@ -115,19 +120,81 @@ class VmResult:
     seconds: float
     tail: list[str] = field(default_factory=list)
     output: str = ""
+    boots: int = 1
+
+
+# virtme-ng-init prints this when the guest is up and about to run our command.
+GUEST_READY_MARK = "virtme-ng-init: starting script"
+# Kernel console lines ("[    9.37] ...") go to the log, not to the user.
+_CONSOLE_LINE = re.compile(r"^\[\s*\d+\.\d+\] ")
+
+
+def _boot_once(cmd: list[str], env: dict, *, timeout: float, boot_timeout: float,
+               quiet: bool, capture: bool, log, tail: collections.deque) -> tuple[int, str, str]:
+    """One QEMU run. Returns (returncode, why, captured output); `why` is
+    "" when it ran to the end, "boot" when the guest never got to our
+    command within boot_timeout, "timeout" when the whole bound expired."""
+    captured: list[str] = []
+    lines: queue.Queue = queue.Queue()
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", start_new_session=True)
+
+    def reader():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    started = time.monotonic()
+    ready = False
+    why = ""
+    try:
+        while True:
+            now = time.monotonic()
+            limit = started + (timeout if ready else min(boot_timeout, timeout))
+            if now >= limit:
+                why = "timeout" if ready or boot_timeout >= timeout else "boot"
+                break
+            try:
+                line = lines.get(timeout=min(1.0, limit - now))
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            if log:
+                log.write(line)
+            tail.append(line.rstrip("\n"))
+            if not ready and GUEST_READY_MARK in line:
+                ready = True
+            if not ready or _CONSOLE_LINE.match(line):
+                continue    # boot chatter and kernel console: log only
+            if capture:
+                captured.append(line)
+            elif not quiet:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+    finally:
+        if proc.poll() is None and why:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return proc.returncode, why, "".join(captured)
 
 
 def _boot(kernel: Kernel, guest_cmd: str, *, accel: str, timeout: float,
           rwdirs: tuple[Path, ...] = (), memory: str = DEFAULT_MEMORY,
           cpus: int = DEFAULT_CPUS, quiet: bool = False, capture: bool = False,
-          log_path: Path | None = None) -> VmResult:
+          log_path: Path | None = None, boot_timeout: float = BOOT_TIMEOUT_S) -> VmResult:
     """Boot the VM, run guest_cmd (a shell command line) and return its status.
 
-    Output is streamed to our stdout (unless quiet or capture) and the last
-    lines are kept, so a hang can be reported with the console's last words.
+    The command's output is streamed to our stdout (unless quiet or capture);
+    the kernel console goes to the log only, and the last lines are kept so
+    a hang can be reported with the console's last words. A guest that has
+    not reached our command within boot_timeout (seen rarely: a boot that
+    stalls under emulation) is killed and booted once more.
     """
     cmd = [find_vng(), "--run", str(kernel.image), "--cpus", str(cpus), "--memory", memory,
-           "--rwdir", str(REPO_ROOT)]
+           "--verbose", "--rwdir", str(REPO_ROOT)]
     for d in rwdirs:
         cmd += ["--rwdir", str(d)]
     if accel == "tcg":
@@ -136,44 +203,27 @@ def _boot(kernel: Kernel, guest_cmd: str, *, accel: str, timeout: float,
     env = dict(os.environ)
     # vng runs helpers (virtme-run) by name: make sure the venv's bin is on PATH.
     env["PATH"] = f"{Path(find_vng()).parent}:{env.get('PATH', '/usr/bin:/bin')}"
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    captured: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=60)
     started = time.monotonic()
     log = open(log_path, "w", buffering=1) if log_path else None
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace", start_new_session=True)
-    timed_out = False
-
-    def on_alarm(*_):
-        raise TimeoutError
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        for line in proc.stdout:
-            tail.append(line.rstrip("\n"))
-            if capture:
-                captured.append(line)
-            elif not quiet:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+        for boot in (1, 2):
+            left = timeout - (time.monotonic() - started)
+            rc, why, output = _boot_once(cmd, env, timeout=left, boot_timeout=boot_timeout,
+                                         quiet=quiet, capture=capture, log=log, tail=tail)
+            if why != "boot" or boot == 2:
+                break
+            note = (f"iobridge: the VM did not reach the command within {boot_timeout:.0f}s; "
+                    "killed it, booting again")
+            print(note, file=sys.stderr)
             if log:
-                log.write(line)
-        proc.wait()
-    except TimeoutError:
-        timed_out = True
+                log.write(note + "\n")
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
         if log:
             log.close()
-    return VmResult(returncode=proc.returncode if not timed_out else -1, timed_out=timed_out,
-                    seconds=time.monotonic() - started, tail=list(tail),
-                    output="".join(captured))
+    return VmResult(returncode=rc if not why else -1, timed_out=bool(why),
+                    seconds=time.monotonic() - started, tail=list(tail), output=output,
+                    boots=boot)
 
 
 def choose_accel(kernel: Kernel, accel: str) -> str:

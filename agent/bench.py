@@ -1,0 +1,299 @@
+"""`iobridge bench ...`: benchmarks (not timed tests).
+
+Subcommands register themselves in BENCHES; each has a `run_in_vm(args)`
+that runs inside the test VM and returns a JSON-able dict, and a `render`
+that prints it for people.  On the host `iobridge bench NAME` boots the VM
+once, runs `iobridge bench NAME --in-vm` there and reports the result.
+
+bench hook: fio 4 KiB random reads at queue depth 1 and 32 on
+  (a) dm-linear over one null_blk device,
+  (b) the iobridge target over two null_blk legs with the BPF routing
+      policy attached (every read routed by a valid decision entry),
+  (c) the same iobridge target with no program (module default),
+and the per-call cost of the routing hook with and without a program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import abi, dmtarget
+from .errors import IobridgeError, UsageError
+
+CONFIGFS_NULLB = Path("/sys/kernel/config/nullb")
+IOPS_RATIO_GOAL = 0.90
+
+
+# ------------------------------------------------------------ VM-side helpers
+
+def _sh(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise IobridgeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+    return proc
+
+
+def _ensure_module() -> None:
+    _sh(["modprobe", "dm_mod"])
+    if not Path(f"/sys/module/{abi.MODULE_NAME}").exists():
+        ko = abi.KMODULE_DIR / "dm-iobridge.ko"
+        if not ko.exists():
+            _sh(["make", "-C", str(abi.KMODULE_DIR)])
+        _sh(["insmod", str(ko)])
+    abi.check_module_version()
+
+
+def _make_nullb(name: str, size_mb: int = 1024, **params) -> str:
+    if not CONFIGFS_NULLB.is_dir():
+        _sh(["modprobe", "null_blk", "nr_devices=0"])
+    d = CONFIGFS_NULLB / name
+    d.mkdir()
+    for key, value in {"size": size_mb, **params}.items():
+        (d / key).write_text(f"{value}\n")
+    (d / "power").write_text("1\n")
+    dev = f"/dev/{name}"
+    for _ in range(100):
+        if os.path.exists(dev):
+            return dev
+        time.sleep(0.05)
+    raise IobridgeError(f"null_blk device {dev} did not appear")
+
+
+def _remove_nullb(name: str) -> None:
+    d = CONFIGFS_NULLB / name
+    if d.is_dir():
+        (d / "power").write_text("0\n")
+        d.rmdir()
+
+
+def fio_randread(dev: str, iodepth: int, runtime_s: int, ramp_s: int = 1) -> dict:
+    """fio 4 KiB random reads; returns iops and completion latency (us)."""
+    proc = _sh(["fio", "--output-format=json", "--name=bench", f"--filename={dev}",
+                "--direct=1", "--ioengine=libaio", "--rw=randread", "--bs=4k",
+                f"--iodepth={iodepth}", "--numjobs=1", "--time_based",
+                f"--runtime={runtime_s}", f"--ramp_time={ramp_s}", "--norandommap",
+                "--randrepeat=0"])
+    job = json.loads(proc.stdout[proc.stdout.find("{"):])["jobs"][0]
+    read = job["read"]
+    if job.get("error"):
+        raise IobridgeError(f"fio reported error {job['error']} on {dev}")
+    return {
+        "iops": read["iops"],
+        "clat_mean_us": read["clat_ns"]["mean"] / 1000.0,
+        "clat_p99_us": read["clat_ns"]["percentile"]["99.000000"] / 1000.0,
+    }
+
+
+def _median_run(runs: list[dict]) -> dict:
+    keys = runs[0].keys()
+    return {k: statistics.median(r[k] for r in runs) for k in keys}
+
+
+def _bench_hook_call(name: str, calls: int) -> dict:
+    out = dmtarget.message(name, "bench_hook", str(calls))
+    fields = dict(kv.split("=", 1) for kv in out.split())
+    return {"calls": int(fields["calls"]), "ns_per_call": float(fields["ns_per_call"]),
+            "program_attached": fields["program_attached"] == "1"}
+
+
+def hook_run_in_vm(args) -> dict:
+    """The hook benchmark; runs inside the VM (as root)."""
+    from .routing import RoutePolicy  # needs BCC: VM side only
+
+    _ensure_module()
+    nullb = {"completion_nsec": 0, "irqmode": 0, "memory_backed": 0}
+    names = ["iobbench_a", "iobbench_b", "iobbench_c"]
+    linear = "iobbench_linear"
+    target = "iobbench_ib"
+    created_dm: list[str] = []
+    policy = None
+    try:
+        devs = [_make_nullb(n, **nullb) for n in names]
+        size = dmtarget.device_sectors(devs[0])
+        _sh(["dmsetup", "create", linear, "--table", f"0 {size} linear {devs[0]} 0"])
+        created_dm.append(linear)
+        dmtarget.create(target, devs[1:], size)
+        created_dm.append(target)
+        _sh(["udevadm", "settle"], check=False)
+        tid = dmtarget.target_id(target)
+
+        policy = RoutePolicy().load()
+        t0 = time.monotonic()
+        hook = {"without_program": _bench_hook_call(target, args.hook_calls)}
+        policy.attach()
+        for leg in range(2):
+            policy.set_leg(tid, leg, admit=True, score=10, ttl_s=3600)
+        hook["with_program"] = _bench_hook_call(target, args.hook_calls)
+        policy.detach()
+
+        configs = {
+            "a_linear_1leg": f"/dev/mapper/{linear}",
+            "b_iobridge_bpf": f"/dev/mapper/{target}",
+            "c_iobridge_default": f"/dev/mapper/{target}",
+        }
+        results: dict[str, dict] = {}
+        for qd in args.depths:
+            runs: dict[str, list[dict]] = {k: [] for k in configs}
+            for _ in range(args.repeat):
+                for cfg, dev in configs.items():  # interleaved: drift hits all alike
+                    if cfg == "b_iobridge_bpf":
+                        policy.attach()
+                    dmtarget.message(target, "reset_counters")
+                    r = fio_randread(dev, qd, args.runtime)
+                    if cfg == "b_iobridge_bpf":
+                        st = dmtarget.status(target)
+                        r["hook_routed_fraction"] = (
+                            sum(leg.hook_routed for leg in st.legs)
+                            / max(1, sum(leg.reads for leg in st.legs)))
+                        policy.detach()
+                    runs[cfg].append(r)
+            per = {cfg: _median_run(rs) for cfg, rs in runs.items()}
+            a, b, c = per["a_linear_1leg"], per["b_iobridge_bpf"], per["c_iobridge_default"]
+            per["ratio_b_over_a"] = {k: b[k] / a[k] for k in ("iops", "clat_mean_us", "clat_p99_us")}
+            per["ratio_c_over_a"] = {k: c[k] / a[k] for k in ("iops", "clat_mean_us", "clat_p99_us")}
+            per["runs"] = runs
+            results[f"qd{qd}"] = per
+        return {
+            "benchmark": "hook",
+            "kernel": os.uname().release,
+            "cpus": os.cpu_count(),
+            "fio": {"bs": "4k", "rw": "randread", "ioengine": "libaio", "direct": 1,
+                    "runtime_s": args.runtime, "ramp_s": 1, "repeat": args.repeat,
+                    "statistic": "median of repeats"},
+            "null_blk": nullb,
+            "hook_call": hook,
+            "fio_results": results,
+            "iops_ratio_goal": IOPS_RATIO_GOAL,
+            "goal_met": all(r["ratio_b_over_a"]["iops"] >= IOPS_RATIO_GOAL
+                            for r in results.values()),
+            "seconds": round(time.monotonic() - t0, 1),
+        }
+    finally:
+        if policy is not None:
+            policy.close()
+        for name in reversed(created_dm):
+            _sh(["dmsetup", "remove", "--retry", name], check=False)
+        for n in names:
+            try:
+                _remove_nullb(n)
+            except OSError:
+                pass
+
+
+def hook_render(res: dict) -> str:
+    lines = [f"iobridge bench hook  (kernel {res['kernel']}, {res['cpus']} CPUs; "
+             f"fio 4k randread libaio direct, {res['fio']['runtime_s']}s x "
+             f"{res['fio']['repeat']}, median)"]
+    for qd, per in res["fio_results"].items():
+        lines.append(f"\n{qd}:")
+        lines.append(f"  {'config':22} {'IOPS':>10} {'mean us':>9} {'p99 us':>9}")
+        for cfg in ("a_linear_1leg", "b_iobridge_bpf", "c_iobridge_default"):
+            r = per[cfg]
+            lines.append(f"  {cfg:22} {r['iops']:10.0f} {r['clat_mean_us']:9.1f} {r['clat_p99_us']:9.1f}")
+        for key in ("ratio_b_over_a", "ratio_c_over_a"):
+            r = per[key]
+            lines.append(f"  {key:22} {r['iops']:10.3f} {r['clat_mean_us']:9.3f} {r['clat_p99_us']:9.3f}")
+    h = res["hook_call"]
+    lines.append(f"\nhook call: {h['without_program']['ns_per_call']:.1f} ns without a program, "
+                 f"{h['with_program']['ns_per_call']:.1f} ns with the routing program "
+                 f"({h['with_program']['calls']} calls)")
+    lines.append(f"goal (IOPS ratio b/a >= {res['iops_ratio_goal']:.2f} at every depth): "
+                 f"{'met' if res['goal_met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def _hook_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", type=int, default=6, help="seconds per fio run (default 6)")
+    p.add_argument("--repeat", type=int, default=2, help="runs per configuration (default 2)")
+    p.add_argument("--depths", type=int, nargs="+", default=[1, 32],
+                   help="fio queue depths (default 1 32)")
+    p.add_argument("--hook-calls", type=int, default=1_000_000,
+                   help="calls for the hook microbenchmark (default 1000000)")
+
+
+BENCHES = {
+    "hook": {
+        "help": "routing hook overhead: dm-linear vs iobridge+BPF over null_blk",
+        "add_args": _hook_args,
+        "run_in_vm": hook_run_in_vm,
+        "render": hook_render,
+    },
+}
+
+
+# ------------------------------------------------------------------ driver
+
+def _run(args) -> int:
+    bench = BENCHES[args.bench]
+    if args.in_vm or os.environ.get("IOBRIDGE_IN_VM") == "1":
+        if os.geteuid() != 0:
+            raise UsageError("the benchmark needs root inside the VM")
+        res = bench["run_in_vm"](args)
+    else:
+        from . import vm  # noqa: PLC0415
+
+        out_dir = Path(tempfile.mkdtemp(prefix="iobridge-bench-"))
+        out = out_dir / "result.json"
+        cmd = ["python", "-m", "iobridge.cli", "bench", args.bench, "--in-vm",
+               "--output", str(out)] + args.forward
+        result = vm.run(cmd, timeout=args.timeout, quiet=args.json, rwdirs=(out_dir,))
+        if result.returncode != 0 or not out.exists():
+            raise IobridgeError(f"benchmark failed in the VM (exit {result.returncode})",
+                                "run with -v, or look at the console output above")
+        res = json.loads(out.read_text())
+    if args.output:
+        Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(res, indent=2))
+    elif not args.output or not args.in_vm:
+        print(bench["render"](res))
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (run in the test VM)")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH")
+    bsub.required = True
+    for name, bench in BENCHES.items():
+        bp = bsub.add_parser(name, help=bench["help"])
+        bp.add_argument("--json", action="store_true", help="print the result as JSON")
+        bp.add_argument("--output", metavar="FILE", help="also write the JSON result to FILE")
+        bp.add_argument("--in-vm", action="store_true",
+                        help="run here (inside the VM) instead of booting one")
+        bp.add_argument("--timeout", type=float, default=1200, help="VM time bound in seconds")
+        bench["add_args"](bp)
+        bp.set_defaults(func=_with_forward(bp), bench=name)
+
+
+def _with_forward(parser: argparse.ArgumentParser):
+    """Forward the benchmark's own options to the in-VM run."""
+    own = {a.dest for a in parser._actions if a.dest not in
+           ("help", "json", "output", "in_vm", "timeout")}
+
+    def func(args) -> int:
+        fwd: list[str] = []
+        for action in parser._actions:
+            if action.dest in own and action.option_strings:
+                value = getattr(args, action.dest)
+                if value is None:
+                    continue
+                fwd.append(action.option_strings[0])
+                fwd += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        args.forward = fwd
+        return _run(args)
+
+    return func
+
+
+if __name__ == "__main__":
+    from .cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,0 +1,1049 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * dm-iobridge: a device-mapper target over 2..8 replica legs.
+ *
+ * Reads go to one leg, chosen by a BPF program attached to the writable
+ * tracepoint "iobridge_route" or by the built-in default policy.  Writes go
+ * to every leg that is not stale, flushes, discards and write-zeroes to
+ * every leg.  A failed read is retried on another healthy leg; a leg that
+ * keeps failing is marked failed and stops serving reads.
+ *
+ * Table: <nr_legs> <dev>... [<nr_opts> <opt>...]
+ * See the iobridge README ("Device-mapper target") for the full contract.
+ */
+#include <linux/module.h>
+#include <linux/device-mapper.h>
+#include <linux/bio.h>
+#include <linux/blkdev.h>
+#include <linux/workqueue.h>
+#include <linux/ktime.h>
+#include <linux/mutex.h>
+#include <linux/list.h>
+#include <linux/spinlock.h>
+#include <linux/sched.h>
+
+#include "iobridge_abi.h"
+#define CREATE_TRACE_POINTS
+#include "iobridge_trace.h"
+
+#define DM_MSG_PREFIX "iobridge"
+
+#define IOB_DEFAULT_ERROR_THRESHOLD	3
+#define IOB_MAX_ERROR_THRESHOLD		1000000
+#define IOB_BENCH_MAX_CALLS		100000000
+#define IOB_NO_LEG			0xff
+#define IOB_WRITE_POOL			256
+
+static int abi_version = IOBRIDGE_ABI_VERSION;
+module_param(abi_version, int, 0444);
+MODULE_PARM_DESC(abi_version, "Layout version of the shared structures (read-only)");
+
+enum iob_policy {
+	IOB_POLICY_LEAST_INFLIGHT,
+	IOB_POLICY_ROUND_ROBIN,
+	IOB_POLICY_PRIMARY,
+	IOB_NR_POLICIES,
+};
+
+static const char *const iob_policy_names[IOB_NR_POLICIES] = {
+	[IOB_POLICY_LEAST_INFLIGHT] = "least_inflight",
+	[IOB_POLICY_ROUND_ROBIN] = "round_robin",
+	[IOB_POLICY_PRIMARY] = "primary",
+};
+
+/* Leg state bits. */
+#define IOB_LEG_FAILED	0	/* serves no reads */
+#define IOB_LEG_STALE	1	/* missed a write: receives no I/O at all */
+
+struct iob_leg {
+	struct dm_dev *dev;
+	unsigned long state;
+	atomic_t inflight;
+	atomic_t err_streak;		/* read errors since marked healthy */
+	atomic64_t reads;
+	atomic64_t writes;
+	atomic64_t read_errors;
+	atomic64_t write_errors;
+	atomic64_t hook_routed;
+	atomic64_t default_routed;
+};
+
+struct iob_c {
+	struct dm_target *ti;
+	struct list_head list;		/* in iob_registry */
+	struct mapped_device *md;
+	u64 gen;			/* load order among tables */
+	bool registered;
+	bool inherited;			/* leg state taken over at first resume */
+	struct workqueue_struct *wq;
+	struct work_struct event_work;
+	struct bio_set bs;
+	spinlock_t lock;		/* leg state transitions */
+	u32 id;
+	u32 nr_legs;
+	u32 nr_healthy;			/* under lock */
+	u32 error_threshold;
+	int policy;
+	bool strict_writes;
+	atomic_t rr;
+	atomic64_t retries;
+	atomic64_t read_failures;	/* read errors returned to the caller */
+	atomic64_t write_failures;	/* write errors returned to the caller */
+	atomic64_t hook_rejected;	/* invalid choices from the BPF program */
+	struct iob_leg legs[];
+};
+
+enum iob_kind {
+	IOB_READ,
+	IOB_WRITE,	/* data write, cloned per leg by us */
+	IOB_DUP,	/* flush/discard/write-zeroes duplicated by dm core */
+};
+
+/* Per-bio data of the dm clone. */
+struct iob_io {
+	struct iob_c *ic;
+	u8 kind;
+	u8 leg;
+	u8 tried;			/* read: legs tried so far */
+	atomic_t pending;		/* write: leg clones outstanding + 1 */
+	unsigned long ok_mask;		/* write: legs that succeeded */
+	unsigned long err_mask;		/* write: legs that failed */
+	blk_status_t status;		/* write: an error seen */
+	/* read: what is needed to resubmit the bio to another leg */
+	struct bvec_iter iter;
+	unsigned short bi_flags;
+	int remaining;
+	bio_end_io_t *end_io;
+	struct work_struct work;
+};
+
+/* One leg's copy of a data write. */
+struct iob_wclone {
+	struct iob_io *io;
+	unsigned int leg;
+	struct bio bio;			/* must be last (bioset front_pad) */
+};
+
+/*
+ * Live targets.  A table reload keeps the target id (the decision table
+ * index) and the failed/stale state of legs that stay in the table.
+ */
+static DEFINE_MUTEX(iob_registry_lock);
+static LIST_HEAD(iob_registry);
+static unsigned int iob_id_refs[IOBRIDGE_MAX_TARGETS];
+static u64 iob_gen;
+
+/* The newest table loaded before @ic for the same device, or NULL. */
+static struct iob_c *iob_find_older_locked(struct iob_c *ic)
+{
+	struct iob_c *o, *best = NULL;
+
+	list_for_each_entry(o, &iob_registry, list)
+		if (o != ic && o->md == ic->md && o->gen < ic->gen &&
+		    (!best || o->gen > best->gen))
+			best = o;
+	return best;
+}
+
+static int iob_register(struct iob_c *ic)
+{
+	struct iob_c *older;
+	int id = -1, i;
+
+	mutex_lock(&iob_registry_lock);
+	ic->gen = ++iob_gen;
+	older = iob_find_older_locked(ic);
+	if (older) {
+		id = older->id;
+	} else {
+		for (i = 0; i < IOBRIDGE_MAX_TARGETS; i++) {
+			if (!iob_id_refs[i]) {
+				id = i;
+				break;
+			}
+		}
+	}
+	if (id >= 0) {
+		iob_id_refs[id]++;
+		ic->id = id;
+		list_add(&ic->list, &iob_registry);
+		ic->registered = true;
+	}
+	mutex_unlock(&iob_registry_lock);
+	return id < 0 ? -ENOSPC : 0;
+}
+
+static void iob_unregister(struct iob_c *ic)
+{
+	if (!ic->registered)
+		return;
+	mutex_lock(&iob_registry_lock);
+	list_del(&ic->list);
+	iob_id_refs[ic->id]--;
+	mutex_unlock(&iob_registry_lock);
+	ic->registered = false;
+}
+
+static inline bool iob_leg_readable(struct iob_leg *leg)
+{
+	return !test_bit(IOB_LEG_FAILED, &leg->state);
+}
+
+static const char *iob_name(struct iob_c *ic)
+{
+	return dm_table_device_name(ic->ti->table);
+}
+
+static void iob_event_work(struct work_struct *w)
+{
+	struct iob_c *ic = container_of(w, struct iob_c, event_work);
+
+	dm_table_event(ic->ti->table);
+}
+
+/*
+ * Mark a leg failed (and stale if it missed data).  Returns false when the
+ * leg was the last readable one and @stale is false: the last readable leg
+ * is never failed for read errors alone.
+ */
+static bool iob_fail_leg(struct iob_c *ic, unsigned int i, bool stale,
+			 const char *why)
+{
+	struct iob_leg *leg = &ic->legs[i];
+	unsigned long flags;
+	bool changed = false, refused = false;
+
+	spin_lock_irqsave(&ic->lock, flags);
+	if (stale && !test_and_set_bit(IOB_LEG_STALE, &leg->state))
+		changed = true;
+	if (!test_bit(IOB_LEG_FAILED, &leg->state)) {
+		if (!stale && ic->nr_healthy <= 1) {
+			refused = true;
+		} else {
+			set_bit(IOB_LEG_FAILED, &leg->state);
+			ic->nr_healthy--;
+			changed = true;
+		}
+	}
+	spin_unlock_irqrestore(&ic->lock, flags);
+
+	if (refused) {
+		DMERR_LIMIT("%s: leg %u (%s): %s, but it is the last healthy leg; keeping it",
+			    iob_name(ic), i, leg->dev->name, why);
+		return false;
+	}
+	if (changed) {
+		DMERR("%s: leg %u (%s) marked %s: %s", iob_name(ic), i,
+		      leg->dev->name, stale ? "failed and stale" : "failed", why);
+		trace_iobridge_leg_state(ic->id, i, stale ? 'S' : 'F');
+		queue_work(ic->wq, &ic->event_work);
+	}
+	return true;
+}
+
+/* Default policy: pick a readable leg not in @exclude, or -1. */
+static int iob_default_leg(struct iob_c *ic, unsigned int exclude)
+{
+	unsigned int n = ic->nr_legs, start, k;
+	int policy = READ_ONCE(ic->policy);
+	int best = -1, best_load = INT_MAX;
+
+	if (policy == IOB_POLICY_PRIMARY) {
+		for (k = 0; k < n; k++)
+			if (!(exclude & BIT(k)) && iob_leg_readable(&ic->legs[k]))
+				return k;
+		return -1;
+	}
+
+	start = (unsigned int)atomic_inc_return(&ic->rr) % n;
+	for (k = 0; k < n; k++) {
+		unsigned int i = (start + k) % n;
+		int load;
+
+		if ((exclude & BIT(i)) || !iob_leg_readable(&ic->legs[i]))
+			continue;
+		if (policy == IOB_POLICY_ROUND_ROBIN)
+			return i;
+		load = atomic_read(&ic->legs[i].inflight);
+		if (load < best_load) {
+			best = i;
+			best_load = load;
+		}
+	}
+	return best;
+}
+
+/*
+ * Run the routing hook.  Returns the leg the BPF program chose if it is
+ * valid, else -1.  Only called while a program is attached.
+ */
+static int iob_hook(struct iob_c *ic, sector_t sector, unsigned int bytes,
+		    blk_opf_t opf, unsigned int exclude)
+{
+	struct iobridge_route_ctx ctx;
+	unsigned int i;
+	int chosen;
+
+	memset(&ctx, 0, sizeof(ctx));
+	ctx.abi_version = IOBRIDGE_ABI_VERSION;
+	ctx.target_id = ic->id;
+	ctx.nr_legs = ic->nr_legs;
+	ctx.bio_bytes = bytes;
+	ctx.sector = sector;
+	ctx.now_ns = ktime_get_ns();
+	ctx.op_flags = (__force u32)opf;
+	ctx.chosen_leg = IOBRIDGE_NO_LEG;
+	for (i = 0; i < ic->nr_legs; i++) {
+		ctx.inflight[i] = atomic_read(&ic->legs[i].inflight);
+		ctx.healthy[i] = iob_leg_readable(&ic->legs[i]) && !(exclude & BIT(i));
+	}
+
+	trace_iobridge_route(&ctx);
+
+	chosen = READ_ONCE(ctx.chosen_leg);
+	if (chosen == IOBRIDGE_NO_LEG)
+		return -1;
+	if (chosen < 0 || chosen >= (int)ic->nr_legs ||
+	    (exclude & BIT(chosen)) || !iob_leg_readable(&ic->legs[chosen])) {
+		atomic64_inc(&ic->hook_rejected);
+		DMWARN_LIMIT("%s: routing program chose leg %d, which is out of range or not healthy; using the default policy",
+			     iob_name(ic), chosen);
+		return -1;
+	}
+	return chosen;
+}
+
+static int iob_map_read(struct iob_c *ic, struct iob_io *io, struct bio *bio)
+{
+	struct dm_target *ti = ic->ti;
+	sector_t sector = dm_target_offset(ti, bio->bi_iter.bi_sector);
+	struct iob_leg *leg;
+	int chosen = -1;
+
+	if (trace_iobridge_route_enabled())
+		chosen = iob_hook(ic, sector, bio->bi_iter.bi_size, bio->bi_opf, 0);
+	io->kind = IOB_READ;
+	if (chosen >= 0) {
+		atomic64_inc(&ic->legs[chosen].hook_routed);
+	} else {
+		chosen = iob_default_leg(ic, 0);
+		if (chosen < 0) {
+			atomic64_inc(&ic->read_failures);
+			DMERR_LIMIT("%s: no healthy leg to read from", iob_name(ic));
+			return DM_MAPIO_KILL;
+		}
+		atomic64_inc(&ic->legs[chosen].default_routed);
+	}
+	leg = &ic->legs[chosen];
+	io->leg = chosen;
+	io->tried = BIT(chosen);
+
+	bio_set_dev(bio, leg->dev->bdev);
+	bio->bi_iter.bi_sector = sector;
+	io->iter = bio->bi_iter;
+	io->bi_flags = bio->bi_flags;
+	io->remaining = atomic_read(&bio->__bi_remaining);
+	io->end_io = bio->bi_end_io;
+
+	atomic_inc(&leg->inflight);
+	atomic64_inc(&leg->reads);
+	return DM_MAPIO_REMAPPED;
+}
+
+static void iob_write_put(struct iob_io *io)
+{
+	struct iob_c *ic = io->ic;
+	struct bio *bio;
+	unsigned int i;
+
+	if (!atomic_dec_and_test(&io->pending))
+		return;
+
+	bio = dm_bio_from_per_bio_data(io, sizeof(*io));
+	if (io->err_mask) {
+		/* A leg that missed a write others got is stale. */
+		if (io->ok_mask)
+			for_each_set_bit(i, &io->err_mask, ic->nr_legs)
+				iob_fail_leg(ic, i, true, "write error");
+		if (!io->ok_mask || ic->strict_writes) {
+			bio->bi_status = io->status ? io->status : BLK_STS_IOERR;
+			atomic64_inc(&ic->write_failures);
+		}
+	}
+	bio_endio(bio);
+}
+
+static void iob_write_endio(struct bio *clone)
+{
+	struct iob_wclone *wc = container_of(clone, struct iob_wclone, bio);
+	struct iob_io *io = wc->io;
+	struct iob_leg *leg = &io->ic->legs[wc->leg];
+
+	atomic_dec(&leg->inflight);
+	if (clone->bi_status) {
+		atomic64_inc(&leg->write_errors);
+		WRITE_ONCE(io->status, clone->bi_status);
+		set_bit(wc->leg, &io->err_mask);
+	} else {
+		set_bit(wc->leg, &io->ok_mask);
+	}
+	bio_put(clone);
+	iob_write_put(io);
+}
+
+static int iob_map_write(struct iob_c *ic, struct iob_io *io, struct bio *bio)
+{
+	sector_t sector = dm_target_offset(ic->ti, bio->bi_iter.bi_sector);
+	unsigned int i, sent = 0;
+
+	io->kind = IOB_WRITE;
+	io->leg = IOB_NO_LEG;
+	io->ok_mask = 0;
+	io->err_mask = 0;
+	io->status = BLK_STS_OK;
+	atomic_set(&io->pending, 1);
+
+	for (i = 0; i < ic->nr_legs; i++) {
+		struct iob_leg *leg = &ic->legs[i];
+		struct iob_wclone *wc;
+		struct bio *clone;
+
+		if (test_bit(IOB_LEG_STALE, &leg->state))
+			continue;
+		clone = bio_alloc_clone(leg->dev->bdev, bio, GFP_NOIO, &ic->bs);
+		if (!clone) {
+			atomic64_inc(&leg->write_errors);
+			set_bit(i, &io->err_mask);
+			continue;
+		}
+		wc = container_of(clone, struct iob_wclone, bio);
+		wc->io = io;
+		wc->leg = i;
+		clone->bi_iter.bi_sector = sector;
+		clone->bi_end_io = iob_write_endio;
+		clone->bi_private = wc;
+		atomic_inc(&io->pending);
+		atomic_inc(&leg->inflight);
+		atomic64_inc(&leg->writes);
+		sent++;
+		submit_bio_noacct(clone);
+	}
+	if (!sent) {
+		/* Every leg stale cannot happen; refuse rather than drop data. */
+		atomic64_inc(&ic->write_failures);
+		return DM_MAPIO_KILL;
+	}
+	iob_write_put(io);
+	return DM_MAPIO_SUBMITTED;
+}
+
+/* Flush, discard and write-zeroes: dm core sends one bio per leg. */
+static int iob_map_dup(struct iob_c *ic, struct iob_io *io, struct bio *bio)
+{
+	unsigned int i = dm_bio_get_target_bio_nr(bio);
+	struct iob_leg *leg;
+
+	io->kind = IOB_DUP;
+	io->leg = IOB_NO_LEG;
+	if (i >= ic->nr_legs)
+		return DM_MAPIO_KILL;
+	leg = &ic->legs[i];
+	if (test_bit(IOB_LEG_STALE, &leg->state)) {
+		bio_endio(bio);
+		return DM_MAPIO_SUBMITTED;
+	}
+	io->leg = i;
+	bio_set_dev(bio, leg->dev->bdev);
+	if (bio_sectors(bio))
+		bio->bi_iter.bi_sector = dm_target_offset(ic->ti, bio->bi_iter.bi_sector);
+	atomic_inc(&leg->inflight);
+	atomic64_inc(&leg->writes);
+	return DM_MAPIO_REMAPPED;
+}
+
+static int iob_map(struct dm_target *ti, struct bio *bio)
+{
+	struct iob_c *ic = ti->private;
+	struct iob_io *io = dm_per_bio_data(bio, sizeof(*io));
+
+	io->ic = ic;
+	if (bio_op(bio) == REQ_OP_READ)
+		return iob_map_read(ic, io, bio);
+	if (bio_op(bio) == REQ_OP_WRITE && bio_sectors(bio))
+		return iob_map_write(ic, io, bio);
+	return iob_map_dup(ic, io, bio);
+}
+
+static void iob_retry_work(struct work_struct *w)
+{
+	struct iob_io *io = container_of(w, struct iob_io, work);
+	struct iob_c *ic = io->ic;
+	struct bio *bio = dm_bio_from_per_bio_data(io, sizeof(*io));
+	struct iob_leg *leg = &ic->legs[io->leg];
+
+	bio->bi_iter = io->iter;
+	bio->bi_flags = io->bi_flags;
+	atomic_set(&bio->__bi_remaining, io->remaining);
+	bio->bi_end_io = io->end_io;
+	bio->bi_status = BLK_STS_OK;
+	bio_set_dev(bio, leg->dev->bdev);
+
+	atomic_inc(&leg->inflight);
+	atomic64_inc(&leg->reads);
+	atomic64_inc(&leg->default_routed);
+	atomic64_inc(&ic->retries);
+	submit_bio_noacct(bio);
+}
+
+static int iob_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *error)
+{
+	struct iob_c *ic = ti->private;
+	struct iob_io *io = dm_per_bio_data(bio, sizeof(*io));
+	struct iob_leg *leg;
+	int next;
+
+	if (io->kind == IOB_WRITE || io->leg == IOB_NO_LEG)
+		return DM_ENDIO_DONE;
+
+	leg = &ic->legs[io->leg];
+	atomic_dec(&leg->inflight);
+
+	if (io->kind == IOB_DUP) {
+		if (*error && *error != BLK_STS_NOTSUPP) {
+			unsigned int i, others = 0;
+
+			atomic64_inc(&leg->write_errors);
+			for (i = 0; i < ic->nr_legs; i++)
+				if (i != io->leg && !test_bit(IOB_LEG_STALE, &ic->legs[i].state))
+					others++;
+			if (others)
+				iob_fail_leg(ic, io->leg, true, "flush/discard error");
+		}
+		return DM_ENDIO_DONE;
+	}
+
+	/* Read. */
+	if (!*error)
+		return DM_ENDIO_DONE;
+	if (*error == BLK_STS_AGAIN && (bio->bi_opf & REQ_NOWAIT))
+		return DM_ENDIO_DONE;
+
+	atomic64_inc(&leg->read_errors);
+	if ((u32)atomic_inc_return(&leg->err_streak) >= READ_ONCE(ic->error_threshold))
+		iob_fail_leg(ic, io->leg, false, "read error threshold reached");
+
+	next = iob_default_leg(ic, io->tried);
+	if (next < 0) {
+		atomic64_inc(&ic->read_failures);
+		DMERR_LIMIT("%s: read of sector %llu failed on every healthy leg",
+			    iob_name(ic), (unsigned long long)io->iter.bi_sector);
+		return DM_ENDIO_DONE;
+	}
+	io->leg = next;
+	io->tried |= BIT(next);
+	INIT_WORK(&io->work, iob_retry_work);
+	queue_work(ic->wq, &io->work);
+	return DM_ENDIO_INCOMPLETE;
+}
+
+static int iob_parse_policy(const char *name)
+{
+	int p;
+
+	for (p = 0; p < IOB_NR_POLICIES; p++)
+		if (!strcasecmp(name, iob_policy_names[p]))
+			return p;
+	return -1;
+}
+
+static void iob_free(struct dm_target *ti, struct iob_c *ic)
+{
+	unsigned int i;
+
+	iob_unregister(ic);	/* first: preresume of a newer table reads our legs */
+	if (ic->wq)
+		destroy_workqueue(ic->wq);
+	bioset_exit(&ic->bs);
+	for (i = 0; i < ic->nr_legs; i++)
+		if (ic->legs[i].dev)
+			dm_put_device(ti, ic->legs[i].dev);
+	kfree(ic);
+}
+
+static int iob_parse_options(struct dm_target *ti, struct iob_c *ic,
+			     struct dm_arg_set *as)
+{
+	static const struct dm_arg nopts_arg = {
+		0, 8, "Invalid number of options (expected a count 0..8 after the leg devices)"
+	};
+	unsigned int nopts;
+	const char *opt;
+	int r;
+
+	if (!as->argc)
+		return 0;
+	r = dm_read_arg_group(&nopts_arg, as, &nopts, &ti->error);
+	if (r) {
+		DMERR("option count must be a number 0..8 after the %u leg devices, and match the options given",
+		      ic->nr_legs);
+		return r;
+	}
+	while (nopts) {
+		opt = dm_shift_arg(as);
+		nopts--;
+		if (!strcasecmp(opt, "strict_writes")) {
+			ic->strict_writes = true;
+		} else if (!strcasecmp(opt, "error_threshold")) {
+			unsigned int v;
+
+			if (!nopts || kstrtouint(dm_shift_arg(as), 10, &v) ||
+			    v < 1 || v > IOB_MAX_ERROR_THRESHOLD) {
+				DMERR("error_threshold needs a value 1..%u", IOB_MAX_ERROR_THRESHOLD);
+				ti->error = "Invalid error_threshold";
+				return -EINVAL;
+			}
+			nopts--;
+			ic->error_threshold = v;
+		} else if (!strcasecmp(opt, "policy")) {
+			int p = nopts ? iob_parse_policy(dm_shift_arg(as)) : -1;
+
+			if (p < 0) {
+				DMERR("policy needs one of least_inflight, round_robin, primary");
+				ti->error = "Invalid policy";
+				return -EINVAL;
+			}
+			nopts--;
+			ic->policy = p;
+		} else {
+			DMERR("unknown option '%s'", opt);
+			ti->error = "Unknown option";
+			return -EINVAL;
+		}
+	}
+	if (as->argc) {
+		DMERR("%u unexpected argument(s) after the options, starting with '%s'",
+		      as->argc, as->argv[0]);
+		ti->error = "Too many arguments";
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/*
+ * <nr_legs> <dev_0> ... <dev_n-1> [<nr_opts> <opt>...]
+ */
+static int iob_ctr(struct dm_target *ti, unsigned int argc, char **argv)
+{
+	static const struct dm_arg nlegs_arg = {
+		2, IOBRIDGE_MAX_LEGS, "Invalid leg count (must be 2 to 8)"
+	};
+	struct dm_arg_set as = { .argc = argc, .argv = argv };
+	unsigned int nr_legs, i, j;
+	struct iob_c *ic;
+	int r;
+
+	if (!argc) {
+		DMERR("table needs <nr_legs> <dev>... [<nr_opts> <opt>...]");
+		ti->error = "Missing arguments";
+		return -EINVAL;
+	}
+	r = dm_read_arg(&nlegs_arg, &as, &nr_legs, &ti->error);
+	if (r) {
+		DMERR("leg count '%s' is not a number from 2 to %u", argv[0], IOBRIDGE_MAX_LEGS);
+		return r;
+	}
+	if (as.argc < nr_legs) {
+		DMERR("leg count is %u but only %u device(s) given", nr_legs, as.argc);
+		ti->error = "Missing leg devices";
+		return -EINVAL;
+	}
+
+	ic = kzalloc(struct_size(ic, legs, nr_legs), GFP_KERNEL);
+	if (!ic) {
+		ti->error = "Cannot allocate context";
+		return -ENOMEM;
+	}
+	ic->ti = ti;
+	ic->id = IOBRIDGE_MAX_TARGETS;	/* not allocated yet */
+	ic->error_threshold = IOB_DEFAULT_ERROR_THRESHOLD;
+	ic->policy = IOB_POLICY_LEAST_INFLIGHT;
+	spin_lock_init(&ic->lock);
+	INIT_WORK(&ic->event_work, iob_event_work);
+
+	for (i = 0; i < nr_legs; i++) {
+		struct iob_leg *leg = &ic->legs[i];
+		const char *path = dm_shift_arg(&as);
+		sector_t size;
+
+		atomic_set(&leg->inflight, 0);
+		r = dm_get_device(ti, path, dm_table_get_mode(ti->table), &leg->dev);
+		if (r) {
+			DMERR("leg %u: cannot open device '%s' (error %d)", i, path, r);
+			ti->error = "Cannot open leg device";
+			r = -EINVAL;
+			goto bad;
+		}
+		ic->nr_legs = i + 1;	/* for iob_free() */
+		for (j = 0; j < i; j++) {
+			if (ic->legs[j].dev->bdev == leg->dev->bdev) {
+				DMERR("legs %u and %u are the same device %s", j, i, leg->dev->name);
+				ti->error = "Duplicate leg device";
+				r = -EINVAL;
+				goto bad;
+			}
+		}
+		size = bdev_nr_sectors(leg->dev->bdev);
+		if (size < ti->len) {
+			DMERR("leg %u (%s) has %llu sectors, fewer than the target's %llu",
+			      i, leg->dev->name, (unsigned long long)size,
+			      (unsigned long long)ti->len);
+			ti->error = "Leg device smaller than the target";
+			r = -EINVAL;
+			goto bad;
+		}
+	}
+
+	r = iob_parse_options(ti, ic, &as);
+	if (r)
+		goto bad;
+
+	ic->md = dm_table_get_md(ti->table);
+	r = iob_register(ic);
+	if (r) {
+		DMERR("more than %u iobridge targets", IOBRIDGE_MAX_TARGETS);
+		ti->error = "Too many iobridge targets";
+		goto bad;
+	}
+
+	ic->wq = alloc_workqueue("iobridge%u", WQ_MEM_RECLAIM, 0, ic->id);
+	if (!ic->wq) {
+		ti->error = "Cannot allocate workqueue";
+		r = -ENOMEM;
+		goto bad;
+	}
+	r = bioset_init(&ic->bs, IOB_WRITE_POOL, offsetof(struct iob_wclone, bio),
+			BIOSET_NEED_RESCUER);
+	if (r) {
+		ti->error = "Cannot allocate bioset";
+		goto bad;
+	}
+
+	ic->nr_healthy = nr_legs;
+	ti->num_flush_bios = nr_legs;
+	ti->num_discard_bios = nr_legs;
+	ti->num_write_zeroes_bios = nr_legs;
+	ti->per_io_data_size = sizeof(struct iob_io);
+	ti->private = ic;
+	return 0;
+
+bad:
+	iob_free(ti, ic);
+	return r;
+}
+
+/*
+ * At the first resume of a reloaded table (the previous one is suspended,
+ * so its leg state no longer changes), take over which legs are failed or
+ * stale: a reload must not make a stale leg readable again.
+ */
+static int iob_preresume(struct dm_target *ti)
+{
+	struct iob_c *ic = ti->private, *old;
+	unsigned long flags;
+	unsigned int i, j;
+
+	if (ic->inherited)
+		return 0;
+	ic->inherited = true;
+	mutex_lock(&iob_registry_lock);
+	old = iob_find_older_locked(ic);
+	for (i = 0; old && i < ic->nr_legs; i++) {
+		struct iob_leg *leg = &ic->legs[i];
+
+		for (j = 0; j < old->nr_legs; j++) {
+			unsigned long st = READ_ONCE(old->legs[j].state);
+
+			if (old->legs[j].dev->bdev != leg->dev->bdev || !st)
+				continue;
+			spin_lock_irqsave(&ic->lock, flags);
+			if (test_bit(IOB_LEG_STALE, &st))
+				set_bit(IOB_LEG_STALE, &leg->state);
+			if (test_bit(IOB_LEG_FAILED, &st) &&
+			    !test_and_set_bit(IOB_LEG_FAILED, &leg->state))
+				ic->nr_healthy--;
+			spin_unlock_irqrestore(&ic->lock, flags);
+			DMINFO("%s: leg %u (%s) stays %s after the table reload",
+			       iob_name(ic), i, leg->dev->name,
+			       test_bit(IOB_LEG_STALE, &st) ? "failed and stale" : "failed");
+		}
+	}
+	mutex_unlock(&iob_registry_lock);
+	return 0;
+}
+
+static void iob_dtr(struct dm_target *ti)
+{
+	struct iob_c *ic = ti->private;
+
+	cancel_work_sync(&ic->event_work);
+	iob_free(ti, ic);
+}
+
+static char iob_leg_state_char(struct iob_leg *leg)
+{
+	if (test_bit(IOB_LEG_STALE, &leg->state))
+		return 'S';
+	if (test_bit(IOB_LEG_FAILED, &leg->state))
+		return 'F';
+	return 'A';
+}
+
+static void iob_status(struct dm_target *ti, status_type_t type,
+		       unsigned int status_flags, char *result, unsigned int maxlen)
+{
+	struct iob_c *ic = ti->private;
+	unsigned int sz = 0, i, nopts;
+
+	switch (type) {
+	case STATUSTYPE_INFO:
+		DMEMIT("%u %s %u ", ic->id, iob_policy_names[READ_ONCE(ic->policy)], ic->nr_legs);
+		for (i = 0; i < ic->nr_legs; i++)
+			DMEMIT("%c", iob_leg_state_char(&ic->legs[i]));
+		DMEMIT(" %llu %llu %llu %llu",
+		       (unsigned long long)atomic64_read(&ic->retries),
+		       (unsigned long long)atomic64_read(&ic->read_failures),
+		       (unsigned long long)atomic64_read(&ic->write_failures),
+		       (unsigned long long)atomic64_read(&ic->hook_rejected));
+		for (i = 0; i < ic->nr_legs; i++) {
+			struct iob_leg *leg = &ic->legs[i];
+
+			DMEMIT(" %s %llu %llu %llu %llu %d %llu %llu", leg->dev->name,
+			       (unsigned long long)atomic64_read(&leg->reads),
+			       (unsigned long long)atomic64_read(&leg->writes),
+			       (unsigned long long)atomic64_read(&leg->read_errors),
+			       (unsigned long long)atomic64_read(&leg->write_errors),
+			       atomic_read(&leg->inflight),
+			       (unsigned long long)atomic64_read(&leg->hook_routed),
+			       (unsigned long long)atomic64_read(&leg->default_routed));
+		}
+		break;
+	case STATUSTYPE_TABLE:
+		DMEMIT("%u", ic->nr_legs);
+		for (i = 0; i < ic->nr_legs; i++)
+			DMEMIT(" %s", ic->legs[i].dev->name);
+		nopts = (ic->strict_writes ? 1 : 0) +
+			(ic->error_threshold != IOB_DEFAULT_ERROR_THRESHOLD ? 2 : 0) +
+			(ic->policy != IOB_POLICY_LEAST_INFLIGHT ? 2 : 0);
+		if (nopts) {
+			DMEMIT(" %u", nopts);
+			if (ic->error_threshold != IOB_DEFAULT_ERROR_THRESHOLD)
+				DMEMIT(" error_threshold %u", ic->error_threshold);
+			if (ic->policy != IOB_POLICY_LEAST_INFLIGHT)
+				DMEMIT(" policy %s", iob_policy_names[ic->policy]);
+			if (ic->strict_writes)
+				DMEMIT(" strict_writes");
+		}
+		break;
+	case STATUSTYPE_IMA:
+		DMEMIT_TARGET_NAME_VERSION(ti->type);
+		DMEMIT(",nr_legs=%u;", ic->nr_legs);
+		break;
+	}
+}
+
+static int iob_parse_leg(struct iob_c *ic, const char *s, unsigned int *leg)
+{
+	if (kstrtouint(s, 10, leg) || *leg >= ic->nr_legs) {
+		DMWARN("%s: message names leg '%s'; legs are 0..%u",
+		       iob_name(ic), s, ic->nr_legs - 1);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+static int iob_restore_leg(struct iob_c *ic, unsigned int i, bool resynced)
+{
+	struct iob_leg *leg = &ic->legs[i];
+	unsigned long flags;
+	int r = 0;
+
+	spin_lock_irqsave(&ic->lock, flags);
+	if (test_bit(IOB_LEG_STALE, &leg->state) && !resynced) {
+		r = -EINVAL;
+	} else {
+		clear_bit(IOB_LEG_STALE, &leg->state);
+		if (test_and_clear_bit(IOB_LEG_FAILED, &leg->state))
+			ic->nr_healthy++;
+		atomic_set(&leg->err_streak, 0);
+	}
+	spin_unlock_irqrestore(&ic->lock, flags);
+	if (r) {
+		DMWARN("%s: leg %u (%s) missed writes; copy a healthy leg onto it, then send 'restore_leg %u resynced'",
+		       iob_name(ic), i, leg->dev->name, i);
+		return r;
+	}
+	DMINFO("%s: leg %u (%s) restored", iob_name(ic), i, leg->dev->name);
+	trace_iobridge_leg_state(ic->id, i, 'A');
+	queue_work(ic->wq, &ic->event_work);
+	return 0;
+}
+
+static void iob_reset_counters(struct iob_c *ic)
+{
+	unsigned int i;
+
+	atomic64_set(&ic->retries, 0);
+	atomic64_set(&ic->read_failures, 0);
+	atomic64_set(&ic->write_failures, 0);
+	atomic64_set(&ic->hook_rejected, 0);
+	for (i = 0; i < ic->nr_legs; i++) {
+		struct iob_leg *leg = &ic->legs[i];
+
+		atomic64_set(&leg->reads, 0);
+		atomic64_set(&leg->writes, 0);
+		atomic64_set(&leg->read_errors, 0);
+		atomic64_set(&leg->write_errors, 0);
+		atomic64_set(&leg->hook_routed, 0);
+		atomic64_set(&leg->default_routed, 0);
+	}
+}
+
+/* Time @calls routing steps as the read path runs them. */
+static void iob_bench_hook(struct iob_c *ic, unsigned int calls, char *result,
+			   unsigned int maxlen)
+{
+	bool attached = trace_iobridge_route_enabled();
+	unsigned int i, sz = 0;
+	u64 t0, t1, ns = 0;
+	int sink = 0;
+
+	for (i = 0; i < calls; i++) {
+		if ((i & 4095) == 0) {
+			if (i)
+				ns += ktime_get_ns() - t0;
+			cond_resched();
+			t0 = ktime_get_ns();
+		}
+		if (trace_iobridge_route_enabled())
+			sink += iob_hook(ic, (sector_t)i * 8, 4096, REQ_OP_READ, 0);
+	}
+	t1 = ktime_get_ns();
+	if (calls)
+		ns += t1 - t0;
+	barrier_data(&sink);
+	DMEMIT("calls=%u total_ns=%llu ns_per_call=%llu.%03llu program_attached=%d",
+	       calls, (unsigned long long)ns,
+	       (unsigned long long)(calls ? ns / calls : 0),
+	       (unsigned long long)(calls ? (ns * 1000 / calls) % 1000 : 0),
+	       attached ? 1 : 0);
+}
+
+static int iob_message(struct dm_target *ti, unsigned int argc, char **argv,
+		       char *result, unsigned int maxlen)
+{
+	struct iob_c *ic = ti->private;
+	unsigned int leg, v;
+	int p;
+
+	if (argc == 2 && !strcasecmp(argv[0], "fail_leg")) {
+		if (iob_parse_leg(ic, argv[1], &leg))
+			return -EINVAL;
+		if (!iob_fail_leg(ic, leg, false, "by message"))
+			return -EINVAL;
+		return 0;
+	}
+	if ((argc == 2 || argc == 3) && !strcasecmp(argv[0], "restore_leg")) {
+		if (iob_parse_leg(ic, argv[1], &leg))
+			return -EINVAL;
+		if (argc == 3 && strcasecmp(argv[2], "resynced")) {
+			DMWARN("%s: restore_leg takes only the word 'resynced' after the leg", iob_name(ic));
+			return -EINVAL;
+		}
+		return iob_restore_leg(ic, leg, argc == 3);
+	}
+	if (argc == 2 && !strcasecmp(argv[0], "policy")) {
+		p = iob_parse_policy(argv[1]);
+		if (p < 0) {
+			DMWARN("%s: unknown policy '%s' (least_inflight, round_robin, primary)",
+			       iob_name(ic), argv[1]);
+			return -EINVAL;
+		}
+		WRITE_ONCE(ic->policy, p);
+		return 0;
+	}
+	if (argc == 2 && !strcasecmp(argv[0], "error_threshold")) {
+		if (kstrtouint(argv[1], 10, &v) || v < 1 || v > IOB_MAX_ERROR_THRESHOLD) {
+			DMWARN("%s: error_threshold needs a value 1..%u", iob_name(ic),
+			       IOB_MAX_ERROR_THRESHOLD);
+			return -EINVAL;
+		}
+		WRITE_ONCE(ic->error_threshold, v);
+		return 0;
+	}
+	if (argc == 1 && !strcasecmp(argv[0], "reset_counters")) {
+		iob_reset_counters(ic);
+		return 0;
+	}
+	if (argc == 2 && !strcasecmp(argv[0], "bench_hook")) {
+		if (kstrtouint(argv[1], 10, &v) || v < 1 || v > IOB_BENCH_MAX_CALLS) {
+			DMWARN("%s: bench_hook needs a call count 1..%u", iob_name(ic),
+			       IOB_BENCH_MAX_CALLS);
+			return -EINVAL;
+		}
+		iob_bench_hook(ic, v, result, maxlen);
+		return 1;	/* result holds output */
+	}
+	DMWARN("%s: unrecognised message '%s' with %u argument(s)", iob_name(ic),
+	       argc ? argv[0] : "", argc ? argc - 1 : 0);
+	return -EINVAL;
+}
+
+static int iob_iterate_devices(struct dm_target *ti, iterate_devices_callout_fn fn,
+			       void *data)
+{
+	struct iob_c *ic = ti->private;
+	unsigned int i;
+	int r;
+
+	for (i = 0; i < ic->nr_legs; i++) {
+		r = fn(ti, ic->legs[i].dev, 0, ti->len, data);
+		if (r)
+			return r;
+	}
+	return 0;
+}
+
+static struct target_type iob_target = {
+	.name = "iobridge",
+	.version = {1, 0, 0},
+	.module = THIS_MODULE,
+	.ctr = iob_ctr,
+	.dtr = iob_dtr,
+	.map = iob_map,
+	.end_io = iob_end_io,
+	.status = iob_status,
+	.message = iob_message,
+	.iterate_devices = iob_iterate_devices,
+	.preresume = iob_preresume,
+};
+
+static int __init iob_init(void)
+{
+	int r = dm_register_target(&iob_target);
+
+	if (r < 0)
+		DMERR("register failed %d", r);
+	return r;
+}
+
+static void __exit iob_exit(void)
+{
+	dm_unregister_target(&iob_target);
+}
+
+module_init(iob_init);
+module_exit(iob_exit);
+
+MODULE_DESCRIPTION(DM_NAME " iobridge: replica legs with a BPF-writable read routing hook");
+MODULE_AUTHOR("iobridge developers");
+MODULE_LICENSE("GPL");
