@@ -13,12 +13,15 @@ returns entries {admit, score = P(slow), expiry}. A table computed from the
 state at time T becomes visible at T + staleness_ns (the time to read the
 state, infer and publish) and expires at T + staleness_ns + ttl_ns.
 
-route() is the reference semantics of the kernel policy program for one
-read: among legs with a valid (published and unexpired) entry, pick the
-least in-flight admitted leg (ties: lower score, then lower index); if every
-valid entry says avoid, pick the lowest score; if no entry is valid (agent
-stopped or stalled), return -1: the module's built-in default (least
-in-flight) decides.
+route() is the reference semantics of the kernel policy program
+(bpf/route_policy.bpf.c) for one read: among legs whose entry is valid
+(published and unexpired) and says admit, pick the least in-flight one
+(ties: lower P(slow), i.e. higher kernel score, then lower index); if no
+valid entry admits (all avoid, or the agent stopped or stalled), return -1:
+the module's built-in default (least in-flight) decides.
+
+The kernel table holds an integer score where higher is better:
+kernel_score() maps P(slow) onto it.
 """
 
 from __future__ import annotations
@@ -100,13 +103,19 @@ def route(table: DecisionTable | None, now_ns: int, bucket: int,
     adm = table.admit[:, bucket]
     sc = table.score[:, bucket]
     best, key = -1, None
-    if adm.any():
-        for leg in np.flatnonzero(adm):
-            k = (inflight[leg], float(sc[leg]), int(leg))
-            if key is None or k < key:
-                best, key = int(leg), k
-        return best
-    return int(np.argmin(sc))
+    for leg in np.flatnonzero(adm):
+        k = (inflight[leg], float(sc[leg]), int(leg))
+        if key is None or k < key:
+            best, key = int(leg), k
+    return best
+
+
+KERNEL_SCORE_SCALE = 1_000_000
+
+
+def kernel_score(p_slow: float) -> int:
+    """The decision entry's integer score (higher is better) for P(slow)."""
+    return int(round((1.0 - min(max(float(p_slow), 0.0), 1.0)) * KERNEL_SCORE_SCALE))
 
 
 def least_inflight(inflight: Sequence[int]) -> int:

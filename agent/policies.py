@@ -22,8 +22,9 @@ advanced to `now_ns`.
               batched inference per tick over (leg, size bucket), routed by
               decision.route(); tick period, staleness and TTL are parameters
 
-Predictor policies share decision.route()'s rule: least in-flight among legs
-predicted fast, else the lowest P(slow).
+Predictor policies share decision.route()'s rule, the kernel program's: least
+in-flight among legs predicted fast; when none is, the module default (least
+in-flight over all legs).
 """
 
 from __future__ import annotations
@@ -138,11 +139,12 @@ def _route_scores(p: np.ndarray, threshold: float, legs) -> int:
     inflight = [leg.qlen for leg in legs]
     t = DecisionTable(admit=(p < threshold)[:, None], score=p[:, None].astype(np.float32),
                       valid_from_ns=0, expiry_ns=1 << 62)
-    return route(t, 0, 0, inflight)
+    leg = route(t, 0, 0, inflight)
+    return leg if leg >= 0 else least_inflight(inflight)
 
 
-class Heimdall(Policy):
-    name = "heimdall"
+class _PerIoPredictor(Policy):
+    """A policy that runs its model once per read (counted in `calls`)."""
 
     def __init__(self, model):
         self.model = model
@@ -150,6 +152,13 @@ class Heimdall(Policy):
     def reset(self, nlegs, seed):
         super().reset(nlegs, seed)
         self.calls = 0
+
+    def stats(self):
+        return {"inference_calls": self.calls}
+
+
+class Heimdall(_PerIoPredictor):
+    name = "heimdall"
 
     def choose(self, now, nbytes, legs):
         x = np.zeros((len(legs), F.NUM_FEATURES), dtype=np.float32)
@@ -163,19 +172,9 @@ class Heimdall(Policy):
         self.calls += 1
         return _route_scores(self.model.p_slow(x), self.model.threshold, legs)
 
-    def stats(self):
-        return {"inference_calls": self.calls}
 
-
-class LinnOS(Policy):
+class LinnOS(_PerIoPredictor):
     name = "linnos"
-
-    def __init__(self, model):
-        self.model = model
-
-    def reset(self, nlegs, seed):
-        super().reset(nlegs, seed)
-        self.calls = 0
 
     def choose(self, now, nbytes, legs):
         q = np.array([leg.qlen for leg in legs])
@@ -183,9 +182,6 @@ class LinnOS(Policy):
         pl = np.array([list(leg.prev_lat) for leg in legs], dtype=np.float64)
         self.calls += 1
         return _route_scores(self.model.p_slow(linnos_rows(q, pq, pl)), self.model.threshold, legs)
-
-    def stats(self):
-        return {"inference_calls": self.calls}
 
 
 class Table(Policy):
@@ -205,7 +201,8 @@ class Table(Policy):
         super().reset(nlegs, seed)
         # tables computed but possibly not yet visible (staleness), oldest first
         self.tables: deque[DecisionTable] = deque()
-        self.defaults = 0
+        self.defaults = 0      # reads left to the module default (all avoid, or no table)
+        self.no_table = 0      # of those, reads with no valid table in force
         self.maker.calls = 0
 
     def tick_times(self, read_times):
@@ -228,7 +225,10 @@ class Table(Policy):
 
     def choose(self, now, nbytes, legs):
         inflight = [leg.qlen for leg in legs]
-        leg = route(self.visible(now), now, size_bucket(nbytes), inflight)
+        table = self.visible(now)
+        if table is None or not table.valid_from_ns <= now < table.expiry_ns:
+            self.no_table += 1
+        leg = route(table, now, size_bucket(nbytes), inflight)
         if leg < 0:
             self.defaults += 1
             leg = least_inflight(inflight)
@@ -237,4 +237,4 @@ class Table(Policy):
     def stats(self):
         return {"tick_us": self.tick_ns / 1000, "staleness_us": self.staleness_ns / 1000,
                 "ttl_us": self.ttl_ns / 1000, "inference_calls": self.maker.calls,
-                "default_routed_reads": self.defaults}
+                "default_routed_reads": self.defaults, "no_valid_table_reads": self.no_table}

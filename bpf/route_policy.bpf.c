@@ -4,10 +4,12 @@
  *
  * Attached as BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE to the module's
  * "iobridge_route" tracepoint.  For each read bio it looks up the decision
- * table entries of every healthy leg for the bio's size bucket and picks
- * the leg whose entry is valid (not expired) and admitted with the highest
- * score (ties: fewer bios in flight, then lower index).  With no such entry
- * it leaves chosen_leg at -1 and the module's default policy decides.
+ * table entries of every healthy leg for the bio's size bucket and, among
+ * the legs whose entry is valid (not expired) and says admit, picks the one
+ * with the fewest bios in flight (ties: higher score, then lower index).
+ * With no such leg it leaves chosen_leg at -1 and the module's default
+ * policy decides.  agent/decision.py route() is the reference for these
+ * semantics; the replay simulator runs that code.
  *
  * Compiled by agent/routing.py with -I kmodule (for iobridge_abi.h).
  */
@@ -62,8 +64,8 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		if (!d || d->expires_ns <= now || d->admit != IOBRIDGE_DECISION_ADMIT)
 			continue;
 		load = ctx->inflight[leg];
-		if (best < 0 || d->score > best_score ||
-		    (d->score == best_score && load < best_load)) {
+		if (best < 0 || load < best_load ||
+		    (load == best_load && d->score > best_score)) {
 			best = leg;
 			best_score = d->score;
 			best_load = load;

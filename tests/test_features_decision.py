@@ -3,8 +3,8 @@ import pytest
 
 from iobridge import features as F
 from iobridge.abi import NUM_SIZE_BUCKETS, size_bucket
-from iobridge.decision import (BUCKET_SIZE_BYTES, DecisionMaker, LegState, feature_rows,
-                               route)
+from iobridge.decision import (BUCKET_SIZE_BYTES, KERNEL_SCORE_SCALE, DecisionMaker,
+                               DecisionTable, LegState, feature_rows, kernel_score, route)
 from iobridge.devmodel import DeviceParams, Leg
 from iobridge import policies as P
 from iobridge.replay import simulate
@@ -107,14 +107,32 @@ def test_decide_is_one_batched_call_over_legs_and_buckets():
     assert route(None, 0, b, [0, 0, 0]) == -1
 
 
-def test_route_all_avoid_picks_lowest_score():
+def test_route_all_avoid_leaves_the_choice_to_the_module_default():
     m = QueueModel()
     dm = DecisionMaker(m, ttl_ns=1000)
     t = dm.decide(0, [LegState(9, (0,) * 3, (0,) * 3, (0,) * 3),
                       LegState(4, (0,) * 3, (0,) * 3, (0,) * 3)])
     t.score[0, :] = 0.95
     assert not t.admit.any()
-    assert route(t, 0, 0, [0, 9]) == 1
+    assert route(t, 0, 0, [0, 9]) == -1
+
+
+def test_route_prefers_least_inflight_then_lower_p_slow():
+    t = DecisionTable(admit=np.ones((3, 4), dtype=bool),
+                      score=np.array([[0.1] * 4, [0.05] * 4, [0.01] * 4], dtype=np.float32),
+                      valid_from_ns=0, expiry_ns=100)
+    assert route(t, 0, 0, [2, 1, 3]) == 1          # fewest in flight
+    assert route(t, 0, 0, [1, 1, 3]) == 1          # tie: lower P(slow)
+    t.admit[1, 0] = False
+    assert route(t, 0, 0, [1, 1, 3]) == 0
+    assert route(t, 100, 0, [1, 1, 3]) == -1       # expired
+
+
+def test_kernel_score_is_higher_for_lower_p_slow():
+    assert kernel_score(0.0) == KERNEL_SCORE_SCALE
+    assert kernel_score(1.0) == 0
+    assert kernel_score(0.2) > kernel_score(0.3)
+    assert kernel_score(-1) == KERNEL_SCORE_SCALE and kernel_score(2) == 0
 
 
 def test_device_model_queueing_and_busy_periods():

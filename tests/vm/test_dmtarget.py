@@ -317,7 +317,8 @@ def test_bpf_routing_follows_table(make_nullb, make_iobridge, routing):
     st, delta = measure()
     assert delta == [0, 300]
 
-    # Both admitted: the higher score wins.
+    # Both admitted: the one with fewer bios in flight wins; dd reads one
+    # at a time, so in-flight ties and the higher score decides.
     routing.set_leg(tid, 0, admit=True, score=50, ttl_s=60)
     st, delta = measure()
     assert delta == [300, 0]
@@ -539,7 +540,7 @@ def test_write_failure_semantics(make_nullb, make_dm, make_iobridge):
     # Writes now fail on leg 1 (reads still work there).
     reload(flaky_name, flakey_table(base[1], up=0, down=1, features=("error_writes",)))
     since = dmesg_len()
-    run(f"dd if=/dev/urandom of=/tmp/iob_w bs=64k count=4 status=none")
+    run("dd if=/dev/urandom of=/tmp/iob_w bs=64k count=4 status=none")
     # Default: the write succeeds on leg 0, leg 1 is failed and stale.
     run(f"dd if=/tmp/iob_w of={dev} bs=64k oflag=direct status=none")
     st = dmtarget.status(name)
