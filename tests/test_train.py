@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 
 from iobridge import cli
 from iobridge import policies as P

@@ -153,23 +153,35 @@ def test_event_stream_counts_drops_when_the_ring_is_full(make_nullb):
     assert delivered + dropped == N_IOS
 
 
-def test_observe_cli_reports_and_detaches_on_ctrl_c(slow_nullb):
-    cmd = [sys.executable, "-m", "iobridge.cli", "observe", "--dev", slow_nullb,
-           "--interval", "0.5", "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_cli_until_ctrl_c(args: list[str], during) -> tuple[subprocess.Popen, str, str]:
+    """Start `iobridge ARGS`, wait until it says it is attached, call
+    during(proc), then Ctrl-C it; returns the process and its output."""
+    proc = subprocess.Popen([sys.executable, "-m", "iobridge.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # Wait until attached (it says so on stderr), then drive I/O.
         line = proc.stderr.readline()
         assert "attached" in line, line + proc.stderr.read()
-        assert any(a.startswith(f"{proc.pid}:block_rq_issue") for a in attached_tracepoints())
-        job = fio(slow_nullb, "randrw", N_IOS)
-        time.sleep(1.2)
+        during(proc)
+        time.sleep(1.5)   # let the last interval or drain pass
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
+    return proc, out, err
+
+
+def test_observe_cli_reports_and_detaches_on_ctrl_c(slow_nullb):
+    jobs = []
+
+    def during(proc):
+        assert any(a.startswith(f"{proc.pid}:block_rq_issue") for a in attached_tracepoints())
+        jobs.append(fio(slow_nullb, "randrw", N_IOS))
+
+    proc, out, _ = run_cli_until_ctrl_c(
+        ["observe", "--dev", slow_nullb, "--interval", "0.5", "--json"], during)
+    job = jobs[0]
     lines = [json.loads(x) for x in out.splitlines()]
     reports, summary = lines[:-1], lines[-1]["summary"]
     name = os.path.basename(os.path.realpath(slow_nullb))
@@ -193,20 +205,11 @@ def test_record_writes_every_io_and_survives_ctrl_c(slow_nullb, tmp_path):
     from iobridge.trace import read_trace
 
     out = tmp_path / "rec.parquet"
-    proc = subprocess.Popen([sys.executable, "-m", "iobridge.cli", "record", "--dev", slow_nullb,
-                             "--out", str(out), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stderr.readline()
-        assert "attached" in line, line + proc.stderr.read()
-        job = fio(slow_nullb, "randrw", N_IOS)
-        time.sleep(1.5)
-        proc.send_signal(signal.SIGINT)
-        stdout, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    jobs = []
+    _, stdout, _ = run_cli_until_ctrl_c(
+        ["record", "--dev", slow_nullb, "--out", str(out), "--json"],
+        lambda proc: jobs.append(fio(slow_nullb, "randrw", N_IOS)))
+    job = jobs[0]
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["interrupted"] and summary["dropped_in_kernel"] == 0
     trace = read_trace(out)

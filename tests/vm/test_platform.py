@@ -22,7 +22,7 @@ def test_runs_on_the_pinned_debian_6_1_kernel():
 def test_nullb_fixture_makes_a_readable_writable_device(make_nullb):
     dev = make_nullb(size_mb=16)
     assert sectors_of(dev) == 16 * 2048
-    run(f"dd if=/dev/urandom of=/tmp/pattern bs=4k count=4 status=none")
+    run("dd if=/dev/urandom of=/tmp/pattern bs=4k count=4 status=none")
     run(f"dd if=/tmp/pattern of={dev} bs=4k oflag=direct status=none")
     back = run(f"dd if={dev} bs=4k count=4 iflag=direct status=none | cmp - /tmp/pattern",
                check=False)
