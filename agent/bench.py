@@ -244,7 +244,7 @@ def _run(args) -> int:
         out = out_dir / "result.json"
         cmd = ["python", "-m", "iobridge.cli", "bench", args.bench, "--in-vm",
                "--output", str(out)] + args.forward
-        result = vm.run(cmd, timeout=args.timeout, quiet=args.json, rwdirs=(out_dir,))
+        result = vm.run(cmd, timeout=args.timeout, quiet=args.json, shared=out_dir)
         if result.returncode != 0 or not out.exists():
             raise IobridgeError(f"benchmark failed in the VM (exit {result.returncode})",
                                 "run with -v, or look at the console output above")

@@ -121,19 +121,22 @@ class VmResult:
     tail: list[str] = field(default_factory=list)
     output: str = ""
     boots: int = 1
+    why: str = ""         # boot, panic or timeout when it did not run to the end
 
 
 # virtme-ng-init prints this when the guest is up and about to run our command.
 GUEST_READY_MARK = "virtme-ng-init: starting script"
 # Kernel console lines ("[    9.37] ...") go to the log, not to the user.
 _CONSOLE_LINE = re.compile(r"^\[\s*\d+\.\d+\] ")
+_BOOT_PANIC = re.compile(r"Kernel panic|PANIC: early exception|kernel BUG at")
 
 
 def _boot_once(cmd: list[str], env: dict, *, timeout: float, boot_timeout: float,
                quiet: bool, capture: bool, log, tail: collections.deque) -> tuple[int, str, str]:
     """One QEMU run. Returns (returncode, why, captured output); `why` is
     "" when it ran to the end, "boot" when the guest never got to our
-    command within boot_timeout, "timeout" when the whole bound expired."""
+    command within boot_timeout, "panic" when the kernel died while booting,
+    "timeout" when the whole bound expired."""
     captured: list[str] = []
     lines: queue.Queue = queue.Queue()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
@@ -167,6 +170,9 @@ def _boot_once(cmd: list[str], env: dict, *, timeout: float, boot_timeout: float
             tail.append(line.rstrip("\n"))
             if not ready and GUEST_READY_MARK in line:
                 ready = True
+            if not ready and _BOOT_PANIC.search(line):
+                why = "panic"     # deterministic: no point in booting again
+                break
             if not ready or _CONSOLE_LINE.match(line):
                 continue    # boot chatter and kernel console: log only
             if capture:
@@ -223,7 +229,7 @@ def _boot(kernel: Kernel, guest_cmd: str, *, accel: str, timeout: float,
             log.close()
     return VmResult(returncode=rc if not why else -1, timed_out=bool(why),
                     seconds=time.monotonic() - started, tail=list(tail), output=output,
-                    boots=boot)
+                    boots=boot, why=why)
 
 
 def choose_accel(kernel: Kernel, accel: str) -> str:
@@ -237,31 +243,41 @@ def choose_accel(kernel: Kernel, accel: str) -> str:
     return accel
 
 
-def _guest_command(command: list[str]) -> str:
-    """The shell line the guest runs: our prelude, then the command."""
-    return (f"exec bash {shlex.quote(str(GUEST_PRELUDE))} {shlex.quote(sys.prefix)} "
-            + " ".join(shlex.quote(c) for c in command))
+def _write_guest_script(command: list[str], shared: Path) -> str:
+    """Write the guest's command to a script in a shared directory and
+    return the short line that runs it. The command must not travel on the
+    kernel command line: virtme-ng puts it there, and a line longer than
+    the kernel's 2048 bytes makes the guest panic in early boot (seen with
+    a long list of test ids)."""
+    script = shared / "guest-command.sh"
+    script.write_text("exec bash " + " ".join(shlex.quote(c) for c in
+                                              [str(GUEST_PRELUDE), sys.prefix, *command]) + "\n")
+    return f"exec bash {shlex.quote(str(script))}"
 
 
 def run(command: list[str], *, timeout: float = DEFAULT_TIMEOUT_S, accel: str = "auto",
         memory: str = DEFAULT_MEMORY, cpus: int = DEFAULT_CPUS, capture: bool = False,
-        quiet: bool = False, rwdirs: tuple[Path, ...] = (),
+        quiet: bool = False, shared: Path | None = None,
         log_path: Path | None = None, raise_on_timeout: bool = True) -> VmResult:
     """Run `command` as root in a fresh VM; returns its exit status and output.
 
     The guest's working directory is the repository, with the venv's bin
-    first on PATH and IOBRIDGE_IN_VM=1 set (vm/guest-prelude.sh).
+    first on PATH and IOBRIDGE_IN_VM=1 set (vm/guest-prelude.sh). `shared`
+    is a host directory the guest can write too (a temporary one if None).
     """
     if not command:
         raise UsageError("no command given", "usage: iobridge vm run -- CMD [ARGS...]")
     kernel = find_kernel()
     accel = choose_accel(kernel, accel)
-    result = _boot(kernel, _guest_command(command), accel=accel, timeout=timeout,
-                   memory=memory, cpus=cpus, capture=capture, quiet=quiet, rwdirs=rwdirs,
-                   log_path=log_path)
+    with tempfile.TemporaryDirectory(prefix="iobridge-vm-") as tmp:
+        shared = shared or Path(tmp)
+        result = _boot(kernel, _write_guest_script(command, shared), accel=accel,
+                       timeout=timeout, memory=memory, cpus=cpus, capture=capture, quiet=quiet,
+                       rwdirs=(shared,), log_path=log_path)
     if result.timed_out and raise_on_timeout:
         lines = "\n".join(result.tail[-20:])
-        raise IobridgeError(f"VM did not finish within {timeout:.0f}s and was killed; "
+        raise IobridgeError(f"VM did not finish ({result.why}) within {timeout:.0f}s and was "
+                            "killed; "
                             f"last console lines:\n{lines}",
                             "raise the bound with --timeout, or look for a hang in the guest")
     return result
@@ -302,7 +318,7 @@ def run_tests(pytest_args: list[str], *, timeout: float = DEFAULT_TEST_TIMEOUT_S
     cmd = env_args + ["python", "-m", "pytest", "-p", "tests.vm_report", "-m", "vm",
                       "-p", "no:cacheprovider", "-o", "addopts=", "-rA",
                       f"--timeout={PER_TEST_TIMEOUT_S}", *pytest_args]
-    vm = run(cmd, timeout=timeout, accel=accel, quiet=quiet, rwdirs=(results_dir,),
+    vm = run(cmd, timeout=timeout, accel=accel, quiet=quiet, shared=results_dir,
              log_path=log_path, raise_on_timeout=False)
     outcomes: dict[str, TestOutcome] = {}
     first = None
@@ -339,7 +355,7 @@ def _cmd_test(args) -> int:
         print(f"iobridge vm test: boot to pytest start {suite.boot_to_first_test_s:.1f}s, "
               f"whole run {suite.vm.seconds:.1f}s")
     if suite.vm.timed_out:
-        print(f"iobridge vm test: the VM was killed after {args.timeout:.0f}s; last console "
+        print(f"iobridge vm test: the VM was killed ({suite.vm.why}); last console "
               "lines:\n" + "\n".join(suite.vm.tail[-20:]), file=sys.stderr)
     if not suite.outcomes:
         print(f"iobridge vm test: no VM test reported an outcome (console log "

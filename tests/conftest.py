@@ -29,8 +29,10 @@ class VmProxyItem(pytest.Item):
         if outcome is None:
             suite = self.session.iobridge_vm_suite
             tail = "\n".join(suite.vm.tail[-25:]) if suite.vm else ""
-            why = "the VM was killed at its time bound" if suite.vm and suite.vm.timed_out \
-                else "the VM run ended without reporting it"
+            why = {"boot": "the guest never finished booting",
+                   "panic": "the guest kernel panicked while booting",
+                   "timeout": "the VM was killed at its time bound"}.get(
+                       suite.vm.why, "the VM run ended without reporting it")
             raise VmTestFailure(f"{self.nodeid}: no outcome from the VM ({why}); "
                                 f"console log {suite.log_path}; last console lines:\n{tail}")
         if outcome.outcome == "skipped":

@@ -96,3 +96,14 @@ def test_bad_observe_input_is_one_line_and_nonzero(capsys, argv, message):
 def test_vm_run_without_a_command_is_a_usage_error(capsys):
     assert main(["vm", "run"]) == 2
     assert "no command given" in capsys.readouterr().err
+
+
+def test_guest_command_stays_off_the_kernel_command_line(tmp_path):
+    # virtme-ng passes --exec on the kernel command line (2048 bytes on x86):
+    # however long the command, only a short line to a script goes there.
+    long_cmd = ["pytest"] + [f"tests/vm/test_x.py::test_{i:04d}_with_a_long_name" for i in range(300)]
+    line = vm._write_guest_script(long_cmd, tmp_path)
+    assert len(line) < 200
+    script = (tmp_path / "guest-command.sh").read_text()
+    assert "tests/vm/test_x.py::test_0299_with_a_long_name" in script
+    assert str(vm.GUEST_PRELUDE) in script
