@@ -56,21 +56,25 @@ def _vm_outcomes(session):
 
         nodeids = [item.nodeid for item in session.items if isinstance(item, VmProxyItem)]
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter:
-            reporter.write_line(f"\nbooting the test VM for {len(nodeids)} kernel-facing tests "
-                                "(the guest's console goes to a log file)...")
+        capture = session.config.pluginmanager.get_plugin("capturemanager")
+
+        def say(text):   # to the terminal, past pytest's output capture
+            if reporter and capture:
+                with capture.global_and_fixture_disabled():
+                    reporter.write_line(text)
+
+        say(f"\nbooting the test VM for {len(nodeids)} kernel-facing tests "
+            "(the guest's console goes to a log file)...")
         try:
             session.iobridge_vm_suite = vm.run_tests(nodeids, quiet=True)
         except IobridgeError as err:
             raise VmTestFailure(f"could not run the VM tests: {err}") from None
         suite = session.iobridge_vm_suite
-        if reporter:
-            first = suite.boot_to_first_test_s
-            reporter.write_line(
-                f"VM run finished in {suite.vm.seconds:.1f}s (boot to pytest start "
-                f"{first:.1f}s); console log {suite.log_path}" if first is not None else
-                f"VM run finished in {suite.vm.seconds:.1f}s without starting pytest; "
-                f"console log {suite.log_path}")
+        first = suite.boot_to_first_test_s
+        say(f"VM run finished in {suite.vm.seconds:.1f}s (boot to pytest start {first:.1f}s); "
+            f"console log {suite.log_path}" if first is not None else
+            f"VM run finished in {suite.vm.seconds:.1f}s without starting pytest; "
+            f"console log {suite.log_path}")
     return session.iobridge_vm_suite.outcomes
 
 
