@@ -2,9 +2,12 @@
 state, optionally drains its per-I/O event stream, and the `iobridge observe`
 command (iostat and biolatency in one).
 
-Probe selection follows bcc's tools: the block tracepoints first, kprobes on
-the block layer's request functions when the tracepoints are missing, and a
-clear error when neither is usable.
+Probe selection follows bcc's tools: the block tracepoints first (attached
+raw, so a completion interrupt never finds the program busy; see
+bpf/observer.bpf.c), kprobes on the block layer's request functions when the
+tracepoints are missing, and a clear error when neither is usable. The kprobe
+fallback can miss a completion that interrupts the issue probe on the same
+CPU; the kernel counts such misses in the program's recursion_misses.
 """
 
 from __future__ import annotations

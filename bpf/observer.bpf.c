@@ -8,30 +8,27 @@
  * records are counted here, in the kernel).  The structures are defined
  * once, in kmodule/iobridge_abi.h.
  *
- * Two probe sets, chosen by the loader (agent/observe.py):
- *   default            block:block_rq_issue / block:block_rq_complete
- *                      tracepoints; a request is keyed by (dev, sector);
+ * Two probe sets on the same request hooks, chosen by the loader
+ * (agent/observe.py); a request is keyed by its address in both:
+ *   default            raw tracepoints block_rq_issue / block_rq_complete;
  *   IOBRIDGE_KPROBES   kprobes on blk_mq_start_request / blk_update_request
- *                      for kernels without those tracepoints; a request is
- *                      keyed by its address.
- * Only data requests (at least one sector) are counted: flushes and
+ *                      for kernels without those tracepoints.
+ * Raw tracepoints first, because the kernel skips a kprobe or classic
+ * tracepoint program that fires while another such program runs on the same
+ * CPU: a completion interrupt arriving during the issue probe would be lost
+ * (seen with null_blk timer completions at queue depth 8: in-flight drifted
+ * up and completions went missing). Raw tracepoint programs are only
+ * skipped when the same program re-enters.
+ * Only data requests (at least one byte) are counted: flushes and
  * passthrough commands carry no sector range to time.
  */
 #include <uapi/linux/ptrace.h>
-#ifdef IOBRIDGE_KPROBES
 #include <linux/blk-mq.h>
 #include <linux/blkdev.h>
-#endif
 #include "iobridge_abi.h"
 
 struct start_key {
-#ifdef IOBRIDGE_KPROBES
-	u64 rq;
-#else
-	u32 dev;
-	u32 pad;
-	u64 sector;
-#endif
+	u64 rq;		/* struct request * */
 };
 
 struct start_val {
@@ -169,65 +166,33 @@ static __always_inline void on_complete(struct start_key *key, u32 dev, u64 sect
 	starts.delete(key);
 }
 
-#ifndef IOBRIDGE_KPROBES
-
-static __always_inline u8 rwbs_op(const char *rwbs)
-{
-	/* rwbs: optional F (preflush), then R, W, D, E or N, then modifiers. */
-	char c0 = rwbs[0], c1 = rwbs[1];
-	char c = c0 == 'F' ? c1 : c0;
-
-	if (c0 == 'F' && (c1 == 0 || c1 == 'N'))
-		return IOBRIDGE_OP_FLUSH;
-	if (c == 'R')
-		return IOBRIDGE_OP_READ;
-	if (c == 'W')
-		return IOBRIDGE_OP_WRITE;
-	if (c == 'D')
-		return IOBRIDGE_OP_DISCARD;
-	return IOBRIDGE_OP_OTHER;
-}
-
-TRACEPOINT_PROBE(block, block_rq_issue)
-{
-	struct start_key key = {};
-	u32 dev = args->dev;
-
-	if (args->nr_sector == 0 || !wanted(dev))
-		return 0;
-	key.dev = dev;
-	key.sector = args->sector;
-	on_issue(&key, dev, args->nr_sector << 9, rwbs_op(args->rwbs));
-	return 0;
-}
-
-TRACEPOINT_PROBE(block, block_rq_complete)
-{
-	struct start_key key = {};
-	u32 dev = args->dev;
-
-	if (args->nr_sector == 0 || !wanted(dev))
-		return 0;
-	key.dev = dev;
-	key.sector = args->sector;
-	on_complete(&key, dev, args->sector, args->error);
-	return 0;
-}
-
-#else /* IOBRIDGE_KPROBES */
+/*
+ * Request fields are read with explicit probe reads: BCC rewrites pointer
+ * walks only for pointers it can trace to the probe's arguments, which
+ * the raw tracepoint's untyped args are not.
+ */
+#define READ_KERNEL(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), &(src))
 
 static __always_inline u32 rq_dev(struct request *rq)
 {
-	struct gendisk *disk = rq->q->disk;
+	struct request_queue *q = NULL;
+	struct gendisk *disk = NULL;
+	int major = 0, first_minor = 0;
 
+	READ_KERNEL(q, rq->q);
+	if (!q)
+		return 0;
+	READ_KERNEL(disk, q->disk);
 	if (!disk)
 		return 0;
-	return (disk->major << 20) | disk->first_minor;
+	READ_KERNEL(major, disk->major);
+	READ_KERNEL(first_minor, disk->first_minor);
+	return (major << 20) | first_minor;
 }
 
-static __always_inline u8 rq_op(struct request *rq)
+static __always_inline u8 rq_op(u32 cmd_flags)
 {
-	switch (rq->cmd_flags & REQ_OP_MASK) {
+	switch (cmd_flags & REQ_OP_MASK) {
 	case REQ_OP_READ:
 		return IOBRIDGE_OP_READ;
 	case REQ_OP_WRITE:
@@ -240,27 +205,58 @@ static __always_inline u8 rq_op(struct request *rq)
 	return IOBRIDGE_OP_OTHER;
 }
 
-int kprobe__blk_mq_start_request(struct pt_regs *ctx, struct request *rq)
+static __always_inline void rq_issued(struct request *rq)
 {
 	struct start_key key = {.rq = (u64)rq};
 	u32 dev = rq_dev(rq);
+	u32 bytes = 0, cmd_flags = 0;
 
-	if (rq->__data_len == 0 || dev == 0 || !wanted(dev))
-		return 0;
-	on_issue(&key, dev, rq->__data_len, rq_op(rq));
+	READ_KERNEL(bytes, rq->__data_len);
+	READ_KERNEL(cmd_flags, rq->cmd_flags);
+	if (bytes == 0 || dev == 0 || !wanted(dev))
+		return;
+	on_issue(&key, dev, bytes, rq_op(cmd_flags));
+}
+
+static __always_inline void rq_completed(struct request *rq, int error)
+{
+	struct start_key key = {.rq = (u64)rq};
+	u32 dev = rq_dev(rq);
+	u64 sector = 0;
+
+	if (dev == 0 || !wanted(dev))
+		return;
+	READ_KERNEL(sector, rq->__sector);
+	on_complete(&key, dev, sector, error);
+}
+
+#ifndef IOBRIDGE_KPROBES
+
+RAW_TRACEPOINT_PROBE(block_rq_issue)
+{
+	rq_issued((struct request *)ctx->args[0]);
+	return 0;
+}
+
+/* TP_PROTO(struct request *rq, blk_status_t error, unsigned int nr_bytes) */
+RAW_TRACEPOINT_PROBE(block_rq_complete)
+{
+	rq_completed((struct request *)ctx->args[0], (int)ctx->args[1]);
+	return 0;
+}
+
+#else /* IOBRIDGE_KPROBES */
+
+int kprobe__blk_mq_start_request(struct pt_regs *ctx, struct request *rq)
+{
+	rq_issued(rq);
 	return 0;
 }
 
 /* Every completion path (single and batched) goes through blk_update_request. */
-int kprobe__blk_update_request(struct pt_regs *ctx, struct request *rq, u8 error,
-			       unsigned int nr_bytes)
+int kprobe__blk_update_request(struct pt_regs *ctx, struct request *rq, u8 error)
 {
-	struct start_key key = {.rq = (u64)rq};
-	u32 dev = rq_dev(rq);
-
-	if (dev == 0 || !wanted(dev))
-		return 0;
-	on_complete(&key, dev, rq->__sector, error);
+	rq_completed(rq, error);
 	return 0;
 }
 
