@@ -275,6 +275,8 @@ def _cmd_observe(args) -> int:
     def on_term(*_):
         raise KeyboardInterrupt
 
+    # Also SIGINT: a shell starts background jobs with it ignored.
+    signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGTERM, on_term)
     with obs:
         print(f"iobridge observe: attached ({obs.probe} probes, compiled in "

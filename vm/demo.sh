@@ -9,7 +9,7 @@ cfg=/sys/kernel/config/nullb/$dev_name
 out=$(mktemp -d)
 
 cleanup() {
-  [ -n "${obs_pid:-}" ] && kill -INT "$obs_pid" 2>/dev/null || true
+  [ -n "${obs_pid:-}" ] && kill -TERM "$obs_pid" 2>/dev/null || true
   if [ -d "$cfg" ]; then echo 0 > "$cfg/power"; rmdir "$cfg"; fi
 }
 trap cleanup EXIT
@@ -38,7 +38,7 @@ fio --name=demo --filename="/dev/$dev_name" --rw=randrw --rwmixread=70 --bs=4k -
     --ioengine=libaio --iodepth=8 --runtime=12 --time_based --randrepeat=0 \
     --output-format=json >"$out/fio.json"
 sleep 2.5
-kill -INT "$obs_pid"; wait "$obs_pid"; obs_pid=
+kill -TERM "$obs_pid"; wait "$obs_pid"; obs_pid=
 sleep 0.2
 
 python3 - "$out/fio.json" <<'PY'
