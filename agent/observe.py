@@ -316,6 +316,16 @@ def _cmd_observe(args) -> int:
     return 0
 
 
+def add_observer_args(p, verb: str) -> None:
+    """The options every command that loads the observer shares."""
+    p.add_argument("--dev", action="append", default=[], metavar="DEV",
+                   help=f"{verb} only this device (name, /dev path or MAJ:MIN); repeatable; "
+                   "default all devices with I/O")
+    p.add_argument("--probe", choices=PROBES, default="auto",
+                   help="probe set: raw block tracepoints, kprobes, or auto (tracepoints "
+                   "if present)")
+
+
 def register_cli(sub) -> None:
     p = sub.add_parser(
         "observe", help="live per-device block I/O figures from the BPF observer",
@@ -324,15 +334,11 @@ def register_cli(sub) -> None:
         "flight, and p50/p99 latency from issue to completion in microseconds; on exit "
         "(Ctrl-C, SIGTERM or --count) a summary since start. Needs root and the running "
         "kernel's headers; inside the test VM: iobridge vm run -- iobridge observe ...")
-    p.add_argument("--dev", action="append", default=[], metavar="DEV",
-                   help="only this device (name, /dev path or MAJ:MIN); repeatable; "
-                   "default all devices with I/O")
+    add_observer_args(p, "observe")
     p.add_argument("--interval", type=float, default=1.0, metavar="S",
                    help="seconds between reports (default 1)")
     p.add_argument("--count", type=int, default=None, metavar="N",
                    help="stop after N reports (default: until Ctrl-C)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per report, then one with the summary")
-    p.add_argument("--probe", choices=PROBES, default="auto",
-                   help="probe set: tracepoints, kprobes, or auto (tracepoints if present)")
     p.set_defaults(func=_cmd_observe)

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import blockdev
 from .errors import UsageError
-from .observe import DEFAULT_RINGBUF_PAGES, PROBES, BlockObserver
+from .observe import DEFAULT_RINGBUF_PAGES, BlockObserver, add_observer_args
 
 BATCH_SECONDS = 1.0
 
@@ -121,14 +121,11 @@ def register_cli(sub) -> None:
         "a Parquet trace (see `iobridge trace info`). Stops at --duration, Ctrl-C or SIGTERM "
         "without losing what reached user space; records the kernel could not queue are "
         "counted and reported. Needs root; in the test VM: iobridge vm run -- iobridge record ...")
-    p.add_argument("--dev", action="append", default=[], metavar="DEV",
-                   help="record this device (name, /dev path or MAJ:MIN); repeatable; "
-                   "default all devices")
+    add_observer_args(p, "record")
     p.add_argument("--out", required=True, metavar="FILE", help="trace file to write (.parquet)")
     p.add_argument("--duration", type=float, default=None, metavar="S",
                    help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--probe", choices=PROBES, default="auto", help="probe set (default auto)")
     p.add_argument("--ringbuf-pages", type=int, default=DEFAULT_RINGBUF_PAGES, metavar="N",
                    help=f"ring buffer size in pages, a power of two (default "
                    f"{DEFAULT_RINGBUF_PAGES}); raise it if records are dropped")
