@@ -2,7 +2,8 @@
 filesystem and runs commands (or the kernel-facing tests) in it as root.
 
 The kernel release is pinned in vm/kernel-release (make setup installs that
-package). KVM is used only when a probe shows that a guest really boots under
+package, or records a newer 6.1 in vm/kernel-release.local when the archive
+no longer has it). KVM is used only when a probe shows that a guest really boots under
 it (on nested setups /dev/kvm can exist while guests hang); otherwise QEMU
 runs under TCG.
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 from .errors import IobridgeError, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PINNED_RELEASE_FILE = REPO_ROOT / "vm" / "kernel-release"
+VM_DIR = REPO_ROOT / "vm"
 GUEST_PRELUDE = REPO_ROOT / "vm" / "guest-prelude.sh"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "iobridge"
 
@@ -52,8 +53,13 @@ class Kernel:
         return Path("/lib/modules") / self.release
 
 
-def pinned_release() -> str:
-    return PINNED_RELEASE_FILE.read_text().split()[0]
+def pinned_release(vm_dir: Path = VM_DIR) -> str:
+    """The VM kernel release: vm/kernel-release, unless make setup had to
+    fall back to a newer 6.1 ABI (the archive dropped the pinned one) and
+    recorded it in vm/kernel-release.local."""
+    local = vm_dir / "kernel-release.local"
+    source = local if local.exists() else vm_dir / "kernel-release"
+    return source.read_text().split()[0]
 
 
 def find_kernel(release: str | None = None) -> Kernel:

@@ -50,9 +50,12 @@ if ! installed "$image" || ! installed "$headers"; then
     newest=$(apt-cache search --names-only '^linux-headers-6\.1\.0-[0-9]+-amd64$' \
              | awk '{print $1}' | sed 's/linux-headers-//' | sort -V | tail -n1)
     [ -n "$newest" ] || die "no Debian 6.1 kernel package in the apt sources (is bookworm in sources.list?)"
-    say "warning: pinned kernel $release is no longer in the archive; using $newest (set IOBRIDGE_KERNEL=$newest, or update vm/kernel-release)"
+    say "warning: pinned kernel $release is no longer in the archive; using $newest (recorded in vm/kernel-release.local; update vm/kernel-release)"
     release=$newest; image="linux-image-${release}-unsigned"; headers="linux-headers-${release}"
+    echo "$release" > vm/kernel-release.local
   fi
+else
+  rm -f vm/kernel-release.local   # the pinned kernel is installed: use it
 fi
 
 missing=()

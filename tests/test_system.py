@@ -107,3 +107,10 @@ def test_guest_command_stays_off_the_kernel_command_line(tmp_path):
     script = (tmp_path / "guest-command.sh").read_text()
     assert "tests/vm/test_x.py::test_0299_with_a_long_name" in script
     assert str(vm.GUEST_PRELUDE) in script
+
+
+def test_a_fallback_kernel_recorded_by_setup_wins_over_the_pin(tmp_path):
+    (tmp_path / "kernel-release").write_text("6.1.0-56-amd64\n")
+    assert vm.pinned_release(tmp_path) == "6.1.0-56-amd64"
+    (tmp_path / "kernel-release.local").write_text("6.1.0-60-amd64\n")
+    assert vm.pinned_release(tmp_path) == "6.1.0-60-amd64"
