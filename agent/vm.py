@@ -71,15 +71,13 @@ def find_kernel(release: str | None = None) -> Kernel:
     image = Path("/boot") / f"vmlinuz-{release}"
     kernel = Kernel(release, image)
     missing = []
-    if not image.exists():
+    if not image.exists() or not (kernel.modules_dir / "modules.dep").exists():
         missing.append(f"linux-image-{release}-unsigned")
-    if not (kernel.modules_dir / "modules.dep").exists():
-        missing.append(f"linux-image-{release}-unsigned (modules)")
     if not (kernel.modules_dir / "build" / "Makefile").exists():
         missing.append(f"linux-headers-{release}")
     if missing:
         raise IobridgeError(
-            f"VM kernel {release} is not installed: missing {', '.join(dict.fromkeys(missing))}",
+            f"VM kernel {release} is not installed: missing {', '.join(missing)}",
             "run `make setup`, or set IOBRIDGE_KERNEL to an installed 6.1 release")
     return kernel
 
