@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import IobridgeError
 
 # Bump together with IOBRIDGE_ABI_VERSION in kmodule/iobridge_abi.h.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 MAX_LEGS = 8
 MAX_TARGETS = 64
@@ -220,4 +220,63 @@ CONSTANTS.update({
     "OP_DISCARD": "IOBRIDGE_OP_DISCARD",
     "OP_OTHER": "IOBRIDGE_OP_OTHER",
     "NUM_OPS": "IOBRIDGE_NUM_OPS",
+})
+
+
+# ======================================================================
+# Leg feature state and agent liveness (since ABI 2)
+# ======================================================================
+
+HISTORY = 3
+MAX_LEG_SLOTS = MAX_TARGETS * MAX_LEGS
+
+
+class LegFeatures(ctypes.Structure):
+    """struct iobridge_leg_features: one leg device's model inputs."""
+
+    _fields_ = [
+        ("seq", ctypes.c_uint32),
+        ("dev", ctypes.c_uint32),
+        ("inflight", ctypes.c_int64),
+        ("issued", ctypes.c_uint64),
+        ("completed", ctypes.c_uint64),
+        ("contended", ctypes.c_uint64),
+        ("last_complete_ns", ctypes.c_uint64),
+        ("prev_lat_ns", ctypes.c_uint64 * HISTORY),
+        ("prev_bytes", ctypes.c_uint32 * HISTORY),
+        ("prev_qlen", ctypes.c_uint32 * HISTORY),
+    ]
+
+
+class AgentState(ctypes.Structure):
+    """struct iobridge_agent_state: the agent's heartbeat for the routing program."""
+
+    _fields_ = [
+        ("heartbeat_ns", ctypes.c_uint64),
+        ("published_ns", ctypes.c_uint64),
+        ("max_silence_ns", ctypes.c_uint64),
+        ("ticks", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class RouteStats(ctypes.Structure):
+    """struct iobridge_route_stats: per-CPU routing program counters."""
+
+    _fields_ = [
+        ("routed", ctypes.c_uint64),
+        ("fallback", ctypes.c_uint64),
+        ("silent", ctypes.c_uint64),
+    ]
+
+
+STRUCTS.update({
+    "iobridge_leg_features": LegFeatures,
+    "iobridge_agent_state": AgentState,
+    "iobridge_route_stats": RouteStats,
+})
+CONSTANTS.update({
+    "HISTORY": "IOBRIDGE_HISTORY",
+    "MAX_LEG_SLOTS": "IOBRIDGE_MAX_LEG_SLOTS",
 })

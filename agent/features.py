@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import abi
+
 SCHEMA_VERSION = 1
-HISTORY = 3
+HISTORY = abi.HISTORY  # the kernel keeps this much history per leg
 
 FEATURES: tuple[tuple[str, str], ...] = (
     ("io_type", "0=read,1=write"),

@@ -17,7 +17,7 @@
 
 #include <linux/types.h>
 
-#define IOBRIDGE_ABI_VERSION		1
+#define IOBRIDGE_ABI_VERSION		2
 
 /* ------------------------------------------------------------------------
  * Limits
@@ -151,6 +151,62 @@ struct iobridge_io_event {
 struct iobridge_observer_config {
 	__u32 filter_dev;			/* 0 = all devices, else this dev_t */
 	__u32 stream_events;			/* 1 = emit iobridge_io_event records */
+};
+
+/* ========================================================================
+ * Leg feature state (since ABI 2): the admission model's inputs per leg
+ * device, kept by bpf/observer.bpf.c at bio level (block_bio_queue /
+ * block_bio_complete, so stacked legs such as dm devices are seen too) and
+ * read by the agent through mmap of a BPF_F_MMAPABLE array, one slot per
+ * leg device.  The agent assigns slots (leg_slots hash: dev_t -> slot).
+ *
+ * Consistency: seq is a sequence counter.  A BPF writer takes the record
+ * by moving seq from even to odd with an atomic compare-and-exchange (if it
+ * is odd or the exchange fails, another CPU is writing: the update is
+ * skipped and counted in `contended`), writes the history, then makes seq
+ * even again with an atomic add.  A reader copies the record between two
+ * reads of seq and retries while seq was odd or changed.  The counters
+ * outside the history (inflight, issued, completed, contended) are atomic
+ * on their own and need no seq.
+ * ======================================================================== */
+#define IOBRIDGE_HISTORY		3
+#define IOBRIDGE_MAX_LEG_SLOTS		(IOBRIDGE_MAX_TARGETS * IOBRIDGE_MAX_LEGS)
+
+struct iobridge_leg_features {
+	__u32 seq;				/* odd while a writer updates the history */
+	__u32 dev;				/* dev_t tracked here, 0 = free slot */
+	__s64 inflight;				/* bios queued and not yet completed */
+	__u64 issued;				/* bios queued */
+	__u64 completed;			/* bios completed (any outcome) */
+	__u64 contended;			/* history updates skipped (record busy) */
+	/* history, under seq; index 0 is the newest */
+	__u64 last_complete_ns;			/* ktime_get_ns() of the newest completion */
+	__u64 prev_lat_ns[IOBRIDGE_HISTORY];	/* queue -> completion of the last completions */
+	__u32 prev_bytes[IOBRIDGE_HISTORY];	/* their sizes */
+	__u32 prev_qlen[IOBRIDGE_HISTORY];	/* in flight at queue time of the last queued bios */
+};
+
+/* ========================================================================
+ * Agent liveness (since ABI 2): element 0 of a one-entry BPF_F_MMAPABLE
+ * array next to the decision table, written by the agent every tick.  The
+ * routing program ignores the whole table while the heartbeat is older than
+ * max_silence_ns (defence in depth on top of each entry's expiry) and
+ * records the age of the table at each routing it makes.
+ * ======================================================================== */
+struct iobridge_agent_state {
+	__u64 heartbeat_ns;			/* ktime_get_ns() of the agent's last tick */
+	__u64 published_ns;			/* when the current table was computed */
+	__u64 max_silence_ns;			/* 0 = no heartbeat check */
+	__u64 ticks;				/* ticks since the agent started */
+	__u32 pid;				/* the agent's process id */
+	__u32 pad;
+};
+
+/* Routing program counters (per CPU): calls = routed + fallback. */
+struct iobridge_route_stats {
+	__u64 routed;				/* the table chose the leg */
+	__u64 fallback;				/* left to the module default */
+	__u64 silent;				/* of fallback: heartbeat too old */
 };
 
 #endif /* _IOBRIDGE_ABI_H */
