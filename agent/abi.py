@@ -40,6 +40,7 @@ ROUTE_TRACEPOINT = "iobridge_route"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KMODULE_DIR = REPO_ROOT / "kmodule"
+BPF_DIR = REPO_ROOT / "bpf"
 ABI_HEADER = KMODULE_DIR / "iobridge_abi.h"
 
 
@@ -163,6 +164,8 @@ LAT_SLOTS = 320
 OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_OTHER = 0, 1, 2, 3, 4
 NUM_OPS = 5
 OP_NAMES = ("read", "write", "flush", "discard", "other")
+EVENT_REQUEST, EVENT_LEG_BIO = 0, 1
+STREAM_REQUESTS, STREAM_LEG_BIOS = 1, 2
 
 
 class DevStats(ctypes.Structure):
@@ -193,7 +196,8 @@ class IoEvent(ctypes.Structure):
         ("leg", ctypes.c_int32),
         ("op", ctypes.c_uint8),
         ("error", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 6),
+        ("level", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
     ]
 
 
@@ -220,6 +224,10 @@ CONSTANTS.update({
     "OP_DISCARD": "IOBRIDGE_OP_DISCARD",
     "OP_OTHER": "IOBRIDGE_OP_OTHER",
     "NUM_OPS": "IOBRIDGE_NUM_OPS",
+    "EVENT_REQUEST": "IOBRIDGE_EVENT_REQUEST",
+    "EVENT_LEG_BIO": "IOBRIDGE_EVENT_LEG_BIO",
+    "STREAM_REQUESTS": "IOBRIDGE_STREAM_REQUESTS",
+    "STREAM_LEG_BIOS": "IOBRIDGE_STREAM_LEG_BIOS",
 })
 
 

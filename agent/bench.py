@@ -19,77 +19,26 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from . import abi, dmtarget
+from . import dmtarget, testbed, workload
 from .errors import IobridgeError, UsageError
 
-CONFIGFS_NULLB = Path("/sys/kernel/config/nullb")
 IOPS_RATIO_GOAL = 0.90
 
 
 # ------------------------------------------------------------ VM-side helpers
 
-def _sh(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise IobridgeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
-    return proc
-
-
-def _ensure_module() -> None:
-    _sh(["modprobe", "dm_mod"])
-    if not Path(f"/sys/module/{abi.MODULE_NAME}").exists():
-        ko = abi.KMODULE_DIR / "dm-iobridge.ko"
-        if not ko.exists():
-            _sh(["make", "-C", str(abi.KMODULE_DIR)])
-        _sh(["insmod", str(ko)])
-    abi.check_module_version()
-
-
-def _make_nullb(name: str, size_mb: int = 1024, **params) -> str:
-    if not CONFIGFS_NULLB.is_dir():
-        _sh(["modprobe", "null_blk", "nr_devices=0"])
-    d = CONFIGFS_NULLB / name
-    d.mkdir()
-    for key, value in {"size": size_mb, **params}.items():
-        (d / key).write_text(f"{value}\n")
-    (d / "power").write_text("1\n")
-    dev = f"/dev/{name}"
-    for _ in range(100):
-        if os.path.exists(dev):
-            return dev
-        time.sleep(0.05)
-    raise IobridgeError(f"null_blk device {dev} did not appear")
-
-
-def _remove_nullb(name: str) -> None:
-    d = CONFIGFS_NULLB / name
-    if d.is_dir():
-        (d / "power").write_text("0\n")
-        d.rmdir()
-
-
 def fio_randread(dev: str, iodepth: int, runtime_s: int, ramp_s: int = 1) -> dict:
     """fio 4 KiB random reads; returns iops and completion latency (us)."""
-    proc = _sh(["fio", "--output-format=json", "--name=bench", f"--filename={dev}",
-                "--direct=1", "--ioengine=libaio", "--rw=randread", "--bs=4k",
-                f"--iodepth={iodepth}", "--numjobs=1", "--time_based",
-                f"--runtime={runtime_s}", f"--ramp_time={ramp_s}", "--norandommap",
-                "--randrepeat=0"])
-    job = json.loads(proc.stdout[proc.stdout.find("{"):])["jobs"][0]
-    read = job["read"]
-    if job.get("error"):
-        raise IobridgeError(f"fio reported error {job['error']} on {dev}")
-    return {
-        "iops": read["iops"],
-        "clat_mean_us": read["clat_ns"]["mean"] / 1000.0,
-        "clat_p99_us": read["clat_ns"]["percentile"]["99.000000"] / 1000.0,
-    }
+    r = workload.fio_random_reads(dev, iodepth, runtime_s, ioengine="libaio",
+                                  extra=[f"--ramp_time={ramp_s}"])
+    if r["errors"]:
+        raise IobridgeError(f"fio reported error {r['errors']} on {dev}")
+    return {"iops": r["iops"], "clat_mean_us": r["mean_us"], "clat_p99_us": r["p99_us"]}
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -108,7 +57,7 @@ def hook_run_in_vm(args) -> dict:
     """The hook benchmark; runs inside the VM (as root)."""
     from .routing import RoutePolicy  # needs BCC: VM side only
 
-    _ensure_module()
+    testbed.ensure_module()
     nullb = {"completion_nsec": 0, "irqmode": 0, "memory_backed": 0}
     names = ["iobbench_a", "iobbench_b", "iobbench_c"]
     linear = "iobbench_linear"
@@ -116,13 +65,13 @@ def hook_run_in_vm(args) -> dict:
     created_dm: list[str] = []
     policy = None
     try:
-        devs = [_make_nullb(n, **nullb) for n in names]
+        devs = [testbed.make_nullb(n, **nullb) for n in names]
         size = dmtarget.device_sectors(devs[0])
-        _sh(["dmsetup", "create", linear, "--table", f"0 {size} linear {devs[0]} 0"])
+        testbed.sh(["dmsetup", "create", linear, "--table", f"0 {size} linear {devs[0]} 0"])
         created_dm.append(linear)
         dmtarget.create(target, devs[1:], size)
         created_dm.append(target)
-        _sh(["udevadm", "settle"], check=False)
+        testbed.sh(["udevadm", "settle"], check=False)
         tid = dmtarget.target_id(target)
 
         policy = RoutePolicy().load()
@@ -180,10 +129,10 @@ def hook_run_in_vm(args) -> dict:
         if policy is not None:
             policy.close()
         for name in reversed(created_dm):
-            _sh(["dmsetup", "remove", "--retry", name], check=False)
+            testbed.sh(["dmsetup", "remove", "--retry", name], check=False)
         for n in names:
             try:
-                _remove_nullb(n)
+                testbed.remove_nullb(n)
             except OSError:
                 pass
 
@@ -219,12 +168,24 @@ def _hook_args(p: argparse.ArgumentParser) -> None:
                    help="calls for the hook microbenchmark (default 1000000)")
 
 
+def _agent_bench():
+    from . import experiment  # noqa: PLC0415
+    return experiment
+
+
 BENCHES = {
     "hook": {
         "help": "routing hook overhead: dm-linear vs iobridge+BPF over null_blk",
         "add_args": _hook_args,
         "run_in_vm": hook_run_in_vm,
         "render": hook_render,
+    },
+    "agent": {
+        "help": "the agent end to end: default vs round robin vs learned latency with a "
+                "slow leg, decision age, agent CPU with 2 and 8 legs, ONNX batch time",
+        "add_args": lambda p: _agent_bench().agent_args(p),
+        "run_in_vm": lambda args: _agent_bench().agent_run_in_vm(args),
+        "render": lambda res: _agent_bench().agent_render(res),
     },
 }
 
@@ -283,7 +244,10 @@ def _with_forward(parser: argparse.ArgumentParser):
         for action in parser._actions:
             if action.dest in own and action.option_strings:
                 value = getattr(args, action.dest)
-                if value is None:
+                if value is None or value is False:
+                    continue
+                if value is True:
+                    fwd.append(action.option_strings[0])
                     continue
                 fwd.append(action.option_strings[0])
                 fwd += [str(v) for v in value] if isinstance(value, list) else [str(value)]

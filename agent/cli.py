@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "iobridge.model",
     "iobridge.replay",
     "iobridge.bench",
+    "iobridge.daemon",
 ]
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import abi, blockdev, histogram, system
+from . import abi, blockdev, histogram, legstate, system
 from .errors import IobridgeError, UsageError
 
 BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "observer.bpf.c"
 PROBES = ("auto", "tracepoint", "kprobe")
-TRACEPOINTS = (("block", "block_rq_issue"), ("block", "block_rq_complete"))
+TRACEPOINTS = (("block", "block_rq_issue"), ("block", "block_rq_complete"),
+               ("block", "block_bio_queue"), ("block", "block_bio_complete"))
 KPROBE_FUNCTIONS = (b"blk_mq_start_request", b"blk_update_request")
 DEFAULT_RINGBUF_PAGES = 256   # 1 MiB: ~20k events of headroom between polls
 EVENT_DTYPE = np.dtype(abi.IoEvent)
@@ -89,12 +90,15 @@ class BlockObserver:
     """The loaded observer program. Use as a context manager; close() detaches.
 
     `devs`: when exactly one device is given the kernel side counts only it.
-    `stream`: also emit one event per completed I/O into the ring buffer;
+    `stream`: also emit one event per completed request into the ring buffer;
+    `stream_legs`: one event per completed bio of the leg devices assigned
+    through leg_features() (bio level: sees stacked devices such as dm);
     drain it with poll_events().
     """
 
     def __init__(self, probe: str = "auto", devs: list[blockdev.BlockDev] | None = None,
-                 stream: bool = False, ringbuf_pages: int = DEFAULT_RINGBUF_PAGES):
+                 stream: bool = False, ringbuf_pages: int = DEFAULT_RINGBUF_PAGES,
+                 stream_legs: bool = False):
         if probe not in PROBES:
             raise UsageError(f"unknown probe set {probe!r}", f"choose one of {', '.join(PROBES)}")
         if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
@@ -102,12 +106,14 @@ class BlockObserver:
         self.requested_probe = probe
         self.devs = devs or []
         self.stream = stream
+        self.stream_legs = stream_legs
         self.ringbuf_pages = ringbuf_pages
         self.bpf = None
         self.probe: str | None = None
         self.compile_seconds: float | None = None
         self._chunks: list[bytes] = []
         self._deadline = 0.0
+        self._legs = None
 
     # -- loading -------------------------------------------------------
     def _choose_probe(self, bpf_cls) -> str:
@@ -118,8 +124,9 @@ class BlockObserver:
             return all(bpf_cls.get_kprobe_functions(f) for f in KPROBE_FUNCTIONS)
 
         if self.requested_probe == "tracepoint" and not have_tp():
-            raise IobridgeError("the block tracepoints block_rq_issue/block_rq_complete are "
-                                "not available on this kernel", "try --probe kprobe")
+            raise IobridgeError("the block tracepoints block_rq_issue/block_rq_complete/"
+                                "block_bio_queue/block_bio_complete are not available on "
+                                "this kernel", "try --probe kprobe")
         if self.requested_probe == "kprobe" and not have_kp():
             raise IobridgeError("cannot kprobe blk_mq_start_request/blk_update_request on "
                                 "this kernel", "try --probe tracepoint")
@@ -141,7 +148,7 @@ class BlockObserver:
         bcc = system.import_bcc()
         abi.check_header_version()
         self.probe = self._choose_probe(bcc.BPF)
-        cflags = [f"-I{abi.KMODULE_DIR}", f"-DIOBRIDGE_RINGBUF_PAGES={self.ringbuf_pages}"]
+        cflags = [f"-I{abi.KMODULE_DIR}", f"-I{abi.BPF_DIR}", f"-DIOBRIDGE_RINGBUF_PAGES={self.ringbuf_pages}"]
         if self.probe == "kprobe":
             cflags.append("-DIOBRIDGE_KPROBES")
         started = time.monotonic()
@@ -152,13 +159,14 @@ class BlockObserver:
                                 "run with -vv and check the kernel log (dmesg)") from err
         self.compile_seconds = time.monotonic() - started
         self._write_config()
-        if self.stream:
+        if self.stream or self.stream_legs:
             self.bpf[b"events"].open_ring_buffer(self._on_event)
         return self
 
     def _write_config(self) -> None:
         cfg = abi.ObserverConfig(filter_dev=self.devs[0].kdev if len(self.devs) == 1 else 0,
-                                 stream_events=1 if self.stream else 0)
+                                 stream_events=(abi.STREAM_REQUESTS if self.stream else 0)
+                                 | (abi.STREAM_LEG_BIOS if self.stream_legs else 0))
         self.bpf[b"config"][ctypes.c_int(0)] = cfg
 
     def set_devices(self, devs: list[blockdev.BlockDev]) -> None:
@@ -167,6 +175,9 @@ class BlockObserver:
         self._write_config()
 
     def close(self) -> None:
+        if self._legs is not None:   # unmap before the maps go
+            self._legs.close()
+            self._legs = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
@@ -187,6 +198,27 @@ class BlockObserver:
             if not wanted or dev in wanted:
                 out[dev] = DevSnapshot.from_leaf(leaf)
         return out
+
+    def leg_features(self) -> "legstate.LegFeatureMap":
+        """The per-leg admission feature state (a legstate.LegFeatureMap,
+        created on first use, closed with the observer)."""
+        if self.bpf is None:
+            raise IobridgeError("the block observer is not loaded", "open() it first")
+        if self.probe == "kprobe":
+            raise IobridgeError("leg feature state needs the block_bio_queue/"
+                                "block_bio_complete tracepoints; the kprobe fallback "
+                                "does not keep it", "use --probe tracepoint")
+        if self._legs is None:
+            self._legs = legstate.LegFeatureMap(self.bpf)
+        return self._legs
+
+    def legs_dropped(self) -> int:
+        """Leg bios not tracked because the kernel's start table was full."""
+        return self._percpu_sum("leg_dropped")
+
+    def legs_walk_overflow(self) -> int:
+        """Request completions with more leg bios than the kernel walks."""
+        return self._percpu_sum("leg_walk_overflow")
 
     def _percpu_sum(self, name: str) -> int:
         return int(sum(self.bpf[name.encode()][ctypes.c_int(0)]))
@@ -212,7 +244,7 @@ class BlockObserver:
         Returns the events as a numpy structured array (fields of
         struct iobridge_io_event).
         """
-        if not self.stream:
+        if not (self.stream or self.stream_legs):
             raise UsageError("the observer was opened without the event stream")
         self._deadline = time.monotonic() + max_seconds
         self.bpf.ring_buffer_poll(timeout_ms)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import blockdev
+from . import abi, blockdev
 from .errors import UsageError
 from .observe import DEFAULT_RINGBUF_PAGES, BlockObserver, add_observer_args
 
@@ -51,10 +51,22 @@ def _cmd_record(args) -> int:
     if not out.parent.is_dir():
         raise UsageError(f"directory {out.parent} does not exist")
     devs = [blockdev.resolve(d) for d in args.dev]
+    legs = [blockdev.resolve(d) for d in args.leg]
     wanted = {d.kdev for d in devs}
-    names = {d.kdev: d.name for d in devs}
-    obs = BlockObserver(probe=args.probe, devs=devs, stream=True,
-                        ringbuf_pages=args.ringbuf_pages)
+    leg_devs = {d.kdev for d in legs}
+    names = {d.kdev: d.name for d in devs + legs}
+    # Request level unless only --leg is given; bio level for the --leg devices.
+    obs = BlockObserver(probe=args.probe, devs=devs, stream=bool(devs) or not legs,
+                        stream_legs=bool(legs), ringbuf_pages=args.ringbuf_pages)
+
+    def select(ev: np.ndarray) -> np.ndarray:
+        if not len(ev):
+            return ev
+        req = ev["level"] == abi.EVENT_REQUEST
+        if wanted:
+            req &= np.isin(ev["dev"], list(wanted))
+        leg = (ev["level"] == abi.EVENT_LEG_BIO) & np.isin(ev["dev"], list(leg_devs))
+        return ev[req | leg]
 
     # Ctrl-C and SIGTERM set a flag instead of raising: an exception raised
     # inside BCC's ring buffer callback would lose the record being handed over.
@@ -66,9 +78,12 @@ def _cmd_record(args) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGTERM, on_stop)
     with obs:
+        if legs:
+            obs.leg_features().assign(sorted(leg_devs))
         t0_ns = time.monotonic_ns()   # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns()
         meta = {"source": "iobridge record", "kernel": platform.release(), "probe": obs.probe,
-                "devices": [d.name for d in devs] or "all", "t0_monotonic_ns": t0_ns,
+                "devices": [d.name for d in devs] or ([] if legs else "all"),
+                "leg_devices_bio_level": [d.name for d in legs], "t0_monotonic_ns": t0_ns,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         writer = TraceWriter(out, meta)
         started = time.monotonic()
@@ -78,9 +93,7 @@ def _cmd_record(args) -> int:
         try:
             while not stop and (args.duration is None
                                 or time.monotonic() - started < args.duration):
-                ev = obs.poll_events(timeout_ms=100, max_seconds=BATCH_SECONDS)
-                if wanted and len(ev):
-                    ev = ev[np.isin(ev["dev"], list(wanted))]
+                ev = select(obs.poll_events(timeout_ms=100, max_seconds=BATCH_SECONDS))
                 if len(ev):
                     writer.write_batch(events_to_batch(ev, t0_ns, names))
                 now = time.monotonic()
@@ -93,9 +106,7 @@ def _cmd_record(args) -> int:
             # Drain what is already queued, then close the file properly.
             try:
                 for _ in range(20):
-                    ev = obs.poll_events(timeout_ms=0, max_seconds=0.2)
-                    if wanted and len(ev):
-                        ev = ev[np.isin(ev["dev"], list(wanted))]
+                    ev = select(obs.poll_events(timeout_ms=0, max_seconds=0.2))
                     if not len(ev):
                         break
                     writer.write_batch(events_to_batch(ev, t0_ns, names))
@@ -122,6 +133,10 @@ def register_cli(sub) -> None:
         "without losing what reached user space; records the kernel could not queue are "
         "counted and reported. Needs root; in the test VM: iobridge vm run -- iobridge record ...")
     add_observer_args(p, "record")
+    p.add_argument("--leg", action="append", default=[], metavar="DEV",
+                   help="record this device's bios (bio level: queue -> completion, also for "
+                   "stacked devices such as dm) as the agent's leg feature state sees them; "
+                   "repeatable. With only --leg, no request-level records are written")
     p.add_argument("--out", required=True, metavar="FILE", help="trace file to write (.parquet)")
     p.add_argument("--duration", type=float, default=None, metavar="S",
                    help="stop after S seconds (default: until Ctrl-C)")

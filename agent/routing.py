@@ -21,6 +21,8 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from . import abi
 from .errors import IobridgeError
 
@@ -29,8 +31,11 @@ log = logging.getLogger(__name__)
 BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE = 24  # BCC 0.26 has no constant
 POLICY_SOURCE = abi.REPO_ROOT / "bpf" / "route_policy.bpf.c"
 DECISION_MAP = "iobridge_decisions"
+AGENT_MAP = "iobridge_agent"
 STATS_MAP = "iobridge_route_stats"
+AGE_MAP = "iobridge_decision_age"
 ENTRY_FN = "iobridge_route"
+DECISION_DTYPE = np.dtype(abi.Decision)
 
 
 def now_ns() -> int:
@@ -58,7 +63,10 @@ class RoutePolicy:
         self.bpf = None
         self._tp_fds: dict[str, int] = {}
         self._mm: mmap.mmap | None = None
+        self._agent_mm: mmap.mmap | None = None
         self._table = None
+        self.entries: np.ndarray | None = None     # numpy view of the table
+        self.agent: abi.AgentState | None = None   # the heartbeat record
 
     # -- lifecycle ------------------------------------------------------
     def load(self) -> "RoutePolicy":
@@ -74,28 +82,23 @@ class RoutePolicy:
         except OSError as err:
             raise IobridgeError(f"cannot read BPF program {self.source}: {err.strerror}") from err
         try:
-            self.bpf = bcc.BPF(text=text.encode(), cflags=[f"-I{abi.KMODULE_DIR}", "-Wno-unused-function"])
+            self.bpf = bcc.BPF(text=text.encode(), cflags=[f"-I{abi.KMODULE_DIR}", f"-I{abi.BPF_DIR}",
+                                                      "-Wno-unused-function"])
         except Exception as err:  # BCC raises plain Exception on compile errors
             raise IobridgeError(f"BPF routing program failed to compile: {err}") from err
         self._map_decisions()
         return self
 
     def _map_decisions(self) -> None:
-        table = self.bpf[DECISION_MAP.encode()]
-        entry = ctypes.sizeof(abi.Decision)
-        if ctypes.sizeof(table.Leaf) != entry:
-            raise IobridgeError(
-                f"ABI mismatch: the program's decision entry is {ctypes.sizeof(table.Leaf)} "
-                f"bytes, the agent's is {entry}")
-        length = abi.DECISION_ENTRIES * entry  # value size is a multiple of 8
-        length = (length + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        try:
-            self._mm = mmap.mmap(table.map_fd, length, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as err:
-            raise IobridgeError(f"cannot mmap the decision table: {err.strerror}",
-                                "the map must be created with BPF_F_MMAPABLE") from err
+        self._mm = map_array(self.bpf[DECISION_MAP.encode()], abi.Decision,
+                             abi.DECISION_ENTRIES, "decision table")
         self._table = (abi.Decision * abi.DECISION_ENTRIES).from_buffer(self._mm)
+        # The same memory as numpy columns, for whole-target writes per tick.
+        self.entries = np.frombuffer(self._mm, dtype=DECISION_DTYPE,
+                                     count=abi.DECISION_ENTRIES)
+        self._agent_mm = map_array(self.bpf[AGENT_MAP.encode()], abi.AgentState, 1,
+                                   "agent heartbeat")
+        self.agent = abi.AgentState.from_buffer(self._agent_mm)
 
     def attach(self, fn_name: str | bytes = ENTRY_FN) -> None:
         """Attach program `fn_name` to the routing tracepoint."""
@@ -134,9 +137,12 @@ class RoutePolicy:
         """Detach, unmap the table and free the BPF objects."""
         self.detach()
         self._table = None
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        self.entries = None
+        self.agent = None
+        for mm in (self._mm, self._agent_mm):
+            if mm is not None:
+                mm.close()
+        self._mm = self._agent_mm = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
@@ -187,11 +193,73 @@ class RoutePolicy:
         count = abi.MAX_LEGS * abi.NUM_SIZE_BUCKETS
         ctypes.memset(ctypes.addressof(table[first]), 0, count * ctypes.sizeof(abi.Decision))
 
+    def publish(self, target: int, admit: np.ndarray, score: np.ndarray,
+                expires_ns: int) -> None:
+        """Write one target's whole table: admit/score [legs, buckets].
+
+        Payload first, expiry last; the program may see a new admit with an
+        old score (or the reverse) for an instant, which only changes a
+        tie-break, never the validity of an entry."""
+        legs = admit.shape[0]
+        first = abi.decision_index(target, 0, 0)
+        block = self.entries[first:first + legs * abi.NUM_SIZE_BUCKETS]
+        block["score"] = score.reshape(-1)
+        block["admit"] = admit.reshape(-1)
+        block["expires_ns"] = expires_ns
+
+    def extend(self, target: int, legs: int, expires_ns: int) -> None:
+        """Keep one target's current entries valid until expires_ns."""
+        first = abi.decision_index(target, 0, 0)
+        self.entries["expires_ns"][first:first + legs * abi.NUM_SIZE_BUCKETS] = expires_ns
+
+    def heartbeat(self, now: int, published_ns: int | None = None,
+                  max_silence_ns: int | None = None) -> None:
+        """Tell the program the agent is alive (and when the table was made)."""
+        a = self.agent
+        if max_silence_ns is not None:
+            a.max_silence_ns = max_silence_ns
+        if published_ns is not None:
+            a.published_ns = published_ns
+        a.ticks += 1
+        a.heartbeat_ns = now
+
     def stats(self) -> dict[str, int]:
-        """Program counters summed over CPUs: calls, routed, default."""
+        """Program counters summed over CPUs: calls, routed, default, silent."""
         if self.bpf is None:
-            return {"calls": 0, "routed": 0, "default": 0}
+            return {"calls": 0, "routed": 0, "default": 0, "silent": 0}
         per_cpu = self.bpf[STATS_MAP.encode()][ctypes.c_int(0)]
         routed = sum(int(v.routed) for v in per_cpu)
         fallback = sum(int(v.fallback) for v in per_cpu)
-        return {"calls": routed + fallback, "routed": routed, "default": fallback}
+        silent = sum(int(v.silent) for v in per_cpu)
+        return {"calls": routed + fallback, "routed": routed, "default": fallback,
+                "silent": silent}
+
+    def decision_age_hist(self) -> np.ndarray:
+        """Histogram (abi.LAT_* slots, ns) of the table's age at each routing it made."""
+        table = self.bpf[AGE_MAP.encode()]
+        out = np.zeros(abi.LAT_SLOTS, dtype=np.int64)
+        for slot in range(abi.LAT_SLOTS):
+            out[slot] = sum(int(v) for v in table[ctypes.c_int(slot)])
+        return out
+
+    def map_fds(self) -> dict[str, int]:
+        """File descriptors of the maps worth pinning (name -> fd)."""
+        return {name: self.bpf[name.encode()].map_fd
+                for name in (DECISION_MAP, AGENT_MAP, STATS_MAP, AGE_MAP)}
+
+
+def map_array(table, struct, entries: int, what: str) -> mmap.mmap:
+    """mmap a BPF_F_MMAPABLE array of `entries` `struct`s (BCC has no helper)."""
+    size = ctypes.sizeof(struct)
+    if ctypes.sizeof(table.Leaf) != size:
+        raise IobridgeError(
+            f"ABI mismatch: the program's {what} entry is {ctypes.sizeof(table.Leaf)} "
+            f"bytes, the agent's is {size}")
+    length = entries * size  # array values are padded to 8 bytes; ours are multiples of 8
+    length = (length + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+    try:
+        return mmap.mmap(table.map_fd, length, mmap.MAP_SHARED,
+                         mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as err:
+        raise IobridgeError(f"cannot mmap the {what}: {err.strerror}",
+                            "the map must be created with BPF_F_MMAPABLE") from err

@@ -72,8 +72,10 @@ def _check_measured(rec: Trace, what: str) -> None:
                             "record with a recorder that fills qlen")
 
 
-def heimdall_dataset(records: list[Trace]) -> Dataset:
-    """Labels and features for every (device, leg) sequence of the records."""
+def heimdall_dataset(records: list[Trace], thresholds: dict | None = None,
+                     group_by_qlen: bool = False) -> Dataset:
+    """Labels and features for every (device, leg) sequence of the records.
+    `thresholds` (lat_threshold_us, tput_threshold_mbps) overrides the knees."""
     parts = []
     info = []
     for rec in records:
@@ -85,8 +87,17 @@ def heimdall_dataset(records: list[Trace]) -> Dataset:
             comp = issue + rec["latency_ns"][idx]
             nb = rec["bytes"][idx]
             lat_us = np.maximum(rec["latency_ns"][idx] / 1000.0, 1e-3)
+            # "Similar I/Os" for the throughput comparison: same size bucket
+            # and operation, and optionally the same queue-length class (0, 1,
+            # 2-3, 4-7, ...): with a closed-loop client at a fixed depth the
+            # queue is the client's choice, and a deeper queue's lower per-I/O
+            # throughput is not a slow period. Off by default, because where
+            # slow periods make the queue grow, grouping by it hides them.
             grp = np.searchsorted(np.asarray(SIZE_BUCKET_MAX_BYTES), nb) * 8 + rec["op"][idx]
-            lab = label_periods(lat_us, nb, groups=grp)
+            if group_by_qlen:
+                qcls = np.minimum(np.ceil(np.log2(rec["qlen"][idx] + 1.0)), 7).astype(np.int64)
+                grp = grp * 8 + qcls
+            lab = label_periods(lat_us, nb, groups=grp, **(thresholds or {}))
             X = F.device_features(issue, comp, nb, rec["op"][idx] == OP_WRITE, rec["qlen"][idx])
             parts.append((X, lab.slow, lab.keep, issue, rec["op"][idx] == OP_READ))
             info.append({"sequence": name, "ios": int(len(idx)),
@@ -235,9 +246,10 @@ def _fit_with_threshold(X, y, t, kind, hidden, max_epochs, seed, width):
 
 
 def train_heimdall_on_records(records: list[Trace], kind: str = "mlp", max_epochs: int = 30,
+                              thresholds: dict | None = None, group_by_qlen: bool = False,
                               seed: int = 0) -> TrainResult:
     t0 = time.perf_counter()
-    ds = heimdall_dataset(records)
+    ds = heimdall_dataset(records, thresholds, group_by_qlen)
     k = ds.keep
     m, onx, thr, val, n = _fit_with_threshold(ds.X[k], ds.y[k], ds.issue_ns[k], kind,
                                               (128, 16), max_epochs, seed, F.NUM_FEATURES)
@@ -289,7 +301,8 @@ def measured_records(trace: Trace, legs: int, params: DeviceParams, seed: int,
 def train_admission(trace_paths: list[str], out: str, *, legs: int = 2, kind: str = "mlp",
                     train_fraction: float = 0.7, max_epochs: int = 30, seed: int = 0,
                     params: DeviceParams = DeviceParams(), load_opts: dict | None = None,
-                    progress=None) -> dict:
+                    progress=None, thresholds: dict | None = None,
+                    group_by_qlen: bool = False) -> dict:
     from .replay import Progress
     progress = progress or Progress(False)
     out = Path(out)
@@ -314,10 +327,11 @@ def train_admission(trace_paths: list[str], out: str, *, legs: int = 2, kind: st
                      "held_back_ios": int((~early).sum())})
     progress.phase(f"labeling and training ({kind})")
     t_fit = time.perf_counter()
-    res = train_heimdall_on_records(train_recs, kind=kind, max_epochs=max_epochs, seed=seed)
+    res = train_heimdall_on_records(train_recs, kind=kind, max_epochs=max_epochs, seed=seed,
+                                    thresholds=thresholds, group_by_qlen=group_by_qlen)
     fit_s = time.perf_counter() - t_fit
     progress.phase("evaluating on the held-back part")
-    test = heimdall_dataset(test_recs)
+    test = heimdall_dataset(test_recs, thresholds, group_by_qlen)
     p = res.model.p_slow(test.X)
     ev_all = metrics(test.y, p, res.threshold)
     ev_reads = metrics(test.y[test.is_read], p[test.is_read], res.threshold)
@@ -343,10 +357,14 @@ def train_admission(trace_paths: list[str], out: str, *, legs: int = 2, kind: st
                         "mirrored write appears once per leg",
             "labeling": {"method": "Heimdall period-based (agent/labeling.py): latency and "
                                    "throughput thresholds at the knee of each sequence's "
-                                   "distributions, period ends after 3 I/Os above median "
+                                   "distributions (unless overridden), throughput relative to "
+                                   "the median of I/Os of the same size bucket and operation "
+                                   "(and queue-length class if group_by_qlen), period ends after 3 I/Os above median "
                                    "throughput, periods of <= 3 I/Os and isolated slow I/Os "
                                    "are noise (excluded from fitting, counted as fast in "
                                    "evaluation)",
+                         "threshold_overrides": thresholds or None,
+                         "group_by_qlen": group_by_qlen,
                          "sequences": res.extra["labeling"]},
             "split": f"by time per trace: first {train_fraction:.0%} of each trace's time "
                      f"span for fitting (the I/Os in its last {VAL_FRACTION:.0%} by "
@@ -369,6 +387,22 @@ def train_admission(trace_paths: list[str], out: str, *, legs: int = 2, kind: st
     return card
 
 
+def _thresholds(args) -> dict:
+    """Label threshold overrides: the knee of a raw distribution lands inside
+    the fast mode when slow I/Os are tens of times slower (seen on the VM's
+    slow-period traces), so they can be set between the modes instead."""
+    out = {}
+    if args.lat_threshold_us is not None:
+        if args.lat_threshold_us <= 0:
+            raise UsageError("--lat-threshold-us must be positive")
+        out["lat_threshold_us"] = args.lat_threshold_us
+    if args.tput_threshold is not None:
+        if not 0 < args.tput_threshold < 1:
+            raise UsageError("--tput-threshold is relative to the median: a number in (0, 1)")
+        out["tput_threshold_mbps"] = args.tput_threshold
+    return out
+
+
 def _cmd_train(args) -> int:
     from .replay import Progress
     if not 0.0 < args.train_fraction < 1.0:
@@ -379,7 +413,8 @@ def _cmd_train(args) -> int:
     card = train_admission(args.trace, args.out, legs=args.legs, kind=args.kind,
                            train_fraction=args.train_fraction, max_epochs=args.max_epochs,
                            seed=args.seed, progress=prog,
-                           load_opts={"time_unit": args.time_unit, "duration_s": args.duration})
+                           load_opts={"time_unit": args.time_unit, "duration_s": args.duration},
+                           thresholds=_thresholds(args), group_by_qlen=args.group_by_qlen)
     ev = card["evaluation"]
     auc = ev["roc_auc"]
     print(f"wrote {args.out} and {card_path(args.out)}")
@@ -417,4 +452,13 @@ def register_cli(sub) -> None:
     p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                    help="ARC traces: spread arrivals over this many seconds (default 3600)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.add_argument("--lat-threshold-us", type=float, metavar="US",
+                   help="labeling: latency above which a slow period may start (default: the "
+                   "knee of the latency distribution)")
+    p.add_argument("--group-by-qlen", action="store_true",
+                   help="labeling: compare throughput only among I/Os of the same queue-length "
+                   "class too (for closed-loop recordings at fixed queue depths)")
+    p.add_argument("--tput-threshold", type=float, metavar="R",
+                   help="labeling: throughput, relative to the median of similar I/Os, below "
+                   "which a slow period may start (default: the knee)")
     p.set_defaults(func=_cmd_train)

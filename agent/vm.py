@@ -344,8 +344,13 @@ def _cmd_run(args) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    shared = None
+    if args.share:
+        shared = Path(args.share).resolve()
+        if not shared.is_dir():
+            raise UsageError(f"--share {args.share}: not a directory")
     result = run(command, timeout=args.timeout, accel=args.accel, memory=args.memory,
-                 cpus=args.cpus)
+                 cpus=args.cpus, shared=shared)
     return result.returncode
 
 
@@ -400,6 +405,8 @@ def register_cli(sub) -> None:
     common(r, DEFAULT_TIMEOUT_S)
     r.add_argument("--memory", default=DEFAULT_MEMORY, help="guest memory (default 2G)")
     r.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help="guest CPUs (default 2)")
+    r.add_argument("--share", metavar="DIR", help="a host directory the guest may write to "
+                   "(same path inside); the rest of the host filesystem is copy-on-write")
     r.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments, after --")
     r.set_defaults(func=_cmd_run)
 

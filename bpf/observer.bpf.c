@@ -21,11 +21,23 @@
  * skipped when the same program re-enters.
  * Only data requests (at least one byte) are counted: flushes and
  * passthrough commands carry no sector range to time.
+ *
+ * Leg feature state (ABI 2, struct iobridge_leg_features): per leg device
+ * the agent assigned a slot to, kept at bio level from the raw tracepoints
+ * block_bio_queue / block_bio_complete, which fire once per bio at every
+ * layer, so bio-based legs (dm devices) are seen as well as request-based
+ * ones.  Completion has two sources: for the bios of a request the kernel
+ * clears BIO_TRACE_COMPLETION in blk_update_request() ("already traced" by
+ * block_rq_complete), so block_bio_complete never fires for them and they
+ * are completed here from block_rq_complete instead, by walking rq->bio;
+ * bio-based devices (and bios ended before becoming a request) do get
+ * block_bio_complete.  Tracepoint variant only: the kprobe fallback has no
+ * bio hooks.
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/blk-mq.h>
 #include <linux/blkdev.h>
-#include "iobridge_abi.h"
+#include "iobridge_bpf.h"
 
 struct start_key {
 	u64 rq;		/* struct request * */
@@ -47,19 +59,6 @@ BPF_PERCPU_ARRAY(missed_starts, u64, 1);	/* completions without an issue */
 BPF_PERCPU_ARRAY(zero_stats, struct iobridge_dev_stats, 1);
 BPF_RINGBUF_OUTPUT(events, IOBRIDGE_RINGBUF_PAGES);
 
-static __always_inline u32 lat_slot(u64 ns)
-{
-	u32 sub = 1 << IOBRIDGE_LAT_SUB_BITS;
-	u32 slot;
-
-	if (ns < sub)
-		return ns;
-	u32 k = bpf_log2l(ns) - 1;	/* BCC's bpf_log2l is floor(log2) + 1 */
-	slot = (k - IOBRIDGE_LAT_SUB_BITS + 1) * sub +
-	       ((ns >> (k - IOBRIDGE_LAT_SUB_BITS)) & (sub - 1));
-	return slot < IOBRIDGE_LAT_SLOTS ? slot : IOBRIDGE_LAT_SLOTS - 1;
-}
-
 static __always_inline int wanted(u32 dev)
 {
 	u32 zero = 0;
@@ -68,12 +67,27 @@ static __always_inline int wanted(u32 dev)
 	return !cfg || cfg->filter_dev == 0 || cfg->filter_dev == dev;
 }
 
-static __always_inline int stream_on(void)
+/* Which event levels to stream (IOBRIDGE_STREAM_* bits). */
+static __always_inline u32 streaming(void)
 {
 	u32 zero = 0;
 	struct iobridge_observer_config *cfg = config.lookup(&zero);
 
-	return cfg && cfg->stream_events;
+	return cfg ? cfg->stream_events : 0;
+}
+
+/* Reserve an event record, counting it as dropped when the ring is full. */
+static __always_inline struct iobridge_io_event *event_reserve(void)
+{
+	struct iobridge_io_event *e = events.ringbuf_reserve(sizeof(*e));
+	u32 zero = 0;
+
+	if (!e) {
+		u64 *d = dropped.lookup(&zero);
+		if (d)
+			(*d)++;
+	}
+	return e;
 }
 
 static __always_inline struct iobridge_dev_stats *dev_stats(u32 dev)
@@ -127,7 +141,7 @@ static __always_inline void on_complete(struct start_key *key, u32 dev, u64 sect
 	u64 now = bpf_ktime_get_ns();
 	u64 lat = now - v->ts;
 	u32 op = v->op < IOBRIDGE_NUM_OPS ? v->op : IOBRIDGE_OP_OTHER;
-	u32 slot = lat_slot(lat);
+	u32 slot = iobridge_lat_slot(lat);
 
 	__sync_fetch_and_add(&s->completed, 1);
 	__sync_fetch_and_add(&s->inflight, -1);
@@ -144,13 +158,9 @@ static __always_inline void on_complete(struct start_key *key, u32 dev, u64 sect
 	if (slot < IOBRIDGE_LAT_SLOTS)
 		__sync_fetch_and_add(&s->lat_hist[slot], 1);
 
-	if (stream_on()) {
-		struct iobridge_io_event *e = events.ringbuf_reserve(sizeof(*e));
-		if (!e) {
-			u64 *d = dropped.lookup(&zero);
-			if (d)
-				(*d)++;
-		} else {
+	if (streaming() & IOBRIDGE_STREAM_REQUESTS) {
+		struct iobridge_io_event *e = event_reserve();
+		if (e) {
 			e->issue_ns = v->ts;
 			e->complete_ns = now;
 			e->sector = sector;
@@ -160,6 +170,7 @@ static __always_inline void on_complete(struct start_key *key, u32 dev, u64 sect
 			e->leg = -1;
 			e->op = op;
 			e->error = error ? 1 : 0;
+			e->level = IOBRIDGE_EVENT_REQUEST;
 			events.ringbuf_submit(e, 0);
 		}
 	}
@@ -230,7 +241,217 @@ static __always_inline void rq_completed(struct request *rq, int error)
 	on_complete(&key, dev, sector, error);
 }
 
+/* ------------------------------------------------ leg feature state */
+
+struct bio_start {
+	u64 ts;
+	u64 sector;	/* for the event stream */
+	u32 dev;
+	u32 slot;
+	u32 bytes;
+	u32 qlen;	/* in flight at queue time, this one excluded */
+	u8 op;
+};
+
+/* kernel dev_t (major << 20 | minor) -> slot in leg_features; agent-written */
+BPF_HASH(leg_slots, u32, u32, IOBRIDGE_MAX_LEG_SLOTS);
+BPF_F_TABLE("array", u32, struct iobridge_leg_features, leg_features,
+	    IOBRIDGE_MAX_LEG_SLOTS, BPF_F_MMAPABLE);
+BPF_HASH(bio_starts, u64, struct bio_start, 16384);	/* struct bio * -> start */
+BPF_PERCPU_ARRAY(leg_dropped, u64, 1);	/* bios not tracked: bio_starts full */
+/* Requests with more bios than one completion walk covers (their tail bios
+ * stay counted in flight). */
+BPF_PERCPU_ARRAY(leg_walk_overflow, u64, 1);
+/* Element 0: number of devices in leg_slots, set by the agent, so that
+ * request completions skip the bio walk while no leg is tracked. */
+BPF_ARRAY(leg_tracking, u32, 1);
+
+#define LEG_RQ_MAX_BIOS 256	/* a 1 MiB request of 4 KiB bios */
+
+/*
+ * Take the record's history for writing (seq even -> odd), or count the
+ * update as contended and skip it.  BCC generates code for BPF cpu v1 (no
+ * ALU32), where LLVM has no 32-bit compare-and-exchange, only the 64-bit
+ * one; seq and dev share the record's first aligned 64-bit word, so the
+ * exchange is done on that word: an even seq plus one never carries into
+ * dev, and an agent rewriting dev at that moment only makes it fail.
+ */
+static __always_inline int leg_lock(struct iobridge_leg_features *f)
+{
+	u64 *word = (u64 *)&f->seq;
+	u64 s = *(volatile u64 *)word;
+
+	if ((s & 1) || __sync_val_compare_and_swap(word, s, s + 1) != s) {
+		__sync_fetch_and_add(&f->contended, 1);
+		return 0;
+	}
+	return 1;
+}
+
+/* A 32-bit add: odd seq + 1 must wrap within seq, never carry into dev. */
+static __always_inline void leg_unlock(struct iobridge_leg_features *f)
+{
+	__sync_fetch_and_add(&f->seq, 1);
+}
+
+static __always_inline int data_bio(u32 opf)
+{
+	u32 op = opf & REQ_OP_MASK;
+
+	return op == REQ_OP_READ || op == REQ_OP_WRITE;
+}
+
+static __always_inline void leg_bio_queued(struct bio *bio)
+{
+	struct block_device *bdev = NULL;
+	u32 dev = 0, bytes = 0, opf = 0;
+
+	READ_KERNEL(bdev, bio->bi_bdev);
+	if (!bdev)
+		return;
+	READ_KERNEL(dev, bdev->bd_dev);
+	u32 *slot = leg_slots.lookup(&dev);
+	if (!slot)
+		return;
+	READ_KERNEL(bytes, bio->bi_iter.bi_size);
+	READ_KERNEL(opf, bio->bi_opf);
+	if (bytes == 0 || !data_bio(opf))
+		return;
+	u64 sector = 0;
+	READ_KERNEL(sector, bio->bi_iter.bi_sector);
+	u32 idx = *slot;
+	struct iobridge_leg_features *f = leg_features.lookup(&idx);
+	/* The agent writes dev before it publishes the slot: a mismatch is a
+	 * slot being freed or reassigned right now. */
+	if (!f || f->dev != dev)
+		return;
+
+	u64 key = (u64)bio;
+	struct bio_start st = {.ts = bpf_ktime_get_ns(), .sector = sector, .dev = dev,
+			       .slot = idx, .bytes = bytes, .op = rq_op(opf)};
+	s64 before = __sync_fetch_and_add(&f->inflight, 1);
+
+	st.qlen = before > 0 ? (u32)before : 0;
+	/* Count only what the completion can find again: a bio without a start
+	 * record would stay in flight for ever. */
+	if (bio_starts.update(&key, &st) != 0) {
+		u32 zero = 0;
+		u64 *d = leg_dropped.lookup(&zero);
+
+		__sync_fetch_and_add(&f->inflight, -1);
+		if (d)
+			__sync_fetch_and_add(d, 1);
+		return;
+	}
+	__sync_fetch_and_add(&f->issued, 1);
+	if (!leg_lock(f))
+		return;
+	f->prev_qlen[2] = f->prev_qlen[1];
+	f->prev_qlen[1] = f->prev_qlen[0];
+	f->prev_qlen[0] = st.qlen;
+	leg_unlock(f);
+}
+
+static __always_inline void leg_bio_done(u64 key, int error)
+{
+	struct bio_start *sp = bio_starts.lookup(&key);
+
+	if (!sp)
+		return;		/* not a tracked leg, or queued before we attached */
+	struct bio_start st = *sp;
+	bio_starts.delete(&key);
+
+	struct iobridge_leg_features *f = leg_features.lookup(&st.slot);
+	if (!f || f->dev != st.dev)
+		return;		/* the slot was freed or reassigned meanwhile */
+	u64 now = bpf_ktime_get_ns();
+
+	__sync_fetch_and_add(&f->inflight, -1);
+	__sync_fetch_and_add(&f->completed, 1);
+	if (!leg_lock(f))
+		return;
+	f->prev_lat_ns[2] = f->prev_lat_ns[1];
+	f->prev_lat_ns[1] = f->prev_lat_ns[0];
+	f->prev_lat_ns[0] = now - st.ts;
+	f->prev_bytes[2] = f->prev_bytes[1];
+	f->prev_bytes[1] = f->prev_bytes[0];
+	f->prev_bytes[0] = st.bytes;
+	f->last_complete_ns = now;
+	leg_unlock(f);
+
+	if (streaming() & IOBRIDGE_STREAM_LEG_BIOS) {
+		struct iobridge_io_event *e = event_reserve();
+		if (e) {
+			e->issue_ns = st.ts;
+			e->complete_ns = now;
+			e->sector = st.sector;
+			e->dev = st.dev;
+			e->bytes = st.bytes;
+			e->queue_len = st.qlen;
+			e->leg = -1;
+			e->op = st.op;
+			e->error = error ? 1 : 0;
+			e->level = IOBRIDGE_EVENT_LEG_BIO;
+			events.ringbuf_submit(e, 0);
+		}
+	}
+}
+
+static __always_inline void leg_bio_completed(struct bio *bio)
+{
+	u8 status = 0;
+
+	READ_KERNEL(status, bio->bi_status);
+	leg_bio_done((u64)bio, status);
+}
+
+/* The bios that this update of `rq` ends: the leading ones that nr_bytes
+ * covers whole (a partial completion ends the rest at a later update). */
+static __always_inline void leg_rq_completed(struct request *rq, int error, u32 nr_bytes)
+{
+	u32 zero = 0;
+	u32 *tracking = leg_tracking.lookup(&zero);
+	struct bio *bio = NULL;
+
+	if (!tracking || *tracking == 0)
+		return;
+	READ_KERNEL(bio, rq->bio);
+	for (int i = 0; i < LEG_RQ_MAX_BIOS; i++) {
+		struct bio *next = NULL;
+		u32 size = 0;
+
+		if (!bio)
+			return;
+		READ_KERNEL(size, bio->bi_iter.bi_size);
+		if (size > nr_bytes)
+			return;
+		nr_bytes -= size;
+		READ_KERNEL(next, bio->bi_next);
+		leg_bio_done((u64)bio, error);
+		bio = next;
+	}
+	if (bio && nr_bytes) {
+		u64 *o = leg_walk_overflow.lookup(&zero);
+		if (o)
+			__sync_fetch_and_add(o, 1);
+	}
+}
+
 #ifndef IOBRIDGE_KPROBES
+
+/* TP_PROTO(struct bio *bio); fires once per bio (BIO_TRACE_COMPLETION). */
+RAW_TRACEPOINT_PROBE(block_bio_queue)
+{
+	leg_bio_queued((struct bio *)ctx->args[0]);
+	return 0;
+}
+
+/* TP_PROTO(struct request_queue *q, struct bio *bio) */
+RAW_TRACEPOINT_PROBE(block_bio_complete)
+{
+	leg_bio_completed((struct bio *)ctx->args[1]);
+	return 0;
+}
 
 RAW_TRACEPOINT_PROBE(block_rq_issue)
 {
@@ -241,7 +462,10 @@ RAW_TRACEPOINT_PROBE(block_rq_issue)
 /* TP_PROTO(struct request *rq, blk_status_t error, unsigned int nr_bytes) */
 RAW_TRACEPOINT_PROBE(block_rq_complete)
 {
-	rq_completed((struct request *)ctx->args[0], (int)ctx->args[1]);
+	struct request *rq = (struct request *)ctx->args[0];
+
+	rq_completed(rq, (int)ctx->args[1]);
+	leg_rq_completed(rq, (int)ctx->args[1], (u32)ctx->args[2]);
 	return 0;
 }
 

@@ -133,7 +133,16 @@ struct iobridge_dev_stats {
 	__u64 lat_hist[IOBRIDGE_LAT_SLOTS];	/* issue->completion, ns */
 };
 
-/* One completed I/O, streamed through a ring buffer when asked for. */
+/*
+ * One completed I/O, streamed through a ring buffer when asked for.  Two
+ * levels: a request at a request-based device (issue = driver issue), or
+ * a bio at a tracked leg device (issue = bio queued; since ABI 2), which
+ * also covers stacked devices such as dm and is what the leg feature
+ * state below is made of.
+ */
+#define IOBRIDGE_EVENT_REQUEST		0
+#define IOBRIDGE_EVENT_LEG_BIO		1
+
 struct iobridge_io_event {
 	__u64 issue_ns;				/* ktime_get_ns() at issue */
 	__u64 complete_ns;			/* ktime_get_ns() at completion */
@@ -144,13 +153,17 @@ struct iobridge_io_event {
 	__s32 leg;				/* iobridge leg, or -1 */
 	__u8 op;				/* IOBRIDGE_OP_* */
 	__u8 error;				/* 1 if completed with an error */
-	__u8 pad[6];
+	__u8 level;				/* IOBRIDGE_EVENT_* */
+	__u8 pad[5];
 };
 
 /* Observer settings, element 0 of a one-entry array written by the agent. */
+#define IOBRIDGE_STREAM_REQUESTS	1	/* request-level events */
+#define IOBRIDGE_STREAM_LEG_BIOS	2	/* bio-level events of tracked legs */
+
 struct iobridge_observer_config {
-	__u32 filter_dev;			/* 0 = all devices, else this dev_t */
-	__u32 stream_events;			/* 1 = emit iobridge_io_event records */
+	__u32 filter_dev;			/* request level: 0 = all devices, else this dev_t */
+	__u32 stream_events;			/* IOBRIDGE_STREAM_* bits */
 };
 
 /* ========================================================================

@@ -107,14 +107,18 @@ def test_decide_is_one_batched_call_over_legs_and_buckets():
     assert route(None, 0, b, [0, 0, 0]) == -1
 
 
-def test_route_all_avoid_leaves_the_choice_to_the_module_default():
+def test_route_all_avoid_picks_the_leg_least_likely_slow():
     m = QueueModel()
     dm = DecisionMaker(m, ttl_ns=1000)
     t = dm.decide(0, [LegState(9, (0,) * 3, (0,) * 3, (0,) * 3),
                       LegState(4, (0,) * 3, (0,) * 3, (0,) * 3)])
     t.score[0, :] = 0.95
+    t.score[1, :] = 0.97
     assert not t.admit.any()
-    assert route(t, 0, 0, [0, 9]) == -1
+    assert route(t, 0, 0, [9, 0]) == 0      # lower P(slow), though busier
+    t.score[1, :] = 0.95
+    assert route(t, 0, 0, [9, 0]) == 1      # tie: fewer in flight
+    assert route(t, 1000, 0, [9, 0]) == -1  # expired: the module default
 
 
 def test_route_prefers_least_inflight_then_lower_p_slow():

@@ -240,3 +240,59 @@ def make_dm_flakey(make_dm):
         return make_dm(table, name)
 
     return factory
+
+
+# ---------------------------------------------------------------- slow periods
+
+@pytest.fixture
+def make_slow_periods():
+    """Factory: make_slow_periods(dev, slow_ms, normal_mean_s, slow_mean_s, **kw)
+    -> iobridge.faults.SlowPeriods, its dm-delay device created (not started).
+    Stopped and removed after the test."""
+    from iobridge.faults import SlowPeriods
+
+    made: list[SlowPeriods] = []
+
+    def factory(dev: str, slow_ms: int, normal_mean_s: float, slow_mean_s: float,
+                name: str | None = None, **kw) -> SlowPeriods:
+        name = name or f"iobslow{os.getpid()}_{len(made)}"
+        sp = SlowPeriods(dev, name, slow_ms, normal_mean_s, slow_mean_s, **kw)
+        made.append(sp)
+        sp.create()
+        return sp
+
+    yield factory
+    for sp in reversed(made):
+        sp.remove()
+
+
+# ---------------------------------------------------------------- the module
+
+def module_loaded() -> bool:
+    from iobridge import abi
+    return Path(f"/sys/module/{abi.MODULE_NAME}").exists()
+
+
+def insmod() -> None:
+    from iobridge import testbed
+    testbed.ensure_module()
+
+
+def rmmod(check: bool = True) -> subprocess.CompletedProcess:
+    from iobridge import abi
+    return run(["rmmod", abi.MODULE_NAME], check=check)
+
+
+@pytest.fixture(scope="session")
+def iobridge_module():
+    """Build (if needed) and load the module; unload it at the end."""
+    from iobridge import abi
+    ko = abi.KMODULE_DIR / "dm-iobridge.ko"
+    sources = list(abi.KMODULE_DIR.glob("*.[ch]"))
+    if not ko.exists() or any(s.stat().st_mtime > ko.stat().st_mtime for s in sources):
+        run(["make", "-C", str(abi.KMODULE_DIR)])
+    insmod()
+    yield
+    if module_loaded():
+        proc = rmmod(check=False)
+        assert proc.returncode == 0, f"rmmod failed at the end: {proc.stderr}"

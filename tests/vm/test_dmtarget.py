@@ -15,15 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run, sectors_of, wait_for_path
+from conftest import insmod, module_loaded, rmmod, run, sectors_of, wait_for_path
 
 from iobridge import abi, dmtarget
 from iobridge.routing import RoutePolicy
 
 pytestmark = pytest.mark.vm
 
-REPO = Path(__file__).resolve().parents[2]
-KO = REPO / "kmodule" / "dm-iobridge.ko"
 
 # Extra BPF program for tests: stores whatever iobridge_test_force[0] holds
 # into chosen_leg, to check that the module validates the choice.
@@ -44,33 +42,6 @@ int iobridge_test_force_leg(struct bpf_raw_tracepoint_args *args)
 
 
 # ---------------------------------------------------------------- helpers
-
-def _module_loaded() -> bool:
-    return Path(f"/sys/module/{abi.MODULE_NAME}").exists()
-
-
-def _insmod() -> None:
-    run(["modprobe", "dm_mod"])
-    if not _module_loaded():
-        run(["insmod", str(KO)])
-
-
-def _rmmod(check: bool = True) -> subprocess.CompletedProcess:
-    return run(["rmmod", abi.MODULE_NAME], check=check)
-
-
-@pytest.fixture(scope="session")
-def iobridge_module():
-    """Build (if needed) and load the module; unload it at the end."""
-    sources = list((REPO / "kmodule").glob("*.[ch]"))
-    if not KO.exists() or any(s.stat().st_mtime > KO.stat().st_mtime for s in sources):
-        run(["make", "-C", str(REPO / "kmodule")])
-    _insmod()
-    yield
-    if _module_loaded():
-        proc = _rmmod(check=False)
-        assert proc.returncode == 0, f"rmmod failed at the end: {proc.stderr}"
-
 
 @pytest.fixture(scope="session")
 def policy(iobridge_module):
@@ -172,12 +143,12 @@ def cmp_devices(a: str, b: str, nbytes: int) -> None:
 def test_unload_refused_while_target_exists(make_nullb, make_iobridge):
     legs = [make_nullb(size_mb=8), make_nullb(size_mb=8)]
     name = make_iobridge(legs)
-    proc = _rmmod(check=False)
+    proc = rmmod(check=False)
     assert proc.returncode != 0 and "in use" in proc.stderr, proc.stderr
     run(["dmsetup", "remove", name])
-    _rmmod()
-    assert not _module_loaded()
-    _insmod()
+    rmmod()
+    assert not module_loaded()
+    insmod()
     assert abi.module_version() == abi.ABI_VERSION
 
 
@@ -316,6 +287,12 @@ def test_bpf_routing_follows_table(make_nullb, make_iobridge, routing):
     routing.set_leg(tid, 1, admit=True, score=10, ttl_s=60)
     st, delta = measure()
     assert delta == [0, 300]
+
+    # Both avoided: the higher score (less likely slow) still gets the reads.
+    routing.set_leg(tid, 0, admit=False, score=7, ttl_s=60)
+    routing.set_leg(tid, 1, admit=False, score=5, ttl_s=60)
+    st, delta = measure()
+    assert delta == [300, 0] and st.legs[0].hook_routed == 300
 
     # Both admitted: the one with fewer bios in flight wins; dd reads one
     # at a time, so in-flight ties and the higher score decides.

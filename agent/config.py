@@ -1,0 +1,161 @@
+"""The agent's configuration: a TOML file, validated whole before use.
+
+    [agent]
+    tick_ms = 1.0              # decision period
+    ttl_ticks = 20             # a published entry expires after this many ticks
+    max_silence_ms = 100       # the routing program ignores the table when the
+                               # heartbeat is older than this (0 = never)
+    shadow = false             # compute and log decisions, publish nothing
+    discover_interval_s = 1.0  # how often the target list is re-read (dmsetup)
+    status_file = "/run/iobridge/status.json"
+    pin_dir = "/sys/fs/bpf/iobridge"
+    log_level = "info"         # debug logs every decision change with its reason
+
+    [admission]
+    model = "models/admission-default.onnx"  # relative paths: to the config file
+    threshold = 0.08           # optional: overrides the model card's threshold
+    probe_after_ms = 200       # an avoided leg idle this long gets one read
+    targets = []               # dm names to manage; empty = every iobridge target
+
+Every key is optional. An unknown section or key, a wrong type or a value
+out of range is an error that names the key (ConfigError); nothing is
+applied from a file with an error, so a bad reload leaves the running
+configuration in force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from .abi import REPO_ROOT
+from .errors import IobridgeError
+
+DEFAULT_MODEL = REPO_ROOT / "models" / "admission-default.onnx"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(IobridgeError):
+    """A configuration file or value that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    tick_ms: float = 1.0
+    ttl_ticks: int = 20
+    max_silence_ms: float = 100.0
+    shadow: bool = False
+    discover_interval_s: float = 1.0
+    status_file: Path = Path("/run/iobridge/status.json")
+    pin_dir: Path = Path("/sys/fs/bpf/iobridge")
+    log_level: str = "info"
+    model: Path = DEFAULT_MODEL
+    threshold: float | None = None
+    probe_after_ms: float | None = 200.0
+    targets: tuple[str, ...] = ()
+    source: Path | None = None      # the file it came from, for messages
+
+    @property
+    def tick_ns(self) -> int:
+        return int(self.tick_ms * 1e6)
+
+    @property
+    def ttl_ns(self) -> int:
+        return self.ttl_ticks * self.tick_ns
+
+    @property
+    def max_silence_ns(self) -> int:
+        return int(self.max_silence_ms * 1e6)
+
+    @property
+    def probe_after_ns(self) -> int | None:
+        return None if self.probe_after_ms is None else int(self.probe_after_ms * 1e6)
+
+    def replace(self, **changes) -> "Config":
+        """A copy with `changes` applied and validated (for CLI overrides)."""
+        new = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        validate(new, "command line")
+        return new
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# key -> (section, check, what it must be); check(value) -> bool
+_KEYS = {
+    "tick_ms": ("agent", lambda v: _number(v) and 0.1 <= v <= 1000, "a number of ms from 0.1 to 1000"),
+    "ttl_ticks": ("agent", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000,
+                  "an integer from 1 to 1000"),
+    "max_silence_ms": ("agent", lambda v: _number(v) and 0 <= v <= 60_000, "a number of ms from 0 to 60000"),
+    "shadow": ("agent", lambda v: isinstance(v, bool), "true or false"),
+    "discover_interval_s": ("agent", lambda v: _number(v) and 0.05 <= v <= 3600,
+                            "a number of seconds from 0.05 to 3600"),
+    "status_file": ("agent", lambda v: isinstance(v, (str, Path)) and str(v) != "", "a path"),
+    "pin_dir": ("agent", lambda v: isinstance(v, (str, Path)) and str(v).startswith("/sys/fs/bpf/"),
+                "a directory under /sys/fs/bpf/"),
+    "log_level": ("agent", lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
+    "model": ("admission", lambda v: isinstance(v, (str, Path)) and str(v).endswith(".onnx"),
+              "the path of an .onnx file"),
+    "threshold": ("admission", lambda v: v is None or (_number(v) and 0 < v < 1), "a number in (0, 1)"),
+    "probe_after_ms": ("admission", lambda v: v is None or (_number(v) and 1 <= v <= 600_000),
+                       "a number of ms from 1 to 600000"),
+    "targets": ("admission", lambda v: isinstance(v, (list, tuple)) and all(isinstance(t, str) and t for t in v),
+                "a list of device-mapper names"),
+}
+SECTIONS = ("agent", "admission")
+
+
+def validate(cfg: Config, where: str) -> None:
+    for key, (section, check, what) in _KEYS.items():
+        value = getattr(cfg, key)
+        if not check(value):
+            raise ConfigError(f"{where}: {section}.{key} = {value!r} is invalid: it must be {what}")
+    if not cfg.shadow and not Path(cfg.model).is_file():
+        raise ConfigError(f"{where}: admission.model = {str(cfg.model)!r}: no such file")
+
+
+def load(path: Path | str | None) -> Config:
+    """Read and validate a config file (None: the defaults)."""
+    if path is None:
+        cfg = Config()
+        validate(cfg, "defaults")
+        return cfg
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist",
+                          "pass --config FILE, or run without it for the defaults") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    values: dict = {}
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section [{section}]", f"sections: {', '.join(SECTIONS)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: {section} must be a table ([{section}])")
+        for key, value in body.items():
+            if key not in _KEYS or _KEYS[key][0] != section:
+                known = [k for k, (s, *_) in _KEYS.items() if s == section]
+                raise ConfigError(f"{path}: unknown key {section}.{key}", f"keys of [{section}]: {', '.join(known)}")
+            values[key] = value
+    # Check types before building paths from the values.
+    for key, value in values.items():
+        section, check, what = _KEYS[key]
+        if not check(value):
+            raise ConfigError(f"{path}: {section}.{key} = {value!r} is invalid: it must be {what}")
+    for key in ("status_file", "pin_dir"):
+        if key in values:
+            values[key] = Path(values[key])
+    if "model" in values:
+        model = Path(values["model"])
+        values["model"] = model if model.is_absolute() else (path.parent / model).resolve()
+    if "targets" in values:
+        values["targets"] = tuple(values["targets"])
+    cfg = Config(**values, source=path)
+    validate(cfg, str(path))
+    return cfg

@@ -1,0 +1,580 @@
+"""The admission agent: `iobridge run` and `iobridge status`.
+
+Every tick (config agent.tick_ms, default 1 ms) the agent
+
+  1. reads the feature state of every leg of every managed iobridge target
+     from the observer's mmapped leg_features array (agent/legstate.py);
+  2. evaluates the admission model for every (leg, size bucket) row of every
+     target in ONE batched ONNX call (decision.DecisionMaker, the code the
+     replay simulator runs too);
+  3. publishes each target's entries in the routing program's mmapped
+     decision table with an expiry of ttl_ticks ticks, and beats the
+     heartbeat the routing program checks.
+
+Nothing on the I/O path waits for this loop: the kernel routes each read
+from whatever the table says at that instant, ignores expired entries and
+the whole table when the heartbeat is older than max_silence_ms, and falls
+back to the module's least-in-flight default. If the agent dies, the kernel
+closes its file descriptors and the routing program detaches at once; if it
+stalls, entries expire within ttl_ticks ticks.
+
+Targets are discovered by a background thread (`dmsetup status --target
+iobridge` every discover_interval_s), so a slow dmsetup never delays a tick.
+A target that disappears has its entries cleared and its leg slots freed.
+
+Signals: SIGHUP reloads the config file and the model (a file that fails
+validation is refused and the running ones stay in force); SIGTERM and
+SIGINT stop cleanly: detach, unpin, leave the targets on the module default.
+Under systemd (Type=notify) READY, STATUS, WATCHDOG, RELOADING and STOPPING
+are sent through agent/sdnotify.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import abi, blockdev, config as config_mod, decision, dmtarget, histogram, system
+from .errors import IobridgeError, UsageError
+
+log = logging.getLogger("iobridge.agent")
+
+PHASES = ("read", "infer", "publish", "tick")
+STATUS_INTERVAL_S = 1.0
+# With no bio queued or completed on any leg since the last decision, the
+# table is only kept alive; it is recomputed at least this often anyway
+# (idle time grows, and probing depends on it).
+REDECIDE_NS = 20_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One iobridge target as discovered: its id and leg devices in order."""
+    name: str
+    target_id: int
+    legs: tuple[str, ...]        # "major:minor", leg order
+    kdevs: tuple[int, ...]       # kernel dev_t of each leg
+
+
+def parse_status_listing(text: str) -> list[Target]:
+    """Targets from `dmsetup status --target iobridge` output.
+
+    Lines look like "NAME: 0 SECTORS iobridge <status>"; a device with
+    several table lines is not something iobridge creates and is skipped.
+    """
+    out = []
+    for line in text.splitlines():
+        if ":" not in line or f" {abi.TARGET_TYPE} " not in line:
+            continue   # "No devices found" and the like
+        name, rest = line.split(":", 1)
+        st = dmtarget.parse_status(rest)
+        kdevs = []
+        for leg in st.legs:
+            major, minor = (int(x) for x in leg.dev.split(":"))
+            kdevs.append(blockdev.kdev(major, minor))
+        out.append(Target(name.strip(), st.target_id, tuple(leg.dev for leg in st.legs),
+                          tuple(kdevs)))
+    return out
+
+
+def discover(names: tuple[str, ...] = ()) -> list[Target]:
+    """The iobridge targets now present (only `names` if given)."""
+    try:
+        proc = subprocess.run(["dmsetup", "status", "--target", abi.TARGET_TYPE],
+                              capture_output=True, text=True, timeout=30)
+    except FileNotFoundError as err:
+        raise IobridgeError("dmsetup not found", "install the dmsetup package") from err
+    except subprocess.TimeoutExpired as err:
+        raise IobridgeError("dmsetup status did not answer within 30 s") from err
+    if proc.returncode != 0:
+        raise IobridgeError(f"dmsetup status failed: {proc.stderr.strip()}")
+    targets = parse_status_listing(proc.stdout)
+    if names:
+        targets = [t for t in targets if t.name in names]
+    return sorted(targets, key=lambda t: t.target_id)
+
+
+class PhaseTimes:
+    """Per-phase duration histograms (ns, the observer's log-linear slots)."""
+
+    def __init__(self):
+        self.hist = {p: np.zeros(abi.LAT_SLOTS, dtype=np.int64) for p in PHASES}
+
+    def add(self, phase: str, ns: int) -> None:
+        self.hist[phase][histogram.slot_of(max(ns, 0))] += 1
+
+    def summary(self) -> dict:
+        out = {}
+        for phase, h in self.hist.items():
+            p50, p99 = histogram.percentiles(h, (50, 99))
+            out[phase] = {"count": int(h.sum()),
+                          "p50_us": None if p50 is None else round(p50 / 1e3, 1),
+                          "p99_us": None if p99 is None else round(p99 / 1e3, 1)}
+        return out
+
+
+def kernel_scores(p_slow: np.ndarray) -> np.ndarray:
+    """decision.kernel_score() for an array."""
+    return np.rint((1.0 - np.clip(p_slow, 0.0, 1.0)) * decision.KERNEL_SCORE_SCALE).astype(np.int32)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Agent:
+    """The daemon: start() loads everything, run() ticks until stopped."""
+
+    def __init__(self, cfg: config_mod.Config, notifier=None, overrides: dict | None = None):
+        from .sdnotify import Notifier  # noqa: PLC0415
+        self.cfg = cfg
+        self.overrides = overrides or {}   # command-line values: win at every reload too
+        self.notify = notifier or Notifier()
+        self.model = None
+        self.maker: decision.DecisionMaker | None = None
+        self.observer = None
+        self.legmap = None
+        self.policy = None
+        self.pins = None
+        self.times = PhaseTimes()
+        self.counters = {"ticks": 0, "overruns": 0, "published": 0, "decision_changes": 0,
+                         "probes": 0, "tick_errors": 0, "reloads": 0, "reload_failures": 0,
+                         "targets_added": 0, "targets_removed": 0, "seq_retries": 0,
+                         "idle_ticks": 0}
+        self.started_ns = 0
+        self.last_published_ns = 0
+        self._targets: list[Target] = []     # replaced whole by the discovery thread
+        self._discovery_error: str | None = None
+        self._active: list[Target] = []      # what the tick loop is set up for
+        self._slots = np.zeros(0, dtype=np.int64)
+        self._rows: list[tuple[Target, slice]] = []
+        self._prev_admit: np.ndarray | None = None
+        self._last_table = None
+        self._last_legs: decision.LegArrays | None = None
+        self._last_activity: np.ndarray | None = None
+        self._last_decide_ns = 0
+        self._stop = threading.Event()
+        self._reload = False
+        self._thread: threading.Thread | None = None
+
+    # -- start and stop ---------------------------------------------------
+    def _load_model(self, path: Path):
+        from .model import AdmissionModel  # noqa: PLC0415 (onnxruntime import is slow)
+        model = AdmissionModel(path)          # raises ModelCheckError with the reason
+        maker = decision.DecisionMaker(model, ttl_ns=self.cfg.ttl_ns,
+                                       threshold=self.cfg.threshold,
+                                       probe_after_ns=self.cfg.probe_after_ns)
+        return model, maker
+
+    def start(self) -> None:
+        from .observe import BlockObserver  # noqa: PLC0415
+        from .pins import Pins  # noqa: PLC0415
+        from .routing import RoutePolicy  # noqa: PLC0415
+        cfg = self.cfg
+        system.require_root("iobridge run")
+        system.require_bpf_kernel()
+        abi.check_header_version()
+        abi.check_module_version()           # names the missing module or both versions
+        self.model, self.maker = self._load_model(cfg.model)
+        log.info("model %s (threshold %.4f, sha256 %s)", cfg.model, self.maker.threshold,
+                 file_sha256(cfg.model)[:12])
+        self._targets = discover(cfg.targets)  # first listing in line: errors stop the start
+        self.notify.status("compiling BPF programs")
+        self.observer = BlockObserver(probe="auto").open()
+        self.legmap = self.observer.leg_features()
+        self.policy = RoutePolicy().load()
+        self.pins = Pins(cfg.pin_dir)
+        self.pins.prepare()
+        for name, fd in {**self.policy.map_fds(), **self.legmap.map_fds()}.items():
+            self.pins.pin(name, fd)
+        self.policy.agent.pid = os.getpid()
+        self.policy.heartbeat(time.clock_gettime_ns(time.CLOCK_MONOTONIC), 0, cfg.max_silence_ns)
+        if not cfg.shadow:
+            self.policy.attach()
+        self.started_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        self._thread = threading.Thread(target=self._discovery_loop, name="discovery", daemon=True)
+        self._thread.start()
+        log.info("agent started: %d target(s), tick %.3g ms, expiry %d ticks, %s",
+                 len(self._targets), cfg.tick_ms, cfg.ttl_ticks,
+                 "shadow mode (nothing published)" if cfg.shadow else "publishing")
+
+    def stop(self) -> None:
+        """Detach, clear what was published, unpin, close. Idempotent."""
+        self._stop.set()
+        self.notify.stopping()
+        if self.policy is not None:
+            self.policy.detach()
+            if self.policy.entries is not None:
+                for t in self._active:
+                    self.policy.clear(t.target_id)
+            self.policy.close()
+            self.policy = None
+        if self.pins is not None:
+            self.pins.remove()
+            self.pins = None
+        if self.observer is not None:
+            self.observer.close()
+            self.observer = None
+        try:
+            Path(self.cfg.status_file).unlink()
+        except OSError:
+            pass
+        log.info("agent stopped: routing left to the module default")
+
+    # -- target discovery (background thread) -------------------------------
+    def _discovery_loop(self) -> None:
+        while not self._stop.wait(self.cfg.discover_interval_s):
+            try:
+                found = discover(self.cfg.targets)
+                if found != self._targets:
+                    self._targets = found
+                if self._discovery_error:
+                    log.info("target discovery works again")
+                self._discovery_error = None
+            except IobridgeError as err:
+                if str(err) != self._discovery_error:
+                    log.error("target discovery failed: %s (keeping the last list)", err)
+                self._discovery_error = str(err)
+
+    def _apply_targets(self, targets: list[Target]) -> None:
+        """Set the tick loop up for a new target list (slots, row ranges)."""
+        old = {t.name: t for t in self._active}
+        new = {t.name: t for t in targets}
+        for name, t in old.items():
+            if name not in new or new[name] != t:
+                if self.policy is not None and self.policy.entries is not None:
+                    self.policy.clear(t.target_id)
+                if name not in new:
+                    self.counters["targets_removed"] += 1
+                    log.warning("target %s (id %d) is gone: its entries are cleared", name, t.target_id)
+        for name, t in new.items():
+            if name not in old:
+                self.counters["targets_added"] += 1
+                log.info("managing target %s (id %d) with legs %s", name, t.target_id, " ".join(t.legs))
+        kdevs = [d for t in targets for d in t.kdevs]
+        slot_of = self.legmap.assign(sorted(set(kdevs)))
+        self._slots = np.array([slot_of[d] for d in kdevs], dtype=np.int64)
+        self._rows, first = [], 0
+        for t in targets:
+            self._rows.append((t, slice(first, first + len(t.kdevs))))
+            first += len(t.kdevs)
+        self._active = targets        # the very list object: tick() compares identity
+        self._prev_admit = None
+        self._last_activity = None
+
+    # -- one tick -----------------------------------------------------------
+    def _leg_arrays(self, now: int) -> decision.LegArrays:
+        snap = self.legmap.read(self._slots)
+        self.counters["seq_retries"] += snap.retries
+        last = snap.last_complete_ns.astype(np.float64)
+        # A completion after `now` was read is idle 0, not negative.
+        idle = np.where(last > 0, np.maximum(now - last, 0), np.nan)
+        return decision.LegArrays(np.clip(snap.inflight, 0, None).astype(np.float64),
+                                  snap.prev_qlen, snap.prev_lat_us, snap.prev_tput_mbps, idle)
+
+    def tick(self) -> None:
+        targets = self._targets       # the discovery thread swaps in a new list on change
+        if targets is not self._active:
+            self._apply_targets(targets)
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        if not self._rows:
+            self.policy.heartbeat(now)
+            return
+        activity = self.legmap.activity(self._slots)
+        if (self._last_activity is not None and now - self._last_decide_ns < REDECIDE_NS
+                and np.array_equal(activity, self._last_activity)):
+            # Nothing queued or completed: the table still holds; keep it valid.
+            if not self.cfg.shadow:
+                expires = now + self.cfg.ttl_ns
+                for t, _ in self._rows:
+                    self.policy.extend(t.target_id, len(t.kdevs), expires)
+                self.policy.heartbeat(now, published_ns=now)
+                self.last_published_ns = now
+            else:
+                self.policy.heartbeat(now)
+            self.counters["idle_ticks"] += 1
+            return
+        self._last_activity, self._last_decide_ns = activity, now
+        t0 = time.perf_counter_ns()
+        legs = self._leg_arrays(now)
+        t1 = time.perf_counter_ns()
+        table = self.maker.decide(now, legs)
+        t2 = time.perf_counter_ns()
+        if not self.cfg.shadow:
+            expires = now + self.cfg.ttl_ns
+            scores = kernel_scores(table.score)
+            for t, rows in self._rows:
+                self.policy.publish(t.target_id, table.admit[rows], scores[rows], expires)
+            self.counters["published"] += 1
+            self.last_published_ns = now
+            self.policy.heartbeat(now, published_ns=now)
+        else:
+            self.policy.heartbeat(now)
+        t3 = time.perf_counter_ns()
+        self.times.add("read", t1 - t0)
+        self.times.add("infer", t2 - t1)
+        self.times.add("publish", t3 - t2)
+        self._note_changes(table, legs)
+        self._last_table, self._last_legs = table, legs
+
+    def _note_changes(self, table, legs: decision.LegArrays) -> None:
+        """Count decision changes; at debug level log each with its reason."""
+        if table.probe is not None:
+            self.counters["probes"] += int(table.probe.sum())
+        prev = self._prev_admit
+        self._prev_admit = table.admit
+        if prev is None or prev.shape != table.admit.shape:
+            return
+        changed = np.argwhere(prev != table.admit)
+        self.counters["decision_changes"] += len(changed)
+        if not len(changed) or not log.isEnabledFor(logging.DEBUG):
+            return
+        for leg_row, bucket in changed:
+            t, rows = next((t, r) for t, r in self._rows if r.start <= leg_row < r.stop)
+            reason = ("probe: no completion for %.0f ms" % (legs.idle_ns[leg_row] / 1e6)
+                      if table.probe is not None and table.probe[leg_row] else
+                      "p_slow %.3f %s threshold %.3f" % (
+                          table.score[leg_row, bucket],
+                          "<" if table.admit[leg_row, bucket] else ">=", self.maker.threshold))
+            log.debug("%s leg %d bucket %d: %s -> %s (%s; qlen %d, prev_lat_us %s, "
+                      "prev_tput_mbps %s, prev_qlen %s)", t.name, leg_row - rows.start, bucket,
+                      "avoid" if table.admit[leg_row, bucket] else "admit",
+                      "admit" if table.admit[leg_row, bucket] else "avoid", reason,
+                      legs.queue_len[leg_row], np.round(legs.prev_lat_us[leg_row], 1).tolist(),
+                      np.round(legs.prev_tput_mbps[leg_row], 2).tolist(),
+                      legs.prev_qlen[leg_row].astype(int).tolist())
+
+    # -- reload ---------------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read the config file and the model; keep both on any error."""
+        self.notify.reloading()
+        try:
+            cfg = config_mod.load(self.cfg.source) if self.cfg.source else self.cfg
+            cfg = cfg.replace(**self.overrides)
+            model, maker = self._load_model(cfg.model)
+        except IobridgeError as err:
+            self.counters["reload_failures"] += 1
+            log.error("reload refused, the running config and model stay in force: %s", err)
+            self.notify.ready(f"reload refused: {err}")
+            return False
+        if cfg.shadow != self.cfg.shadow or cfg.pin_dir != self.cfg.pin_dir:
+            log.warning("shadow and pin_dir take effect at restart only")
+            cfg = dataclasses.replace(cfg, shadow=self.cfg.shadow, pin_dir=self.cfg.pin_dir)
+        self.cfg, self.model, self.maker = cfg, model, maker
+        self.policy.heartbeat(time.clock_gettime_ns(time.CLOCK_MONOTONIC),
+                              max_silence_ns=cfg.max_silence_ns)
+        self.counters["reloads"] += 1
+        log.info("reloaded: model %s (threshold %.4f), tick %.3g ms",
+                 cfg.model, maker.threshold, cfg.tick_ms)
+        self.notify.ready("reloaded")
+        return True
+
+    # -- main loop ---------------------------------------------------------------
+    def run(self, duration_s: float | None = None) -> None:
+        def on_signal(signum, _frame):
+            if signum == signal.SIGHUP:
+                self._reload = True
+            else:
+                self._stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+        watchdog_s = self.notify.watchdog_interval_s()
+        next_ping = next_status = 0.0
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        self.notify.ready(f"managing {len(self._targets)} target(s)")
+        next_tick = time.monotonic_ns()
+        while not self._stop.is_set():
+            if self._reload:
+                self._reload = False
+                self.reload()
+            t0 = time.perf_counter_ns()
+            try:
+                self.tick()
+            except Exception:   # noqa: BLE001 - one bad tick must not kill the agent
+                self.counters["tick_errors"] += 1
+                if self.counters["tick_errors"] <= 10 or log.isEnabledFor(logging.DEBUG):
+                    log.exception("tick failed; entries expire and the module default applies")
+            self.times.add("tick", time.perf_counter_ns() - t0)
+            self.counters["ticks"] += 1
+            mono = time.monotonic()
+            if watchdog_s and mono >= next_ping:
+                self.notify.watchdog()
+                next_ping = mono + watchdog_s / 2
+            if mono >= next_status:
+                self.write_status()
+                next_status = mono + STATUS_INTERVAL_S
+            if deadline is not None and mono >= deadline:
+                break
+            next_tick += self.cfg.tick_ns
+            wait = next_tick - time.monotonic_ns()
+            if wait > 0:
+                time.sleep(wait / 1e9)
+            else:
+                self.counters["overruns"] += 1
+                if wait < -10 * self.cfg.tick_ns:
+                    next_tick = time.monotonic_ns()   # far behind: don't burst to catch up
+
+    # -- status -------------------------------------------------------------------
+    def status(self) -> dict:
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        table, feats = self._last_table, self._last_legs
+        targets = []
+        for t, rows in self._rows:
+            legs = []
+            for i, dev in enumerate(t.legs):
+                r = rows.start + i
+                legs.append({"dev": dev, "slot": int(self._slots[r]),
+                             "admit": table.admit[r].tolist() if table is not None else None,
+                             "p_slow": np.round(table.score[r], 4).tolist() if table is not None else None,
+                             "probe": bool(table.probe[r]) if table is not None and table.probe is not None else False,
+                             "features": None if feats is None else {
+                                 "queue_len": int(feats.queue_len[r]),
+                                 "prev_qlen": feats.prev_qlen[r].astype(int).tolist(),
+                                 "prev_lat_us": np.round(feats.prev_lat_us[r], 1).tolist(),
+                                 "idle_ms": None if np.isnan(feats.idle_ns[r])
+                                 else round(feats.idle_ns[r] / 1e6, 1)}})
+            targets.append({"name": t.name, "target_id": t.target_id, "legs": legs})
+        return {
+            "pid": os.getpid(), "abi_version": abi.ABI_VERSION,
+            "written_ns": now, "started_ns": self.started_ns,
+            "config": str(self.cfg.source) if self.cfg.source else None,
+            "shadow": self.cfg.shadow, "tick_ms": self.cfg.tick_ms, "ttl_ticks": self.cfg.ttl_ticks,
+            "max_silence_ms": self.cfg.max_silence_ms,
+            "model": {"path": str(self.cfg.model), "sha256": file_sha256(self.cfg.model),
+                      "threshold": self.maker.threshold,
+                      "created": self.model.card.get("created")},
+            "program_attached": bool(self.policy and self.policy.attached),
+            "pins": [str(p) for p in (self.pins.created if self.pins else [])],
+            "last_published_ns": self.last_published_ns,
+            "table_age_ms": (now - self.last_published_ns) / 1e6 if self.last_published_ns else None,
+            "targets": targets,
+            "discovery_error": self._discovery_error,
+            "counters": dict(self.counters),
+            "routing": self.policy.stats() if self.policy else None,
+            "timing_us": self.times.summary(),
+        }
+
+    def write_status(self) -> None:
+        path = Path(self.cfg.status_file)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(self.status(), indent=1))
+            os.replace(tmp, path)
+        except OSError as err:
+            log.warning("cannot write status file %s: %s", path, err.strerror)
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    overrides = {"model": Path(args.model).resolve() if args.model else None,
+                 "tick_ms": args.tick_ms, "shadow": True if args.shadow else None,
+                 "status_file": Path(args.status_file) if args.status_file else None}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    cfg = config_mod.load(args.config).replace(**overrides)
+    if args.verbose == 0:
+        logging.getLogger().setLevel(cfg.log_level.upper())
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError("--duration must be positive")
+    agent = Agent(cfg, overrides=overrides)
+    try:
+        agent.start()
+        agent.run(args.duration)
+    finally:
+        agent.stop()
+    c = agent.counters
+    print(f"iobridge run: {c['ticks']} ticks, {c['published']} published, "
+          f"{c['decision_changes']} decision changes, {c['overruns']} overruns, "
+          f"{c['tick_errors']} tick errors", flush=True)
+    return 0
+
+
+def read_status(path: Path) -> dict:
+    """The running agent's status file, checked for liveness."""
+    try:
+        st = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise IobridgeError(f"no agent status at {path}: the agent is not running",
+                            "start it with `iobridge run` or `systemctl start iobridge`") from None
+    except (OSError, ValueError) as err:
+        raise IobridgeError(f"cannot read the agent status {path}: {err}") from None
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    alive = Path(f"/proc/{st.get('pid', 0)}").exists()
+    st["agent_alive"] = alive
+    st["status_age_s"] = round((now - st.get("written_ns", 0)) / 1e9, 3)
+    if st.get("last_published_ns"):
+        st["table_age_ms"] = round((now - st["last_published_ns"]) / 1e6, 3)
+    return st
+
+
+def format_status(st: dict) -> str:
+    lines = [f"agent pid {st['pid']} {'running' if st['agent_alive'] else 'NOT RUNNING (stale status)'}"
+             f", status written {st['status_age_s']} s ago",
+             f"model {st['model']['path']} (threshold {st['model']['threshold']:.4f}, "
+             f"sha256 {st['model']['sha256'][:12]})",
+             f"mode {'shadow (not publishing)' if st['shadow'] else 'publishing'}, tick {st['tick_ms']} ms, "
+             f"expiry {st['ttl_ticks']} ticks, heartbeat limit {st['max_silence_ms']} ms",
+             f"routing program {'attached' if st['program_attached'] else 'not attached'}; "
+             f"pins: {', '.join(st['pins']) or 'none'}",
+             f"decision table age {st.get('table_age_ms')} ms"]
+    r = st.get("routing") or {}
+    lines.append(f"routing: {r.get('routed', 0)} reads by the table, {r.get('default', 0)} by the "
+                 f"module default ({r.get('silent', 0)} while the agent was silent)")
+    c = st["counters"]
+    lines.append("counters: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    tm = st["timing_us"]
+    lines.append("tick timing (us, p50/p99): " + ", ".join(
+        f"{p} {tm[p]['p50_us']}/{tm[p]['p99_us']}" for p in PHASES))
+    if st.get("discovery_error"):
+        lines.append(f"target discovery failing: {st['discovery_error']}")
+    if not st["targets"]:
+        lines.append("no iobridge targets")
+    for t in st["targets"]:
+        lines.append(f"target {t['name']} (id {t['target_id']})")
+        for i, leg in enumerate(t["legs"]):
+            adm = "".join("A" if a else "-" for a in (leg["admit"] or []))
+            lines.append(f"  leg {i} {leg['dev']}: admit per bucket [{adm}] p_slow {leg['p_slow']}"
+                         + (" (probe)" if leg["probe"] else ""))
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    st = read_status(args.status_file)
+    print(json.dumps(st, indent=1) if args.json else format_status(st))
+    return 0 if st["agent_alive"] else 3
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("run", help="run the admission agent (foreground; systemd Type=notify)",
+                       description="Load the observer and routing programs, then every tick read "
+                                   "each leg's feature state, run the admission model and publish "
+                                   "the decision table. SIGHUP reloads config and model; SIGTERM "
+                                   "detaches and leaves the targets on the module default.")
+    p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults; "
+                                               "keys in agent/config.py)")
+    p.add_argument("--model", help="ONNX admission model (overrides admission.model)")
+    p.add_argument("--tick-ms", type=float, help="decision period in ms (overrides agent.tick_ms)")
+    p.add_argument("--shadow", action="store_true", help="compute and log decisions, publish nothing")
+    p.add_argument("--status-file", help="where to write the status JSON (overrides agent.status_file)")
+    p.add_argument("--duration", type=float, help="stop cleanly after this many seconds")
+    p.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="show the running agent: targets, legs, model, table age, counters")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--status-file", type=Path, default=config_mod.Config.status_file,
+                   help="the agent's status file (default %(default)s)")
+    s.set_defaults(func=cmd_status)

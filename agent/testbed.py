@@ -1,0 +1,58 @@
+"""Test devices inside the VM, for the demo, benchmarks and experiments:
+the module, null_blk devices through configfs, and a small command runner.
+Only ever used inside the test VM (they load modules and make block devices).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from . import abi
+from .errors import IobridgeError
+
+CONFIGFS_NULLB = Path("/sys/kernel/config/nullb")
+
+
+def sh(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise IobridgeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+    return proc
+
+
+def ensure_module() -> None:
+    """Load dm_mod and the iobridge module (building it if needed)."""
+    sh(["modprobe", "dm_mod"])
+    if not Path(f"/sys/module/{abi.MODULE_NAME}").exists():
+        ko = abi.KMODULE_DIR / "dm-iobridge.ko"
+        if not ko.exists():
+            sh(["make", "-C", str(abi.KMODULE_DIR)])
+        sh(["insmod", str(ko)])
+    abi.check_module_version()
+
+
+def make_nullb(name: str, size_mb: int = 1024, **params) -> str:
+    """Create and power on null_blk device /dev/NAME with configfs params."""
+    if not CONFIGFS_NULLB.is_dir():
+        sh(["modprobe", "null_blk", "nr_devices=0"])
+    d = CONFIGFS_NULLB / name
+    d.mkdir()
+    for key, value in {"size": size_mb, **params}.items():
+        (d / key).write_text(f"{value}\n")
+    (d / "power").write_text("1\n")
+    dev = f"/dev/{name}"
+    for _ in range(100):
+        if os.path.exists(dev):
+            return dev
+        time.sleep(0.05)
+    raise IobridgeError(f"null_blk device {dev} did not appear")
+
+
+def remove_nullb(name: str) -> None:
+    d = CONFIGFS_NULLB / name
+    if d.is_dir():
+        (d / "power").write_text("0\n")
+        d.rmdir()
