@@ -54,7 +54,7 @@ STATUS_INTERVAL_S = 1.0
 # With no bio queued or completed on any leg since the last decision, the
 # table is only kept alive; it is recomputed at least this often anyway
 # (idle time grows, and probing depends on it).
-REDECIDE_NS = 20_000_000
+REDECIDE_NS = 100_000_000
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ routing program (about a minute under emulation).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -144,8 +145,10 @@ def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents):
     # Nothing left behind by the clean stop.
     assert not PIN_DIR.exists()
     assert route_programs_attached() == []
-    maps = json.loads(run(["bpftool", "-j", "map", "show"]).stdout)
-    assert not [m for m in maps if m.get("name", "").startswith("iobridge_decis")]
+    # Maps this test process holds itself (other tests' fixtures) do not count.
+    maps = [m.get("name", "") for m in json.loads(run(["bpftool", "-j", "map", "show"]).stdout)
+            if os.getpid() not in [p.get("pid") for p in m.get("pids", [])]]
+    assert not [m for m in maps if m.startswith(("iobridge_", "leg_features", "leg_slots"))], maps
     assert dmtarget.status(replicas.name).health == "AA"
 
 
