@@ -32,7 +32,6 @@ are sent through agent/sdnotify.py.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -123,15 +122,6 @@ class PhaseTimes:
         return out
 
 
-def kernel_scores(p_slow: np.ndarray) -> np.ndarray:
-    """decision.kernel_score() for an array."""
-    return np.rint((1.0 - np.clip(p_slow, 0.0, 1.0)) * decision.KERNEL_SCORE_SCALE).astype(np.int32)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 class Agent:
     """The daemon: start() loads everything, run() ticks until stopped."""
 
@@ -187,7 +177,7 @@ class Agent:
         abi.check_module_version()           # names the missing module or both versions
         self.model, self.maker = self._load_model(cfg.model)
         log.info("model %s (threshold %.4f, sha256 %s)", cfg.model, self.maker.threshold,
-                 file_sha256(cfg.model)[:12])
+                 self.model.sha256[:12])
         self._targets = discover(cfg.targets)  # first listing in line: errors stop the start
         self.notify.status("compiling BPF programs")
         self.observer = BlockObserver(probe="auto").open()
@@ -312,7 +302,7 @@ class Agent:
         t2 = time.perf_counter_ns()
         if not self.cfg.shadow:
             expires = now + self.cfg.ttl_ns
-            scores = kernel_scores(table.score)
+            scores = decision.kernel_scores(table.score)
             for t, rows in self._rows:
                 self.policy.publish(t.target_id, table.admit[rows], scores[rows], expires)
             self.counters["published"] += 1
@@ -451,7 +441,7 @@ class Agent:
             "config": str(self.cfg.source) if self.cfg.source else None,
             "shadow": self.cfg.shadow, "tick_ms": self.cfg.tick_ms, "ttl_ticks": self.cfg.ttl_ticks,
             "max_silence_ms": self.cfg.max_silence_ms,
-            "model": {"path": str(self.cfg.model), "sha256": file_sha256(self.cfg.model),
+            "model": {"path": str(self.cfg.model), "sha256": self.model.sha256,
                       "threshold": self.maker.threshold,
                       "created": self.model.card.get("created")},
             "program_attached": bool(self.policy and self.policy.attached),

@@ -157,9 +157,14 @@ def route(table: DecisionTable | None, now_ns: int, bucket: int,
 KERNEL_SCORE_SCALE = 1_000_000
 
 
+def kernel_scores(p_slow: np.ndarray) -> np.ndarray:
+    """The decision entries' integer scores (higher is better) for P(slow)."""
+    return np.rint((1.0 - np.clip(p_slow, 0.0, 1.0)) * KERNEL_SCORE_SCALE).astype(np.int32)
+
+
 def kernel_score(p_slow: float) -> int:
-    """The decision entry's integer score (higher is better) for P(slow)."""
-    return int(round((1.0 - min(max(float(p_slow), 0.0), 1.0)) * KERNEL_SCORE_SCALE))
+    """kernel_scores() for one value."""
+    return int(kernel_scores(np.float64(p_slow)))
 
 
 def least_inflight(inflight: Sequence[int]) -> int:

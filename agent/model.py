@@ -14,6 +14,7 @@ evaluation (held-back figures), training_time_s, tools (versions), created.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -175,6 +176,8 @@ class AdmissionModel:
             self.card = card or {}
             self.sess = _session(None, onnx_bytes)
         self.threshold = float(self.card.get("decision_threshold", 0.5))
+        data = onnx_bytes if onnx_bytes is not None else self.path.read_bytes()
+        self.sha256 = hashlib.sha256(data).hexdigest()   # names the model in force
         self.input_name = self.sess.get_inputs()[0].name
         outs = [o.name for o in self.sess.get_outputs()]
         self.output_name = F.PROBA_OUTPUT if F.PROBA_OUTPUT in outs else outs[-1]

@@ -24,7 +24,8 @@ def test_status_listing_gives_ids_legs_and_kernel_devs():
 
 def test_kernel_scores_match_the_scalar_rule():
     p = np.array([0.0, 0.0825, 0.5, 1.0, -0.1, 1.7], dtype=np.float32)
-    assert daemon.kernel_scores(p).tolist() == [decision.kernel_score(float(v)) for v in p]
+    assert decision.kernel_scores(p).tolist() == [decision.kernel_score(float(v)) for v in p]
+    assert decision.kernel_score(0.25) == 750_000
 
 
 class FixedModel:
