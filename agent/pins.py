@@ -20,17 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def _is_bpffs(path: Path) -> bool:
-    try:
-        with open("/proc/self/mounts") as f:
-            mounts = [line.split()[1:3] for line in f]
-    except OSError:
-        return False
-    best = ""
-    fstype = ""
-    for mnt, typ in mounts:
-        if (str(path) + "/").startswith(mnt.rstrip("/") + "/") and len(mnt) > len(best):
-            best, fstype = mnt, typ
-    return fstype == "bpf"
+    """Whether the mount holding `path` is a BPF filesystem."""
+    import psutil  # noqa: PLC0415
+    mounts = [(p.mountpoint, p.fstype) for p in psutil.disk_partitions(all=True)]
+    inside = [(m, t) for m, t in mounts if (str(path) + "/").startswith(m.rstrip("/") + "/")]
+    return bool(inside) and max(inside, key=lambda mt: len(mt[0]))[1] == "bpf"
 
 
 class Pins:

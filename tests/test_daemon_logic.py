@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -93,3 +96,16 @@ def test_format_status_renders_everything():
 def test_read_status_without_agent(tmp_path):
     with pytest.raises(daemon.IobridgeError, match="the agent is not running"):
         daemon.read_status(tmp_path / "status.json")
+
+
+def test_bpffs_check_uses_the_innermost_mount(monkeypatch):
+    import psutil
+
+    from iobridge import pins
+
+    Part = collections.namedtuple("Part", "mountpoint fstype")
+    mounts = [Part("/", "ext4"), Part("/sys", "sysfs"), Part("/sys/fs/bpf", "bpf"),
+              Part("/sys/fs/bpfx", "tmpfs")]
+    monkeypatch.setattr(psutil, "disk_partitions", lambda all=False: mounts)
+    assert pins._is_bpffs(Path("/sys/fs/bpf")) and pins._is_bpffs(Path("/sys/fs/bpf/iobridge"))
+    assert not pins._is_bpffs(Path("/sys/fs/bpfx/a")) and not pins._is_bpffs(Path("/sys/kernel"))
