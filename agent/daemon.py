@@ -263,14 +263,14 @@ class Agent:
         self._last_activity = None
 
     # -- one tick -----------------------------------------------------------
-    def _leg_arrays(self, now: int) -> decision.LegArrays:
-        snap = self.legmap.read(self._slots)
-        self.counters["seq_retries"] += snap.retries
-        last = snap.last_complete_ns.astype(np.float64)
-        # A completion after `now` was read is idle 0, not negative.
-        idle = np.where(last > 0, np.maximum(now - last, 0), np.nan)
-        return decision.LegArrays(np.clip(snap.inflight, 0, None).astype(np.float64),
-                                  snap.prev_qlen, snap.prev_lat_us, snap.prev_tput_mbps, idle)
+    def _beat(self, now: int) -> None:
+        """Heartbeat; when publishing, the table just written or extended
+        reflects the legs' state as of `now`."""
+        if self.cfg.shadow:
+            self.policy.heartbeat(now)
+            return
+        self.policy.heartbeat(now, published_ns=now)
+        self.last_published_ns = now
 
     def tick(self) -> None:
         targets = self._targets       # the discovery thread swaps in a new list on change
@@ -285,18 +285,16 @@ class Agent:
                 and np.array_equal(activity, self._last_activity)):
             # Nothing queued or completed: the table still holds; keep it valid.
             if not self.cfg.shadow:
-                expires = now + self.cfg.ttl_ns
                 for t, _ in self._rows:
-                    self.policy.extend(t.target_id, len(t.kdevs), expires)
-                self.policy.heartbeat(now, published_ns=now)
-                self.last_published_ns = now
-            else:
-                self.policy.heartbeat(now)
+                    self.policy.extend(t.target_id, len(t.kdevs), now + self.cfg.ttl_ns)
+            self._beat(now)
             self.counters["idle_ticks"] += 1
             return
         self._last_activity, self._last_decide_ns = activity, now
         t0 = time.perf_counter_ns()
-        legs = self._leg_arrays(now)
+        snap = self.legmap.read(self._slots)
+        self.counters["seq_retries"] += snap.retries
+        legs = snap.arrays(now)
         t1 = time.perf_counter_ns()
         table = self.maker.decide(now, legs)
         t2 = time.perf_counter_ns()
@@ -306,10 +304,7 @@ class Agent:
             for t, rows in self._rows:
                 self.policy.publish(t.target_id, table.admit[rows], scores[rows], expires)
             self.counters["published"] += 1
-            self.last_published_ns = now
-            self.policy.heartbeat(now, published_ns=now)
-        else:
-            self.policy.heartbeat(now)
+        self._beat(now)
         t3 = time.perf_counter_ns()
         self.times.add("read", t1 - t0)
         self.times.add("infer", t2 - t1)

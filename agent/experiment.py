@@ -103,9 +103,10 @@ class AgentProcess:
 
     def status(self) -> dict | None:
         """The agent's status file, or None before it wrote one."""
+        from .daemon import read_status  # noqa: PLC0415
         try:
-            return json.loads(self.status_file.read_text())
-        except (OSError, ValueError):
+            return read_status(self.status_file)
+        except IobridgeError:
             return None
 
     def wait_status(self, check, timeout_s: float = 30.0) -> dict:

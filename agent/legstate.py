@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import abi
-from .decision import LegState
+from .decision import LegArrays, LegState
 from .errors import IobridgeError
 
 SLOTS_MAP = b"leg_slots"
@@ -121,18 +121,27 @@ class LegSnapshot:
     def __len__(self) -> int:
         return len(self.slots)
 
+    def arrays(self, now_ns: int) -> LegArrays:
+        """The model's inputs for these legs (decision.LegArrays); `now_ns`
+        on CLOCK_MONOTONIC (time.monotonic_ns()), the clock of the kernel's
+        ktime_get_ns(). A completion newer than now_ns counts as idle 0."""
+        last = self.last_complete_ns.astype(np.float64)
+        idle = np.where(last > 0, np.maximum(now_ns - last, 0), np.nan)
+        return LegArrays(np.clip(self.inflight, 0, None).astype(np.float64),
+                         self.prev_qlen, self.prev_lat_us, self.prev_tput_mbps, idle)
+
     def idle_ns(self, now_ns: int) -> list[int | None]:
         """Time since each leg's newest completion (None: never completed)."""
-        return [max(now_ns - int(t), 0) if t else None for t in self.last_complete_ns]
+        return [None if np.isnan(v) else int(v) for v in self.arrays(now_ns).idle_ns]
 
     def leg_states(self, now_ns: int) -> list[LegState]:
-        """One decision.LegState per row; `now_ns` on CLOCK_MONOTONIC
-        (time.monotonic_ns()), the clock of the kernel's ktime_get_ns()."""
+        """One decision.LegState per row (see arrays())."""
+        a = self.arrays(now_ns)
         idle = self.idle_ns(now_ns)
-        return [LegState(queue_len=max(int(self.inflight[i]), 0),
-                         prev_qlen=[float(v) for v in self.prev_qlen[i]],
-                         prev_lat_us=[float(v) for v in self.prev_lat_us[i]],
-                         prev_tput_mbps=[float(v) for v in self.prev_tput_mbps[i]],
+        return [LegState(queue_len=int(a.queue_len[i]),
+                         prev_qlen=[float(v) for v in a.prev_qlen[i]],
+                         prev_lat_us=[float(v) for v in a.prev_lat_us[i]],
+                         prev_tput_mbps=[float(v) for v in a.prev_tput_mbps[i]],
                          idle_ns=idle[i])
                 for i in range(len(self))]
 
