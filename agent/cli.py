@@ -13,18 +13,18 @@ import logging
 import sys
 
 from . import __version__
-from .errors import IobridgeError
+from .core.errors import IobridgeError
 
 COMMAND_MODULES = [
-    "iobridge.vm",
-    "iobridge.observe",
-    "iobridge.record",
-    "iobridge.trace",
-    "iobridge.train",
-    "iobridge.model",
-    "iobridge.replay",
-    "iobridge.bench",
-    "iobridge.daemon",
+    "iobridge.lab.vm",
+    "iobridge.kernel.observer",
+    "iobridge.offline.record",
+    "iobridge.offline.trace",
+    "iobridge.offline.train",
+    "iobridge.core.model",
+    "iobridge.offline.replay",
+    "iobridge.lab.bench",
+    "iobridge.daemon.agent",
 ]
 
 

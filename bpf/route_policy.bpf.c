@@ -1,26 +1,43 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
- * iobridge read routing policy (BCC program).
+ * iobridge read routing policy (BCC program), ABI 3: feature-keyed table.
  *
  * Attached as BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE to the module's
- * "iobridge_route" tracepoint.  For each read bio it looks up the decision
- * table entries of every healthy leg for the bio's size bucket and, among
- * the legs whose entry is valid (not expired) and says admit, picks the one
- * with the fewest bios in flight (ties: higher score, then lower index).
- * If every valid entry says avoid, it picks the highest score (the leg
- * least likely to be slow; ties: fewer in flight, then lower index).  With
- * no valid entry it leaves chosen_leg at -1 and the module's default
- * policy decides.  While the agent's heartbeat is older than its
- * max_silence_ns the whole table is ignored (the agent is stalled), and
- * every routing the table makes records the table's age in a histogram.  agent/decision.py route() is the reference for these
- * semantics; the replay simulator runs that code.
+ * "iobridge_route" tracepoint.  For each read bio:
  *
- * Compiled by agent/routing.py with -I kmodule (for iobridge_abi.h).
+ * 1. While the agent's heartbeat is older than its max_silence_ns the whole
+ *    table is ignored (the agent is stalled): fallback (counted also as
+ *    silent), chosen_leg stays -1 and the module's default policy decides.
+ * 2. A leg is valid when it is < nr_legs, healthy, and its
+ *    struct iobridge_leg_decisions (index iobridge_leg_index(target, leg))
+ *    has expires_ns > now.  For each valid leg:
+ *      key  = iobridge_key_index(iobridge_size_bucket(bio_bytes),
+ *                                iobridge_inflight_bucket(inflight[leg]),
+ *                                iobridge_lat_bucket(lat_edge_ns, last_lat_ns[leg]))
+ *      cost = (inflight[leg] + 1) * service_ns + penalty_ns[key]
+ *    (64-bit arithmetic).  The lowest cost wins; on an exact tie one of the
+ *    tied legs uniformly at random (reservoir sampling: the k-th tied leg
+ *    replaces the current best with probability 1/k, bpf_get_prandom_u32).
+ * 3. Probing: the first valid leg in index order with probe_after_ns != 0,
+ *    nothing in flight and no completion for probe_after_ns
+ *    (now - last_complete_ns[leg] >= probe_after_ns; last_complete_ns == 0
+ *    means idle forever; a completion stamped after now is not idle) gets
+ *    the read instead, unless it is already the lowest-cost choice.  It
+ *    counts as routed and as a probe.
+ * 4. With no valid leg: fallback, chosen_leg stays -1 (module default).
+ *
+ * Every routing the table makes (including probes) records the table's age
+ * (now - the agent's published_ns) in a histogram.  The agent's Python
+ * reference of this rule is what the replay simulator runs; keep the two
+ * identical.
+ *
+ * Compiled by the agent with -I kmodule -I bpf (iobridge_abi.h,
+ * iobridge_bpf.h).
  */
 #include "iobridge_bpf.h"
 
-/* Written by the agent through mmap(); see agent/routing.py. */
-BPF_F_TABLE("array", u32, struct iobridge_decision, iobridge_decisions,
+/* Written by the agent through mmap(). */
+BPF_F_TABLE("array", u32, struct iobridge_leg_decisions, iobridge_decisions,
 	    IOBRIDGE_DECISION_ENTRIES, BPF_F_MMAPABLE);
 
 /* The agent's heartbeat, also written through mmap(). */
@@ -52,10 +69,10 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 	u32 target = ctx->target_id;
 	u32 nr_legs = ctx->nr_legs;
 	u64 now = ctx->now_ns;
-	u32 bucket = iobridge_size_bucket(ctx->bio_bytes);
-	s32 best = IOBRIDGE_NO_LEG, fallback = IOBRIDGE_NO_LEG;
-	s32 best_score = 0, fallback_score = 0;
-	u32 best_load = 0, fallback_load = 0;
+	u32 size_bucket = iobridge_size_bucket(ctx->bio_bytes);
+	s32 best = IOBRIDGE_NO_LEG, probe = IOBRIDGE_NO_LEG, chosen;
+	u64 best_cost = 0;
+	u32 ties = 0;
 	u64 published = 0;
 	u32 zero = 0;
 	struct iobridge_route_stats *stats = iobridge_route_stats.lookup(&zero);
@@ -75,41 +92,53 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 
 #pragma unroll
 	for (u32 leg = 0; leg < IOBRIDGE_MAX_LEGS; leg++) {
-		struct iobridge_decision *d;
-		u32 key, load;
+		struct iobridge_leg_decisions *d;
+		u32 idx, key, inflight;
+		u64 cost, last;
 
 		if (leg >= nr_legs)
 			break;
 		if (!ctx->healthy[leg])
 			continue;
-		key = iobridge_decision_index(target, leg, bucket);
-		d = iobridge_decisions.lookup(&key);
+		idx = iobridge_leg_index(target, leg);
+		d = iobridge_decisions.lookup(&idx);
 		if (!d || d->expires_ns <= now)
 			continue;
-		load = ctx->inflight[leg];
-		if (d->admit == IOBRIDGE_DECISION_ADMIT) {
-			if (best < 0 || load < best_load ||
-			    (load == best_load && d->score > best_score)) {
+		inflight = ctx->inflight[leg];
+		key = iobridge_key_index(size_bucket,
+					 iobridge_inflight_bucket(inflight),
+					 iobridge_lat_bucket(d->lat_edge_ns,
+							     ctx->last_lat_ns[leg]));
+		/* Keep the bounds check visible to the verifier. */
+		asm volatile("" : "+r"(key));
+		if (key >= IOBRIDGE_KEYS_PER_LEG)
+			continue;
+		cost = ((u64)inflight + 1) * d->service_ns + d->penalty_ns[key];
+		if (best < 0 || cost < best_cost) {
+			best = leg;
+			best_cost = cost;
+			ties = 1;
+		} else if (cost == best_cost) {
+			ties++;
+			if (bpf_get_prandom_u32() % ties == 0)
 				best = leg;
-				best_score = d->score;
-				best_load = load;
-			}
-		} else if (fallback < 0 || d->score > fallback_score ||
-			   (d->score == fallback_score && load < fallback_load)) {
-			fallback = leg;
-			fallback_score = d->score;
-			fallback_load = load;
+		}
+		if (probe < 0 && d->probe_after_ns && inflight == 0) {
+			last = ctx->last_complete_ns[leg];
+			if (!last || (now >= last && now - last >= d->probe_after_ns))
+				probe = leg;
 		}
 	}
-	/* Every valid entry says avoid: the least likely to be slow. */
-	if (best < 0)
-		best = fallback;
 
-	if (best >= 0) {
+	chosen = best;
+	if (probe >= 0 && probe != best)
+		chosen = probe;
+
+	if (chosen >= 0) {
 		u32 slot = iobridge_lat_slot(now > published ? now - published : 0);
 		u64 *age;
 
-		ctx->chosen_leg = best;
+		ctx->chosen_leg = chosen;
 		/* Keep the bounds check visible to the verifier. */
 		asm volatile("" : "+r"(slot));
 		if (slot < IOBRIDGE_LAT_SLOTS) {
@@ -119,10 +148,13 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		}
 	}
 	if (stats) {
-		if (best >= 0)
+		if (chosen >= 0) {
 			stats->routed++;
-		else
+			if (chosen != best)
+				stats->probes++;
+		} else {
 			stats->fallback++;
+		}
 	}
 	return 0;
 }

@@ -66,6 +66,9 @@ struct iob_leg {
 	atomic64_t write_errors;
 	atomic64_t hook_routed;
 	atomic64_t default_routed;
+	/* Live latency state for the routing hook (ABI 3), data bios only. */
+	atomic64_t last_lat_ns;		/* newest successful bio, 0 = none */
+	atomic64_t last_complete_ns;	/* newest completion (any outcome), 0 = none */
 };
 
 struct iob_c {
@@ -105,6 +108,7 @@ struct iob_io {
 	u8 kind;
 	u8 leg;
 	u8 tried;			/* read: legs tried so far */
+	u64 start_ns;			/* read: submitted to the current leg */
 	atomic_t pending;		/* write: leg clones outstanding + 1 */
 	unsigned long ok_mask;		/* write: legs that succeeded */
 	unsigned long err_mask;		/* write: legs that failed */
@@ -121,6 +125,7 @@ struct iob_io {
 struct iob_wclone {
 	struct iob_io *io;
 	unsigned int leg;
+	u64 start_ns;			/* submitted to the leg */
 	struct bio bio;			/* must be last (bioset front_pad) */
 };
 
@@ -187,6 +192,26 @@ static void iob_unregister(struct iob_c *ic)
 static inline bool iob_leg_readable(struct iob_leg *leg)
 {
 	return !test_bit(IOB_LEG_FAILED, &leg->state);
+}
+
+/*
+ * A data bio submitted to @leg at @start_ns completed: keep the newest
+ * completion time and, if it succeeded, its latency (at least 1: 0 means
+ * none), for the routing hook, then drop the leg's in-flight count.
+ * Lock-free: concurrent completions may interleave, the last store wins.
+ * The stores are ordered before the decrement (paired with the smp_rmb()
+ * in iob_hook()), so the hook never sees the leg idle with the completion
+ * time of an older bio, which would let it probe a leg that just answered.
+ */
+static inline void iob_leg_completed(struct iob_leg *leg, u64 start_ns, bool ok)
+{
+	u64 now = ktime_get_ns();
+
+	if (ok)
+		atomic64_set(&leg->last_lat_ns, now > start_ns ? now - start_ns : 1);
+	atomic64_set(&leg->last_complete_ns, now);
+	smp_mb__before_atomic();
+	atomic_dec(&leg->inflight);
 }
 
 static const char *iob_name(struct iob_c *ic)
@@ -297,6 +322,11 @@ static int iob_hook(struct iob_c *ic, sector_t sector, unsigned int bytes,
 		ctx.inflight[i] = atomic_read(&ic->legs[i].inflight);
 		ctx.healthy[i] = iob_leg_readable(&ic->legs[i]) && !(exclude & BIT(i));
 	}
+	smp_rmb();	/* pairs with iob_leg_completed() */
+	for (i = 0; i < ic->nr_legs; i++) {
+		ctx.last_lat_ns[i] = atomic64_read(&ic->legs[i].last_lat_ns);
+		ctx.last_complete_ns[i] = atomic64_read(&ic->legs[i].last_complete_ns);
+	}
 
 	trace_iobridge_route(&ctx);
 
@@ -347,6 +377,7 @@ static int iob_map_read(struct iob_c *ic, struct iob_io *io, struct bio *bio)
 
 	atomic_inc(&leg->inflight);
 	atomic64_inc(&leg->reads);
+	io->start_ns = ktime_get_ns();
 	return DM_MAPIO_REMAPPED;
 }
 
@@ -379,7 +410,7 @@ static void iob_write_endio(struct bio *clone)
 	struct iob_io *io = wc->io;
 	struct iob_leg *leg = &io->ic->legs[wc->leg];
 
-	atomic_dec(&leg->inflight);
+	iob_leg_completed(leg, wc->start_ns, !clone->bi_status);
 	if (clone->bi_status) {
 		atomic64_inc(&leg->write_errors);
 		WRITE_ONCE(io->status, clone->bi_status);
@@ -426,6 +457,7 @@ static int iob_map_write(struct iob_c *ic, struct iob_io *io, struct bio *bio)
 		atomic_inc(&leg->inflight);
 		atomic64_inc(&leg->writes);
 		sent++;
+		wc->start_ns = ktime_get_ns();
 		submit_bio_noacct(clone);
 	}
 	if (!sent) {
@@ -492,6 +524,7 @@ static void iob_retry_work(struct work_struct *w)
 	atomic64_inc(&leg->reads);
 	atomic64_inc(&leg->default_routed);
 	atomic64_inc(&ic->retries);
+	io->start_ns = ktime_get_ns();
 	submit_bio_noacct(bio);
 }
 
@@ -506,9 +539,8 @@ static int iob_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *error
 		return DM_ENDIO_DONE;
 
 	leg = &ic->legs[io->leg];
-	atomic_dec(&leg->inflight);
-
 	if (io->kind == IOB_DUP) {
+		atomic_dec(&leg->inflight);
 		if (*error && *error != BLK_STS_NOTSUPP) {
 			unsigned int i, others = 0;
 
@@ -522,7 +554,8 @@ static int iob_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *error
 		return DM_ENDIO_DONE;
 	}
 
-	/* Read. */
+	/* Read (first try or retry): timed, and leaves the leg's in-flight count. */
+	iob_leg_completed(leg, io->start_ns, !*error);
 	if (!*error)
 		return DM_ENDIO_DONE;
 	if (*error == BLK_STS_AGAIN && (bio->bi_opf & REQ_NOWAIT))

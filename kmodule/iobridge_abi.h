@@ -17,7 +17,7 @@
 
 #include <linux/types.h>
 
-#define IOBRIDGE_ABI_VERSION		2
+#define IOBRIDGE_ABI_VERSION		3
 
 /* ------------------------------------------------------------------------
  * Limits
@@ -53,6 +53,12 @@ static inline __u32 iobridge_size_bucket(__u32 nbytes)
  * its first argument and may store a leg index into chosen_leg; every
  * other field is input only.  The module ignores a choice that is out of
  * range or names a failed leg and then uses its default policy.
+ *
+ * Since ABI 3 the context carries each leg's live latency state, kept by
+ * the module at every data bio completion (reads and write copies, timed
+ * from the module's submission to the leg until its completion): the
+ * routing program keys its decision table on it, so a leg turning slow is
+ * acted on at the next read, whatever the agent is doing.
  * ------------------------------------------------------------------------ */
 #define IOBRIDGE_NO_LEG			(-1)
 
@@ -67,32 +73,92 @@ struct iobridge_route_ctx {
 	__s32 chosen_leg;			/* in: -1; out: leg or -1 */
 	__u32 inflight[IOBRIDGE_MAX_LEGS];	/* bios in flight per leg */
 	__u8 healthy[IOBRIDGE_MAX_LEGS];	/* 1 = may serve reads */
+	__u64 last_lat_ns[IOBRIDGE_MAX_LEGS];	/* latency of the leg's newest successful data bio, 0 = none */
+	__u64 last_complete_ns[IOBRIDGE_MAX_LEGS]; /* ktime_get_ns() of its newest completion, 0 = none */
 };
 
 /* ------------------------------------------------------------------------
- * Decision table (BPF array, BPF_F_MMAPABLE, written by the agent)
+ * Feature-keyed decision table (BPF array, BPF_F_MMAPABLE, written by the
+ * agent; since ABI 3)
  *
- * Key: iobridge_decision_index(target, leg, bucket).  An entry is valid
- * while expires_ns > now (CLOCK_MONOTONIC ns, i.e. ktime_get_ns()); an
- * entry with expires_ns == 0 is empty.  The agent writes admit and score
- * first and expires_ns last.
+ * One struct iobridge_leg_decisions per (target, leg), at index
+ * iobridge_leg_index(target, leg).  Per read, the routing program computes
+ * for every healthy leg the key
+ *
+ *   (size bucket of the read,
+ *    in-flight bucket of the leg's bios in flight,
+ *    latency bucket of the leg's newest completion latency, by lat_edge_ns)
+ *
+ * and the leg's expected completion time
+ *
+ *   cost = (inflight + 1) * service_ns + penalty_ns[key]
+ *
+ * and sends the read to the leg with the lowest cost (exact ties: a random
+ * one of them).  penalty_ns is what the agent precomputed for the key from
+ * the admission model: P(slow | key) times the extra time a slow read
+ * costs on that leg.  Keys and edges are documented in the README
+ * ("Feature-keyed decision table").
+ *
+ * Probing: a leg whose entry is valid, with no bio in flight and no
+ * completion for probe_after_ns, gets the read (one at a time), so an
+ * avoided leg shows its recovery even when the agent is slow.
+ *
+ * An entry is valid while expires_ns > now (CLOCK_MONOTONIC ns, i.e.
+ * ktime_get_ns()); expires_ns == 0 is empty.  The agent writes everything
+ * else first and expires_ns last; legs without a valid entry are left out,
+ * and with no valid entry at all the module default decides.
  * ------------------------------------------------------------------------ */
-#define IOBRIDGE_DECISION_AVOID		0
-#define IOBRIDGE_DECISION_ADMIT		1
+#define IOBRIDGE_NUM_INFLIGHT_BUCKETS	6	/* 0, 1, 2-3, 4-7, 8-15, 16+ */
+#define IOBRIDGE_NUM_LAT_BUCKETS	8	/* split by the leg's 7 lat_edge_ns */
+#define IOBRIDGE_KEYS_PER_LEG \
+	(IOBRIDGE_NUM_SIZE_BUCKETS * IOBRIDGE_NUM_INFLIGHT_BUCKETS * IOBRIDGE_NUM_LAT_BUCKETS)
+#define IOBRIDGE_PENALTY_MAX_NS		0xffffffffU
 
-struct iobridge_decision {
-	__u64 expires_ns;			/* 0 = empty */
-	__s32 score;				/* higher is better */
-	__u8 admit;				/* IOBRIDGE_DECISION_* */
-	__u8 pad[3];
+struct iobridge_leg_decisions {
+	__u64 expires_ns;			/* 0 = empty; written last */
+	__u64 probe_after_ns;			/* 0 = never probe this leg */
+	__u32 service_ns;			/* the leg's service estimate per read */
+	__u32 lat_edge_ns[IOBRIDGE_NUM_LAT_BUCKETS - 1];	/* ascending */
+	__u32 penalty_ns[IOBRIDGE_KEYS_PER_LEG];	/* by iobridge_key_index() */
 };
 
-#define IOBRIDGE_DECISION_ENTRIES \
-	(IOBRIDGE_MAX_TARGETS * IOBRIDGE_MAX_LEGS * IOBRIDGE_NUM_SIZE_BUCKETS)
+#define IOBRIDGE_DECISION_ENTRIES	(IOBRIDGE_MAX_TARGETS * IOBRIDGE_MAX_LEGS)
 
-static inline __u32 iobridge_decision_index(__u32 target, __u32 leg, __u32 bucket)
+static inline __u32 iobridge_leg_index(__u32 target, __u32 leg)
 {
-	return (target * IOBRIDGE_MAX_LEGS + leg) * IOBRIDGE_NUM_SIZE_BUCKETS + bucket;
+	return target * IOBRIDGE_MAX_LEGS + leg;
+}
+
+/* 0 -> 0, 1 -> 1, 2-3 -> 2, 4-7 -> 3, 8-15 -> 4, 16 and more -> 5 */
+static inline __u32 iobridge_inflight_bucket(__u32 inflight)
+{
+	if (inflight < 2)
+		return inflight;
+	if (inflight < 4)
+		return 2;
+	if (inflight < 8)
+		return 3;
+	if (inflight < 16)
+		return 4;
+	return 5;
+}
+
+/* The number of edges at or below lat_ns (edges ascending). */
+static inline __u32 iobridge_lat_bucket(const __u32 *edges, __u64 lat_ns)
+{
+	__u32 b = 0, i;
+
+	for (i = 0; i < IOBRIDGE_NUM_LAT_BUCKETS - 1; i++)
+		if (lat_ns >= edges[i])
+			b++;
+	return b;
+}
+
+static inline __u32 iobridge_key_index(__u32 size_bucket, __u32 inflight_bucket,
+				       __u32 lat_bucket)
+{
+	return (size_bucket * IOBRIDGE_NUM_INFLIGHT_BUCKETS + inflight_bucket) *
+		IOBRIDGE_NUM_LAT_BUCKETS + lat_bucket;
 }
 
 /* ========================================================================
@@ -220,6 +286,7 @@ struct iobridge_route_stats {
 	__u64 routed;				/* the table chose the leg */
 	__u64 fallback;				/* left to the module default */
 	__u64 silent;				/* of fallback: heartbeat too old */
+	__u64 probes;				/* of routed: probes of an idle leg */
 };
 
 #endif /* _IOBRIDGE_ABI_H */

@@ -2,7 +2,7 @@
 
 Tests marked `vm` (everything under tests/vm) need a real kernel. On the host
 each of them is replaced by a proxy item; the first proxy to run boots the
-test VM once, runs all selected VM tests inside it (iobridge.vm.run_tests),
+test VM once, runs all selected VM tests inside it (iobridge.lab.vm.run_tests),
 and every proxy then reports its own test's outcome from inside the VM. So a
 single `pytest` run shows host and VM tests alike, one line each.
 Inside the VM (IOBRIDGE_IN_VM=1) the real tests run instead.
@@ -51,8 +51,8 @@ class VmProxyItem(pytest.Item):
 
 def _vm_outcomes(session):
     if not hasattr(session, "iobridge_vm_suite"):
-        from iobridge import vm
-        from iobridge.errors import IobridgeError
+        from iobridge.lab import vm
+        from iobridge.core.errors import IobridgeError
 
         nodeids = [item.nodeid for item in session.items if isinstance(item, VmProxyItem)]
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from iobridge.trace import traces_dir
+from iobridge.offline.trace import traces_dir
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO / "models" / "admission-default.onnx"

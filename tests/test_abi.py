@@ -1,4 +1,4 @@
-"""Host test: agent/abi.py mirrors kmodule/iobridge_abi.h exactly.
+"""Host test: iobridge.core.abi mirrors kmodule/iobridge_abi.h exactly.
 
 Compiles a small C program against the header with the host compiler; it
 prints every size, offset and constant, and the test compares them with
@@ -14,7 +14,9 @@ import subprocess
 
 import pytest
 
-from iobridge import abi
+from iobridge.core import abi
+from iobridge.core.errors import IobridgeError
+from iobridge.kernel import bpf
 
 CC = shutil.which("gcc") or shutil.which("cc")
 
@@ -46,12 +48,19 @@ def c_layout(tmp_path_factory):
         lines.append(f'printf("const {pyname} %lld\\n", (long long)({macro}));')
     for n in (0, 1, 4095, 4096, 4097, 16384, 16385, 65536, 65537, 1 << 20):
         lines.append(f'printf("bucket {n} %u\\n", iobridge_size_bucket({n}u));')
-    lines.append('printf("index 3 5 2 %u\\n", iobridge_decision_index(3, 5, 2));')
+    lines.append('printf("legindex 3 5 %u\\n", iobridge_leg_index(3, 5));')
+    for n in (0, 1, 2, 3, 4, 7, 8, 15, 16, 17, 1000):
+        lines.append(f'printf("inflight {n} %u\\n", iobridge_inflight_bucket({n}u));')
+    lines.append("const __u32 edges[7] = {100, 200, 400, 800, 1600, 3200, 6400};")
+    for n in (0, 99, 100, 101, 399, 400, 6399, 6400, 1 << 40):
+        lines.append(f'printf("lat {n} %u\\n", iobridge_lat_bucket(edges, {n}ull));')
+    lines.append('printf("key 3 5 7 %u\\n", iobridge_key_index(3, 5, 7));')
+    lines.append('printf("key 1 2 3 %u\\n", iobridge_key_index(1, 2, 3));')
     lines.append("return 0; }")
     src = tmp / "layout.c"
     src.write_text("\n".join(lines) + "\n")
     exe = tmp / "layout"
-    subprocess.run([CC, "-std=gnu11", "-Wall", "-Werror", f"-I{abi.KMODULE_DIR}",
+    subprocess.run([CC, "-std=gnu11", "-Wall", "-Werror", f"-I{bpf.abi_header().parent}",
                     str(src), "-o", str(exe)], check=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     table = {}
@@ -72,7 +81,7 @@ def test_struct_layout_matches_header(c_layout, cname):
 
 
 def test_every_header_struct_is_mirrored():
-    text = abi.ABI_HEADER.read_text()
+    text = bpf.abi_header().read_text()
     declared = set(re.findall(r"^struct\s+(\w+)\s*\{", text, re.M))
     assert declared == set(abi.STRUCTS), "header and agent/abi.py declare different structs"
 
@@ -88,25 +97,34 @@ def test_size_buckets_match_header(c_layout):
             assert abi.size_bucket(int(key)) == vals[0], key
 
 
-def test_decision_index_matches_header(c_layout):
-    # The line reads "index 3 5 2 N": key "3", values [5, 2, N].
-    assert c_layout[("index", "3")] == [5, 2, abi.decision_index(3, 5, 2)]
+def test_key_rules_match_header(c_layout):
+    edges = (100, 200, 400, 800, 1600, 3200, 6400)
+    for (kind, key), vals in c_layout.items():
+        if kind == "inflight":
+            assert abi.inflight_bucket(int(key)) == vals[0], key
+        if kind == "lat":
+            assert abi.lat_bucket(edges, int(key)) == vals[0], key
+    # "key 3 5 7 N": key "3", values [5, 7, N].
+    assert c_layout[("key", "3")] == [5, 7, abi.key_index(3, 5, 7)]
+    assert c_layout[("key", "1")] == [2, 3, abi.key_index(1, 2, 3)]
+    assert abi.key_index(abi.NUM_SIZE_BUCKETS - 1, abi.NUM_INFLIGHT_BUCKETS - 1,
+                         abi.NUM_LAT_BUCKETS - 1) == abi.KEYS_PER_LEG - 1
+    assert c_layout[("legindex", "3")] == [5, abi.leg_index(3, 5)]
 
 
 def test_header_version_check(tmp_path):
-    assert abi.header_version() == abi.ABI_VERSION
-    abi.check_header_version()
+    assert bpf.header_version() == abi.ABI_VERSION
+    bpf.check_header_version()
     bad = tmp_path / "iobridge_abi.h"
-    bad.write_text(abi.ABI_HEADER.read_text().replace(
+    bad.write_text(bpf.abi_header().read_text().replace(
         f"IOBRIDGE_ABI_VERSION\t\t{abi.ABI_VERSION}", f"IOBRIDGE_ABI_VERSION\t\t{abi.ABI_VERSION + 1}"))
-    with pytest.raises(abi.IobridgeError, match=rf"layout version {abi.ABI_VERSION + 1}.*expects {abi.ABI_VERSION}"):
-        abi.check_header_version(bad)
+    with pytest.raises(IobridgeError, match=rf"layout version {abi.ABI_VERSION + 1}.*expects {abi.ABI_VERSION}"):
+        bpf.check_header_version(bad)
 
 
-def test_decision_index_bounds():
-    assert abi.decision_index(abi.MAX_TARGETS - 1, abi.MAX_LEGS - 1,
-                              abi.NUM_SIZE_BUCKETS - 1) == abi.DECISION_ENTRIES - 1
+def test_leg_index_bounds():
+    assert abi.leg_index(abi.MAX_TARGETS - 1, abi.MAX_LEGS - 1) == abi.DECISION_ENTRIES - 1
     with pytest.raises(ValueError):
-        abi.decision_index(abi.MAX_TARGETS, 0, 0)
+        abi.leg_index(abi.MAX_TARGETS, 0)
     with pytest.raises(ValueError):
-        abi.decision_index(0, abi.MAX_LEGS, 0)
+        abi.leg_index(0, abi.MAX_LEGS)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from iobridge import config
-from iobridge.config import ConfigError
+from iobridge.daemon import config
+from iobridge.daemon.config import ConfigError
 
 
 def write(tmp_path, text):

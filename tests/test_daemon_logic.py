@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iobridge import abi, daemon, decision
+from iobridge.core import abi
+from iobridge.daemon import agent as daemon
+from iobridge.core import decision
 
 
 LISTING = """mirror: 0 204800 iobridge 3 least_inflight 2 AF 0 0 0 0 251:0 10 5 0 0 1 7 3 251:16 4 5 0 0 0 0 4
@@ -101,7 +103,7 @@ def test_read_status_without_agent(tmp_path):
 def test_bpffs_check_uses_the_innermost_mount(monkeypatch):
     import psutil
 
-    from iobridge import pins
+    from iobridge.kernel import pins
 
     Part = collections.namedtuple("Part", "mountpoint fstype")
     mounts = [Part("/", "ext4"), Part("/sys", "sysfs"), Part("/sys/fs/bpf", "bpf"),

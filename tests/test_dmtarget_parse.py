@@ -2,8 +2,8 @@
 
 import pytest
 
-from iobridge import dmtarget
-from iobridge.errors import UsageError
+from iobridge.kernel import dmtarget
+from iobridge.core.errors import UsageError
 
 STATUS = ("0 32768 iobridge 3 least_inflight 2 AF 4 0 1 2 "
           "253:0 100 50 0 0 1 90 10 "

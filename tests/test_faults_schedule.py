@@ -1,4 +1,4 @@
-"""Host-side parts of iobridge.faults: period drawing, timeline queries, errors.
+"""Host-side parts of iobridge.lab.faults: period drawing, timeline queries, errors.
 The device-mapper side runs in the VM (tests/vm/test_faults.py)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import statistics
 
 import pytest
 
-from iobridge import faults
-from iobridge.errors import IobridgeError, UsageError
-from iobridge.faults import NORMAL, SLOW, SWITCHING, SlowPeriods, draw_periods
+from iobridge.lab import faults
+from iobridge.core.errors import IobridgeError, UsageError
+from iobridge.lab.faults import NORMAL, SLOW, SWITCHING, SlowPeriods, draw_periods
 
 
 def _take(n, **kw):

@@ -1,14 +1,14 @@
 import numpy as np
 import pytest
 
-from iobridge import features as F
-from iobridge.abi import NUM_SIZE_BUCKETS, size_bucket
-from iobridge.decision import (BUCKET_SIZE_BYTES, KERNEL_SCORE_SCALE, DecisionMaker,
+from iobridge.core import features as F
+from iobridge.core.abi import NUM_SIZE_BUCKETS, size_bucket
+from iobridge.core.decision import (BUCKET_SIZE_BYTES, KERNEL_SCORE_SCALE, DecisionMaker,
                                DecisionTable, LegState, feature_rows, kernel_score, route)
-from iobridge.devmodel import DeviceParams, Leg
-from iobridge import policies as P
-from iobridge.replay import simulate
-from iobridge.trace import Trace, _normalise_batch
+from iobridge.offline.devmodel import DeviceParams, Leg
+from iobridge.offline import policies as P
+from iobridge.offline.simulate import simulate
+from iobridge.offline.trace import Trace, _normalise_batch
 
 
 def test_schema_is_heimdalls_twelve_features():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from iobridge import histogram as h
+from iobridge.core import histogram as h
 
 
 def test_small_values_get_one_slot_each():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from iobridge.labeling import knee, label_periods, time_split
+from iobridge.offline.labeling import knee, label_periods, time_split
 
 FAST, SLOW = 100.0, 5000.0      # latency us
 SZ = 4096                       # bytes: fast tput 40.96 MB/s, slow 0.82 MB/s

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from iobridge import abi, features
-from iobridge.errors import IobridgeError
-from iobridge.legstate import LEG_DTYPE, LegSnapshot, consistent_copy
-from iobridge.observe import BlockObserver
+from iobridge.core import abi
+from iobridge.core import features
+from iobridge.core.errors import IobridgeError
+from iobridge.kernel.legstate import LEG_DTYPE, LegSnapshot, consistent_copy
+from iobridge.kernel.observer import BlockObserver
 
 
 def table(n: int = 8) -> tuple[bytearray, np.ndarray]:

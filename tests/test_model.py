@@ -6,8 +6,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from iobridge import cli
-from iobridge import features as F
-from iobridge.model import ModelCheckError, bench, card_path, check_model
+from iobridge.core import features as F
+from iobridge.core.model import ModelCheckError, bench, card_path, check_model
 from offline_helpers import SHIPPED_MODEL
 
 
@@ -43,7 +43,7 @@ def test_shipped_models_pass_check_and_their_cards_are_complete(name, source, re
 def test_wrong_input_width_is_rejected(tmp_path):
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import Pipeline
-    from iobridge.train import to_onnx
+    from iobridge.offline.train import to_onnx
     rng = np.random.default_rng(0)
     X = rng.random((200, 10)).astype(np.float32)
     est = Pipeline([("clf", MLPClassifier((4,), max_iter=5))]).fit(X, X[:, 0] > 0.5)

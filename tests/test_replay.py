@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from iobridge import cli
-from iobridge import policies as P
-from iobridge.errors import IobridgeError
-from iobridge.labeling import time_split
-from iobridge.replay import run_replay
-from iobridge.trace import OP_READ, import_cloudphysics, write_trace
+from iobridge.offline import policies as P
+from iobridge.core.errors import IobridgeError
+from iobridge.offline.labeling import time_split
+from iobridge.offline.replay import run_replay
+from iobridge.offline.trace import OP_READ, import_cloudphysics, write_trace
 from offline_helpers import shared_trace
 
 
@@ -88,7 +88,7 @@ def test_trace_without_reads_is_an_error(cloudphysics):
 
 
 def test_replay_uses_recorded_per_leg_latencies(capsys):
-    from iobridge.trace import Trace, _normalise_batch
+    from iobridge.offline.trace import Trace, _normalise_batch
     # recorded on 2 legs: leg 0 reads take 100 us, then 5 ms in the later half;
     # leg 1 reads always take 300 us. Reads alternate legs, 1 ms apart.
     n = 2000

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from iobridge.sdnotify import Notifier
+from iobridge.daemon.sdnotify import Notifier
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_unset_socket_is_a_silent_noop(caplog):
 def test_send_failure_is_logged_once_and_not_raised(tmp_path, caplog):
     n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})   # nobody listens
     assert n.enabled
-    with caplog.at_level(logging.WARNING, logger="iobridge.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="iobridge.daemon.sdnotify"):
         assert n.watchdog() is False
         assert n.watchdog() is False
         assert n.ready() is False
@@ -88,7 +88,7 @@ def test_send_failure_is_logged_once_and_not_raised(tmp_path, caplog):
 
 
 def test_unsupported_address_disables(caplog):
-    with caplog.at_level(logging.WARNING, logger="iobridge.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="iobridge.daemon.sdnotify"):
         n = Notifier({"NOTIFY_SOCKET": "vsock:2:1234"})
     assert not n.enabled and n.ready() is False
     assert "notifications disabled" in caplog.text

@@ -4,9 +4,11 @@ import os
 
 import pytest
 
-from iobridge import blockdev, system, vm
+from iobridge.kernel import blockdev
+from iobridge.kernel import system
+from iobridge.lab import vm
 from iobridge.cli import build_parser, main
-from iobridge.errors import IobridgeError
+from iobridge.core.errors import IobridgeError
 
 
 def test_non_root_gets_one_clear_line(monkeypatch):

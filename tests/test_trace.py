@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from iobridge import cli
-from iobridge.errors import IobridgeError
-from iobridge import trace as T
+from iobridge.core.errors import IobridgeError
+from iobridge.offline import trace as T
 from offline_helpers import shared_trace
 
 

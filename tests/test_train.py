@@ -2,11 +2,11 @@ import json
 
 
 from iobridge import cli
-from iobridge import policies as P
-from iobridge.devmodel import DeviceParams
-from iobridge.model import card_path, check_model
-from iobridge.replay import simulate
-from iobridge.trace import import_cloudphysics, read_trace, write_trace
+from iobridge.offline import policies as P
+from iobridge.offline.devmodel import DeviceParams
+from iobridge.core.model import card_path, check_model
+from iobridge.offline.simulate import simulate
+from iobridge.offline.trace import import_cloudphysics, read_trace, write_trace
 from offline_helpers import shared_trace
 
 

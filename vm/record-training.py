@@ -13,9 +13,10 @@ import subprocess
 import sys
 import time
 
-from iobridge import testbed, workload
-from iobridge.experiment import ReplicaSet
-from iobridge.faults import SlowPeriods
+from iobridge.lab import testbed
+from iobridge.lab import workload
+from iobridge.lab.experiment import ReplicaSet
+from iobridge.lab.faults import SlowPeriods
 
 # (added read latency in slow periods (ms), fio queue depth, seconds, seed);
 # three rounds, so that the earlier (training) and later (held-back) parts

@@ -247,9 +247,9 @@ def make_dm_flakey(make_dm):
 @pytest.fixture
 def make_slow_periods():
     """Factory: make_slow_periods(dev, slow_ms, normal_mean_s, slow_mean_s, **kw)
-    -> iobridge.faults.SlowPeriods, its dm-delay device created (not started).
+    -> iobridge.lab.faults.SlowPeriods, its dm-delay device created (not started).
     Stopped and removed after the test."""
-    from iobridge.faults import SlowPeriods
+    from iobridge.lab.faults import SlowPeriods
 
     made: list[SlowPeriods] = []
 
@@ -269,24 +269,24 @@ def make_slow_periods():
 # ---------------------------------------------------------------- the module
 
 def module_loaded() -> bool:
-    from iobridge import abi
+    from iobridge.core import abi
     return Path(f"/sys/module/{abi.MODULE_NAME}").exists()
 
 
 def insmod() -> None:
-    from iobridge import testbed
+    from iobridge.lab import testbed
     testbed.ensure_module()
 
 
 def rmmod(check: bool = True) -> subprocess.CompletedProcess:
-    from iobridge import abi
+    from iobridge.core import abi
     return run(["rmmod", abi.MODULE_NAME], check=check)
 
 
 @pytest.fixture(scope="session")
 def iobridge_module():
     """Build (if needed) and load the module; unload it at the end."""
-    from iobridge import abi
+    from iobridge.core import abi
     ko = abi.KMODULE_DIR / "dm-iobridge.ko"
     sources = list(abi.KMODULE_DIR.glob("*.[ch]"))
     if not ko.exists() or any(s.stat().st_mtime > ko.stat().st_mtime for s in sources):

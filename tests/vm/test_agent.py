@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 from conftest import run
 
-from iobridge import abi, dmtarget
-from iobridge.config import DEFAULT_MODEL, Config
-from iobridge.experiment import AgentProcess, ReplicaSet, run_policy
+from iobridge.core import abi
+from iobridge.kernel import dmtarget
+from iobridge.daemon.config import DEFAULT_MODEL, Config
+from iobridge.lab.experiment import AgentProcess, ReplicaSet, run_policy
 
 pytestmark = pytest.mark.vm
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import insmod, module_loaded, rmmod, run, sectors_of, wait_for_path
 
-from iobridge import abi, dmtarget
-from iobridge.routing import RoutePolicy
+from iobridge.core import abi
+from iobridge.kernel import dmtarget
+from iobridge.kernel.route_policy import RoutePolicy
 
 pytestmark = pytest.mark.vm
 

@@ -1,4 +1,4 @@
-"""iobridge.faults.SlowPeriods on a real dm-delay device, measured with fio.
+"""iobridge.lab.faults.SlowPeriods on a real dm-delay device, measured with fio.
 
 fio logs every read's latency with a CLOCK_MONOTONIC timestamp (the clock of
 the SlowPeriods timeline), so each read can be placed in a period.
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import run
 
-from iobridge import faults
-from iobridge.faults import NORMAL, SLOW, SWITCHING
+from iobridge.lab import faults
+from iobridge.lab.faults import NORMAL, SLOW, SWITCHING
 
 pytestmark = pytest.mark.vm
 
@@ -75,7 +75,7 @@ def test_slow_periods_delay_reads_only_while_slow(make_nullb, make_slow_periods,
 
     # The dm device's own counter saw every read fio made, and more: each
     # table switch emits a change uevent on which udev's blkid probe reads
-    # the device (see iobridge.faults).
+    # the device (see iobridge.lab.faults).
     assert faults.read_count(sp.path) - reads_before >= fio_reads
 
     # The timeline is contiguous, alternates through a switch each time, and

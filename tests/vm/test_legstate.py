@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from conftest import run
 
-from iobridge import abi, blockdev
-from iobridge.observe import BlockObserver
+from iobridge.core import abi
+from iobridge.kernel import blockdev
+from iobridge.kernel.observer import BlockObserver
 
 pytestmark = pytest.mark.vm
 

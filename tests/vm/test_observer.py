@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from conftest import run
 
-from iobridge import abi, blockdev
-from iobridge.observe import BlockObserver, DevSnapshot
+from iobridge.core import abi
+from iobridge.kernel import blockdev
+from iobridge.kernel.observer import BlockObserver, DevSnapshot
 
 # null_blk completing each request after 1 ms from a timer (irqmode=2), so
 # the device time dominates the software path under emulation.
@@ -234,7 +235,7 @@ def test_observe_cli_rejects_an_unknown_device():
 
 
 def test_record_writes_every_io_and_survives_ctrl_c(slow_nullb, tmp_path):
-    from iobridge.trace import read_trace
+    from iobridge.offline.trace import read_trace
 
     out = tmp_path / "rec.parquet"
     jobs = []
@@ -266,7 +267,7 @@ def test_record_refuses_to_overwrite(tmp_path):
 def test_record_leg_writes_every_bio_of_a_stacked_device(make_nullb, make_dm_delay, tmp_path):
     """`record --leg` on a dm-delay device (bio-based: no request events of
     its own) writes one bio-level record per read, timed with the delay."""
-    from iobridge.trace import read_trace
+    from iobridge.offline.trace import read_trace
 
     nullb = make_nullb(64)
     delayed = make_dm_delay(nullb, read_ms=8, write_ms=0)

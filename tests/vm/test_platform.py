@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import run, sectors_of
 
-from iobridge.vm import pinned_release
+from iobridge.lab.vm import pinned_release
 
 
 def test_runs_on_the_pinned_debian_6_1_kernel():

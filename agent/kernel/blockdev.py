@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import IobridgeError
+from ..core.errors import IobridgeError
 
 MINORBITS = 20
 SYS_CLASS_BLOCK = Path("/sys/class/block")

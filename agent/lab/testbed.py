@@ -10,8 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import abi
-from .errors import IobridgeError
+from ..core import abi, resources
+from ..core.errors import IobridgeError
+from ..kernel import dmtarget
 
 CONFIGFS_NULLB = Path("/sys/kernel/config/nullb")
 
@@ -27,11 +28,12 @@ def ensure_module() -> None:
     """Load dm_mod and the iobridge module (building it if needed)."""
     sh(["modprobe", "dm_mod"])
     if not Path(f"/sys/module/{abi.MODULE_NAME}").exists():
-        ko = abi.KMODULE_DIR / "dm-iobridge.ko"
+        kdir = resources.require_checkout("loading the module") / "kmodule"
+        ko = kdir / "dm-iobridge.ko"
         if not ko.exists():
-            sh(["make", "-C", str(abi.KMODULE_DIR)])
+            sh(["make", "-C", str(kdir)])
         sh(["insmod", str(ko)])
-    abi.check_module_version()
+    dmtarget.check_module_version()
 
 
 def make_nullb(name: str, size_mb: int = 1024, **params) -> str:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import abi, blockdev
-from .errors import UsageError
-from .observe import DEFAULT_RINGBUF_PAGES, BlockObserver, add_observer_args
+from ..core import abi
+from ..core.errors import UsageError
+from ..kernel import blockdev
+from ..kernel.observer import BlockObserver, DEFAULT_RINGBUF_PAGES, add_observer_args
 
 BATCH_SECONDS = 1.0
 

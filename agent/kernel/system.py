@@ -8,7 +8,7 @@ import platform
 import re
 from pathlib import Path
 
-from .errors import IobridgeError
+from ..core.errors import IobridgeError
 
 # BPF ring buffers (5.8) are the newest kernel feature the observer needs.
 MIN_KERNEL = (5, 8)

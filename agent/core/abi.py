@@ -4,44 +4,43 @@ The C side of every shared structure lives in one header,
 kmodule/iobridge_abi.h; this module mirrors it with ctypes.  The host test
 tests/test_abi.py compiles the header and checks every size, offset and
 constant below against it, and the agent compares ABI_VERSION with the
-header it compiles into BPF programs and with the loaded module before it
-uses either (check_header_version(), check_module_version()).
+header it compiles into BPF programs (kernel/bpf.py) and with the loaded
+module (kernel/dmtarget.py) before it uses either.
 """
 
 from __future__ import annotations
 
 import ctypes
-import re
-from pathlib import Path
-
-from .errors import IobridgeError
 
 # Bump together with IOBRIDGE_ABI_VERSION in kmodule/iobridge_abi.h.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 MAX_LEGS = 8
 MAX_TARGETS = 64
 
-# Admission decisions are kept per (target, leg, I/O size bucket).
-# Bucket i holds requests of at most SIZE_BUCKET_MAX_BYTES[i] bytes; the
-# last bucket holds everything larger.
+# The decision table's key, per read and leg (since ABI 3): the read's size
+# bucket, the leg's in-flight bucket and the leg's latency bucket.
+# Size bucket i holds requests of at most SIZE_BUCKET_MAX_BYTES[i] bytes;
+# the last bucket holds everything larger.
 SIZE_BUCKET_MAX_BYTES = (4096, 16384, 65536)
 NUM_SIZE_BUCKETS = len(SIZE_BUCKET_MAX_BYTES) + 1
+# In-flight bucket i starts at INFLIGHT_BUCKET_MIN[i] bios (0, 1, 2-3, 4-7, 8-15, 16+).
+INFLIGHT_BUCKET_MIN = (0, 1, 2, 4, 8, 16)
+NUM_INFLIGHT_BUCKETS = len(INFLIGHT_BUCKET_MIN)
+# Latency buckets: split by each leg's NUM_LAT_BUCKETS - 1 ascending edges,
+# which the agent publishes (relative to the leg's baseline).
+NUM_LAT_BUCKETS = 8
+KEYS_PER_LEG = NUM_SIZE_BUCKETS * NUM_INFLIGHT_BUCKETS * NUM_LAT_BUCKETS
+PENALTY_MAX_NS = 0xFFFFFFFF
 
 NO_LEG = -1
-DECISION_AVOID = 0
-DECISION_ADMIT = 1
-DECISION_ENTRIES = MAX_TARGETS * MAX_LEGS * NUM_SIZE_BUCKETS
+DECISION_ENTRIES = MAX_TARGETS * MAX_LEGS
 
 # Names used across the module, the BPF program and the agent.
 MODULE_NAME = "dm_iobridge"
 TARGET_TYPE = "iobridge"
 ROUTE_TRACEPOINT = "iobridge_route"
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-KMODULE_DIR = REPO_ROOT / "kmodule"
-BPF_DIR = REPO_ROOT / "bpf"
-ABI_HEADER = KMODULE_DIR / "iobridge_abi.h"
 
 
 def size_bucket(nbytes: int) -> int:
@@ -52,15 +51,31 @@ def size_bucket(nbytes: int) -> int:
     return NUM_SIZE_BUCKETS - 1
 
 
-def decision_index(target: int, leg: int, bucket: int) -> int:
-    """Index of the decision entry for (target, leg, bucket)."""
+def inflight_bucket(inflight: int) -> int:
+    """In-flight bucket of a leg with `inflight` bios in flight (as the BPF side)."""
+    for i in range(NUM_INFLIGHT_BUCKETS - 1, -1, -1):
+        if inflight >= INFLIGHT_BUCKET_MIN[i]:
+            return i
+    return 0
+
+
+def lat_bucket(edges_ns, lat_ns: int) -> int:
+    """Latency bucket: the number of edges at or below lat_ns (as the BPF side)."""
+    return sum(1 for e in edges_ns if lat_ns >= e)
+
+
+def key_index(size_b: int, inflight_b: int, lat_b: int) -> int:
+    """Index into a leg's penalty_ns[] (iobridge_key_index)."""
+    return (size_b * NUM_INFLIGHT_BUCKETS + inflight_b) * NUM_LAT_BUCKETS + lat_b
+
+
+def leg_index(target: int, leg: int) -> int:
+    """Index of the decision entry of (target, leg)."""
     if not 0 <= target < MAX_TARGETS:
         raise ValueError(f"target id {target} outside 0..{MAX_TARGETS - 1}")
     if not 0 <= leg < MAX_LEGS:
         raise ValueError(f"leg {leg} outside 0..{MAX_LEGS - 1}")
-    if not 0 <= bucket < NUM_SIZE_BUCKETS:
-        raise ValueError(f"size bucket {bucket} outside 0..{NUM_SIZE_BUCKETS - 1}")
-    return (target * MAX_LEGS + leg) * NUM_SIZE_BUCKETS + bucket
+    return target * MAX_LEGS + leg
 
 
 class RouteCtx(ctypes.Structure):
@@ -77,24 +92,27 @@ class RouteCtx(ctypes.Structure):
         ("chosen_leg", ctypes.c_int32),
         ("inflight", ctypes.c_uint32 * MAX_LEGS),
         ("healthy", ctypes.c_uint8 * MAX_LEGS),
+        ("last_lat_ns", ctypes.c_uint64 * MAX_LEGS),
+        ("last_complete_ns", ctypes.c_uint64 * MAX_LEGS),
     ]
 
 
-class Decision(ctypes.Structure):
-    """struct iobridge_decision: one decision table entry."""
+class LegDecisions(ctypes.Structure):
+    """struct iobridge_leg_decisions: one (target, leg) entry of the table."""
 
     _fields_ = [
         ("expires_ns", ctypes.c_uint64),
-        ("score", ctypes.c_int32),
-        ("admit", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
+        ("probe_after_ns", ctypes.c_uint64),
+        ("service_ns", ctypes.c_uint32),
+        ("lat_edge_ns", ctypes.c_uint32 * (NUM_LAT_BUCKETS - 1)),
+        ("penalty_ns", ctypes.c_uint32 * KEYS_PER_LEG),
     ]
 
 
 # (C struct name, ctypes mirror): checked field by field by tests/test_abi.py.
 STRUCTS = {
     "iobridge_route_ctx": RouteCtx,
-    "iobridge_decision": Decision,
+    "iobridge_leg_decisions": LegDecisions,
 }
 
 # Python constant -> C macro: checked by tests/test_abi.py.
@@ -103,56 +121,13 @@ CONSTANTS = {
     "MAX_LEGS": "IOBRIDGE_MAX_LEGS",
     "MAX_TARGETS": "IOBRIDGE_MAX_TARGETS",
     "NUM_SIZE_BUCKETS": "IOBRIDGE_NUM_SIZE_BUCKETS",
+    "NUM_INFLIGHT_BUCKETS": "IOBRIDGE_NUM_INFLIGHT_BUCKETS",
+    "NUM_LAT_BUCKETS": "IOBRIDGE_NUM_LAT_BUCKETS",
+    "KEYS_PER_LEG": "IOBRIDGE_KEYS_PER_LEG",
+    "PENALTY_MAX_NS": "IOBRIDGE_PENALTY_MAX_NS",
     "NO_LEG": "IOBRIDGE_NO_LEG",
-    "DECISION_AVOID": "IOBRIDGE_DECISION_AVOID",
-    "DECISION_ADMIT": "IOBRIDGE_DECISION_ADMIT",
     "DECISION_ENTRIES": "IOBRIDGE_DECISION_ENTRIES",
 }
-
-
-def header_version(header: Path = ABI_HEADER) -> int:
-    """IOBRIDGE_ABI_VERSION as written in the header file."""
-    try:
-        text = header.read_text()
-    except OSError as err:
-        raise IobridgeError(f"cannot read the ABI header {header}: {err.strerror}",
-                            "run from a complete iobridge checkout") from err
-    m = re.search(r"^#define\s+IOBRIDGE_ABI_VERSION\s+(\d+)\s*$", text, re.M)
-    if not m:
-        raise IobridgeError(f"{header} defines no IOBRIDGE_ABI_VERSION")
-    return int(m.group(1))
-
-
-def check_header_version(header: Path = ABI_HEADER) -> None:
-    """Refuse a header whose layout version differs from this agent's."""
-    found = header_version(header)
-    if found != ABI_VERSION:
-        raise IobridgeError(
-            f"ABI mismatch: header {header} has layout version {found}, "
-            f"the agent expects {ABI_VERSION}",
-            "use the agent and kmodule/ from the same iobridge release")
-
-
-def module_version() -> int | None:
-    """The loaded module's layout version, or None if it is not loaded."""
-    path = Path(f"/sys/module/{MODULE_NAME}/parameters/abi_version")
-    try:
-        return int(path.read_text().strip())
-    except FileNotFoundError:
-        return None
-
-
-def check_module_version() -> None:
-    """Refuse a loaded module whose layout version differs from the agent's."""
-    found = module_version()
-    if found is None:
-        raise IobridgeError(f"kernel module {MODULE_NAME} is not loaded",
-                            "build it with 'make -C kmodule' and insmod kmodule/dm-iobridge.ko")
-    if found != ABI_VERSION:
-        raise IobridgeError(
-            f"ABI mismatch: module {MODULE_NAME} has layout version {found}, "
-            f"the agent expects {ABI_VERSION}",
-            "load the module built from the same iobridge release as the agent")
 
 
 # ======================================================================
@@ -276,6 +251,7 @@ class RouteStats(ctypes.Structure):
         ("routed", ctypes.c_uint64),
         ("fallback", ctypes.c_uint64),
         ("silent", ctypes.c_uint64),
+        ("probes", ctypes.c_uint64),
     ]
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import IobridgeError
+from ..core.errors import IobridgeError
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from collections import deque
 
 import numpy as np
 
-from . import features as F
-from .abi import size_bucket
-from .decision import DecisionMaker, DecisionTable, LegState, least_inflight, route
+from ..core import features as F
+from ..core.abi import size_bucket
+from ..core.decision import DecisionMaker, DecisionTable, LegState, least_inflight, route
 
 POLICY_NAMES = ("primary", "random", "roundrobin", "leastinflight", "hedged",
                 "linnos", "heimdall", "table")

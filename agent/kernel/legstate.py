@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import abi
-from .decision import LegArrays, LegState
-from .errors import IobridgeError
+from ..core import abi
+from ..core.decision import LegArrays, LegState
+from ..core.errors import IobridgeError
 
 SLOTS_MAP = b"leg_slots"
 FEATURES_MAP = b"leg_features"

@@ -1,9 +1,7 @@
 """Trace-driven replay of read routing over N replica legs.
 
-The trace's arrivals (issue times, sizes, reads and writes) drive N legs of
-the device model (devmodel.py). Reads go to the leg a policy chooses; writes
-go to every leg (mirroring) and feed each leg's garbage-collection busy
-periods; flush, discard and other operations are ignored.
+The simulator itself is simulate.py: the trace's arrivals drive N legs of
+the device model (devmodel.py), reads go where a policy says.
 
 Evaluation protocol: the trace is split by time (labeling.time_split) into
 an earlier training part and a later held-back part. Learned policies are
@@ -16,200 +14,17 @@ from idle legs at the split time, and the report covers those reads.
 
 from __future__ import annotations
 
-import heapq
 import json
-import sys
-import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.errors import IobridgeError, UsageError
 from . import policies as P
-from .devmodel import DeviceParams, Leg, RecordedLeg
-from .errors import IobridgeError, UsageError
+from .devmodel import DeviceParams
 from .labeling import time_split
-from .trace import OP_READ, OP_WRITE, Trace, load_any, _normalise_batch
-
-INF = 1 << 62
-
-
-class Progress:
-    """Progress on stderr: a live percentage on a terminal, phase lines otherwise."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self._last = 0.0
-
-    def phase(self, msg: str) -> None:
-        if self.enabled:
-            print(f"iobridge: {msg}", file=sys.stderr, flush=True)
-
-    def update(self, label: str, done: int, total: int) -> None:
-        if not (self.enabled and self.tty):
-            return
-        now = time.monotonic()
-        if now - self._last > 0.5 or done == total:
-            self._last = now
-            end = "\n" if done == total else ""
-            print(f"\r  {label}: {100 * done // max(total, 1):3d}%", end=end,
-                  file=sys.stderr, flush=True)
-
-
-@dataclass
-class SimResult:
-    read_lat_ns: np.ndarray
-    read_issue_ns: np.ndarray
-    sent: list[int]
-    extra_ios: int
-    seconds: float
-    records: Trace | None = None
-    policy_stats: dict = field(default_factory=dict)
-
-
-def recorded_timelines(trace: Trace, nlegs: int) -> list[dict]:
-    """Per-leg (issue_ns, latency_ns) timelines for reads and writes of a
-    trace recorded on replica legs; an error if a leg or kind is missing."""
-    if not trace.has_latency:
-        raise IobridgeError("--latency trace: the trace has I/Os without measured latency")
-    out = []
-    for li in range(nlegs):
-        tl = {}
-        for is_write, opc in ((False, OP_READ), (True, OP_WRITE)):
-            m = (trace["leg"] == li) & (trace["op"] == opc)
-            if not m.any():
-                if is_write:        # a read-only trace: writes never happen
-                    tl[True] = (np.zeros(1, np.int64), np.zeros(1, np.int64))
-                    continue
-                raise IobridgeError(f"--latency trace: the trace has no recorded reads on "
-                                    f"leg {li}", "use --legs up to the number of recorded "
-                                    "legs, or --latency model")
-            idx = np.flatnonzero(m)
-            idx = idx[np.argsort(trace["issue_ns"][idx], kind="stable")]
-            tl[is_write] = (trace["issue_ns"][idx].astype(np.int64),
-                            trace["latency_ns"][idx].astype(np.int64))
-        out.append(tl)
-    return out
-
-
-def arrivals_of_recorded(trace: Trace) -> Trace:
-    """Arrivals of a trace recorded under the iobridge target: every read
-    once, and each mirrored write once (its copy on the lowest leg)."""
-    legs = trace["leg"][trace["leg"] >= 0]
-    if len(legs) == 0:
-        return trace
-    first = int(legs.min())
-    keep = (trace["op"] != OP_WRITE) | (trace["leg"] == first) | (trace["leg"] < 0)
-    return trace.take(np.flatnonzero(keep))
-
-
-def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
-             seed: int = 0, record: bool = False, progress: Progress | None = None,
-             label: str = "", timelines: list[dict] | None = None) -> SimResult:
-    """Replay `trace` (sorted by issue time) against `nlegs` fresh legs:
-    modelled ones, or with `timelines` legs replaying recorded latencies."""
-    t0 = time.perf_counter()
-    issue = trace["issue_ns"].astype(np.int64)
-    op = trace["op"]
-    nbytes = trace["bytes"].astype(np.int64)
-    n = len(issue)
-    start = int(issue[0]) if n else 0
-    if timelines is not None:
-        legs = [RecordedLeg(params, seed * 1009 + li, start, timelines[li])
-                for li in range(nlegs)]
-    else:
-        legs = [Leg(params, seed * 1009 + li, start) for li in range(nlegs)]
-    policy.reset(nlegs, seed)
-    is_read = op == OP_READ
-    ticks = policy.tick_times(issue[is_read]).tolist()
-    nticks = len(ticks)
-    nreads = int(is_read.sum())
-    read_lat = np.zeros(nreads, dtype=np.int64)
-    read_issue = issue[is_read].copy()
-    sent = [0] * nlegs
-    extra = 0
-    hedge_ns = policy.hedge_ns
-    hq: list = []
-    rec = {"issue_ns": [], "complete_ns": [], "qlen": [], "leg": [], "bytes": [], "op": []} if record else None
-    ti = 0
-    rid = 0
-    issue_l = issue.tolist(); op_l = op.tolist(); nb_l = nbytes.tolist()
-
-    def log(t, done, q, leg, nb, o):
-        rec["issue_ns"].append(t); rec["complete_ns"].append(done); rec["qlen"].append(q)
-        rec["leg"].append(leg); rec["bytes"].append(nb); rec["op"].append(o)
-
-    def run_hedge(item):
-        nonlocal extra
-        h, r, pl, pdone, arr, nb = item
-        for leg in legs:
-            leg.advance(h)
-        d = min((li for li in range(nlegs) if li != pl), key=lambda li: (legs[li].qlen, li))
-        ddone, q = legs[d].submit(h, nb, False)
-        if rec is not None:
-            log(h, ddone, q, d, nb, OP_READ)
-        sent[d] += 1
-        extra += 1
-        read_lat[r] = min(pdone, ddone) - arr
-
-    every = max(n // 200, 1)
-    for i in range(n):
-        t = issue_l[i]
-        while True:
-            nt = ticks[ti] if ti < nticks else INF
-            nh = hq[0][0] if hq else INF
-            if nt <= t and nt <= nh:
-                for leg in legs:
-                    leg.advance(nt)
-                policy.on_tick(nt, legs)
-                ti += 1
-            elif nh <= t:
-                run_hedge(heapq.heappop(hq))
-            else:
-                break
-        for leg in legs:
-            leg.advance(t)
-        o = op_l[i]
-        nb = nb_l[i]
-        if o == OP_READ:
-            li = policy.choose(t, nb, legs)
-            done, q = legs[li].submit(t, nb, False)
-            if rec is not None:
-                log(t, done, q, li, nb, o)
-            sent[li] += 1
-            read_lat[rid] = done - t
-            if hedge_ns is not None and nlegs > 1 and done - t > hedge_ns:
-                heapq.heappush(hq, (t + hedge_ns, rid, li, done, t, nb))
-            rid += 1
-        elif o == OP_WRITE:
-            for li, leg in enumerate(legs):
-                done, q = leg.submit(t, nb, True)
-                if rec is not None:
-                    log(t, done, q, li, nb, o)
-        if progress is not None and i % every == 0:
-            progress.update(label, i, n)
-    while hq:
-        run_hedge(heapq.heappop(hq))
-    if progress is not None:
-        progress.update(label, n, n)
-    records = None
-    if rec is not None:
-        cols = _normalise_batch(rec)
-        cols["latency_ns"] = cols["complete_ns"] - cols["issue_ns"]
-        cols["device"] = np.array([f"leg{x}" for x in cols["leg"]], dtype=object)
-        records = Trace(cols, {"source": "replay", "legs": nlegs, "policy": policy.name,
-                               "device_model": params.as_dict(), "seed": seed}).sorted()
-    return SimResult(read_lat, read_issue, sent, extra, time.perf_counter() - t0, records,
-                     policy.stats())
-
-
-def latency_stats(lat_ns: np.ndarray) -> dict:
-    us = np.asarray(lat_ns, dtype=np.float64) / 1000.0
-    if len(us) == 0:
-        return {"reads": 0}
-    return {"reads": int(len(us)), "mean_us": float(us.mean()),
-            "p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
-            "p999_us": float(np.percentile(us, 99.9)), "max_us": float(us.max())}
+from .progress import Progress
+from .simulate import arrivals_of_recorded, latency_stats, recorded_timelines, simulate
+from .trace import OP_READ, Trace, load_any
 
 
 def build_policy(name: str, *, learned: dict, hedge_deadline_ns: int | None,
@@ -281,7 +96,7 @@ def run_replay(trace: Trace, nlegs: int, policy_names: list[str], *,
         recs = sim.records
         if "heimdall" in policy_names or "table" in policy_names:
             if model_path:
-                from .model import AdmissionModel
+                from ..core.model import AdmissionModel
                 learned["heimdall"] = AdmissionModel(model_path)
                 report["heimdall_model"] = {"file": str(model_path),
                                             "note": "given with --model; not trained here"}

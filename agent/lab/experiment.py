@@ -27,8 +27,9 @@ import threading
 import time
 from pathlib import Path
 
-from . import dmtarget, testbed, workload
-from .errors import IobridgeError
+from ..core.errors import IobridgeError
+from ..kernel import dmtarget
+from . import testbed, workload
 from .faults import SlowPeriods, now_ns, read_count
 
 POLICIES = ("default", "roundrobin", "learned")
@@ -103,7 +104,7 @@ class AgentProcess:
 
     def status(self) -> dict | None:
         """The agent's status file, or None before it wrote one."""
-        from .daemon import read_status  # noqa: PLC0415
+        from ..daemon.agent import read_status  # noqa: PLC0415
         try:
             return read_status(self.status_file)
         except IobridgeError:
@@ -350,8 +351,9 @@ def agent_run_in_vm(args) -> dict:
     """`iobridge bench agent` inside the VM."""
     import numpy as np  # noqa: PLC0415
 
-    from . import histogram, model  # noqa: PLC0415
-    from .config import DEFAULT_MODEL, Config  # noqa: PLC0415
+    from ..core import histogram
+    from ..core import model  # noqa: PLC0415
+    from ..daemon.config import DEFAULT_MODEL, Config  # noqa: PLC0415
 
     extra: dict = {}
 

@@ -18,8 +18,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from . import abi
-from .errors import IobridgeError, UsageError
+from ..core import abi
+from ..core.errors import IobridgeError, UsageError
 
 POLICIES = ("least_inflight", "round_robin", "primary")
 LEG_FIELDS = ("reads", "writes", "read_errors", "write_errors", "inflight",
@@ -55,15 +55,47 @@ class TargetStatus:
     legs: list[LegStatus]
 
 
-def _dmsetup(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+DMSETUP_TIMEOUT_S = 60
+
+
+def dmsetup(*args: str, check: bool = True,
+            timeout_s: float = DMSETUP_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run dmsetup: the one wrapper (a clear error when it is missing, fails
+    or hangs; a suspended device can make it wait forever otherwise)."""
     try:
-        proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True)
+        proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True,
+                              timeout=timeout_s)
     except FileNotFoundError as err:
         raise IobridgeError("dmsetup not found", "install the dmsetup package") from err
+    except subprocess.TimeoutExpired as err:
+        raise IobridgeError(f"dmsetup {' '.join(args)} did not answer within "
+                            f"{timeout_s:.0f} s") from err
     if check and proc.returncode != 0:
         raise IobridgeError(f"dmsetup {' '.join(args)} failed: "
-                            f"{proc.stderr.strip() or proc.stdout.strip()}")
+                            f"{proc.stderr.strip() or proc.stdout.strip() or f'exit status {proc.returncode}'}")
     return proc
+
+
+def module_version() -> int | None:
+    """The loaded module's layout version, or None if it is not loaded."""
+    path = Path(f"/sys/module/{abi.MODULE_NAME}/parameters/abi_version")
+    try:
+        return int(path.read_text().strip())
+    except FileNotFoundError:
+        return None
+
+
+def check_module_version() -> None:
+    """Refuse a loaded module whose layout version differs from the agent's."""
+    found = module_version()
+    if found is None:
+        raise IobridgeError(f"kernel module {abi.MODULE_NAME} is not loaded",
+                            "build it with 'make -C kmodule' and insmod kmodule/dm-iobridge.ko")
+    if found != abi.ABI_VERSION:
+        raise IobridgeError(
+            f"ABI mismatch: module {abi.MODULE_NAME} has layout version {found}, "
+            f"the agent expects {abi.ABI_VERSION}",
+            "load the module built from the same iobridge release as the agent")
 
 
 def device_sectors(dev: str) -> int:
@@ -100,30 +132,29 @@ def table_line(legs: list[str], sectors: int | None = None, *,
 
 def create(name: str, legs: list[str], sectors: int | None = None, **opts) -> str:
     """Create target NAME over `legs`; returns /dev/mapper/NAME."""
-    _dmsetup("create", name, "--table", table_line(legs, sectors, **opts))
-    _dmsetup("mknodes", name, check=False)
+    dmsetup("create", name, "--table", table_line(legs, sectors, **opts))
+    dmsetup("mknodes", name, check=False)
     return f"/dev/mapper/{name}"
 
 
 def create_raw(name: str, table: str) -> subprocess.CompletedProcess:
     """Try to create NAME with an arbitrary table line (no check)."""
-    return _dmsetup("create", name, "--table", table, check=False)
+    return dmsetup("create", name, "--table", table, check=False)
 
 
-def remove(name: str, retries: int = 5) -> None:
-    """Remove NAME (retrying while udev still holds it)."""
-    args = ["remove", "--retry", name] if retries else ["remove", name]
-    _dmsetup(*args)
+def remove(name: str) -> None:
+    """Remove NAME (dmsetup retries while udev still holds it)."""
+    dmsetup("remove", "--retry", name)
 
 
 def exists(name: str) -> bool:
     return Path(f"/dev/mapper/{name}").exists() or \
-        _dmsetup("info", name, check=False).returncode == 0
+        dmsetup("info", name, check=False).returncode == 0
 
 
 def message(name: str, *words: str, check: bool = True) -> str:
     """Send a target message; returns its output (e.g. of bench_hook)."""
-    proc = _dmsetup("message", name, "0", *words, check=check)
+    proc = dmsetup("message", name, "0", *words, check=check)
     if not check and proc.returncode != 0:
         raise IobridgeError(f"message {' '.join(words)!r} to {name} refused: "
                             f"{proc.stderr.strip()}")
@@ -150,11 +181,11 @@ def parse_status(line: str) -> TargetStatus:
 
 
 def status(name: str) -> TargetStatus:
-    return parse_status(_dmsetup("status", name).stdout.strip())
+    return parse_status(dmsetup("status", name).stdout.strip())
 
 
 def table(name: str) -> str:
-    return _dmsetup("table", name).stdout.strip()
+    return dmsetup("table", name).stdout.strip()
 
 
 def target_id(name: str) -> int:

@@ -1,15 +1,17 @@
 """Read routing through the iobridge module's writable tracepoint.
 
-RoutePolicy compiles bpf/route_policy.bpf.c with BCC, attaches it to the
-module's "iobridge_route" tracepoint as a BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE
-program, and publishes decisions by writing the BPF_F_MMAPABLE decision
-array through mmap (no syscall per entry).  Detaching (or closing) restores
-the module's default policy.
+RoutePolicy compiles bpf/route_policy.bpf.c (through kernel/bpf.py), attaches
+it to the module's "iobridge_route" tracepoint as a
+BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE program, and publishes the
+feature-keyed decision table by writing the BPF_F_MMAPABLE array through
+mmap (no syscall per entry). Detaching (or closing) restores the module's
+default policy. The rule the program applies per read is in
+kmodule/iobridge_abi.h and core/decision.py (route()).
 
     with RoutePolicy() as policy:
         policy.attach()
-        policy.set_leg(target_id, leg=1, admit=False, ttl_s=1.0)
-        policy.set_leg(target_id, leg=0, admit=True, score=100, ttl_s=1.0)
+        policy.set_leg(target_id, 0, penalty_ns=0, ttl_s=1.0)
+        policy.set_leg(target_id, 1, penalty_ns=10_000_000, ttl_s=1.0)   # avoid leg 1
 """
 
 from __future__ import annotations
@@ -19,23 +21,25 @@ import logging
 import mmap
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
-from . import abi
-from .errors import IobridgeError
+from ..core import abi
+from ..core.errors import IobridgeError
+from . import bpf, dmtarget, system
 
 log = logging.getLogger(__name__)
 
 BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE = 24  # BCC 0.26 has no constant
-POLICY_SOURCE = abi.REPO_ROOT / "bpf" / "route_policy.bpf.c"
+PROGRAM = "route_policy"
 DECISION_MAP = "iobridge_decisions"
 AGENT_MAP = "iobridge_agent"
 STATS_MAP = "iobridge_route_stats"
 AGE_MAP = "iobridge_decision_age"
 ENTRY_FN = "iobridge_route"
-DECISION_DTYPE = np.dtype(abi.Decision)
+DECISION_DTYPE = np.dtype(abi.LegDecisions)
+# Default service estimate for entries written by hand (set_leg).
+DEFAULT_SERVICE_NS = 100_000
 
 
 def now_ns() -> int:
@@ -43,28 +47,16 @@ def now_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
-def _import_bcc():
-    try:
-        import bcc  # noqa: PLC0415
-    except ImportError as err:
-        raise IobridgeError("BCC's Python bindings are not importable",
-                            "install python3-bpfcc and use a venv with --system-site-packages") from err
-    return bcc
-
-
 class RoutePolicy:
     """The BPF routing policy: compile, attach, publish decisions, detach."""
 
-    def __init__(self, source: Path = POLICY_SOURCE, extra_source: str = "",
-                 check_module: bool = True):
-        self.source = Path(source)
+    def __init__(self, extra_source: str = "", check_module: bool = True):
         self.extra_source = extra_source
         self.check_module = check_module
         self.bpf = None
         self._tp_fds: dict[str, int] = {}
         self._mm: mmap.mmap | None = None
         self._agent_mm: mmap.mmap | None = None
-        self._table = None
         self.entries: np.ndarray | None = None     # numpy view of the table
         self.agent: abi.AgentState | None = None   # the heartbeat record
 
@@ -73,29 +65,17 @@ class RoutePolicy:
         """Check versions, compile the program and map the decision table."""
         if self.bpf is not None:
             return self
-        abi.check_header_version()
         if self.check_module:
-            abi.check_module_version()
-        bcc = _import_bcc()
-        try:
-            text = self.source.read_text() + "\n" + self.extra_source
-        except OSError as err:
-            raise IobridgeError(f"cannot read BPF program {self.source}: {err.strerror}") from err
-        try:
-            self.bpf = bcc.BPF(text=text.encode(), cflags=[f"-I{abi.KMODULE_DIR}", f"-I{abi.BPF_DIR}",
-                                                      "-Wno-unused-function"])
-        except Exception as err:  # BCC raises plain Exception on compile errors
-            raise IobridgeError(f"BPF routing program failed to compile: {err}") from err
+            dmtarget.check_module_version()
+        self.bpf, _ = bpf.compile_program(PROGRAM, "the BPF routing program",
+                                          extra_source=self.extra_source)
         self._map_decisions()
         return self
 
     def _map_decisions(self) -> None:
-        self._mm = map_array(self.bpf[DECISION_MAP.encode()], abi.Decision,
+        self._mm = map_array(self.bpf[DECISION_MAP.encode()], abi.LegDecisions,
                              abi.DECISION_ENTRIES, "decision table")
-        self._table = (abi.Decision * abi.DECISION_ENTRIES).from_buffer(self._mm)
-        # The same memory as numpy columns, for whole-target writes per tick.
-        self.entries = np.frombuffer(self._mm, dtype=DECISION_DTYPE,
-                                     count=abi.DECISION_ENTRIES)
+        self.entries = np.frombuffer(self._mm, dtype=DECISION_DTYPE, count=abi.DECISION_ENTRIES)
         self._agent_mm = map_array(self.bpf[AGENT_MAP.encode()], abi.AgentState, 1,
                                    "agent heartbeat")
         self.agent = abi.AgentState.from_buffer(self._agent_mm)
@@ -108,7 +88,7 @@ class RoutePolicy:
         if fn_name in self._tp_fds:
             return
         fn = self.bpf.load_func(fn_name.encode(), BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE)
-        bcc = _import_bcc()
+        bcc = system.import_bcc()
         fd = bcc.libbcc.lib.bpf_attach_raw_tracepoint(fn.fd, abi.ROUTE_TRACEPOINT.encode())
         if fd < 0:
             raise IobridgeError(
@@ -136,7 +116,6 @@ class RoutePolicy:
     def close(self) -> None:
         """Detach, unmap the table and free the BPF objects."""
         self.detach()
-        self._table = None
         self.entries = None
         self.agent = None
         for mm in (self._mm, self._agent_mm):
@@ -154,63 +133,58 @@ class RoutePolicy:
         self.close()
 
     # -- decisions ------------------------------------------------------
-    def _entries(self):
-        if self._table is None:
+    def _block(self, target: int, legs: int = abi.MAX_LEGS) -> np.ndarray:
+        if self.entries is None:
             raise IobridgeError("routing policy is not loaded")
-        return self._table
+        first = abi.leg_index(target, 0)
+        return self.entries[first:first + legs]
 
-    def set_decision(self, target: int, leg: int, bucket: int, admit: bool,
-                     score: int = 0, expires_ns: int | None = None,
-                     ttl_s: float = 1.0) -> None:
-        """Write one entry; expiry is absolute (expires_ns) or now + ttl_s."""
-        entry = self._entries()[abi.decision_index(target, leg, bucket)]
-        if expires_ns is None:
-            expires_ns = now_ns() + int(ttl_s * 1e9)
-        # Invalidate, write the payload, then publish the expiry last.
-        entry.expires_ns = 0
-        entry.score = int(score)
-        entry.admit = abi.DECISION_ADMIT if admit else abi.DECISION_AVOID
-        entry.expires_ns = int(expires_ns)
+    def publish(self, target: int, penalty_ns: np.ndarray, lat_edges_ns: np.ndarray,
+                service_ns: np.ndarray, probe_after_ns: int, expires_ns: int) -> None:
+        """Write one target's table: penalty_ns [legs, KEYS_PER_LEG], lat_edges_ns
+        [legs, NUM_LAT_BUCKETS - 1], service_ns [legs].
 
-    def set_leg(self, target: int, leg: int, admit: bool, score: int = 0,
-                ttl_s: float = 1.0, buckets=None) -> None:
-        """Write the entries of one leg for every (or the given) size bucket."""
-        expires = now_ns() + int(ttl_s * 1e9)
-        for bucket in (range(abi.NUM_SIZE_BUCKETS) if buckets is None else buckets):
-            self.set_decision(target, leg, bucket, admit, score, expires_ns=expires)
+        Payload first, expiry last; the program may see a mix of the old and
+        the new payload for an instant, which changes one read's choice at
+        most, never the validity of an entry."""
+        RoutePolicy._write(self._block(target, penalty_ns.shape[0]), penalty_ns, lat_edges_ns,
+                          service_ns, probe_after_ns, expires_ns)
 
-    def get_decision(self, target: int, leg: int, bucket: int) -> abi.Decision:
-        entry = self._entries()[abi.decision_index(target, leg, bucket)]
-        return abi.Decision.from_buffer_copy(entry)
+    def set_leg(self, target: int, leg: int, penalty_ns=0, ttl_s: float = 1.0,
+                service_ns: int = DEFAULT_SERVICE_NS, lat_edges_ns=None,
+                probe_after_ns: int = 0) -> None:
+        """Write one leg's entry by hand (tests, benchmarks): `penalty_ns` a
+        number for every key or an array of KEYS_PER_LEG."""
+        pen = np.broadcast_to(np.asarray(penalty_ns, dtype=np.int64), (abi.KEYS_PER_LEG,))
+        edges = (np.full(abi.NUM_LAT_BUCKETS - 1, 0xFFFFFFFF) if lat_edges_ns is None
+                 else np.asarray(lat_edges_ns))
+        entry = self._block(target)[leg:leg + 1]
+        entry["expires_ns"] = 0
+        RoutePolicy._write(entry, pen[None, :], edges[None, :], np.array([service_ns]),
+                          probe_after_ns, now_ns() + int(ttl_s * 1e9))
+
+    @staticmethod
+    def _write(block, penalty_ns, lat_edges_ns, service_ns, probe_after_ns,
+               expires_ns) -> None:
+        block["penalty_ns"] = np.clip(penalty_ns, 0, abi.PENALTY_MAX_NS)
+        block["lat_edge_ns"] = np.clip(lat_edges_ns, 0, 0xFFFFFFFF)
+        block["service_ns"] = np.clip(service_ns, 0, 0xFFFFFFFF)
+        block["probe_after_ns"] = probe_after_ns
+        block["expires_ns"] = expires_ns   # last: publishes the entry
 
     def clear(self, target: int | None = None) -> None:
-        """Empty every entry (of one target, or all)."""
-        table = self._entries()
-        if target is None:
-            ctypes.memset(ctypes.addressof(table), 0, ctypes.sizeof(table))
-            return
-        first = abi.decision_index(target, 0, 0)
-        count = abi.MAX_LEGS * abi.NUM_SIZE_BUCKETS
-        ctypes.memset(ctypes.addressof(table[first]), 0, count * ctypes.sizeof(abi.Decision))
-
-    def publish(self, target: int, admit: np.ndarray, score: np.ndarray,
-                expires_ns: int) -> None:
-        """Write one target's whole table: admit/score [legs, buckets].
-
-        Payload first, expiry last; the program may see a new admit with an
-        old score (or the reverse) for an instant, which only changes a
-        tie-break, never the validity of an entry."""
-        legs = admit.shape[0]
-        first = abi.decision_index(target, 0, 0)
-        block = self.entries[first:first + legs * abi.NUM_SIZE_BUCKETS]
-        block["score"] = score.reshape(-1)
-        block["admit"] = admit.reshape(-1)
-        block["expires_ns"] = expires_ns
+        """Empty every entry (of one target, or all): expiry first."""
+        block = self.entries if target is None else self._block(target)
+        if block is None:
+            raise IobridgeError("routing policy is not loaded")
+        block["expires_ns"] = 0
+        block[...] = np.zeros(1, dtype=DECISION_DTYPE)
 
     def extend(self, target: int, legs: int, expires_ns: int) -> None:
         """Keep one target's current entries valid until expires_ns."""
-        first = abi.decision_index(target, 0, 0)
-        self.entries["expires_ns"][first:first + legs * abi.NUM_SIZE_BUCKETS] = expires_ns
+        block = self._block(target, legs)
+        live = block["expires_ns"] != 0
+        block["expires_ns"][live] = expires_ns
 
     def heartbeat(self, now: int, published_ns: int | None = None,
                   max_silence_ns: int | None = None) -> None:
@@ -224,23 +198,14 @@ class RoutePolicy:
         a.heartbeat_ns = now
 
     def stats(self) -> dict[str, int]:
-        """Program counters summed over CPUs: calls, routed, default, silent."""
+        """Program counters summed over CPUs: calls, routed, default, silent, probes."""
         if self.bpf is None:
-            return {"calls": 0, "routed": 0, "default": 0, "silent": 0}
+            return {"calls": 0, "routed": 0, "default": 0, "silent": 0, "probes": 0}
         per_cpu = self.bpf[STATS_MAP.encode()][ctypes.c_int(0)]
-        routed = sum(int(v.routed) for v in per_cpu)
-        fallback = sum(int(v.fallback) for v in per_cpu)
-        silent = sum(int(v.silent) for v in per_cpu)
+        routed, fallback, silent, probes = (sum(int(getattr(v, f)) for v in per_cpu)
+                                            for f in ("routed", "fallback", "silent", "probes"))
         return {"calls": routed + fallback, "routed": routed, "default": fallback,
-                "silent": silent}
-
-    def decision_age_hist(self) -> np.ndarray:
-        """Histogram (abi.LAT_* slots, ns) of the table's age at each routing it made."""
-        table = self.bpf[AGE_MAP.encode()]
-        out = np.zeros(abi.LAT_SLOTS, dtype=np.int64)
-        for slot in range(abi.LAT_SLOTS):
-            out[slot] = sum(int(v) for v in table[ctypes.c_int(slot)])
-        return out
+                "silent": silent, "probes": probes}
 
     def map_fds(self) -> dict[str, int]:
         """File descriptors of the maps worth pinning (name -> fd)."""

@@ -31,14 +31,13 @@ from __future__ import annotations
 import math
 import os
 import random
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import blockdev
-from .errors import IobridgeError, UsageError
+from ..core.errors import IobridgeError, UsageError
+from ..kernel import blockdev, dmtarget
 
 NORMAL, SLOW, SWITCHING = "normal", "slow", "switching"
 
@@ -84,16 +83,7 @@ def read_count(dev_path: str) -> int:
 
 
 def _dmsetup(*args: str) -> str:
-    try:
-        proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        raise IobridgeError("dmsetup not found", "install the dmsetup package") from None
-    except subprocess.TimeoutExpired:
-        raise IobridgeError(f"dmsetup {' '.join(args)} hung for 60 s") from None
-    if proc.returncode != 0:
-        raise IobridgeError(f"dmsetup {' '.join(args)} failed: "
-                            f"{proc.stderr.strip() or f'exit status {proc.returncode}'}")
-    return proc.stdout
+    return dmtarget.dmsetup(*args).stdout
 
 
 class SlowPeriods:

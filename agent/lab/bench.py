@@ -24,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import dmtarget, testbed, workload
-from .errors import IobridgeError, UsageError
+from ..core.errors import IobridgeError, UsageError
+from ..kernel import dmtarget
+from . import testbed, workload
 
 IOPS_RATIO_GOAL = 0.90
 
@@ -55,7 +56,7 @@ def _bench_hook_call(name: str, calls: int) -> dict:
 
 def hook_run_in_vm(args) -> dict:
     """The hook benchmark; runs inside the VM (as root)."""
-    from .routing import RoutePolicy  # needs BCC: VM side only
+    from ..kernel.route_policy import RoutePolicy  # needs BCC: VM side only
 
     testbed.ensure_module()
     nullb = {"completion_nsec": 0, "irqmode": 0, "memory_backed": 0}

@@ -27,9 +27,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import IobridgeError, UsageError
+from ..core import resources
+from ..core.errors import IobridgeError, UsageError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The VM harness works from a source checkout (vm/, tests/, kmodule/ sources);
+# an installed wheel without one gets a clear error when it boots a VM.
+REPO_ROOT = resources.checkout_root() or Path.cwd()
 VM_DIR = REPO_ROOT / "vm"
 GUEST_PRELUDE = REPO_ROOT / "vm" / "guest-prelude.sh"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "iobridge"
@@ -203,6 +206,7 @@ def _boot(kernel: Kernel, guest_cmd: str, *, accel: str, timeout: float,
     not reached our command within boot_timeout (seen rarely: a boot that
     stalls under emulation) is killed and booted once more.
     """
+    resources.require_checkout("booting the test VM")
     cmd = [find_vng(), "--run", str(kernel.image), "--cpus", str(cpus), "--memory", memory,
            "--verbose", "--rwdir", str(REPO_ROOT)]
     for d in rwdirs:

@@ -36,15 +36,16 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import abi, blockdev, config as config_mod, decision, dmtarget, histogram, system
-from .errors import IobridgeError, UsageError
+from ..core import abi, decision, histogram
+from ..core.errors import IobridgeError, UsageError
+from ..kernel import blockdev, bpf, dmtarget, system
+from . import config as config_mod
 
 log = logging.getLogger("iobridge.agent")
 
@@ -88,15 +89,7 @@ def parse_status_listing(text: str) -> list[Target]:
 
 def discover(names: tuple[str, ...] = ()) -> list[Target]:
     """The iobridge targets now present (only `names` if given)."""
-    try:
-        proc = subprocess.run(["dmsetup", "status", "--target", abi.TARGET_TYPE],
-                              capture_output=True, text=True, timeout=30)
-    except FileNotFoundError as err:
-        raise IobridgeError("dmsetup not found", "install the dmsetup package") from err
-    except subprocess.TimeoutExpired as err:
-        raise IobridgeError("dmsetup status did not answer within 30 s") from err
-    if proc.returncode != 0:
-        raise IobridgeError(f"dmsetup status failed: {proc.stderr.strip()}")
+    proc = dmtarget.dmsetup("status", "--target", abi.TARGET_TYPE, timeout_s=30)
     targets = parse_status_listing(proc.stdout)
     if names:
         targets = [t for t in targets if t.name in names]
@@ -159,7 +152,7 @@ class Agent:
 
     # -- start and stop ---------------------------------------------------
     def _load_model(self, path: Path):
-        from .model import AdmissionModel  # noqa: PLC0415 (onnxruntime import is slow)
+        from ..core.model import AdmissionModel  # noqa: PLC0415 (onnxruntime import is slow)
         model = AdmissionModel(path)          # raises ModelCheckError with the reason
         maker = decision.DecisionMaker(model, ttl_ns=self.cfg.ttl_ns,
                                        threshold=self.cfg.threshold,
@@ -167,14 +160,14 @@ class Agent:
         return model, maker
 
     def start(self) -> None:
-        from .observe import BlockObserver  # noqa: PLC0415
-        from .pins import Pins  # noqa: PLC0415
-        from .routing import RoutePolicy  # noqa: PLC0415
+        from ..kernel.observer import BlockObserver  # noqa: PLC0415
+        from ..kernel.pins import Pins  # noqa: PLC0415
+        from ..kernel.route_policy import RoutePolicy  # noqa: PLC0415
         cfg = self.cfg
         system.require_root("iobridge run")
         system.require_bpf_kernel()
-        abi.check_header_version()
-        abi.check_module_version()           # names the missing module or both versions
+        bpf.check_header_version()
+        dmtarget.check_module_version()      # names the missing module or both versions
         self.model, self.maker = self._load_model(cfg.model)
         log.info("model %s (threshold %.4f, sha256 %s)", cfg.model, self.maker.threshold,
                  self.model.sha256[:12])

@@ -29,10 +29,10 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-from .abi import REPO_ROOT
-from .errors import IobridgeError
+from ..core import resources
+from ..core.errors import IobridgeError
 
-DEFAULT_MODEL = REPO_ROOT / "models" / "admission-default.onnx"
+DEFAULT_MODEL = resources.data_dir("models") / "admission-default.onnx"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

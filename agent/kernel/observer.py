@@ -18,14 +18,13 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from . import abi, blockdev, histogram, legstate, system
-from .errors import IobridgeError, UsageError
+from ..core import abi, histogram
+from ..core.errors import IobridgeError, UsageError
+from . import blockdev, bpf, legstate, system
 
-BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "observer.bpf.c"
 PROBES = ("auto", "tracepoint", "kprobe")
 TRACEPOINTS = (("block", "block_rq_issue"), ("block", "block_rq_complete"),
                ("block", "block_bio_queue"), ("block", "block_bio_complete"))
@@ -145,19 +144,12 @@ class BlockObserver:
     def open(self) -> "BlockObserver":
         system.require_root("observing block I/O")
         system.require_bpf_kernel()
-        bcc = system.import_bcc()
-        abi.check_header_version()
-        self.probe = self._choose_probe(bcc.BPF)
-        cflags = [f"-I{abi.KMODULE_DIR}", f"-I{abi.BPF_DIR}", f"-DIOBRIDGE_RINGBUF_PAGES={self.ringbuf_pages}"]
+        self.probe = self._choose_probe(system.import_bcc().BPF)
+        cflags = [f"-DIOBRIDGE_RINGBUF_PAGES={self.ringbuf_pages}"]
         if self.probe == "kprobe":
             cflags.append("-DIOBRIDGE_KPROBES")
-        started = time.monotonic()
-        try:
-            self.bpf = bcc.BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
-        except Exception as err:   # BCC raises bare Exception for compile/attach failures
-            raise IobridgeError(f"could not load the block observer ({self.probe} probes): {err}",
-                                "run with -vv and check the kernel log (dmesg)") from err
-        self.compile_seconds = time.monotonic() - started
+        self.bpf, self.compile_seconds = bpf.compile_program(
+            "observer", f"the block observer ({self.probe} probes)", tuple(cflags))
         self._write_config()
         if self.stream or self.stream_legs:
             self.bpf[b"events"].open_ring_buffer(self._on_event)

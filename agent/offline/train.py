@@ -31,13 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import features as F
+from ..core import features as F
 from . import policies as P
-from .abi import SIZE_BUCKET_MAX_BYTES
+from ..core.abi import SIZE_BUCKET_MAX_BYTES
+from ..core.errors import IobridgeError, UsageError
+from ..core.model import AdmissionModel, CARD_VERSION, card_path, check_model
 from .devmodel import DeviceParams
-from .errors import IobridgeError, UsageError
 from .labeling import knee, label_periods, time_split
-from .model import CARD_VERSION, AdmissionModel, card_path, check_model
+from .progress import Progress
+from .simulate import simulate
 from .trace import OP_READ, OP_WRITE, Trace, load_any
 
 VAL_FRACTION = 0.2
@@ -287,7 +289,6 @@ def measured_records(trace: Trace, legs: int, params: DeviceParams, seed: int,
                      progress=None) -> tuple[Trace, dict]:
     """The trace itself if it has measured latency, else its replay through
     the device model with random routing over `legs` legs."""
-    from .replay import simulate
     if trace.has_latency and np.all(trace["qlen"] >= 0):
         return trace, {"latency": "measured (recorded trace)"}
     rec = simulate(trace.sorted(), legs, P.Random(), params, seed, record=True,
@@ -303,7 +304,6 @@ def train_admission(trace_paths: list[str], out: str, *, legs: int = 2, kind: st
                     params: DeviceParams = DeviceParams(), load_opts: dict | None = None,
                     progress=None, thresholds: dict | None = None,
                     group_by_qlen: bool = False) -> dict:
-    from .replay import Progress
     progress = progress or Progress(False)
     out = Path(out)
     if out.suffix != ".onnx":
@@ -404,7 +404,6 @@ def _thresholds(args) -> dict:
 
 
 def _cmd_train(args) -> int:
-    from .replay import Progress
     if not 0.0 < args.train_fraction < 1.0:
         raise UsageError("--train-fraction must be between 0 and 1 (exclusive)")
     if not 1 <= args.legs <= 8:

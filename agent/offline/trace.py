@@ -33,12 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IobridgeError, UsageError
+from ..core import resources
+from ..core.errors import IobridgeError, UsageError
 
 TRACE_FORMAT_VERSION = 1
 
 # Operation codes are the kernel side's (kmodule/iobridge_abi.h IOBRIDGE_OP_*).
-from .abi import OP_DISCARD, OP_FLUSH, OP_NAMES, OP_OTHER, OP_READ, OP_WRITE  # noqa: E402,F401
+from ..core.abi import OP_DISCARD, OP_FLUSH, OP_NAMES, OP_OTHER, OP_READ, OP_WRITE  # noqa: E402,F401
 
 # (name, numpy dtype) in file order
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -63,7 +64,8 @@ def traces_dir() -> Path:
     env = os.environ.get("IOBRIDGE_TRACES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
+    root = resources.checkout_root()
+    return (root.parent if root else Path.cwd()) / "shared" / "traces"
 
 
 def _arrow_schema():

@@ -11,7 +11,7 @@ import json
 import shutil
 import subprocess
 
-from .errors import IobridgeError
+from ..core.errors import IobridgeError
 
 PERCENTILES = (50.0, 99.0, 99.9)
 

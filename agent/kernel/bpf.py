@@ -1,0 +1,80 @@
+"""The one BPF loader: every iobridge BPF program is compiled here.
+
+It checks what loading needs (root, a kernel with headers, BCC importable),
+checks that the ABI header it compiles in is the layout this agent mirrors,
+and compiles bpf/<name>.bpf.c with the include path (bpf/ and the folder of
+kmodule/iobridge_abi.h) and flags every program shares. Each program has a
+Python module of the same name in this package (observer.bpf.c ->
+observer.py, route_policy.bpf.c -> route_policy.py), as libbpf-tools pairs
+biolatency.bpf.c with biolatency.c.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from ..core import abi, resources
+from ..core.errors import IobridgeError
+from . import system
+
+COMMON_CFLAGS = ("-Wno-unused-function",)
+
+
+def source_path(name: str) -> Path:
+    """bpf/<name>.bpf.c, from the checkout or the installed package."""
+    return resources.data_dir("bpf") / f"{name}.bpf.c"
+
+
+def abi_header() -> Path:
+    return resources.data_dir("kmodule") / "iobridge_abi.h"
+
+
+def header_version(header: Path | None = None) -> int:
+    """IOBRIDGE_ABI_VERSION as written in the header file."""
+    header = header or abi_header()
+    try:
+        text = header.read_text()
+    except OSError as err:
+        raise IobridgeError(f"cannot read the ABI header {header}: {err.strerror}",
+                            "reinstall iobridge, or run from a complete checkout") from err
+    m = re.search(r"^#define\s+IOBRIDGE_ABI_VERSION\s+(\d+)\s*$", text, re.M)
+    if not m:
+        raise IobridgeError(f"{header} defines no IOBRIDGE_ABI_VERSION")
+    return int(m.group(1))
+
+
+def check_header_version(header: Path | None = None) -> None:
+    """Refuse a header whose layout version differs from this agent's."""
+    header = header or abi_header()
+    found = header_version(header)
+    if found != abi.ABI_VERSION:
+        raise IobridgeError(
+            f"ABI mismatch: header {header} has layout version {found}, "
+            f"the agent expects {abi.ABI_VERSION}",
+            "use the agent and kmodule/ from the same iobridge release")
+
+
+def compile_program(name: str, what: str, cflags: tuple[str, ...] = (), extra_source: str = ""):
+    """Compile bpf/<name>.bpf.c (plus `extra_source`, for tests) with BCC.
+
+    Returns (the BCC BPF object, seconds the compile took). Failures come
+    back as one IobridgeError naming `what`."""
+    system.require_root(what)
+    system.require_bpf_kernel()
+    bcc = system.import_bcc()
+    check_header_version()
+    src = source_path(name)
+    try:
+        text = src.read_text() + ("\n" + extra_source if extra_source else "")
+    except OSError as err:
+        raise IobridgeError(f"cannot read BPF program {src}: {err.strerror}") from err
+    flags = [f"-I{abi_header().parent}", f"-I{src.parent}", *COMMON_CFLAGS, *cflags]
+    started = time.monotonic()
+    try:
+        prog = bcc.BPF(text=text.encode(), cflags=flags)
+    except Exception as err:   # BCC raises bare Exception for compile and load failures
+        raise IobridgeError(f"could not load {what} ({src.name}): {err}",
+                            "run with -vv and check the kernel log (dmesg)") from err
+    return prog, time.monotonic() - started

@@ -1,0 +1,3 @@
+"""The offline workflow: trace formats and importers, recording, labeling,
+training and ONNX export, and replay through simulated replicas (device
+model and simulated policies)."""
