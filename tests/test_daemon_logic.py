@@ -1,8 +1,10 @@
-"""Pure logic of the agent daemon: target listing, scores, probing, status text."""
+"""Pure logic of the agent daemon: target listing, the tick (sampling, recompute,
+keep-alive) against stand-ins for the kernel maps, status text."""
 
 from __future__ import annotations
 
 import collections
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +29,6 @@ def test_status_listing_gives_ids_legs_and_kernel_devs():
     assert len(targets[1].kdevs) == 3
 
 
-def test_kernel_scores_match_the_scalar_rule():
-    p = np.array([0.0, 0.0825, 0.5, 1.0, -0.1, 1.7], dtype=np.float32)
-    assert decision.kernel_scores(p).tolist() == [decision.kernel_score(float(v)) for v in p]
-    assert decision.kernel_score(0.25) == 750_000
-
-
 class FixedModel:
     threshold = 0.5
 
@@ -43,35 +39,102 @@ class FixedModel:
         return np.resize(np.asarray(self.p, dtype=np.float32), len(rows))
 
 
-def legs(n, idle):
-    z = np.zeros((n, abi.HISTORY))
-    return decision.LegArrays(np.zeros(n), z, z + 100.0, z + 40.0, np.asarray(idle, dtype=float))
+class FakeSnapshot:
+    def __init__(self, completed, lat_us):
+        self.completed = np.asarray(completed)
+        self.lat_us = lat_us
+        self.retries = 0
+
+    def new_samples(self, seen):
+        return [(np.full(int(min(c - s, 3)), self.lat_us[i]), np.full(int(min(c - s, 3)), 40.0))
+                for i, (c, s) in enumerate(zip(self.completed, seen))]
 
 
-def test_an_avoided_leg_is_probed_after_probe_after_ns():
-    # P(slow) 0.9 everywhere: every leg avoided, unless idle long enough.
-    maker = decision.DecisionMaker(FixedModel([0.9]), probe_after_ns=100)
-    table = maker.decide(0, legs(3, [np.nan, 50, 150]))
-    assert table.probe.tolist() == [False, False, True]
-    assert table.admit.tolist() == [[False] * 4, [False] * 4, [True] * 4]
-    assert (table.score[2] == 0).all()      # best score: wins the tie-break
+class FakeLegMap:
+    """Stands in for the kernel's leg feature map: completions and latency."""
+
+    def __init__(self, n):
+        self.done = np.zeros(n, dtype=np.int64)
+        self.lat_us = np.full(n, 100.0)
+
+    def assign(self, devs):
+        return {d: i for i, d in enumerate(devs)}
+
+    def completed(self, slots):
+        return self.done[slots].copy()
+
+    def read(self, slots):
+        return FakeSnapshot(self.done[slots], self.lat_us[slots])
 
 
-def test_no_probing_when_disabled():
-    table = decision.DecisionMaker(FixedModel([0.9])).decide(0, legs(2, [1e12, 1e12]))
-    assert not table.admit.any() and not table.probe.any()
+class FakePolicy:
+    def __init__(self):
+        self.published, self.extended, self.beats = [], 0, 0
+        self.entries = None
+
+    def publish(self, target, penalty, edges, service, probe_after, expires):
+        self.published.append((target, penalty.copy(), service.copy(), np.array(expires)))
+
+    def extend(self, target, legs, expires):
+        self.extended += 1
+
+    def heartbeat(self, now, published_ns=None, max_silence_ns=None):
+        self.beats += 1
+
+    def clear(self, target):
+        pass
 
 
-def test_leg_arrays_and_states_give_the_same_rows():
-    states = [decision.LegState(2, [1, 2, 3], [10, 20, 30], [4, 5, 6], 7),
-              decision.LegState(0, [0, 0, 0], [0, 0, 0], [0, 0, 0], None)]
-    a = decision.LegArrays.from_states(states)
-    rows = decision.feature_rows(a)
-    assert rows.shape == (2 * abi.NUM_SIZE_BUCKETS, 12)
-    assert rows[0, 2] == 2 and rows[3, 3:6].tolist() == [1, 2, 3]
-    assert rows[4:, 2:].sum() == 0
-    assert rows[:4, 1].tolist() == list(decision.BUCKET_SIZE_BYTES)
-    assert np.isnan(a.idle_ns[1])
+def fake_agent(n_legs=2, recompute_ms=1.0):
+    from iobridge.daemon import config
+
+    cfg = config.Config(recompute_ms=recompute_ms)
+    agent = daemon.Agent(cfg, notifier=object())
+    agent.maker = decision.TableMaker(FixedModel([0.9]), probe_after_ns=cfg.probe_after_ns)
+    agent.legmap, agent.policy = FakeLegMap(n_legs), FakePolicy()
+    kdevs = tuple((251 << 20) | i for i in range(n_legs))
+    agent._targets = [daemon.Target("mirror", 3, tuple(f"251:{i}" for i in range(n_legs)), kdevs)]
+    return agent
+
+
+def test_agent_publishes_once_baselines_exist_then_only_keeps_the_table_alive():
+    agent = fake_agent()
+    agent.tick()                          # no completion yet: no baseline, nothing published
+    assert agent.policy.published == [] and agent.counters["recomputes"] == 1
+    for _ in range(8):                    # 8 x 3 samples per leg: baselines are ready
+        agent.legmap.done += 3
+        time.sleep(0.002)
+        agent.tick()
+    n = agent.counters["recomputes"]
+    assert agent.policy.published, "a table is published once every leg has a baseline"
+    target, penalty, service, expires = agent.policy.published[-1]
+    assert target == 3 and penalty.shape == (2, abi.KEYS_PER_LEG)
+    assert service.tolist() == [100_000, 100_000] and (expires > 0).all()
+    for _ in range(5):                    # same latencies: the baseline holds, no recompute
+        agent.legmap.done += 3
+        time.sleep(0.002)
+        agent.tick()
+    assert agent.counters["recomputes"] == n
+    assert agent.policy.extended >= 5     # ... but the table stays valid
+    agent.legmap.lat_us[1] = 1000.0       # leg 1 turns slow for good: its baseline moves
+    for _ in range(400):
+        agent.legmap.done += 3
+        agent.tick()
+        if agent.counters["recomputes"] > n:
+            break
+        time.sleep(0.002)
+    assert agent.counters["recomputes"] > n
+    assert agent.policy.published[-1][2][1] > 100_000
+
+
+def test_a_leg_without_baseline_is_left_out_of_the_published_table():
+    agent = fake_agent()
+    for _ in range(8):
+        agent.legmap.done[0] += 3         # only leg 0 completes anything
+        time.sleep(0.002)
+        agent.tick()
+    expires = agent.policy.published[-1][3]
+    assert expires[0] > 0 and expires[1] == 0
 
 
 def test_phase_times_percentiles():
@@ -83,16 +146,23 @@ def test_phase_times_percentiles():
 
 
 def test_format_status_renders_everything():
-    st = {"pid": 1, "agent_alive": True, "status_age_s": 0.2, "shadow": False, "tick_ms": 1.0,
-          "ttl_ticks": 5, "max_silence_ms": 50, "program_attached": True, "pins": ["/x"],
+    st = {"pid": 1, "agent_alive": True, "status_age_s": 0.2, "shadow": False, "tick_ms": 20.0,
+          "ttl_ticks": 5, "max_silence_ms": 50, "recompute_ms": 200, "probe_after_ms": 200,
+          "program_attached": True, "pins": ["/x"],
           "table_age_ms": 0.7, "model": {"path": "m.onnx", "threshold": 0.08, "sha256": "ab" * 32},
-          "routing": {"routed": 5, "default": 2, "silent": 1}, "counters": {"ticks": 9},
+          "routing": {"routed": 5, "default": 2, "silent": 1, "probes": 3}, "counters": {"ticks": 9},
           "timing_us": daemon.PhaseTimes().summary(), "discovery_error": None,
           "targets": [{"name": "mirror", "target_id": 0, "legs": [
-              {"dev": "251:0", "admit": [True, True, False, True], "p_slow": [0.1] * 4, "probe": True}]}]}
+              {"dev": "251:0", "samples": 40, "baseline": {"lat_us": 100.0, "tput_mbps": 40.0,
+                                                            "slow_lat_us": 8000.0},
+               "lat_edges_us": [150.0] * 7, "avoided_keys": 12,
+               "p_slow_4k": {"inflight_0": [0.1] * 8, "inflight_1": [0.2] * 8},
+               "penalty_4k_us": {"inflight_0": [1.0] * 8, "inflight_1": [2.0] * 8}},
+              {"dev": "251:16", "samples": 3, "baseline": None}]}]}
     text = daemon.format_status(st)
-    assert "leg 0 251:0: admit per bucket [AA-A]" in text and "(probe)" in text
-    assert "5 reads by the table, 2 by the module default (1 while the agent was silent)" in text
+    assert "leg 0 251:0: baseline 100.0 us, slow read 8000.0 us, 12 of 192 keys" in text
+    assert "leg 1 251:16: no baseline yet (3 samples)" in text
+    assert "5 reads by the table (3 probes), 2 by the module default (1 while the agent was silent)" in text
 
 
 def test_read_status_without_agent(tmp_path):

@@ -99,20 +99,22 @@ def test_features_in_heimdall_units_and_no_history_is_zero():
     np.testing.assert_allclose(s.prev_tput_mbps[0], [65536 / 2000, 4096 / 500, 0.0])
     assert s.prev_tput_mbps[1].tolist() == [0.0, 0.0, 0.0]
     assert s.idle_ns(6_000_000) == [1_000_000, None]
-
-    legs = s.leg_states(now_ns=6_000_000)
-    assert legs[0].queue_len == 3
-    assert list(legs[0].prev_qlen) == [2.0, 1.0, 0.0]
-    assert list(legs[0].prev_lat_us) == [2000.0, 500.0, 0.0]
-    assert legs[0].idle_ns == 1_000_000
-    assert legs[1].idle_ns is None and legs[1].queue_len == 0
-    assert list(legs[1].prev_tput_mbps) == [0.0, 0.0, 0.0]
+    assert s.inflight.tolist() == [3, 0]
+    assert s.prev_qlen[0].tolist() == [2, 1, 0]
 
 
-def test_negative_inflight_is_not_a_queue_length():
+def test_new_samples_are_the_completions_since_last_seen():
     buf, t = table()
-    t["inflight"][0] = -1        # a completion whose queue preceded a slot reset
-    assert snapshot_of(buf, [0]).leg_states(0)[0].queue_len == 0
+    t["dev"][0] = (8 << 20) | 16
+    t["completed"][0] = 7
+    t["prev_lat_ns"][0] = [2_000_000, 500_000, 250_000]
+    t["prev_bytes"][0] = [4096, 4096, 8192]
+    s = snapshot_of(buf, [0])
+    lat, tput = s.new_samples(np.array([5]))[0]      # two new completions
+    np.testing.assert_allclose(lat, [2000.0, 500.0])
+    np.testing.assert_allclose(tput, [4096 / 2000, 4096 / 500])
+    assert len(s.new_samples(np.array([7]))[0][0]) == 0       # nothing new
+    assert len(s.new_samples(np.array([0]))[0][0]) == 3       # more than the history holds
 
 
 def test_kprobe_observer_refuses_leg_features():

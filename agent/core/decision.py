@@ -1,170 +1,230 @@
-"""The tick-based admission decision table (pure logic, no I/O).
+"""The feature-keyed decision table (pure logic, no I/O).
 
+The kernel routes every read itself, from each leg's live state; the agent
+only precomputes what the admission model says about each possible state.
 The agent daemon and the replay simulator call the same code:
 
-    maker = DecisionMaker(model, ttl_ns=..., staleness_ns=...)
-    table = maker.decide(now_ns, leg_states)     # once per tick
-    leg = route(table, now_ns, size_bucket(nbytes), inflight)   # per read
+    maker = TableMaker(model, probe_after_ns=..., ttl_ns=...)
+    table = maker.build(now_ns, baselines)    # when a leg's baseline or the model changes
+    leg, probe = route(table, now_ns, nbytes, inflight, last_lat_ns, last_complete_ns)
 
-decide() builds one feature row for every (leg, size bucket) pair: a read
-(io_type 0) of the bucket's representative size (BUCKET_SIZE_BYTES) with
-the leg's current queue length and history, runs ONE batched ONNX call, and
-returns entries {admit, score = P(slow), expiry}. A table computed from the
-state at time T becomes visible at T + staleness_ns (the time to read the
-state, infer and publish) and expires at T + staleness_ns + ttl_ns.
+The key (kmodule/iobridge_abi.h, core/abi.py): per read and leg,
+  size bucket     of the read (abi.SIZE_BUCKET_MAX_BYTES: <=4K, <=16K, <=64K, more),
+  in-flight bucket of the leg's bios in flight (0, 1, 2-3, 4-7, 8-15, 16+),
+  latency bucket  of the leg's newest completion latency, split by edges at
+                  REL_LAT_EDGES x the leg's baseline latency.
+The edges sit where the model's inputs matter: below 1.5x baseline a read
+is plainly fast; the labels of the shipped model call a period slow from
+about 10-20x; 32x and more is deep inside a slow period.
 
-route() is the reference semantics of the kernel policy program
-(bpf/route_policy.bpf.c) for one read: among legs whose entry is valid
-(published and unexpired) and says admit, pick the least in-flight one
-(ties: lower P(slow), i.e. higher kernel score, then lower index); if every
-valid entry says avoid, pick the lowest P(slow) (ties: fewer in flight,
-then lower index): the model still ranks the legs, and the module default
-would ignore that; with no valid table (the agent stopped or stalled)
-return -1: the module's built-in default (least in-flight) decides.
+build() runs the model ONCE over every key of every leg (one batched ONNX
+call): a read of the bucket's representative size (BUCKET_SIZE_BYTES) on a
+leg whose current and previous queue lengths are the in-flight bucket's
+representative (INFLIGHT_REP) and whose last three latencies are the
+latency bucket's representative (LAT_REP_REL x baseline, a steady state),
+with throughputs derived from them. The baselines (features.BaselineTracker)
+are the slow-moving inputs; the fast ones are in the key, so the table
+stays right between recomputes.
 
-The kernel table holds an integer score where higher is better:
-kernel_score() maps P(slow) onto it.
+route() is the reference semantics of bpf/route_policy.bpf.c for one read:
+for each healthy leg with a valid table, the expected completion time
+
+    cost = (inflight + 1) * service_ns + penalty_ns[key]
+
+where service_ns is the leg's baseline latency and penalty_ns = P(slow |
+key) x (what a slow read costs on the leg - service_ns); the lowest cost
+wins (exact ties: a random one). A leg with no bio in flight and no
+completion for probe_after_ns is probed instead (one read), so an avoided
+leg shows its recovery without the agent. With no valid table (agent
+stopped or stalled past the expiry) route() returns -1: the module's
+built-in default (least in flight) decides.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
+from . import abi
 from . import features as F
-from .abi import NUM_SIZE_BUCKETS, SIZE_BUCKET_MAX_BYTES
 
+REL_LAT_EDGES = (1.5, 2.5, 4.0, 6.0, 10.0, 16.0, 32.0)       # x baseline latency
+# A representative of each latency bucket (geometric middle; 64 for the open top).
+LAT_REP_REL = (1.0, 1.94, 3.16, 4.9, 7.75, 12.6, 22.6, 64.0)
+# A representative bios-in-flight count of each in-flight bucket.
+INFLIGHT_REP = (0, 1, 2, 5, 11, 20)
 # Size a row stands for in each bucket: the bucket's upper bound, and twice
 # the last bound for the open-ended last bucket.
-BUCKET_SIZE_BYTES = tuple(SIZE_BUCKET_MAX_BYTES) + (2 * SIZE_BUCKET_MAX_BYTES[-1],)
-assert len(BUCKET_SIZE_BYTES) == NUM_SIZE_BUCKETS
+BUCKET_SIZE_BYTES = tuple(abi.SIZE_BUCKET_MAX_BYTES) + (2 * abi.SIZE_BUCKET_MAX_BYTES[-1],)
+# What a slow read costs on a leg: its recent SLOW_LAT_QUANTILE latency, at
+# least SLOW_LAT_FLOOR_REL x its baseline, and at least the key's own latency.
+SLOW_LAT_QUANTILE = 0.99
+SLOW_LAT_FLOOR_REL = 10.0
+assert len(REL_LAT_EDGES) == abi.NUM_LAT_BUCKETS - 1
+assert len(LAT_REP_REL) == abi.NUM_LAT_BUCKETS
+assert len(INFLIGHT_REP) == abi.NUM_INFLIGHT_BUCKETS
+assert len(BUCKET_SIZE_BYTES) == abi.NUM_SIZE_BUCKETS
+
+# The key components of every key index, in abi.key_index order.
+_KEY_SIZE, _KEY_INFLIGHT, _KEY_LAT = (a.reshape(-1) for a in np.meshgrid(
+    np.arange(abi.NUM_SIZE_BUCKETS), np.arange(abi.NUM_INFLIGHT_BUCKETS),
+    np.arange(abi.NUM_LAT_BUCKETS), indexing="ij"))
 
 
 @dataclass(frozen=True)
-class LegState:
-    """Feature state of one leg, as the BPF observer keeps it."""
-    queue_len: int
-    prev_qlen: Sequence[float]       # 3 values, latest first
-    prev_lat_us: Sequence[float]     # 3 values, latest completion first
-    prev_tput_mbps: Sequence[float]  # 3 values
-    idle_ns: int | None = None       # since the newest completion; None = never
-
-
-@dataclass
-class DecisionTable:
-    admit: np.ndarray      # bool [legs, buckets]
-    score: np.ndarray      # float32 [legs, buckets], P(slow)
-    valid_from_ns: int
-    expiry_ns: int
-    probe: np.ndarray | None = None   # bool [legs]: admitted to refresh its history
-
-
-@dataclass
-class LegArrays:
-    """The feature state of n legs as arrays (what the agent reads per tick)."""
-    queue_len: np.ndarray        # [n]
-    prev_qlen: np.ndarray        # [n, HISTORY], latest first
-    prev_lat_us: np.ndarray      # [n, HISTORY]
-    prev_tput_mbps: np.ndarray   # [n, HISTORY]
-    idle_ns: np.ndarray          # [n] float, nan = never completed
+class LegBaseline:
+    """A leg's slow-moving state: what its fast reads look like now."""
+    lat_us: float          # baseline latency (the service estimate)
+    tput: float            # baseline throughput, bytes per us
+    slow_lat_us: float     # what a slow read costs on it
 
     @classmethod
-    def from_states(cls, states: Sequence[LegState]) -> "LegArrays":
-        return cls(np.array([s.queue_len for s in states], dtype=np.float64),
-                   np.array([s.prev_qlen for s in states], dtype=np.float64).reshape(-1, F.HISTORY),
-                   np.array([s.prev_lat_us for s in states], dtype=np.float64).reshape(-1, F.HISTORY),
-                   np.array([s.prev_tput_mbps for s in states], dtype=np.float64).reshape(-1, F.HISTORY),
-                   np.array([np.nan if s.idle_ns is None else s.idle_ns for s in states],
-                            dtype=np.float64))
+    def of(cls, tracker: F.BaselineTracker) -> "LegBaseline | None":
+        """From a leg's BaselineTracker; None while it has too few samples."""
+        if not tracker.ready:
+            return None
+        lat = tracker.latency_us()
+        return cls(lat, tracker.tput(),
+                   max(tracker.latency_quantile_us(SLOW_LAT_QUANTILE), SLOW_LAT_FLOOR_REL * lat))
 
-    def __len__(self) -> int:
-        return len(self.queue_len)
+    def moved(self, other: "LegBaseline | None", rel: float) -> bool:
+        """True if `other` differs from this by more than `rel` in any field."""
+        if other is None:
+            return True
+        pairs = ((self.lat_us, other.lat_us), (self.tput, other.tput),
+                 (self.slow_lat_us, other.slow_lat_us))
+        return any(abs(a - b) > rel * max(abs(b), 1e-9) for a, b in pairs)
 
 
-_BUCKET_SIZES = np.array(BUCKET_SIZE_BYTES, dtype=np.float32)
+def lat_edges_ns(base: LegBaseline) -> np.ndarray:
+    """The leg's latency bucket edges in ns (what the kernel compares with)."""
+    return np.rint(np.array(REL_LAT_EDGES) * base.lat_us * 1000).astype(np.int64)
 
 
-def feature_rows(legs: Sequence[LegState] | LegArrays) -> np.ndarray:
-    """Rows [legs * buckets, NUM_FEATURES], leg-major: for each leg, a read
-    (io_type 0) of each bucket's representative size."""
-    a = legs if isinstance(legs, LegArrays) else LegArrays.from_states(legs)
-    x = np.zeros((len(a) * NUM_SIZE_BUCKETS, F.NUM_FEATURES), dtype=np.float32)
-    x[:, F.COL_QLEN] = np.repeat(a.queue_len, NUM_SIZE_BUCKETS)
-    x[:, F.COLS_PREV_QLEN] = np.repeat(a.prev_qlen, NUM_SIZE_BUCKETS, axis=0)
-    x[:, F.COLS_PREV_LAT] = np.repeat(a.prev_lat_us, NUM_SIZE_BUCKETS, axis=0)
-    x[:, F.COLS_PREV_TPUT] = np.repeat(a.prev_tput_mbps, NUM_SIZE_BUCKETS, axis=0)
-    x[:, F.COL_SIZE] = np.tile(_BUCKET_SIZES, len(a))
+def key_rows(base: LegBaseline) -> np.ndarray:
+    """Model inputs [KEYS_PER_LEG, NUM_FEATURES] for every key of one leg."""
+    x = np.zeros((abi.KEYS_PER_LEG, F.NUM_FEATURES), dtype=np.float32)
+    size = np.array(BUCKET_SIZE_BYTES, dtype=np.float64)[_KEY_SIZE]
+    qlen = np.array(INFLIGHT_REP, dtype=np.float64)[_KEY_INFLIGHT]
+    lat_rel = np.array(LAT_REP_REL)[_KEY_LAT]
+    # throughput of such a read, over the leg's baseline throughput
+    tput_rel = F.relative(size / (lat_rel * base.lat_us), base.tput)
+    x[:, F.COL_IO_TYPE] = 0.0
+    x[:, F.COL_SIZE] = size
+    x[:, F.COL_QLEN] = qlen
+    x[:, F.COLS_PREV_QLEN] = qlen[:, None]
+    x[:, F.COLS_PREV_LAT] = lat_rel[:, None]
+    x[:, F.COLS_PREV_TPUT] = tput_rel[:, None]
     return x
 
 
-class DecisionMaker:
-    """Turns per-leg feature state into a decision table with one batched
-    inference. `model` has p_slow(rows) -> array and a `threshold`."""
+def penalties_ns(p_slow: np.ndarray, base: LegBaseline) -> np.ndarray:
+    """penalty_ns per key: P(slow) x (what a slow read costs - service)."""
+    key_lat_us = np.array(LAT_REP_REL)[_KEY_LAT] * base.lat_us
+    slow_us = np.maximum(key_lat_us, base.slow_lat_us)
+    extra_ns = np.maximum(slow_us - base.lat_us, 0.0) * 1000.0
+    return np.clip(np.rint(np.asarray(p_slow, dtype=np.float64) * extra_ns),
+                   0, abi.PENALTY_MAX_NS).astype(np.int64)
 
-    def __init__(self, model, ttl_ns: int = 10_000_000, staleness_ns: int = 0,
-                 threshold: float | None = None, probe_after_ns: int | None = None):
+
+@dataclass
+class KeyedTable:
+    """The decision table of one set of legs (one target, or the replay's legs)."""
+    valid: np.ndarray            # bool [legs]: has an entry (a baseline)
+    p_slow: np.ndarray           # float32 [legs, KEYS_PER_LEG]
+    penalty_ns: np.ndarray       # int64 [legs, KEYS_PER_LEG]
+    lat_edges_ns: np.ndarray     # int64 [legs, NUM_LAT_BUCKETS - 1]
+    service_ns: np.ndarray       # int64 [legs]
+    probe_after_ns: int          # 0 = no probing
+    computed_ns: int
+    valid_from_ns: int
+    expiry_ns: int
+    baselines: list = field(default_factory=list)   # LegBaseline | None per leg
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    def key_of(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int) -> int:
+        return abi.key_index(abi.size_bucket(nbytes), abi.inflight_bucket(inflight),
+                             abi.lat_bucket(self.lat_edges_ns[leg], last_lat_ns))
+
+    def avoided(self, threshold: float) -> np.ndarray:
+        """bool [legs, KEYS]: keys whose P(slow) reaches the model's threshold."""
+        return self.p_slow >= threshold
+
+
+class TableMaker:
+    """Builds KeyedTables with one batched inference. `model` has
+    p_slow(rows) -> array and a `threshold`."""
+
+    def __init__(self, model, ttl_ns: int = 1_000_000_000, staleness_ns: int = 0,
+                 threshold: float | None = None, probe_after_ns: int = 0):
         if ttl_ns <= 0:
             raise ValueError("ttl_ns must be positive")
         if staleness_ns < 0:
             raise ValueError("staleness_ns must be >= 0")
-        if probe_after_ns is not None and probe_after_ns <= 0:
-            raise ValueError("probe_after_ns must be positive")
+        if probe_after_ns < 0:
+            raise ValueError("probe_after_ns must be >= 0 (0 = no probing)")
         self.model = model
         self.ttl_ns = int(ttl_ns)
         self.staleness_ns = int(staleness_ns)
         self.threshold = float(model.threshold if threshold is None else threshold)
-        self.probe_after_ns = probe_after_ns
+        self.probe_after_ns = int(probe_after_ns)
         self.calls = 0
 
-    def decide(self, now_ns: int, states: Sequence[LegState] | LegArrays) -> DecisionTable:
-        legs = states if isinstance(states, LegArrays) else LegArrays.from_states(states)
-        p = self.model.p_slow(feature_rows(legs))
-        self.calls += 1
-        score = np.asarray(p, dtype=np.float32).reshape(len(legs), NUM_SIZE_BUCKETS)
-        admit = score < self.threshold
-        valid = now_ns + self.staleness_ns
-        probe = self._probes(legs)
-        if probe.any():
-            # An avoided leg gets no reads, so its history would stay slow
-            # forever: after probe_after_ns without a completion it is
-            # admitted with the best score, so that one read refreshes it.
-            admit[probe] = True
-            score[probe] = 0.0
-        return DecisionTable(admit, score, valid, valid + self.ttl_ns, probe)
+    def build(self, now_ns: int, baselines: Sequence[LegBaseline | None]) -> KeyedTable:
+        n = len(baselines)
+        valid = np.array([b is not None for b in baselines], dtype=bool)
+        p = np.zeros((n, abi.KEYS_PER_LEG), dtype=np.float32)
+        pen = np.zeros((n, abi.KEYS_PER_LEG), dtype=np.int64)
+        edges = np.zeros((n, abi.NUM_LAT_BUCKETS - 1), dtype=np.int64)
+        service = np.zeros(n, dtype=np.int64)
+        idx = np.flatnonzero(valid)
+        if len(idx):
+            rows = np.concatenate([key_rows(baselines[i]) for i in idx])
+            probs = np.asarray(self.model.p_slow(rows), dtype=np.float32)
+            self.calls += 1
+            p[idx] = probs.reshape(len(idx), abi.KEYS_PER_LEG)
+            for i in idx:
+                b = baselines[i]
+                pen[i] = penalties_ns(p[i], b)
+                edges[i] = lat_edges_ns(b)
+                service[i] = int(round(b.lat_us * 1000))
+        visible = now_ns + self.staleness_ns
+        return KeyedTable(valid, p, pen, edges, service, self.probe_after_ns, now_ns,
+                          visible, visible + self.ttl_ns, list(baselines))
 
-    def _probes(self, legs: LegArrays) -> np.ndarray:
-        if self.probe_after_ns is None:
-            return np.zeros(len(legs), dtype=bool)
-        with np.errstate(invalid="ignore"):
-            return legs.idle_ns >= self.probe_after_ns   # nan (never) -> False
 
-
-def route(table: DecisionTable | None, now_ns: int, bucket: int,
-          inflight: Sequence[int]) -> int:
-    """Leg for one read, or -1 for the module default (see module doc)."""
+def route(table: KeyedTable | None, now_ns: int, nbytes: int, inflight: Sequence[int],
+          last_lat_ns: Sequence[int], last_complete_ns: Sequence[int],
+          healthy: Sequence[bool] | None = None, rng=None) -> tuple[int, bool]:
+    """(leg, probe) for one read, or (-1, False) for the module default (see
+    the module doc). `rng` (numpy Generator) breaks exact ties at random, as
+    the kernel does; without it the lowest index wins."""
     if table is None or not (table.valid_from_ns <= now_ns < table.expiry_ns):
-        return -1
-    adm = table.admit[:, bucket]
-    sc = table.score[:, bucket]
-    legs = np.flatnonzero(adm)
-    if len(legs):
-        return int(min(legs, key=lambda leg: (inflight[leg], float(sc[leg]), int(leg))))
-    return int(min(range(len(sc)), key=lambda leg: (float(sc[leg]), inflight[leg], leg)))
-
-
-KERNEL_SCORE_SCALE = 1_000_000
-
-
-def kernel_scores(p_slow: np.ndarray) -> np.ndarray:
-    """The decision entries' integer scores (higher is better) for P(slow)."""
-    return np.rint((1.0 - np.clip(p_slow, 0.0, 1.0)) * KERNEL_SCORE_SCALE).astype(np.int32)
-
-
-def kernel_score(p_slow: float) -> int:
-    """kernel_scores() for one value."""
-    return int(kernel_scores(np.float64(p_slow)))
+        return -1, False
+    best, best_cost, ties = -1, 0, 0
+    probe = -1
+    for leg in range(len(table)):
+        if not table.valid[leg] or (healthy is not None and not healthy[leg]):
+            continue
+        if (probe < 0 and table.probe_after_ns and inflight[leg] == 0
+                and now_ns - last_complete_ns[leg] >= table.probe_after_ns):
+            probe = leg
+        cost = ((inflight[leg] + 1) * int(table.service_ns[leg])
+                + int(table.penalty_ns[leg, table.key_of(leg, nbytes, inflight[leg],
+                                                         last_lat_ns[leg])]))
+        if best < 0 or cost < best_cost:
+            best, best_cost, ties = leg, cost, 1
+        elif cost == best_cost:
+            ties += 1
+            if rng is not None and rng.integers(ties) == 0:
+                best = leg
+    if probe >= 0 and probe != best:
+        return probe, True
+    return best, False
 
 
 def least_inflight(inflight: Sequence[int]) -> int:

@@ -1,24 +1,34 @@
 """The admission feature schema: the one definition of what a model sees.
 
-Heimdall's feature set (EuroSys'25), history length 3, per device (leg):
+Heimdall's feature set (EuroSys'25), history length 3, per device (leg),
+with the latency and throughput history expressed relative to the leg's own
+baseline (schema v2), so that a model trained on one machine transfers to a
+faster or slower one:
 
-  index name                 unit     meaning
-  0     io_type              0/1      0 = read, 1 = write
-  1     size_bytes           bytes    request size
-  2     queue_len            I/Os     I/Os in flight on the device at issue
-  3-5   prev_queue_len_1..3  I/Os     queue_len at issue of the previous 3
-                                      I/Os issued to this device (1 = latest)
-  6-8   prev_latency_us_1..3 us       latency of the 3 I/Os that completed
-                                      most recently before this issue
-  9-11  prev_tput_mbps_1..3  MB/s     bytes / latency of those same 3 I/Os
-                                      (1 MB/s = 1 byte/us)
+  index name                  unit     meaning
+  0     io_type               0/1      0 = read, 1 = write
+  1     size_bytes            bytes    request size
+  2     queue_len             I/Os     I/Os in flight on the device at issue
+  3-5   prev_queue_len_1..3   I/Os     queue_len at issue of the previous 3
+                                       I/Os issued to this device (1 = latest)
+  6-8   prev_latency_rel_1..3 x base   latency of the 3 I/Os that completed
+                                       most recently before this issue, over
+                                       the leg's baseline latency
+  9-11  prev_tput_rel_1..3    x base   bytes / latency of those same 3 I/Os,
+                                       over the leg's baseline throughput
+
+The baseline (BaselineTracker) is what a fast I/O looks like on this leg
+now: the BASELINE_LAT_QUANTILE of the latencies of the leg's last
+BASELINE_WINDOW completions, and the BASELINE_TPUT_QUANTILE of their
+throughputs. Training computes it causally from the trace
+(device_features); the agent from the samples it reads from the kernel.
 
 History that does not exist yet (start of a trace) is 0. Only information
 available at issue time is used: the latency history comes from I/Os that
 had *completed* before the issue, as the kernel observer can know it.
 
-Models are fed raw values in these units; any normalisation lives inside
-the ONNX graph. Changing names, order or units requires bumping
+Models are fed these values; any normalisation lives inside the ONNX graph.
+Changing names, order, units or the baseline requires bumping
 SCHEMA_VERSION; the agent and `iobridge model check` refuse a model card
 whose schema version differs.
 """
@@ -29,7 +39,7 @@ import numpy as np
 
 from . import abi
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 HISTORY = abi.HISTORY  # the kernel keeps this much history per leg
 
 FEATURES: tuple[tuple[str, str], ...] = (
@@ -37,9 +47,16 @@ FEATURES: tuple[tuple[str, str], ...] = (
     ("size_bytes", "bytes"),
     ("queue_len", "I/Os in flight"),
     *((f"prev_queue_len_{i}", "I/Os in flight") for i in range(1, HISTORY + 1)),
-    *((f"prev_latency_us_{i}", "microseconds") for i in range(1, HISTORY + 1)),
-    *((f"prev_tput_mbps_{i}", "MB/s (bytes per microsecond)") for i in range(1, HISTORY + 1)),
+    *((f"prev_latency_rel_{i}", "x leg baseline latency") for i in range(1, HISTORY + 1)),
+    *((f"prev_tput_rel_{i}", "x leg baseline throughput") for i in range(1, HISTORY + 1)),
 )
+
+# The leg baseline (see the module doc).
+BASELINE_WINDOW = 1024          # completions
+BASELINE_LAT_QUANTILE = 0.25
+BASELINE_TPUT_QUANTILE = 0.75
+BASELINE_STEP = 128             # training: the baseline moves every this many completions
+MIN_BASELINE_SAMPLES = 16       # fewer: no baseline yet
 FEATURE_NAMES: tuple[str, ...] = tuple(n for n, _ in FEATURES)
 FEATURE_UNITS: tuple[str, ...] = tuple(u for _, u in FEATURES)
 NUM_FEATURES = len(FEATURES)
@@ -62,6 +79,11 @@ def schema_dict() -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "features": [{"name": n, "unit": u} for n, u in FEATURES],
+        "baseline": {"latency": f"quantile {BASELINE_LAT_QUANTILE} of the leg's last "
+                                f"{BASELINE_WINDOW} completion latencies",
+                     "throughput": f"quantile {BASELINE_TPUT_QUANTILE} of their throughputs",
+                     "why": "latency inputs relative to each leg's own baseline, so that the "
+                            "model transfers to faster or slower devices and hosts"},
     }
 
 
@@ -72,7 +94,8 @@ def device_features(issue_ns: np.ndarray, complete_ns: np.ndarray,
 
     All arrays have one entry per I/O. Returns float32 [n, NUM_FEATURES].
     Latency history is causal: for I/O i only I/Os with
-    complete_ns <= issue_ns[i] count, most recent completion first.
+    complete_ns <= issue_ns[i] count, most recent completion first, and the
+    baseline is the one known at issue (see causal_baseline).
     """
     n = len(issue_ns)
     out = np.zeros((n, NUM_FEATURES), dtype=np.float32)
@@ -91,9 +114,83 @@ def device_features(issue_ns: np.ndarray, complete_ns: np.ndarray,
     lat_us = (comp - issue) / 1000.0
     tput = np.divide(nb, lat_us, out=np.zeros(n), where=lat_us > 0)
     prev_lat, prev_tput = causal_last(issue, comp, [lat_us, tput], HISTORY)
-    out[:, COLS_PREV_LAT] = prev_lat
-    out[:, COLS_PREV_TPUT] = prev_tput
+    base_lat, base_tput = causal_baseline(issue, comp, lat_us, tput)
+    out[:, COLS_PREV_LAT] = relative(prev_lat, base_lat[:, None])
+    out[:, COLS_PREV_TPUT] = relative(prev_tput, base_tput[:, None])
     return out
+
+
+def relative(values, base):
+    """values / base, 0 where the base is unknown (0) or the value is 0."""
+    values = np.asarray(values, dtype=np.float64)
+    base = np.broadcast_to(np.asarray(base, dtype=np.float64), values.shape)
+    return np.divide(values, base, out=np.zeros(values.shape), where=base > 0)
+
+
+def causal_baseline(issue_ns, complete_ns, lat_us, tput):
+    """Per I/O, the leg baseline (latency us, throughput) known at its issue.
+
+    Completions are taken in completion order; every BASELINE_STEP of them
+    the baseline becomes the quantiles of the last BASELINE_WINDOW. An I/O
+    issued before MIN_BASELINE_SAMPLES completions gets the first baseline
+    (the start of a trace has no history to be causal with)."""
+    issue = np.asarray(issue_ns, dtype=np.int64)
+    comp = np.asarray(complete_ns, dtype=np.int64)
+    n = len(issue)
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    order = np.argsort(comp, kind="stable")
+    lat_c = np.asarray(lat_us, dtype=np.float64)[order]
+    tput_c = np.asarray(tput, dtype=np.float64)[order]
+    ends = np.arange(min(MIN_BASELINE_SAMPLES, n), n + 1, BASELINE_STEP)
+    if ends[-1] != n:
+        ends = np.append(ends, n)
+    b_lat = np.array([np.quantile(lat_c[max(0, e - BASELINE_WINDOW):e], BASELINE_LAT_QUANTILE)
+                      for e in ends])
+    b_tput = np.array([np.quantile(tput_c[max(0, e - BASELINE_WINDOW):e], BASELINE_TPUT_QUANTILE)
+                       for e in ends])
+    known_at = comp[order][ends - 1]                 # when each baseline became known
+    idx = np.searchsorted(known_at, issue, side="right") - 1
+    idx = np.clip(idx, 0, len(ends) - 1)
+    return b_lat[idx], b_tput[idx]
+
+
+class BaselineTracker:
+    """The running baseline of one leg, from latency samples as they come
+    (the agent's view: it samples the kernel's newest completions)."""
+
+    def __init__(self, window: int = BASELINE_WINDOW):
+        self._lat = np.zeros(window)
+        self._tput = np.zeros(window)
+        self.n = 0          # samples seen (the ring holds min(n, window))
+
+    def add(self, lat_us, tput) -> None:
+        for la, tp in zip(np.atleast_1d(lat_us), np.atleast_1d(tput)):
+            if la <= 0:
+                continue
+            i = self.n % len(self._lat)
+            self._lat[i], self._tput[i] = la, tp
+            self.n += 1
+
+    @property
+    def ready(self) -> bool:
+        return self.n >= MIN_BASELINE_SAMPLES
+
+    def _held(self):
+        k = min(self.n, len(self._lat))
+        return self._lat[:k], self._tput[:k]
+
+    def latency_us(self) -> float:
+        lat, _ = self._held()
+        return float(np.quantile(lat, BASELINE_LAT_QUANTILE)) if len(lat) else 0.0
+
+    def tput(self) -> float:
+        _, tp = self._held()
+        return float(np.quantile(tp, BASELINE_TPUT_QUANTILE)) if len(tp) else 0.0
+
+    def latency_quantile_us(self, q: float) -> float:
+        lat, _ = self._held()
+        return float(np.quantile(lat, q)) if len(lat) else 0.0
 
 
 def causal_last(issue_ns: np.ndarray, complete_ns: np.ndarray, values, k: int):

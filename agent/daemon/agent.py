@@ -1,22 +1,29 @@
 """The admission agent: `iobridge run` and `iobridge status`.
 
-Every tick (config agent.tick_ms, default 1 ms) the agent
+The kernel routes every read by itself (bpf/route_policy.bpf.c): it keys a
+decision table on each leg's live state (size bucket of the read, bios in
+flight, the newest completion latency) and picks the leg with the lowest
+expected completion time. The agent only keeps that table right:
 
-  1. reads the feature state of every leg of every managed iobridge target
-     from the observer's mmapped leg_features array (agent/legstate.py);
-  2. evaluates the admission model for every (leg, size bucket) row of every
-     target in ONE batched ONNX call (decision.DecisionMaker, the code the
-     replay simulator runs too);
-  3. publishes each target's entries in the routing program's mmapped
-     decision table with an expiry of ttl_ticks ticks, and beats the
-     heartbeat the routing program checks.
+  every tick (config agent.tick_ms, default 20 ms) it beats the heartbeat
+  the routing program checks, extends the entries' expiry, and samples the
+  newest completions of every leg of every managed target from the
+  observer's mmapped leg_features array (kernel/legstate.py) into each
+  leg's baseline (core/features.BaselineTracker);
 
-Nothing on the I/O path waits for this loop: the kernel routes each read
-from whatever the table says at that instant, ignores expired entries and
-the whole table when the heartbeat is older than max_silence_ms, and falls
-back to the module's least-in-flight default. If the agent dies, the kernel
-closes its file descriptors and the routing program detaches at once; if it
-stalls, entries expire within ttl_ticks ticks.
+  when a leg's baseline moved by more than BASELINE_MOVE, a target came or
+  went, or the model was reloaded (at most every agent.recompute_ms), it
+  evaluates the admission model over every key of every leg in ONE batched
+  ONNX call (core/decision.TableMaker, the code the replay simulator runs
+  too) and publishes the penalties, latency edges and service estimates.
+
+Nothing on the I/O path waits for this loop, and the table stays right
+between recomputes because the fast-moving inputs are looked up live in the
+kernel. The kernel ignores expired entries, and the whole table when the
+heartbeat is older than max_silence_ms, and falls back to the module's
+least-in-flight default. If the agent dies, the kernel closes its file
+descriptors and the routing program detaches at once; if it stalls, the
+table keeps following the legs' live state until it expires.
 
 Targets are discovered by a background thread (`dmsetup status --target
 iobridge` every discover_interval_s), so a slow dmsetup never delays a tick.
@@ -26,7 +33,7 @@ Signals: SIGHUP reloads the config file and the model (a file that fails
 validation is refused and the running ones stay in force); SIGTERM and
 SIGINT stop cleanly: detach, unpin, leave the targets on the module default.
 Under systemd (Type=notify) READY, STATUS, WATCHDOG, RELOADING and STOPPING
-are sent through agent/sdnotify.py.
+are sent through daemon/sdnotify.py.
 """
 
 from __future__ import annotations
@@ -43,18 +50,18 @@ from pathlib import Path
 import numpy as np
 
 from ..core import abi, decision, histogram
+from ..core import features as F
 from ..core.errors import IobridgeError, UsageError
 from ..kernel import blockdev, bpf, dmtarget, system
 from . import config as config_mod
 
 log = logging.getLogger("iobridge.agent")
 
-PHASES = ("read", "infer", "publish", "tick")
+PHASES = ("sample", "infer", "publish", "tick")
 STATUS_INTERVAL_S = 1.0
-# With no bio queued or completed on any leg since the last decision, the
-# table is only kept alive; it is recomputed at least this often anyway
-# (idle time grows, and probing depends on it).
-REDECIDE_NS = 100_000_000
+# A leg's baseline that moved by more than this (relative, any of latency,
+# throughput, slow cost) makes the table be recomputed.
+BASELINE_MOVE = 0.10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,39 +131,41 @@ class Agent:
         self.overrides = overrides or {}   # command-line values: win at every reload too
         self.notify = notifier or Notifier()
         self.model = None
-        self.maker: decision.DecisionMaker | None = None
+        self.maker: decision.TableMaker | None = None
         self.observer = None
         self.legmap = None
         self.policy = None
         self.pins = None
         self.times = PhaseTimes()
-        self.counters = {"ticks": 0, "overruns": 0, "published": 0, "decision_changes": 0,
-                         "probes": 0, "tick_errors": 0, "reloads": 0, "reload_failures": 0,
+        self.counters = {"ticks": 0, "overruns": 0, "recomputes": 0, "decision_changes": 0,
+                         "tick_errors": 0, "reloads": 0, "reload_failures": 0,
                          "targets_added": 0, "targets_removed": 0, "seq_retries": 0,
-                         "idle_ticks": 0}
+                         "samples": 0}
         self.started_ns = 0
         self.last_published_ns = 0
         self._targets: list[Target] = []     # replaced whole by the discovery thread
         self._discovery_error: str | None = None
         self._active: list[Target] = []      # what the tick loop is set up for
         self._slots = np.zeros(0, dtype=np.int64)
+        self._kdevs: list[int] = []          # leg devices, in row order
         self._rows: list[tuple[Target, slice]] = []
-        self._prev_admit: np.ndarray | None = None
-        self._last_table = None
-        self._last_legs: decision.LegArrays | None = None
-        self._last_activity: np.ndarray | None = None
-        self._last_decide_ns = 0
+        self._trackers: dict[int, F.BaselineTracker] = {}   # kdev -> its baseline samples
+        self._seen = np.zeros(0, dtype=np.int64)            # completions sampled, per row
+        self._table: decision.KeyedTable | None = None      # the one in force
+        self._dirty = True                   # recompute at the next chance
+        self._last_build_ns = 0
+        self._last_snapshot = None
         self._stop = threading.Event()
         self._reload = False
         self._thread: threading.Thread | None = None
 
     # -- start and stop ---------------------------------------------------
-    def _load_model(self, path: Path):
+    @staticmethod
+    def _load_model(cfg: config_mod.Config):
         from ..core.model import AdmissionModel  # noqa: PLC0415 (onnxruntime import is slow)
-        model = AdmissionModel(path)          # raises ModelCheckError with the reason
-        maker = decision.DecisionMaker(model, ttl_ns=self.cfg.ttl_ns,
-                                       threshold=self.cfg.threshold,
-                                       probe_after_ns=self.cfg.probe_after_ns)
+        model = AdmissionModel(cfg.model)          # raises ModelCheckError with the reason
+        maker = decision.TableMaker(model, ttl_ns=cfg.ttl_ns, threshold=cfg.threshold,
+                                    probe_after_ns=cfg.probe_after_ns)
         return model, maker
 
     def start(self) -> None:
@@ -168,7 +177,7 @@ class Agent:
         system.require_bpf_kernel()
         bpf.check_header_version()
         dmtarget.check_module_version()      # names the missing module or both versions
-        self.model, self.maker = self._load_model(cfg.model)
+        self.model, self.maker = self._load_model(cfg)
         log.info("model %s (threshold %.4f, sha256 %s)", cfg.model, self.maker.threshold,
                  self.model.sha256[:12])
         self._targets = discover(cfg.targets)  # first listing in line: errors stop the start
@@ -247,24 +256,19 @@ class Agent:
         kdevs = [d for t in targets for d in t.kdevs]
         slot_of = self.legmap.assign(sorted(set(kdevs)))
         self._slots = np.array([slot_of[d] for d in kdevs], dtype=np.int64)
+        self._kdevs = kdevs
+        # A leg device keeps its baseline while it stays a leg of some target.
+        self._trackers = {d: self._trackers.get(d) or F.BaselineTracker() for d in kdevs}
+        self._seen = self.legmap.completed(self._slots)
         self._rows, first = [], 0
         for t in targets:
             self._rows.append((t, slice(first, first + len(t.kdevs))))
             first += len(t.kdevs)
         self._active = targets        # the very list object: tick() compares identity
-        self._prev_admit = None
-        self._last_activity = None
+        self._table = None
+        self._dirty = True
 
     # -- one tick -----------------------------------------------------------
-    def _beat(self, now: int) -> None:
-        """Heartbeat; when publishing, the table just written or extended
-        reflects the legs' state as of `now`."""
-        if self.cfg.shadow:
-            self.policy.heartbeat(now)
-            return
-        self.policy.heartbeat(now, published_ns=now)
-        self.last_published_ns = now
-
     def tick(self) -> None:
         targets = self._targets       # the discovery thread swaps in a new list on change
         if targets is not self._active:
@@ -273,64 +277,83 @@ class Agent:
         if not self._rows:
             self.policy.heartbeat(now)
             return
-        activity = self.legmap.activity(self._slots)
-        if (self._last_activity is not None and now - self._last_decide_ns < REDECIDE_NS
-                and np.array_equal(activity, self._last_activity)):
-            # Nothing queued or completed: the table still holds; keep it valid.
-            if not self.cfg.shadow:
-                for t, _ in self._rows:
-                    self.policy.extend(t.target_id, len(t.kdevs), now + self.cfg.ttl_ns)
-            self._beat(now)
-            self.counters["idle_ticks"] += 1
-            return
-        self._last_activity, self._last_decide_ns = activity, now
         t0 = time.perf_counter_ns()
-        snap = self.legmap.read(self._slots)
-        self.counters["seq_retries"] += snap.retries
-        legs = snap.arrays(now)
+        self._sample()
         t1 = time.perf_counter_ns()
-        table = self.maker.decide(now, legs)
-        t2 = time.perf_counter_ns()
-        if not self.cfg.shadow:
-            expires = now + self.cfg.ttl_ns
-            scores = decision.kernel_scores(table.score)
+        self.times.add("sample", t1 - t0)
+        if now - self._last_build_ns >= self.cfg.recompute_ns and self._needs_build():
+            table = self.maker.build(now, [decision.LegBaseline.of(self._trackers[d])
+                                           for d in self._kdevs])
+            t2 = time.perf_counter_ns()
+            self.times.add("infer", t2 - t1)
+            self._last_build_ns = now
+            self._dirty = False
+            self.counters["recomputes"] += 1
+            self._note_changes(self._table, table)
+            self._table = table
+            if not self.cfg.shadow:
+                self._publish(table, now)
+            self.times.add("publish", time.perf_counter_ns() - t2)
+        elif self._table is not None and not self.cfg.shadow:
+            # The table follows the legs' live state in the kernel: keep it valid.
             for t, rows in self._rows:
-                self.policy.publish(t.target_id, table.admit[rows], scores[rows], expires)
-            self.counters["published"] += 1
-        self._beat(now)
-        t3 = time.perf_counter_ns()
-        self.times.add("read", t1 - t0)
-        self.times.add("infer", t2 - t1)
-        self.times.add("publish", t3 - t2)
-        self._note_changes(table, legs)
-        self._last_table, self._last_legs = table, legs
+                self.policy.extend(t.target_id, len(t.kdevs), now + self.cfg.ttl_ns)
+        self.policy.heartbeat(now)
 
-    def _note_changes(self, table, legs: decision.LegArrays) -> None:
-        """Count decision changes; at debug level log each with its reason."""
-        if table.probe is not None:
-            self.counters["probes"] += int(table.probe.sum())
-        prev = self._prev_admit
-        self._prev_admit = table.admit
-        if prev is None or prev.shape != table.admit.shape:
+    def _sample(self) -> None:
+        """Feed each leg's new completions into its baseline."""
+        completed = self.legmap.completed(self._slots)
+        fresh = np.flatnonzero(completed != self._seen)
+        if not len(fresh):
             return
-        changed = np.argwhere(prev != table.admit)
-        self.counters["decision_changes"] += len(changed)
-        if not len(changed) or not log.isEnabledFor(logging.DEBUG):
+        snap = self.legmap.read(self._slots[fresh])
+        self.counters["seq_retries"] += snap.retries
+        for row, (lat, tput) in zip(fresh, snap.new_samples(self._seen[fresh])):
+            self._trackers[self._kdevs[row]].add(lat, tput)
+            self.counters["samples"] += len(lat)
+        self._seen[fresh] = snap.completed
+        self._last_snapshot = (self._slots[fresh], snap)
+
+    def _needs_build(self) -> bool:
+        if self._dirty or self._table is None:
+            return True
+        for i, d in enumerate(self._kdevs):
+            new = decision.LegBaseline.of(self._trackers[d])
+            if new is not None and new.moved(self._table.baselines[i], BASELINE_MOVE):
+                return True
+        return False
+
+    def _publish(self, table: decision.KeyedTable, now: int) -> None:
+        expires = now + self.cfg.ttl_ns
+        for t, rows in self._rows:
+            if not table.valid[rows].any():
+                continue   # no baseline yet on any leg: the module default decides
+            # A leg without a baseline yet gets an empty entry (left out).
+            exp = np.where(table.valid[rows], expires, 0)
+            self.policy.publish(t.target_id, table.penalty_ns[rows], table.lat_edges_ns[rows],
+                                table.service_ns[rows], table.probe_after_ns, exp)
+        self.policy.heartbeat(now, published_ns=now)
+        self.last_published_ns = now
+
+    def _note_changes(self, old: decision.KeyedTable | None, new: decision.KeyedTable) -> None:
+        """Count keys whose verdict (P(slow) against the threshold) changed;
+        at debug level log each leg's change with the baseline behind it."""
+        if old is None or len(old) != len(new):
             return
-        for leg_row, bucket in changed:
-            t, rows = next((t, r) for t, r in self._rows if r.start <= leg_row < r.stop)
-            reason = ("probe: no completion for %.0f ms" % (legs.idle_ns[leg_row] / 1e6)
-                      if table.probe is not None and table.probe[leg_row] else
-                      "p_slow %.3f %s threshold %.3f" % (
-                          table.score[leg_row, bucket],
-                          "<" if table.admit[leg_row, bucket] else ">=", self.maker.threshold))
-            log.debug("%s leg %d bucket %d: %s -> %s (%s; qlen %d, prev_lat_us %s, "
-                      "prev_tput_mbps %s, prev_qlen %s)", t.name, leg_row - rows.start, bucket,
-                      "avoid" if table.admit[leg_row, bucket] else "admit",
-                      "admit" if table.admit[leg_row, bucket] else "avoid", reason,
-                      legs.queue_len[leg_row], np.round(legs.prev_lat_us[leg_row], 1).tolist(),
-                      np.round(legs.prev_tput_mbps[leg_row], 2).tolist(),
-                      legs.prev_qlen[leg_row].astype(int).tolist())
+        th = self.maker.threshold
+        changed = old.avoided(th) != new.avoided(th)
+        self.counters["decision_changes"] += int(changed.sum())
+        if not changed.any() or not log.isEnabledFor(logging.DEBUG):
+            return
+        for row in np.flatnonzero(changed.any(axis=1)):
+            t, rows = next((t, r) for t, r in self._rows if r.start <= row < r.stop)
+            ob, nb = old.baselines[row], new.baselines[row]
+            log.debug("%s leg %d: %d key(s) changed verdict (p_slow vs threshold %.3f): "
+                      "avoided keys %d -> %d; baseline latency %s -> %.1f us, slow read %s -> %.0f us",
+                      t.name, row - rows.start, int(changed[row].sum()), th,
+                      int(old.avoided(th)[row].sum()), int(new.avoided(th)[row].sum()),
+                      "none" if ob is None else f"{ob.lat_us:.1f}", nb.lat_us if nb else 0.0,
+                      "none" if ob is None else f"{ob.slow_lat_us:.0f}", nb.slow_lat_us if nb else 0.0)
 
     # -- reload ---------------------------------------------------------------
     def reload(self) -> bool:
@@ -339,7 +362,7 @@ class Agent:
         try:
             cfg = config_mod.load(self.cfg.source) if self.cfg.source else self.cfg
             cfg = cfg.replace(**self.overrides)
-            model, maker = self._load_model(cfg.model)
+            model, maker = self._load_model(cfg)
         except IobridgeError as err:
             self.counters["reload_failures"] += 1
             log.error("reload refused, the running config and model stay in force: %s", err)
@@ -349,6 +372,8 @@ class Agent:
             log.warning("shadow and pin_dir take effect at restart only")
             cfg = dataclasses.replace(cfg, shadow=self.cfg.shadow, pin_dir=self.cfg.pin_dir)
         self.cfg, self.model, self.maker = cfg, model, maker
+        self._dirty = True            # the new model (or probing, expiry) fills the table
+        self._last_build_ns = 0
         self.policy.heartbeat(time.clock_gettime_ns(time.CLOCK_MONOTONIC),
                               max_silence_ns=cfg.max_silence_ns)
         self.counters["reloads"] += 1
@@ -406,35 +431,53 @@ class Agent:
     # -- status -------------------------------------------------------------------
     def status(self) -> dict:
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        table, feats = self._last_table, self._last_legs
+        table = self._table
+        live = self.legmap.read(self._slots) if self.legmap is not None and len(self._slots) else None
         targets = []
         for t, rows in self._rows:
             legs = []
             for i, dev in enumerate(t.legs):
                 r = rows.start + i
-                legs.append({"dev": dev, "slot": int(self._slots[r]),
-                             "admit": table.admit[r].tolist() if table is not None else None,
-                             "p_slow": np.round(table.score[r], 4).tolist() if table is not None else None,
-                             "probe": bool(table.probe[r]) if table is not None and table.probe is not None else False,
-                             "features": None if feats is None else {
-                                 "queue_len": int(feats.queue_len[r]),
-                                 "prev_qlen": feats.prev_qlen[r].astype(int).tolist(),
-                                 "prev_lat_us": np.round(feats.prev_lat_us[r], 1).tolist(),
-                                 "idle_ms": None if np.isnan(feats.idle_ns[r])
-                                 else round(feats.idle_ns[r] / 1e6, 1)}})
+                tracker = self._trackers.get(self._kdevs[r])
+                base = table.baselines[r] if table is not None else None
+                legs.append({
+                    "dev": dev, "slot": int(self._slots[r]),
+                    "samples": tracker.n if tracker else 0,
+                    "baseline": None if base is None else {
+                        "lat_us": round(base.lat_us, 1), "tput_mbps": round(base.tput, 3),
+                        "slow_lat_us": round(base.slow_lat_us, 1)},
+                    "lat_edges_us": None if base is None else
+                    np.round(table.lat_edges_ns[r] / 1e3, 1).tolist(),
+                    # P(slow) and penalty for 4 KiB reads with 0 and 1 bios in
+                    # flight, per latency bucket: the model's view of this leg
+                    "p_slow_4k": None if base is None else {
+                        f"inflight_{n}": [round(float(table.p_slow[r, abi.key_index(0, n, lb)]), 4)
+                                          for lb in range(abi.NUM_LAT_BUCKETS)] for n in (0, 1)},
+                    "penalty_4k_us": None if base is None else {
+                        f"inflight_{n}": [round(int(table.penalty_ns[r, abi.key_index(0, n, lb)]) / 1e3, 1)
+                                          for lb in range(abi.NUM_LAT_BUCKETS)] for n in (0, 1)},
+                    "avoided_keys": None if base is None else
+                    int(table.avoided(self.maker.threshold)[r].sum()),
+                    "live": None if live is None else {
+                        "inflight": int(live.inflight[r]),
+                        "prev_lat_us": np.round(live.prev_lat_us[r], 1).tolist(),
+                        "idle_ms": None if live.idle_ns(now)[r] is None
+                        else round(live.idle_ns(now)[r] / 1e6, 1)}})
             targets.append({"name": t.name, "target_id": t.target_id, "legs": legs})
         return {
             "pid": os.getpid(), "abi_version": abi.ABI_VERSION,
             "written_ns": now, "started_ns": self.started_ns,
             "config": str(self.cfg.source) if self.cfg.source else None,
             "shadow": self.cfg.shadow, "tick_ms": self.cfg.tick_ms, "ttl_ticks": self.cfg.ttl_ticks,
-            "max_silence_ms": self.cfg.max_silence_ms,
+            "max_silence_ms": self.cfg.max_silence_ms, "recompute_ms": self.cfg.recompute_ms,
+            "probe_after_ms": self.cfg.probe_after_ms,
             "model": {"path": str(self.cfg.model), "sha256": self.model.sha256,
                       "threshold": self.maker.threshold,
                       "created": self.model.card.get("created")},
             "program_attached": bool(self.policy and self.policy.attached),
             "pins": [str(p) for p in (self.pins.created if self.pins else [])],
             "last_published_ns": self.last_published_ns,
+            "last_recompute_ns": self._last_build_ns,
             "table_age_ms": (now - self.last_published_ns) / 1e6 if self.last_published_ns else None,
             "targets": targets,
             "discovery_error": self._discovery_error,
@@ -475,7 +518,7 @@ def cmd_run(args) -> int:
     finally:
         agent.stop()
     c = agent.counters
-    print(f"iobridge run: {c['ticks']} ticks, {c['published']} published, "
+    print(f"iobridge run: {c['ticks']} ticks, {c['recomputes']} table recomputes, "
           f"{c['decision_changes']} decision changes, {c['overruns']} overruns, "
           f"{c['tick_errors']} tick errors", flush=True)
     return 0
@@ -505,13 +548,16 @@ def format_status(st: dict) -> str:
              f"model {st['model']['path']} (threshold {st['model']['threshold']:.4f}, "
              f"sha256 {st['model']['sha256'][:12]})",
              f"mode {'shadow (not publishing)' if st['shadow'] else 'publishing'}, tick {st['tick_ms']} ms, "
-             f"expiry {st['ttl_ticks']} ticks, heartbeat limit {st['max_silence_ms']} ms",
+             f"expiry {st['ttl_ticks']} ticks, heartbeat limit {st['max_silence_ms']} ms, "
+             f"recompute at most every {st.get('recompute_ms')} ms, probe after {st.get('probe_after_ms')} ms",
              f"routing program {'attached' if st['program_attached'] else 'not attached'}; "
              f"pins: {', '.join(st['pins']) or 'none'}",
-             f"decision table age {st.get('table_age_ms')} ms"]
+             f"decision table computed {st.get('table_age_ms')} ms ago (it follows each leg's live "
+             f"state in the kernel between recomputes)"]
     r = st.get("routing") or {}
-    lines.append(f"routing: {r.get('routed', 0)} reads by the table, {r.get('default', 0)} by the "
-                 f"module default ({r.get('silent', 0)} while the agent was silent)")
+    lines.append(f"routing: {r.get('routed', 0)} reads by the table ({r.get('probes', 0)} probes), "
+                 f"{r.get('default', 0)} by the module default ({r.get('silent', 0)} while the "
+                 f"agent was silent)")
     c = st["counters"]
     lines.append("counters: " + ", ".join(f"{k} {v}" for k, v in c.items()))
     tm = st["timing_us"]
@@ -524,9 +570,18 @@ def format_status(st: dict) -> str:
     for t in st["targets"]:
         lines.append(f"target {t['name']} (id {t['target_id']})")
         for i, leg in enumerate(t["legs"]):
-            adm = "".join("A" if a else "-" for a in (leg["admit"] or []))
-            lines.append(f"  leg {i} {leg['dev']}: admit per bucket [{adm}] p_slow {leg['p_slow']}"
-                         + (" (probe)" if leg["probe"] else ""))
+            b = leg.get("baseline")
+            if b is None:
+                lines.append(f"  leg {i} {leg['dev']}: no baseline yet ({leg['samples']} samples): "
+                             "the module default decides for it")
+                continue
+            lines.append(f"  leg {i} {leg['dev']}: baseline {b['lat_us']} us, slow read {b['slow_lat_us']} us, "
+                         f"{leg['avoided_keys']} of {abi.KEYS_PER_LEG} keys at or above the threshold")
+            lines.append(f"    latency bucket edges (us): {leg['lat_edges_us']}")
+            for n in (0, 1):
+                lines.append(f"    4k reads, {n} in flight: p_slow per latency bucket "
+                             f"{leg['p_slow_4k'][f'inflight_{n}']}, penalty us "
+                             f"{leg['penalty_4k_us'][f'inflight_{n}']}")
     return "\n".join(lines)
 
 
@@ -538,14 +593,16 @@ def cmd_status(args) -> int:
 
 def register_cli(sub) -> None:
     p = sub.add_parser("run", help="run the admission agent (foreground; systemd Type=notify)",
-                       description="Load the observer and routing programs, then every tick read "
-                                   "each leg's feature state, run the admission model and publish "
-                                   "the decision table. SIGHUP reloads config and model; SIGTERM "
+                       description="Load the observer and routing programs; keep each leg's "
+                                   "baseline from the kernel's leg state, evaluate the admission "
+                                   "model over the feature-keyed table when a baseline or the model "
+                                   "changes, and publish it; the kernel routes every read from it and "
+                                   "the legs' live state. SIGHUP reloads config and model; SIGTERM "
                                    "detaches and leaves the targets on the module default.")
     p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults; "
                                                "keys in agent/config.py)")
     p.add_argument("--model", help="ONNX admission model (overrides admission.model)")
-    p.add_argument("--tick-ms", type=float, help="decision period in ms (overrides agent.tick_ms)")
+    p.add_argument("--tick-ms", type=float, help="heartbeat and sampling period in ms (overrides agent.tick_ms)")
     p.add_argument("--shadow", action="store_true", help="compute and log decisions, publish nothing")
     p.add_argument("--status-file", help="where to write the status JSON (overrides agent.status_file)")
     p.add_argument("--duration", type=float, help="stop cleanly after this many seconds")

@@ -1,10 +1,13 @@
 """The agent's configuration: a TOML file, validated whole before use.
 
     [agent]
-    tick_ms = 1.0              # decision period
-    ttl_ticks = 20             # a published entry expires after this many ticks
-    max_silence_ms = 100       # the routing program ignores the table when the
+    tick_ms = 20.0             # period of the heartbeat and of sampling leg state
+    ttl_ticks = 50             # a published entry expires after this many ticks
+                               # without the agent (1 s at the defaults)
+    max_silence_ms = 500       # the routing program ignores the table when the
                                # heartbeat is older than this (0 = never)
+    recompute_ms = 200         # the keyed table is recomputed at most this often,
+                               # and only when a leg's baseline or the model changed
     shadow = false             # compute and log decisions, publish nothing
     discover_interval_s = 1.0  # how often the target list is re-read (dmsetup)
     status_file = "/run/iobridge/status.json"
@@ -14,7 +17,8 @@
     [admission]
     model = "models/admission-default.onnx"  # relative paths: to the config file
     threshold = 0.08           # optional: overrides the model card's threshold
-    probe_after_ms = 200       # an avoided leg idle this long gets one read
+    probe_after_ms = 200       # an idle leg (nothing in flight, no completion for
+                               # this long) gets one read, decided by the kernel
     targets = []               # dm names to manage; empty = every iobridge target
 
 Every key is optional. An unknown section or key, a wrong type or a value
@@ -42,9 +46,10 @@ class ConfigError(IobridgeError):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    tick_ms: float = 1.0
-    ttl_ticks: int = 20
-    max_silence_ms: float = 100.0
+    tick_ms: float = 20.0
+    ttl_ticks: int = 50
+    max_silence_ms: float = 500.0
+    recompute_ms: float = 200.0
     shadow: bool = False
     discover_interval_s: float = 1.0
     status_file: Path = Path("/run/iobridge/status.json")
@@ -69,8 +74,13 @@ class Config:
         return int(self.max_silence_ms * 1e6)
 
     @property
-    def probe_after_ns(self) -> int | None:
-        return None if self.probe_after_ms is None else int(self.probe_after_ms * 1e6)
+    def recompute_ns(self) -> int:
+        return int(self.recompute_ms * 1e6)
+
+    @property
+    def probe_after_ns(self) -> int:
+        """0 = no probing (the kernel's convention)."""
+        return 0 if self.probe_after_ms is None else int(self.probe_after_ms * 1e6)
 
     def replace(self, **changes) -> "Config":
         """A copy with `changes` applied and validated (for CLI overrides)."""
@@ -89,6 +99,7 @@ _KEYS = {
     "ttl_ticks": ("agent", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000,
                   "an integer from 1 to 1000"),
     "max_silence_ms": ("agent", lambda v: _number(v) and 0 <= v <= 60_000, "a number of ms from 0 to 60000"),
+    "recompute_ms": ("agent", lambda v: _number(v) and 1 <= v <= 60_000, "a number of ms from 1 to 60000"),
     "shadow": ("agent", lambda v: isinstance(v, bool), "true or false"),
     "discover_interval_s": ("agent", lambda v: _number(v) and 0.05 <= v <= 3600,
                             "a number of seconds from 0.05 to 3600"),

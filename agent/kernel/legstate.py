@@ -12,8 +12,9 @@ odd, or across a change of seq, is retried. The counters are atomic on
 their own. Reading relies on x86's load ordering (loads are not reordered
 with older loads), so the agent runs on x86-64 only for now.
 
-Features follow agent/features.py: latency in microseconds, throughput in
-MB/s = bytes per microsecond, history newest first, 0 where there is none.
+Units: latency in microseconds, throughput in MB/s = bytes per
+microsecond, history newest first, 0 where there is none. The agent turns
+them into each leg's baseline (core/features.BaselineTracker).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core import abi
-from ..core.decision import LegArrays, LegState
 from ..core.errors import IobridgeError
 
 SLOTS_MAP = b"leg_slots"
@@ -121,29 +121,25 @@ class LegSnapshot:
     def __len__(self) -> int:
         return len(self.slots)
 
-    def arrays(self, now_ns: int) -> LegArrays:
-        """The model's inputs for these legs (decision.LegArrays); `now_ns`
-        on CLOCK_MONOTONIC (time.monotonic_ns()), the clock of the kernel's
-        ktime_get_ns(). A completion newer than now_ns counts as idle 0."""
-        last = self.last_complete_ns.astype(np.float64)
-        idle = np.where(last > 0, np.maximum(now_ns - last, 0), np.nan)
-        return LegArrays(np.clip(self.inflight, 0, None).astype(np.float64),
-                         self.prev_qlen, self.prev_lat_us, self.prev_tput_mbps, idle)
+    def new_samples(self, seen_completed: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per row, the (latency us, throughput) of the completions since a
+        reader last saw `seen_completed` of them: at most the HISTORY newest
+        the record still holds; none for a row without a consistent copy."""
+        out = []
+        for i in range(len(self)):
+            k = int(min(max(self.completed[i] - seen_completed[i], 0), abi.HISTORY))
+            if not self.stable[i]:
+                k = 0
+            lat = self.prev_lat_us[i, :k]
+            keep = lat > 0
+            out.append((lat[keep], self.prev_tput_mbps[i, :k][keep]))
+        return out
 
     def idle_ns(self, now_ns: int) -> list[int | None]:
-        """Time since each leg's newest completion (None: never completed)."""
-        return [None if np.isnan(v) else int(v) for v in self.arrays(now_ns).idle_ns]
-
-    def leg_states(self, now_ns: int) -> list[LegState]:
-        """One decision.LegState per row (see arrays())."""
-        a = self.arrays(now_ns)
-        idle = self.idle_ns(now_ns)
-        return [LegState(queue_len=int(a.queue_len[i]),
-                         prev_qlen=[float(v) for v in a.prev_qlen[i]],
-                         prev_lat_us=[float(v) for v in a.prev_lat_us[i]],
-                         prev_tput_mbps=[float(v) for v in a.prev_tput_mbps[i]],
-                         idle_ns=idle[i])
-                for i in range(len(self))]
+        """Time since each leg's newest completion (None: never completed);
+        `now_ns` on CLOCK_MONOTONIC, the clock of the kernel's ktime_get_ns()."""
+        return [None if last <= 0 else max(now_ns - int(last), 0)
+                for last in self.last_complete_ns]
 
 
 class LegFeatureMap:
@@ -273,11 +269,10 @@ class LegFeatureMap:
         self.unstable += int((~stable).sum())
         return LegSnapshot.from_records(slots, rec, stable, retries)
 
-    def activity(self, slots) -> np.ndarray:
-        """issued + completed per slot: a cheap test for "nothing happened"
-        (both are atomic counters; no seq needed)."""
-        t = self._table
-        return t["issued"][slots] + t["completed"][slots]
+    def completed(self, slots) -> np.ndarray:
+        """Bios completed per slot: a cheap test for "nothing new" (an
+        atomic counter; no seq needed)."""
+        return self._table["completed"][slots].copy()
 
     def read_devs(self, devs: list[int]) -> LegSnapshot:
         """read() for these dev_t values, in this order (each must be assigned)."""
