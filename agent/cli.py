@@ -13,6 +13,7 @@ import logging
 import sys
 
 from . import __version__
+from .core import cliutil
 from .core.errors import IobridgeError
 
 COMMAND_MODULES = [
@@ -32,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iobridge",
         description="Learned I/O admission and prefetch policies for stock Linux.",
+        **cliutil.examples(
+            ("iobridge --version", "the installed release"),
+            ("iobridge COMMAND --help", "a command's options and examples"),
+            ("iobridge model check models/admission-default.onnx", "validate a model"),
+            ("iobridge vm test", "the kernel-facing tests in the test VM"),
+            ("sudo iobridge run", "the admission agent, in the foreground"),
+            ("iobridge status", "what the running agent is doing")),
     )
     parser.add_argument("--version", action="version", version=f"iobridge {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,

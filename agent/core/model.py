@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cliutil
 from . import features as F
 from .errors import IobridgeError
 
@@ -208,6 +209,9 @@ def bench(path, batch: int = 32, runs: int = 2000, warmup: int = 100) -> dict:
 
 def _cmd_check(args) -> int:
     card = check_model(args.file)
+    if args.json:
+        print(json.dumps({"file": str(args.file), "ok": True, "card": card}, indent=2))
+        return 0
     ev = card.get("evaluation", {})
     print(f"{args.file}: OK (task {card['task']}, feature schema v{card['schema_version']}, "
           f"{F.NUM_FEATURES} features, threshold {card['decision_threshold']:.3f}"
@@ -226,7 +230,12 @@ def _cmd_bench(args) -> int:
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("model", help="validate and time admission models (ONNX + card)")
+    p = sub.add_parser("model", help="validate and time admission models (ONNX + card)",
+                       **cliutil.examples(
+                           ("iobridge model check models/admission-default.onnx",
+                            "is the shipped model valid for this iobridge?"),
+                           ("iobridge model bench models/admission-default.onnx",
+                            "inference time per batch of 32")))
     msub = p.add_subparsers(dest="model_cmd", metavar="SUBCOMMAND")
     msub.required = True
     pc = msub.add_parser(
@@ -235,16 +244,27 @@ def register_cli(sub) -> None:
         f"{F.NUM_FEATURES}]; float32 output 'probabilities' [N, 2]; card fields, task, "
         f"feature names and schema version (this iobridge: v{F.SCHEMA_VERSION}); a test "
         "inference on synthetic rows with no NaN/Inf and probabilities in [0, 1]. "
-        "Exit status 0 if valid, 1 with the reason otherwise.")
+        "Exit status 0 if valid, 1 with the reason otherwise.",
+        parents=[cliutil.json_parent()],
+        **cliutil.examples(
+            ("iobridge model check models/admission-default.onnx", "the shipped default model"),
+            ("iobridge model check m.onnx --json", "the checked card as JSON"),
+            ("iobridge model check m.onnx && sudo systemctl reload iobridge",
+             "take a new model only if valid")))
     pc.add_argument("file", help="model .onnx (its card is FILE.card.json beside it)")
     pc.set_defaults(func=_cmd_check)
     pb = msub.add_parser("bench", help="time batched ONNX Runtime inference",
                          description="Runs the model on a batch of synthetic rows many "
                          "times with one ONNX Runtime thread and reports the median "
-                         "and p99 wall time per call in microseconds.")
+                         "and p99 wall time per call in microseconds.",
+                         parents=[cliutil.json_parent()],
+                         **cliutil.examples(
+                             ("iobridge model bench models/admission-default.onnx",
+                              "batches of 32 rows, 2000 calls"),
+                             ("iobridge model bench m.onnx --batch 8 --runs 500", "8 legs' rows"),
+                             ("iobridge model bench m.onnx --json", "as JSON")))
     pb.add_argument("file")
     pb.add_argument("--batch", type=int, default=32, help="rows per call (default 32)")
     pb.add_argument("--runs", type=int, default=2000, help="timed calls (default 2000, "
                     "after 100 warm-up calls)")
-    pb.add_argument("--json", action="store_true")
     pb.set_defaults(func=_cmd_bench)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core import abi, decision, histogram
+from ..core import abi, cliutil, decision, histogram
 from ..core import features as F
 from ..core.errors import IobridgeError, UsageError
 from ..kernel import blockdev, bpf, dmtarget, system
@@ -598,7 +598,15 @@ def register_cli(sub) -> None:
                                    "model over the feature-keyed table when a baseline or the model "
                                    "changes, and publish it; the kernel routes every read from it and "
                                    "the legs' live state. SIGHUP reloads config and model; SIGTERM "
-                                   "detaches and leaves the targets on the module default.")
+                                   "detaches and leaves the targets on the module default.",
+                       **cliutil.examples(
+                           ("sudo iobridge run", "built-in defaults and the shipped model"),
+                           ("sudo iobridge run --config /etc/iobridge/iobridge.toml",
+                            "as the systemd unit runs it"),
+                           ("sudo iobridge -v run --shadow", "decide and log, publish nothing"),
+                           ("sudo iobridge run --model m.onnx --duration 60",
+                            "another model, for one minute"),
+                           ("sudo systemctl reload iobridge", "SIGHUP: reload config and model")))
     p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults; "
                                                "keys in agent/config.py)")
     p.add_argument("--model", help="ONNX admission model (overrides admission.model)")
@@ -608,8 +616,13 @@ def register_cli(sub) -> None:
     p.add_argument("--duration", type=float, help="stop cleanly after this many seconds")
     p.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("status", help="show the running agent: targets, legs, model, table age, counters")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s = sub.add_parser("status", help="show the running agent: targets, legs, model, table age, counters",
+                       parents=[cliutil.json_parent()],
+                       **cliutil.examples(
+                           ("iobridge status", "targets, legs, model, table age, counters"),
+                           ("iobridge status --json", "the same as JSON"),
+                           ("iobridge status --status-file /tmp/agent/status.json",
+                            "an agent started with --status-file")))
     s.add_argument("--status-file", type=Path, default=config_mod.Config.status_file,
                    help="the agent's status file (default %(default)s)")
     s.set_defaults(func=cmd_status)

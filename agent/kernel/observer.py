@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core import abi, histogram
+from ..core import abi, cliutil, histogram
 from ..core.errors import IobridgeError, UsageError
 from . import blockdev, bpf, legstate, system
 
@@ -356,13 +356,19 @@ def register_cli(sub) -> None:
         description="Attaches the block observer (BPF, block-layer tracepoints or kprobes) and "
         "prints, every interval, per device: reads and writes per second, MB/s, requests in "
         "flight, and p50/p99 latency from issue to completion in microseconds; on exit "
-        "(Ctrl-C, SIGTERM or --count) a summary since start. Needs root and the running "
-        "kernel's headers; inside the test VM: iobridge vm run -- iobridge observe ...")
+        "(Ctrl-C, SIGTERM or --count) a summary since start; with --json one JSON object "
+        "per report, then one with the summary. Needs root and the running "
+        "kernel's headers; inside the test VM: iobridge vm run -- iobridge observe ...",
+        parents=[cliutil.json_parent()],
+        **cliutil.examples(
+            ("iobridge observe", "every device with I/O, each second, until Ctrl-C"),
+            ("iobridge observe --dev nullb0 --interval 5", "one device, every 5 seconds"),
+            ("iobridge observe --count 10 --json", "10 reports as JSON lines, then the summary"),
+            ("iobridge observe --probe kprobe", "kprobes instead of the block tracepoints"),
+            ("iobridge vm run -- iobridge observe --count 5", "in the test VM")))
     add_observer_args(p, "observe")
     p.add_argument("--interval", type=float, default=1.0, metavar="S",
                    help="seconds between reports (default 1)")
     p.add_argument("--count", type=int, default=None, metavar="N",
                    help="stop after N reports (default: until Ctrl-C)")
-    p.add_argument("--json", action="store_true",
-                   help="one JSON object per report, then one with the summary")
     p.set_defaults(func=_cmd_observe)

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..core import cliutil
 from ..core.errors import IobridgeError, UsageError
 from ..kernel import dmtarget
 from . import testbed, workload
@@ -180,6 +181,10 @@ BENCHES = {
         "add_args": _hook_args,
         "run_in_vm": hook_run_in_vm,
         "render": hook_render,
+        "examples": (
+            ("iobridge bench hook", "boot the VM, run it, print the table"),
+            ("iobridge bench hook --depths 1 8 32 --repeat 3", "more depths, 3 runs each"),
+            ("iobridge bench hook --json --output hook.json", "as JSON, kept in a file")),
     },
     "agent": {
         "help": "the agent end to end: default vs round robin vs learned latency with a "
@@ -187,6 +192,11 @@ BENCHES = {
         "add_args": lambda p: _agent_bench().agent_args(p),
         "run_in_vm": lambda args: _agent_bench().agent_run_in_vm(args),
         "render": lambda res: _agent_bench().agent_render(res),
+        "examples": (
+            ("iobridge bench agent", "boot the VM, run it, print the tables"),
+            ("iobridge bench agent --latency-only", "only the policy comparison (make demo)"),
+            ("iobridge bench agent --depths 1 --runtime 30", "queue depth 1, 30 s runs"),
+            ("iobridge bench agent --json --output agent.json", "as JSON, kept in a file")),
     },
 }
 
@@ -221,12 +231,13 @@ def _run(args) -> int:
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (run in the test VM)")
+    p = sub.add_parser("bench", help="benchmarks (run in the test VM)",
+                       **cliutil.examples(*(ex for b in BENCHES.values() for ex in b["examples"][:1])))
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
     for name, bench in BENCHES.items():
-        bp = bsub.add_parser(name, help=bench["help"])
-        bp.add_argument("--json", action="store_true", help="print the result as JSON")
+        bp = bsub.add_parser(name, help=bench["help"], parents=[cliutil.json_parent()],
+                             **cliutil.examples(*bench["examples"]))
         bp.add_argument("--output", metavar="FILE", help="also write the JSON result to FILE")
         bp.add_argument("--in-vm", action="store_true",
                         help="run here (inside the VM) instead of booting one")

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core import resources
+from ..core import cliutil, resources
 from ..core.errors import IobridgeError, UsageError
 
 # The VM harness works from a source checkout (vm/, tests/, kmodule/ sources);
@@ -380,11 +380,16 @@ def _cmd_test(args) -> int:
 
 def _cmd_info(args) -> int:
     kernel = find_kernel()
-    print(f"kernel:  {kernel.release} ({kernel.image})")
-    print(f"headers: {kernel.modules_dir / 'build'}")
-    print(f"vng:     {find_vng()}")
-    accel = choose_accel(kernel, args.accel)
-    print(f"accel:   {accel}")
+    info = {"kernel": kernel.release, "image": str(kernel.image),
+            "headers": str(kernel.modules_dir / "build"), "vng": str(find_vng()),
+            "accel": choose_accel(kernel, args.accel)}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"kernel:  {info['kernel']} ({info['image']})")
+    print(f"headers: {info['headers']}")
+    print(f"vng:     {info['vng']}")
+    print(f"accel:   {info['accel']}")
     return 0
 
 
@@ -393,7 +398,12 @@ def register_cli(sub) -> None:
                        description="The test VM boots the pinned Debian 6.1 kernel "
                        "(vm/kernel-release) with virtme-ng over this machine's root filesystem; "
                        "the repository is writable inside, everything else is a copy-on-write "
-                       "overlay. Commands run as root.")
+                       "overlay. Commands run as root.",
+                       **cliutil.examples(
+                           ("iobridge vm info", "the kernel, virtme-ng and accelerator in use"),
+                           ("iobridge vm run -- uname -r", "one command as root in a fresh VM"),
+                           ("iobridge vm test", "every kernel-facing test in one boot"),
+                           ("iobridge vm test -- -k observer", "only the observer's tests")))
     vsub = p.add_subparsers(dest="vm_command", metavar="SUBCOMMAND")
     vsub.required = True
 
@@ -405,7 +415,16 @@ def register_cli(sub) -> None:
                         "(cached); env IOBRIDGE_VM_ACCEL overrides auto")
 
     r = vsub.add_parser("run", help="run a command as root in a fresh VM; exits with its status",
-                        description="Example: iobridge vm run -- uname -r")
+                        description="Boots the VM, runs the command after -- as root in the "
+                        "repository's directory and exits with the command's status.",
+                        **cliutil.examples(
+                            ("iobridge vm run -- uname -r", "the guest kernel's release"),
+                            ("iobridge vm run -- iobridge observe --count 5",
+                             "the BPF observer on the VM kernel"),
+                            ("iobridge vm run --timeout 900 -- bash vm/demo.sh",
+                             "the demo (what make demo runs)"),
+                            ("iobridge vm run --cpus 4 --memory 4G -- nproc",
+                             "a bigger guest")))
     common(r, DEFAULT_TIMEOUT_S)
     r.add_argument("--memory", default=DEFAULT_MEMORY, help="guest memory (default 2G)")
     r.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help="guest CPUs (default 2)")
@@ -416,11 +435,21 @@ def register_cli(sub) -> None:
 
     t = vsub.add_parser("test", help="run the kernel-facing (vm-marked) tests in one boot",
                         description="Extra arguments after -- go to pytest inside the VM, "
-                        "e.g. iobridge vm test -- -k observer")
+                        "e.g. iobridge vm test -- -k observer",
+                        **cliutil.examples(
+                            ("iobridge vm test", "every vm-marked test in one boot"),
+                            ("iobridge vm test -- -k install", "only tests matching 'install'"),
+                            ("iobridge vm test --accel tcg -- -x",
+                             "emulated CPU; stop at the first failure")))
     common(t, DEFAULT_TEST_TIMEOUT_S)
     t.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments for pytest")
     t.set_defaults(func=_cmd_test)
 
-    i = vsub.add_parser("info", help="show the kernel, virtme-ng and accelerator in use")
+    i = vsub.add_parser("info", help="show the kernel, virtme-ng and accelerator in use",
+                        parents=[cliutil.json_parent()],
+                        **cliutil.examples(
+                            ("iobridge vm info", "what the next VM boot will use"),
+                            ("iobridge vm info --accel tcg", "the same, without KVM"),
+                            ("iobridge vm info --json", "as JSON")))
     i.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
     i.set_defaults(func=_cmd_info)

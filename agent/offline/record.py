@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core import abi
+from ..core import abi, cliutil
 from ..core.errors import UsageError
 from ..kernel import blockdev
 from ..kernel.observer import BlockObserver, DEFAULT_RINGBUF_PAGES, add_observer_args
@@ -132,7 +132,16 @@ def register_cli(sub) -> None:
         "sector, bytes, operation, queue length at issue, latency) from the BPF observer into "
         "a Parquet trace (see `iobridge trace info`). Stops at --duration, Ctrl-C or SIGTERM "
         "without losing what reached user space; records the kernel could not queue are "
-        "counted and reported. Needs root; in the test VM: iobridge vm run -- iobridge record ...")
+        "counted and reported. Needs root; in the test VM: iobridge vm run -- iobridge record ...",
+        parents=[cliutil.json_parent()],
+        **cliutil.examples(
+            ("iobridge record --out t.parquet", "every device's I/O until Ctrl-C"),
+            ("iobridge record --dev nullb0 --duration 30 --out t.parquet", "one device, 30 s"),
+            ("iobridge record --leg dm-1 --leg dm-2 --out legs.parquet",
+             "two legs' bios, as the agent sees them"),
+            ("iobridge record --out t.parquet --ringbuf-pages 4096 --force",
+             "a bigger ring buffer; overwrite t.parquet"),
+            ("iobridge trace info t.parquet", "then: what was recorded")))
     add_observer_args(p, "record")
     p.add_argument("--leg", action="append", default=[], metavar="DEV",
                    help="record this device's bios (bio level: queue -> completion, also for "
@@ -145,5 +154,4 @@ def register_cli(sub) -> None:
     p.add_argument("--ringbuf-pages", type=int, default=DEFAULT_RINGBUF_PAGES, metavar="N",
                    help=f"ring buffer size in pages, a power of two (default "
                    f"{DEFAULT_RINGBUF_PAGES}); raise it if records are dropped")
-    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(func=_cmd_record)

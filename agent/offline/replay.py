@@ -18,6 +18,7 @@ import json
 
 import numpy as np
 
+from ..core import cliutil
 from ..core.errors import IobridgeError, UsageError
 from . import policies as P
 from .devmodel import DeviceParams
@@ -243,13 +244,22 @@ def register_cli(sub) -> None:
         "GC busy periods every 64 MB written per leg plus 0.5/s background ones). Reads "
         "go where the policy says, writes to every leg. The trace is split by time; "
         "learned policies train on the earlier part and every policy is reported on the "
-        "later, held-back part only. Latencies in microseconds.")
+        "later, held-back part only. Latencies in microseconds.",
+        parents=[cliutil.json_parent()],
+        **cliutil.examples(
+            ("iobridge replay --trace cloudPhysicsIO.csv", "every policy, 2 legs"),
+            ("iobridge replay --trace cp.parquet --legs 4 --policy heimdall --policy table",
+             "two policies, 4 legs"),
+            ("iobridge replay --trace cp.parquet --model models/admission-cloudphysics.onnx",
+             "a trained model instead of training one"),
+            ("iobridge replay --trace cp.parquet --speed 4 --plot cdf.png",
+             "4x the load; latency CDF plot"),
+            ("iobridge replay --trace t.parquet --json -q", "the report as JSON, no progress")))
     p.add_argument("--trace", required=True, help="trace: iobridge .parquet, CloudPhysics "
                    ".csv, ARC .lis[.zst] or fio iolog")
     p.add_argument("--legs", type=int, default=2, help="replica legs, 1-8 (default 2)")
     p.add_argument("--policy", action="append", metavar="P",
                    help="policy to compare, repeatable (default: all): " + ", ".join(P.POLICY_NAMES))
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write latency CDF and tail plots")
     p.add_argument("--train-fraction", type=float, default=0.5,
                    help="earlier fraction of the trace's time span used for training "

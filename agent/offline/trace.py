@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core import resources
+from ..core import cliutil, resources
 from ..core.errors import IobridgeError, UsageError
 
 TRACE_FORMAT_VERSION = 1
@@ -600,7 +600,13 @@ def _add_source_opts(p) -> None:
 def register_cli(sub) -> None:
     p = sub.add_parser("trace", help="import, export and inspect I/O traces",
                        description="I/O traces in iobridge's Parquet format (" +
-                       ", ".join(COLUMN_NAMES) + "; times in ns).")
+                       ", ".join(COLUMN_NAMES) + "; times in ns).",
+                       **cliutil.examples(
+                           ("iobridge trace import cloudPhysicsIO.csv -o cp.parquet",
+                            "CloudPhysics CSV to Parquet"),
+                           ("iobridge trace info cp.parquet", "records, ops, duration, latency"),
+                           ("iobridge trace export cp.parquet -o cp.iolog --filename /dev/nullb0 "
+                            "--reads-only", "a fio iolog of the reads")))
     tsub = p.add_subparsers(dest="trace_cmd", metavar="SUBCOMMAND")
     tsub.required = True
     pi = tsub.add_parser("import", help="convert CloudPhysics CSV, ARC .lis[.zst] or fio "
@@ -609,7 +615,13 @@ def register_cli(sub) -> None:
                          "times: the file's README says microseconds but the data fits seconds "
                          "(7,200 distinct values over 2 h); default --time-unit s, requests "
                          "sharing a timestamp are spread evenly across it. ARC traces have no "
-                         "times: arrivals are spread evenly over --duration.")
+                         "times: arrivals are spread evenly over --duration.",
+                         **cliutil.examples(
+                             ("iobridge trace import cloudPhysicsIO.csv -o cp.parquet",
+                              "CloudPhysics CSV (time column in seconds)"),
+                             ("iobridge trace import OLTP.lis.zst -o oltp.parquet --duration 600",
+                              "ARC trace, arrivals spread over 10 min"),
+                             ("iobridge trace import job.iolog -o job.parquet", "fio iolog")))
     pi.add_argument("source", help="input trace file")
     pi.add_argument("--out", "-o", required=True, help="output .parquet file")
     _add_source_opts(pi)
@@ -617,7 +629,14 @@ def register_cli(sub) -> None:
     pe = tsub.add_parser("export", help="write a trace as a fio iolog for replay on a device",
                          description="Write a fio iolog (v3 with issue times in us, or v2 "
                          "untimed). WARNING: replaying writes overwrites the target; use "
-                         "--reads-only on a device holding data.")
+                         "--reads-only on a device holding data.",
+                         **cliutil.examples(
+                             ("iobridge trace export cp.parquet -o cp.iolog --filename /dev/nullb0",
+                              "timed iolog (v3) for fio"),
+                             ("iobridge trace export cp.parquet -o cp.iolog --filename /dev/sdb "
+                              "--reads-only", "reads only: safe on a disk with data"),
+                             ("fio --name=replay --read_iolog=cp.iolog --ioengine=libaio --direct=1",
+                              "then: replay it")))
     pe.add_argument("source", help="trace (.parquet or any importable format)")
     pe.add_argument("--out", "-o", required=True, help="output iolog file")
     pe.add_argument("--filename", required=True,
@@ -627,8 +646,12 @@ def register_cli(sub) -> None:
     pe.add_argument("--reads-only", action="store_true", help="drop writes, trims, flushes")
     _add_source_opts(pe)
     pe.set_defaults(func=_cmd_export)
-    pn = tsub.add_parser("info", help="summarise a trace (records, ops, duration, latency)")
+    pn = tsub.add_parser("info", help="summarise a trace (records, ops, duration, latency)",
+                         parents=[cliutil.json_parent()],
+                         **cliutil.examples(
+                             ("iobridge trace info cp.parquet", "an iobridge trace"),
+                             ("iobridge trace info cloudPhysicsIO.csv", "a foreign trace, as read"),
+                             ("iobridge trace info t.parquet --json", "as JSON")))
     pn.add_argument("source")
-    pn.add_argument("--json", action="store_true", help="machine-readable output")
     _add_source_opts(pn)
     pn.set_defaults(func=_cmd_info)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core import cliutil
 from ..core import features as F
 from . import policies as P
 from ..core.abi import SIZE_BUCKET_MAX_BYTES
@@ -416,6 +417,10 @@ def _cmd_train(args) -> int:
                            thresholds=_thresholds(args), group_by_qlen=args.group_by_qlen)
     ev = card["evaluation"]
     auc = ev["roc_auc"]
+    if args.json:
+        print(json.dumps({"model": str(args.out), "card_file": str(card_path(args.out)),
+                          "card": card}, indent=2))
+        return 0
     print(f"wrote {args.out} and {card_path(args.out)}")
     print(f"held-back part: accuracy {ev['accuracy']:.4f}, precision(slow) "
           f"{ev['precision']:.4f}, recall(slow) {ev['recall']:.4f}, ROC AUC "
@@ -432,7 +437,18 @@ def register_cli(sub) -> None:
         description="Label traces with Heimdall's period-based method, train the "
         "admission model on the earlier part of each trace (split by time), evaluate on "
         "the held-back later part, export ONNX and write MODEL.card.json beside it. "
-        "Traces without measured latency are driven through the device model first.")
+        "Traces without measured latency are driven through the device model first.",
+        parents=[cliutil.json_parent()],
+        **cliutil.examples(
+            ("iobridge train --trace cloudPhysicsIO.csv --out models/cp.onnx",
+             "Heimdall's MLP on a CloudPhysics trace"),
+            ("iobridge train --trace a.parquet --trace b.parquet --out m.onnx --kind gbdt",
+             "gradient boosting on two recorded traces"),
+            ("iobridge train --trace legs.parquet --out m.onnx --group-by-qlen",
+             "a closed-loop fio recording"),
+            ("iobridge train --trace t.parquet --out m.onnx --json -q",
+             "the model card as JSON, no progress"),
+            ("scripts/train-default-model.sh", "how models/admission-default.onnx is built")))
     p.add_argument("--trace", action="append", required=True, metavar="T",
                    help="trace file, repeatable (.parquet, CloudPhysics .csv, ARC "
                    ".lis[.zst], fio iolog)")
