@@ -1,42 +1,281 @@
+"""Feature schema v2 (relative history, causal baselines) and the keyed
+decision table (core/decision.py): key rows, penalties, the route() rule."""
+
 import numpy as np
 import pytest
 
+from iobridge.core import abi
+from iobridge.core import decision as D
 from iobridge.core import features as F
-from iobridge.core.abi import NUM_SIZE_BUCKETS, size_bucket
-from iobridge.core.decision import (BUCKET_SIZE_BYTES, KERNEL_SCORE_SCALE, DecisionMaker,
-                               DecisionTable, LegState, feature_rows, kernel_score, route)
+from iobridge.core.decision import LegBaseline, TableMaker, route
 from iobridge.offline.devmodel import DeviceParams, Leg
 from iobridge.offline import policies as P
 from iobridge.offline.simulate import simulate
 from iobridge.offline.trace import Trace, _normalise_batch
 
 
-def test_schema_is_heimdalls_twelve_features():
+# ------------------------------------------------------------------ features
+
+def test_schema_is_heimdalls_twelve_features_relative_to_the_baseline():
     assert F.NUM_FEATURES == 12 and len(F.FEATURE_UNITS) == 12
+    assert F.SCHEMA_VERSION == 2
     assert F.FEATURE_NAMES[:3] == ("io_type", "size_bytes", "queue_len")
     assert F.FEATURE_NAMES[3:6] == ("prev_queue_len_1", "prev_queue_len_2", "prev_queue_len_3")
-    assert F.FEATURE_NAMES[6] == "prev_latency_us_1" and F.FEATURE_NAMES[9] == "prev_tput_mbps_1"
-    assert F.schema_dict()["schema_version"] == F.SCHEMA_VERSION
+    assert F.FEATURE_NAMES[6] == "prev_latency_rel_1" and F.FEATURE_NAMES[9] == "prev_tput_rel_1"
+    d = F.schema_dict()
+    assert d["schema_version"] == F.SCHEMA_VERSION and "baseline" in d
 
 
-def test_device_features_are_causal():
+def test_device_features_history_is_causal_and_relative():
     # I/O 1 is issued before I/O 0 completes: it must not see I/O 0's latency
     issue = np.array([0, 10_000, 500_000, 600_000])
     comp = np.array([400_000, 110_000, 700_000, 650_000])
     nb = np.array([4096, 8192, 4096, 4096])
     q = np.array([0, 1, 0, 1])
     x = F.device_features(issue, comp, nb, np.array([0, 1, 0, 0]), q)
+    lat = (comp - issue) / 1000.0
+    b_lat, b_tput = F.causal_baseline(issue, comp, lat, nb / lat)
+    assert (b_lat > 0).all() and (b_tput > 0).all()
     assert x[:, F.COL_QLEN].tolist() == [0, 1, 0, 1]
     assert x[1, F.COL_IO_TYPE] == 1
     assert x[1, F.COLS_PREV_LAT].tolist() == [0, 0, 0]
     # at 500 us, both completed; latest completion (I/O 0, 400 us) first
-    assert x[2, F.COLS_PREV_LAT].tolist() == [400.0, 100.0, 0.0]
-    assert x[2, F.COLS_PREV_TPUT][0] == pytest.approx(4096 / 400.0)
+    np.testing.assert_allclose(x[2, F.COLS_PREV_LAT], np.array([400.0, 100.0, 0.0]) / b_lat[2],
+                               rtol=1e-6)
+    assert x[2, F.COLS_PREV_TPUT][0] == pytest.approx(4096 / 400.0 / b_tput[2], rel=1e-6)
     assert x[3, F.COLS_PREV_QLEN].tolist() == [0, 1, 0]
 
 
+def _steady(n, spacing_ns, lat_ns):
+    issue = np.arange(n, dtype=np.int64) * spacing_ns
+    return issue, issue + np.asarray(lat_ns, dtype=np.int64)
+
+
+def test_causal_baseline_is_causal():
+    """A latency change after time T leaves the features (and baselines) of
+    every I/O issued before T unchanged."""
+    n = 3000
+    lat_a = np.full(n, 100_000)
+    issue, comp_a = _steady(n, 20_000, lat_a)
+    T = issue[1800]
+    lat_b = np.where(issue >= T, 5_000_000, lat_a)        # slow from T on
+    comp_b = issue + lat_b
+    nb = np.full(n, 4096)
+    q = np.zeros(n)
+    before = issue < T
+    for comp, lat in ((comp_a, lat_a), (comp_b, lat_b)):
+        assert (comp[~before] > T).all()
+    ba = F.causal_baseline(issue, comp_a, lat_a / 1000, nb / (lat_a / 1000))
+    bb = F.causal_baseline(issue, comp_b, lat_b / 1000, nb / (lat_b / 1000))
+    for a, b in zip(ba, bb):
+        np.testing.assert_array_equal(a[before], b[before])
+    xa = F.device_features(issue, comp_a, nb, np.zeros(n), q)
+    xb = F.device_features(issue, comp_b, nb, np.zeros(n), q)
+    np.testing.assert_array_equal(xa[before], xb[before])
+    # and the change does show, once the slow I/Os complete
+    assert xa[~before, F.COLS_PREV_LAT].max() == pytest.approx(1.0)
+    assert xb[~before, F.COLS_PREV_LAT].max() >= 10
+
+
+def test_causal_baseline_moves_every_step_over_the_window():
+    n = 4 * F.BASELINE_WINDOW
+    lat = np.where(np.arange(n) < n // 2, 100_000, 300_000)
+    issue, comp = _steady(n, 1_000_000, lat)                # no overlap: completion order = issue order
+    b_lat, _ = F.causal_baseline(issue, comp, lat / 1000, np.full(n, 40.0))
+    assert b_lat[0] == pytest.approx(100.0)                 # start: the first baseline
+    assert b_lat[n // 2 + 10] == pytest.approx(100.0)       # old window still holds fast ones
+    assert b_lat[-1] == pytest.approx(300.0)                # a full window later: the new level
+    assert np.all(np.diff(b_lat) >= 0)
+
+
+def test_baseline_tracker_quantiles_and_window():
+    tr = F.BaselineTracker(window=100)
+    tr.add(np.arange(1, 16, dtype=float), np.arange(1, 16, dtype=float))
+    assert not tr.ready and tr.n == 15
+    tr.add([0.0, -1.0], [5.0, 5.0])                         # no latency: ignored
+    assert tr.n == 15
+    tr.add(np.arange(16, 101, dtype=float), np.arange(16, 101, dtype=float) * 10)
+    assert tr.ready and tr.n == 100
+    lat = np.arange(1, 101, dtype=float)
+    tput = np.concatenate([np.arange(1, 16), np.arange(16, 101) * 10.0])
+    assert tr.latency_us() == pytest.approx(np.quantile(lat, F.BASELINE_LAT_QUANTILE))
+    assert tr.tput() == pytest.approx(np.quantile(tput, F.BASELINE_TPUT_QUANTILE))
+    assert tr.latency_quantile_us(0.99) == pytest.approx(np.quantile(lat, 0.99))
+    # the ring keeps the newest `window` samples
+    tr.add(np.full(100, 1000.0), np.full(100, 1.0))
+    assert tr.latency_us() == 1000.0 and tr.tput() == 1.0
+    b = LegBaseline.of(tr)
+    assert b.lat_us == 1000.0 and b.slow_lat_us == D.SLOW_LAT_FLOOR_REL * 1000.0
+    assert LegBaseline.of(F.BaselineTracker()) is None
+
+
+# ------------------------------------------------------------- keyed table
+
+BASE = LegBaseline(lat_us=100.0, tput=40.0, slow_lat_us=2000.0)
+
+
+def test_key_rows_cover_every_key_with_its_representatives():
+    x = D.key_rows(BASE)
+    assert x.shape == (abi.KEYS_PER_LEG, F.NUM_FEATURES) and x.dtype == np.float32
+    assert (x[:, F.COL_IO_TYPE] == 0).all()
+    for sb in range(abi.NUM_SIZE_BUCKETS):
+        for fb in range(abi.NUM_INFLIGHT_BUCKETS):
+            for lb in range(abi.NUM_LAT_BUCKETS):
+                r = x[abi.key_index(sb, fb, lb)]
+                size = D.BUCKET_SIZE_BYTES[sb]
+                assert r[F.COL_SIZE] == size
+                assert abi.size_bucket(int(r[F.COL_SIZE])) == sb
+                assert r[F.COL_QLEN] == D.INFLIGHT_REP[fb]
+                assert abi.inflight_bucket(int(r[F.COL_QLEN])) == fb
+                assert (r[F.COLS_PREV_QLEN] == D.INFLIGHT_REP[fb]).all()
+                assert np.allclose(r[F.COLS_PREV_LAT], D.LAT_REP_REL[lb])
+                # the representative's absolute latency falls in its own bucket
+                lat_ns = int(D.LAT_REP_REL[lb] * BASE.lat_us * 1000)
+                assert abi.lat_bucket(D.lat_edges_ns(BASE), lat_ns) == lb
+                tput_rel = size / (D.LAT_REP_REL[lb] * BASE.lat_us) / BASE.tput
+                assert np.allclose(r[F.COLS_PREV_TPUT], tput_rel, rtol=1e-5)
+
+
+def test_penalties_grow_with_p_slow_and_the_key_latency():
+    ps = np.linspace(0, 1, 11)
+    pens = np.stack([D.penalties_ns(np.full(abi.KEYS_PER_LEG, p), BASE) for p in ps])
+    assert (pens[0] == 0).all()
+    assert (np.diff(pens, axis=0) >= 0).all() and (pens[-1] > pens[1]).all()
+    # P = 1 at a fast key: the slow read's cost over the service estimate
+    k0 = abi.key_index(0, 0, 0)
+    assert pens[-1, k0] == round((BASE.slow_lat_us - BASE.lat_us) * 1000)
+    # at the top latency bucket the key's own latency (64x) exceeds slow_lat
+    ktop = abi.key_index(0, 0, abi.NUM_LAT_BUCKETS - 1)
+    assert pens[-1, ktop] == round((64 * BASE.lat_us - BASE.lat_us) * 1000)
+    huge = LegBaseline(1e6, 1.0, 1e9)
+    assert D.penalties_ns(np.ones(abi.KEYS_PER_LEG), huge).max() == abi.PENALTY_MAX_NS
+
+
+class LatModel:
+    """P(slow) 0.9 once the newest latency is >= 10x the baseline, else 0.01;
+    counts its (batched) calls."""
+    threshold = 0.5
+
+    def __init__(self):
+        self.batches = []
+
+    def p_slow(self, rows):
+        self.batches.append(len(rows))
+        return np.where(rows[:, F.COLS_PREV_LAT.start] >= 10, 0.9, 0.01)
+
+
+def test_build_is_one_batched_call_over_every_key_of_every_valid_leg():
+    m = LatModel()
+    mk = TableMaker(m, ttl_ns=5_000, staleness_ns=1_000, probe_after_ns=7)
+    other = LegBaseline(50.0, 80.0, 500.0)
+    t = mk.build(10_000, [BASE, None, other])
+    assert m.batches == [2 * abi.KEYS_PER_LEG] and mk.calls == 1
+    assert t.valid.tolist() == [True, False, True]
+    assert t.valid_from_ns == 11_000 and t.expiry_ns == 16_000 and t.probe_after_ns == 7
+    assert t.service_ns.tolist() == [100_000, 0, 50_000]
+    assert (t.penalty_ns[1] == 0).all()
+    slow_key = abi.key_index(0, 0, 5)               # 10-16x baseline
+    fast_key = abi.key_index(0, 0, 0)
+    assert t.p_slow[0, slow_key] == pytest.approx(0.9) and t.p_slow[0, fast_key] == pytest.approx(0.01)
+    assert t.key_of(0, 4096, 0, 1_200_000) == slow_key
+    assert t.key_of(2, 4096, 0, 1_200_000) == abi.key_index(0, 0, 6)      # 24x 50 us
+    assert t.key_of(2, 70_000, 3, 3_500_000) == abi.key_index(3, 2, abi.NUM_LAT_BUCKETS - 1)
+    assert t.avoided(0.5)[0, slow_key] and not t.avoided(0.5)[0, fast_key]
+    with pytest.raises(ValueError):
+        TableMaker(m, ttl_ns=0)
+
+
+def _table(bases, **kw):
+    return TableMaker(LatModel(), **{"ttl_ns": 1_000_000_000, **kw}).build(0, bases)
+
+
+def test_route_takes_the_lowest_expected_completion_time():
+    t = _table([BASE, BASE, LegBaseline(300.0, 40.0, 3000.0)])
+    fast, slow = 100_000, 2_000_000                        # newest latency: 1x / 20x baseline
+    lc = [1, 1, 1]
+    # all fast: (inflight + 1) * service decides
+    assert route(t, 10, 4096, [1, 0, 0], [fast] * 3, lc) == (1, False)
+    assert route(t, 10, 4096, [3, 3, 0], [fast] * 3, lc) == (2, False)   # 1 x 300 < 4 x 100
+    # leg 1 in a slow period: its penalty outweighs a queue of 2 on leg 0
+    assert route(t, 10, 4096, [2, 0, 9], [fast, slow, fast], lc) == (0, False)
+    # unhealthy legs are skipped; none healthy -> -1
+    assert route(t, 10, 4096, [1, 0, 0], [fast] * 3, lc, healthy=[True, False, False]) == (0, False)
+    assert route(t, 10, 4096, [1, 0, 0], [fast] * 3, lc, healthy=[False] * 3) == (-1, False)
+
+
+def test_route_ties_lowest_index_without_rng_random_with_it():
+    t = _table([BASE, BASE])
+    args = (10, 4096, [0, 0], [100_000, 100_000], [1, 1])
+    assert all(route(t, *args) == (0, False) for _ in range(5))
+    rng = np.random.default_rng(0)
+    picks = [route(t, *args, rng=rng)[0] for _ in range(200)]
+    assert 60 < sum(picks) < 140
+    # no tie: rng changes nothing
+    assert all(route(t, 10, 4096, [0, 1], [100_000] * 2, [1, 1], rng=rng) == (0, False)
+               for _ in range(20))
+
+
+def test_route_probes_an_idle_leg_only_when_idle_long_enough():
+    t = _table([BASE, BASE], probe_after_ns=1_000_000)
+    slow = 2_000_000
+    now = 5_000_000
+    # leg 1 avoided (slow newest latency), idle since 4.5 ms ago -> probed
+    assert route(t, now, 4096, [1, 0], [100_000, slow], [now - 10, now - 4_500_000]) == (1, True)
+    # completed recently -> not probed, avoided
+    assert route(t, now, 4096, [1, 0], [100_000, slow], [now - 10, now - 500_000]) == (0, False)
+    # a bio in flight -> not idle, not probed
+    assert route(t, now, 4096, [1, 1], [100_000, slow], [now - 10, now - 4_500_000]) == (0, False)
+    # the idle leg is the best anyway: routed, not counted as a probe
+    assert route(t, now, 4096, [3, 0], [100_000, 100_000], [now - 10, 0]) == (1, False)
+    # probing off
+    t0 = _table([BASE, BASE], probe_after_ns=0)
+    assert route(t0, now, 4096, [1, 0], [100_000, slow], [now - 10, 0]) == (0, False)
+    # unhealthy idle legs are not probed
+    assert route(t, now, 4096, [1, 0], [100_000, slow], [now - 10, 0],
+                 healthy=[True, False]) == (0, False)
+
+
+def test_route_without_a_valid_table_is_the_module_default():
+    t = TableMaker(LatModel(), ttl_ns=5_000, staleness_ns=1_000).build(10_000, [BASE, BASE])
+    args = (4096, [0, 0], [100_000] * 2, [1, 1])
+    assert route(t, 10_500, *args) == (-1, False)          # not yet visible
+    assert route(t, 11_000, *args) == (0, False)
+    assert route(t, 15_999, *args) == (0, False)
+    assert route(t, 16_000, *args) == (-1, False)          # expired
+    assert route(None, 0, *args) == (-1, False)
+    t2 = _table([None, None])
+    assert route(t2, 10, *args) == (-1, False)             # no leg has an entry
+    t3 = _table([None, BASE])
+    assert route(t3, 10, 4096, [0, 5], [100_000] * 2, [1, 1]) == (1, False)   # only valid legs
+    assert D.least_inflight([2, 1, 1]) == 1
+
+
+# --------------------------------------------------------- device model
+
+def test_device_model_queueing_busy_periods_and_newest_completion():
+    p = DeviceParams(channels=2, bg_per_s=0.0, gc_every_write_mb=1.0, gc_min_ms=5,
+                     gc_max_ms=5, block_frac=1.0)
+    leg = Leg(p, seed=0)
+    assert (leg.last_lat_ns, leg.last_complete_ns, leg.completed) == (0, 0, 0)
+    d0, q0 = leg.submit(0, 4096, False)
+    d1, q1 = leg.submit(0, 4096, False)
+    d2, q2 = leg.submit(0, 4096, False)        # waits for a service unit
+    svc = int((80 + 4096 / 2000) * 1000)
+    assert (q0, q1, q2) == (0, 1, 2) and d0 == d1 == svc and d2 == 2 * svc
+    leg.advance(svc)
+    assert leg.completed == 2 and leg.last_complete_ns == svc and leg.last_lat_ns == svc
+    leg.advance(10_000_000)
+    assert leg.qlen == 0 and leg.state()[2][0] == pytest.approx(2 * svc / 1000)
+    assert leg.completed == 3 and leg.last_complete_ns == 2 * svc and leg.last_lat_ns == 2 * svc
+    leg.submit(10_000_000, 1_000_000, True)    # 1 MB written: GC for 5 ms
+    d, _ = leg.submit(10_000_001, 4096, False)
+    assert d == 15_000_000 + svc               # read waited for the busy period
+
+
 def test_offline_features_match_the_simulators_online_state():
-    """features.device_features on recorded I/Os == the state a policy sees."""
+    """device_features on recorded I/Os == the state a policy sees: same
+    queue lengths, and the relative history times the causal baseline is
+    the leg's absolute history; the leg's newest completion is the first."""
     rng = np.random.default_rng(3)
     n = 3000
     issue = np.cumsum(rng.integers(5_000, 60_000, n))
@@ -49,107 +288,29 @@ def test_offline_features_match_the_simulators_online_state():
     class Spy(P.Random):
         def choose(self, now, nbytes, legs):
             leg = super().choose(now, nbytes, legs)
-            seen.append((now, leg, legs[leg].state()))
+            lg = legs[leg]
+            seen.append((now, leg, lg.state(), lg.last_lat_ns, lg.completed))
             return leg
 
     rec = simulate(tr, 2, Spy(), params, seed=1, record=True).records
     for leg in (0, 1):
         m = rec["leg"] == leg
-        x = F.device_features(rec["issue_ns"][m], rec["complete_ns"][m], rec["bytes"][m],
-                              rec["op"][m] == 1, rec["qlen"][m])
-        row_at = {int(t): r for t, r, o in zip(rec["issue_ns"][m], x, rec["op"][m]) if o == 0}
+        iss, comp, nb = rec["issue_ns"][m], rec["complete_ns"][m], rec["bytes"][m]
+        x = F.device_features(iss, comp, nb, rec["op"][m] == 1, rec["qlen"][m])
+        lat = (comp - iss) / 1000.0
+        b_lat, b_tput = F.causal_baseline(iss, comp, lat, nb / lat)
+        at = {int(t): (r, bl, bt) for t, r, bl, bt, o in zip(iss, x, b_lat, b_tput, rec["op"][m])
+              if o == 0}
         checked = 0
-        for now, lg, (q, pq, pl, pt) in seen:
+        for now, lg, (q, pq, pl, pt), last_lat_ns, done in seen:
             if lg != leg:
                 continue
-            r = row_at[now]
+            r, bl, bt = at[now]
             assert r[F.COL_QLEN] == q
             assert r[F.COLS_PREV_QLEN].tolist() == list(pq)
-            assert np.allclose(r[F.COLS_PREV_LAT], pl, rtol=1e-5)
-            assert np.allclose(r[F.COLS_PREV_TPUT], pt, rtol=1e-4)
+            assert np.allclose(r[F.COLS_PREV_LAT] * bl, pl, rtol=1e-5)
+            assert np.allclose(r[F.COLS_PREV_TPUT] * bt, pt, rtol=1e-4)
+            if done:
+                assert last_lat_ns / 1000 == pytest.approx(pl[0])
             checked += 1
         assert checked > 500
-
-
-class QueueModel:
-    """P(slow) grows with queue length: 0.9 when >= 4 in flight."""
-    threshold = 0.5
-
-    def __init__(self):
-        self.batches = []
-
-    def p_slow(self, rows):
-        self.batches.append(len(rows))
-        return np.where(rows[:, F.COL_QLEN] >= 4, 0.9, 0.1 + rows[:, F.COL_SIZE] / 1e7)
-
-
-def test_decide_is_one_batched_call_over_legs_and_buckets():
-    m = QueueModel()
-    dm = DecisionMaker(m, ttl_ns=5_000, staleness_ns=1_000)
-    states = [LegState(5, (1, 2, 3), (100, 100, 100), (40, 40, 40)),
-              LegState(0, (0, 0, 0), (90, 90, 90), (45, 45, 45)),
-              LegState(1, (0, 0, 0), (90, 90, 90), (45, 45, 45))]
-    rows = feature_rows(states)
-    assert rows.shape == (3 * NUM_SIZE_BUCKETS, F.NUM_FEATURES)
-    assert rows[:NUM_SIZE_BUCKETS, F.COL_SIZE].tolist() == list(BUCKET_SIZE_BYTES)
-    assert (rows[:, F.COL_IO_TYPE] == 0).all()
-    t = dm.decide(10_000, states)
-    assert m.batches == [3 * NUM_SIZE_BUCKETS]
-    assert t.admit.shape == (3, NUM_SIZE_BUCKETS)
-    assert not t.admit[0].any() and t.admit[1:].all()
-    assert t.valid_from_ns == 11_000 and t.expiry_ns == 16_000
-    b = size_bucket(4096)
-    # not yet visible (staleness), then least in-flight admitted leg, then expired
-    assert route(t, 10_500, b, [0, 3, 2]) == -1
-    assert route(t, 11_000, b, [0, 3, 2]) == 2
-    assert route(t, 15_999, b, [0, 1, 2]) == 1
-    assert route(t, 16_000, b, [0, 1, 2]) == -1
-    assert route(None, 0, b, [0, 0, 0]) == -1
-
-
-def test_route_all_avoid_picks_the_leg_least_likely_slow():
-    m = QueueModel()
-    dm = DecisionMaker(m, ttl_ns=1000)
-    t = dm.decide(0, [LegState(9, (0,) * 3, (0,) * 3, (0,) * 3),
-                      LegState(4, (0,) * 3, (0,) * 3, (0,) * 3)])
-    t.score[0, :] = 0.95
-    t.score[1, :] = 0.97
-    assert not t.admit.any()
-    assert route(t, 0, 0, [9, 0]) == 0      # lower P(slow), though busier
-    t.score[1, :] = 0.95
-    assert route(t, 0, 0, [9, 0]) == 1      # tie: fewer in flight
-    assert route(t, 1000, 0, [9, 0]) == -1  # expired: the module default
-
-
-def test_route_prefers_least_inflight_then_lower_p_slow():
-    t = DecisionTable(admit=np.ones((3, 4), dtype=bool),
-                      score=np.array([[0.1] * 4, [0.05] * 4, [0.01] * 4], dtype=np.float32),
-                      valid_from_ns=0, expiry_ns=100)
-    assert route(t, 0, 0, [2, 1, 3]) == 1          # fewest in flight
-    assert route(t, 0, 0, [1, 1, 3]) == 1          # tie: lower P(slow)
-    t.admit[1, 0] = False
-    assert route(t, 0, 0, [1, 1, 3]) == 0
-    assert route(t, 100, 0, [1, 1, 3]) == -1       # expired
-
-
-def test_kernel_score_is_higher_for_lower_p_slow():
-    assert kernel_score(0.0) == KERNEL_SCORE_SCALE
-    assert kernel_score(1.0) == 0
-    assert kernel_score(0.2) > kernel_score(0.3)
-    assert kernel_score(-1) == KERNEL_SCORE_SCALE and kernel_score(2) == 0
-
-
-def test_device_model_queueing_and_busy_periods():
-    p = DeviceParams(channels=2, bg_per_s=0.0, gc_every_write_mb=1.0, gc_min_ms=5,
-                     gc_max_ms=5, block_frac=1.0)
-    leg = Leg(p, seed=0)
-    d0, q0 = leg.submit(0, 4096, False)
-    d1, q1 = leg.submit(0, 4096, False)
-    d2, q2 = leg.submit(0, 4096, False)        # waits for a service unit
-    svc = int((80 + 4096 / 2000) * 1000)
-    assert (q0, q1, q2) == (0, 1, 2) and d0 == d1 == svc and d2 == 2 * svc
-    leg.advance(10_000_000)
-    assert leg.qlen == 0 and leg.state()[2][0] == pytest.approx(2 * svc / 1000)
-    leg.submit(10_000_000, 1_000_000, True)    # 1 MB written: GC for 5 ms
-    d, _ = leg.submit(10_000_001, 4096, False)
-    assert d == 15_000_000 + svc               # read waited for the busy period

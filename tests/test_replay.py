@@ -7,8 +7,10 @@ from iobridge import cli
 from iobridge.offline import policies as P
 from iobridge.core.errors import IobridgeError
 from iobridge.offline.labeling import time_split
-from iobridge.offline.replay import run_replay
-from iobridge.offline.trace import OP_READ, import_cloudphysics, write_trace
+from iobridge.offline.devmodel import DeviceParams
+from iobridge.offline.replay import format_table, run_replay
+from iobridge.offline.trace import (OP_READ, Trace, _normalise_batch, import_cloudphysics,
+                                    write_trace)
 from offline_helpers import shared_trace
 
 
@@ -41,10 +43,27 @@ def test_cloudphysics_two_legs_reports_every_policy_on_held_back_part(cloudphysi
         assert rep[key]["trained_on"] == "training part"
     n_train = int((cloudphysics["issue_ns"] < split).sum())
     assert 0 < rep["heimdall_model"]["train_rows"] < 2 * n_train
-    # the table policy went through the decision table, one batched call per needed tick
+    assert rep["fallbacks"] == {} and not any("fallback" in s for s in rep["policies"].values())
+    # the table policy went through the keyed table: a few batched builds (when
+    # a baseline moved), every read after the warm-up routed by the table
     d = rep["policies"]["table"]["details"]
-    assert 0 < d["inference_calls"] <= later_reads and d["no_valid_table_reads"] == 0
-    assert 0 <= d["default_routed_reads"] < later_reads
+    assert 0 < d["inference_calls"] < later_reads / 100
+    assert d["default_routed_reads"] == d["no_valid_table_reads"] < 100
+    assert d["routed_fraction"] > 0.99
+    # the per-I/O policies ran their model once per read, with the same rule
+    for name in ("heimdall", "linnos"):
+        h = rep["policies"][name]["details"]
+        assert h["inference_calls"] + h["default_routed_reads"] == later_reads
+    # the report shows P(slow) per key of the newest table, per leg
+    keys = d["keys"]
+    assert len(keys["legs"]) == 2
+    for leg in keys["legs"]:
+        for fb in (0, 1):
+            row = leg[f"inflight_bucket_{fb}"]
+            assert len(row["p_slow"]) == len(row["penalty_us"]) == 8
+            assert all(0 <= p <= 1 for p in row["p_slow"])
+    text = format_table(rep)
+    assert "P(slow) and penalty (us) per latency bucket" in text
     # busy periods exist in the device model and hedging cuts the tail they cause
     assert rep["policies"]["primary"]["p999_us"] > 1000
     assert rep["policies"]["hedged"]["p999_us"] < rep["policies"]["primary"]["p999_us"] / 2
@@ -60,10 +79,13 @@ def test_replays_are_deterministic_and_independent_of_other_policies(cloudphysic
 
 def test_table_entries_expire_to_the_module_default(cloudphysics):
     tr = cloudphysics.take(np.arange(20_000, 50_000))
-    rep = run_replay(tr, 2, ["table"], max_epochs=3, tick_ns=1_000_000, staleness_ns=0,
-                     ttl_ns=100_000)   # entries live 0.1 ms of each 1 ms tick
+    # a table lives 0.1 ms and is not kept alive (a stalled agent): most reads
+    # find no table in force and go to the module default
+    rep = run_replay(tr, 2, ["table"], max_epochs=3, recompute_ns=1_000_000, staleness_ns=0,
+                     ttl_ns=100_000)
     d = rep["policies"]["table"]["details"]
-    assert d["default_routed_reads"] > 0 and d["ttl_us"] == 100
+    assert d["ttl_us"] == 100 and d["inference_calls"] > 0
+    assert d["default_routed_reads"] == d["no_valid_table_reads"] > 0.5 * rep["eval_part"]["reads"]
 
 
 def test_cli_json_and_plot(tmp_path, cloudphysics, capsys):
@@ -111,14 +133,55 @@ def test_replay_uses_recorded_per_leg_latencies(capsys):
     assert m["latency_source"] == "device model" and m["policies"]["primary"]["p50_us"] < 200
 
 
-def test_table_with_staleness_uses_the_latest_published_table(cloudphysics):
-    # tick 100 us, tables visible 500 us after their tick, live 1 ms: some
-    # table is always in force, so no read may fall back to the default
-    # (arrivals every 70 us, so several tables are computed but not yet visible)
+def test_table_with_staleness_keeps_the_previous_table_in_force(cloudphysics):
+    # baselines checked every 100 us tick, rebuilds up to every 100 us, each
+    # visible 500 us after it was built: the previous table stays in force
+    # meanwhile, so only the warm-up (no baselines yet, then the first
+    # table's staleness) goes to the default
     tr = cloudphysics.take(np.arange(20_000, 50_000))
     tr.cols["issue_ns"] = np.arange(len(tr), dtype=np.int64) * 70_000
-    rep = run_replay(tr, 2, ["table"], max_epochs=3, tick_ns=100_000, staleness_ns=500_000,
-                     ttl_ns=1_000_000)
+    rep = run_replay(tr, 2, ["table"], max_epochs=3, recompute_ns=100_000,
+                     staleness_ns=500_000, tick_ns=100_000)
     d = rep["policies"]["table"]["details"]
-    assert d["inference_calls"] > 1000
-    assert d["no_valid_table_reads"] == 0 and d["staleness_us"] == 500
+    assert d["inference_calls"] > 1 and d["staleness_us"] == 500 and d["ttl_us"] is None
+    assert d["default_routed_reads"] == d["no_valid_table_reads"] < 50
+
+
+def _steady_trace(n=4000):
+    """Reads of 4 KiB every 1 ms: on a device model without busy periods
+    every read takes the same time, so nothing is ever slow."""
+    issue = np.arange(n, dtype=np.int64) * 1_000_000
+    return Trace(_normalise_batch({"issue_ns": issue, "bytes": np.full(n, 4096),
+                                   "op": np.zeros(n)}), {"source": "steady"})
+
+
+def test_no_slow_io_in_training_reports_every_policy_with_fallback_reasons():
+    rep = run_replay(_steady_trace(), 2, list(P.POLICY_NAMES), max_epochs=2,
+                     params=DeviceParams(bg_per_s=0.0, gc_every_write_mb=1e18))
+    assert list(rep["policies"]) == list(P.POLICY_NAMES)
+    assert list(rep["fallbacks"]) == ["linnos", "heimdall", "table"]
+    for name in P.LEARNED:
+        s = rep["policies"][name]
+        assert "no slow I/Os" in s["fallback"] and s["replayed_as"] == "leastinflight"
+        assert s["fallback"] == rep["fallbacks"][name]
+        assert s["reads_per_leg"] == rep["policies"]["leastinflight"]["reads_per_leg"]
+    for name in ("heimdall_model", "linnos_model"):
+        assert "no slow I/Os" in rep[name]["not_trained"]
+    text = format_table(rep)
+    for name in P.LEARNED:
+        assert f"* {name}: " in text and f"\n{name}*" in text
+
+
+def test_cli_no_slow_io_exits_0_with_reasons_in_text_and_json(tmp_path, capsys):
+    src = tmp_path / "steady.parquet"
+    write_trace(src, _steady_trace())
+    base = ["replay", "-q", "--trace", str(src), "--no-busy", "--max-epochs", "2"]
+    assert cli.main(base + ["--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert list(rep["policies"]) == list(P.POLICY_NAMES)
+    assert set(rep["fallbacks"]) == set(P.LEARNED)
+    assert all("not trained" in rep["policies"][n]["fallback"] for n in P.LEARNED)
+    assert cli.main(base + ["--policy", "heimdall", "--policy", "primary"]) == 0
+    out = capsys.readouterr().out
+    assert "heimdall: not trained: the training part has no slow I/Os" in out
+    assert "replayed as leastinflight" in out and "primary" in out

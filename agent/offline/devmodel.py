@@ -76,7 +76,13 @@ KEEP = 4      # history kept per leg (LinnOS uses 4, Heimdall 3)
 
 
 class Leg:
-    """One simulated replica: service units, in-flight I/Os, feature history."""
+    """One simulated replica: service units, in-flight I/Os, feature history.
+
+    Besides the feature history (prev_qlen / prev_lat / prev_tput, newest
+    first), a leg keeps what the kernel keeps per leg for the decision
+    table's key: last_lat_ns and last_complete_ns of its newest completion
+    (0 = none yet) and the count of completions retired (`completed`), all
+    updated by advance() as completions retire."""
 
     def __init__(self, params: DeviceParams, seed: int, start_ns: int = 0):
         self.p = params
@@ -86,10 +92,15 @@ class Leg:
         self.hit_rng = np.random.default_rng(seed + 7919)
         self.free = [start_ns] * params.channels       # service unit free times
         heapq.heapify(self.free)
-        self.inflight: list[tuple[int, float, float]] = []  # (complete, lat_us, tput)
+        # (complete ns, lat us, tput bytes/us, lat ns), a heap by completion
+        self.inflight: list[tuple[int, float, float, int]] = []
         self.prev_qlen: deque = deque([0] * KEEP, maxlen=KEEP)
         self.prev_lat: deque = deque([0.0] * KEEP, maxlen=KEEP)
         self.prev_tput: deque = deque([0.0] * KEEP, maxlen=KEEP)
+        # what the kernel keeps per leg for the decision table's key
+        self.last_lat_ns = 0          # latency of the newest completion
+        self.last_complete_ns = 0     # its completion time (0 = none yet)
+        self.completed = 0            # completions retired so far
         self.written = 0.0
         self.busy: list[tuple[int, int]] = []          # recent busy periods
         self.next_bg = start_ns + self._exp_gap()
@@ -122,9 +133,12 @@ class Leg:
             self.next_bg += max(self._exp_gap(), 1)
         inf = self.inflight
         while inf and inf[0][0] <= now:
-            _, lat, tput = heapq.heappop(inf)
+            done, lat, tput, lat_ns = heapq.heappop(inf)
             self.prev_lat.appendleft(lat)
             self.prev_tput.appendleft(tput)
+            self.last_lat_ns = lat_ns
+            self.last_complete_ns = done
+            self.completed += 1
         self.now = now
 
     @property
@@ -154,7 +168,7 @@ class Leg:
         done = start + int(svc_us * 1000)
         heapq.heappush(self.free, done)
         lat_us = (done - now) / 1000.0
-        heapq.heappush(self.inflight, (done, lat_us, nbytes / lat_us))
+        heapq.heappush(self.inflight, (done, lat_us, nbytes / lat_us, done - now))
         if is_write:
             self.written += nbytes
             thr = p.gc_every_write_mb * 1e6
@@ -164,7 +178,8 @@ class Leg:
         return done, q
 
     def state(self) -> tuple[int, tuple, tuple, tuple]:
-        """(queue_len, prev 3 qlens, prev 3 latencies us, prev 3 tput MB/s)."""
+        """(queue_len, prev 3 qlens, prev 3 latencies us, prev 3 throughputs
+        bytes/us), newest first: absolute values, as the kernel keeps them."""
         h = HISTORY
         return (len(self.inflight), tuple(self.prev_qlen)[:h], tuple(self.prev_lat)[:h],
                 tuple(self.prev_tput)[:h])
@@ -193,5 +208,5 @@ class RecordedLeg(Leg):
         i = int(np.searchsorted(t_issue, now, side="right")) - 1
         done = now + int(lat[max(i, 0)])
         lat_us = max((done - now) / 1000.0, 1e-3)
-        heapq.heappush(self.inflight, (done, lat_us, nbytes / lat_us))
+        heapq.heappush(self.inflight, (done, lat_us, nbytes / lat_us, done - now))
         return done, q

@@ -14,17 +14,55 @@ advanced to `now_ns`.
               percentile of read latency measured on the training part);
               the first completion wins, the duplicate is extra I/O
   linnos      LinnOS-style per-I/O prediction: 31 digitised inputs (current
-              queue length, 4 previous queue lengths, 4 previous
-              latencies), 31->256->2 MLP, per-I/O latency labels
-  heimdall    Heimdall-style per-I/O prediction: the 12 schema features of
-              this exact read on each leg, one inference per read
-  table       the agent's tick-based decision table (decision.py): one
-              batched inference per tick over (leg, size bucket), routed by
-              decision.route(); tick period, staleness and TTL are parameters
+              queue length, 4 previous queue lengths, 4 previous absolute
+              latencies in us: LinnOS's own encoding), 31->256->2 MLP,
+              per-I/O latency labels; one inference per read
+  heimdall    Heimdall-style per-I/O prediction: the 12 schema-v2 features
+              of this exact read on each leg (latency and throughput history
+              relative to the leg's baseline), one inference per read
+  table       the feature-keyed decision table (core/decision.py): the
+              model runs once over every key of every leg (TableMaker.build)
+              when a leg's baseline moved by more than 10% (or at the first
+              baselines), at most once per recompute_ns; every read is
+              routed by decision.route() from the legs' live in-flight
+              count and newest completion, as the kernel does
 
-Predictor policies share decision.route()'s rule, the kernel program's: least
-in-flight among legs predicted fast; when none is, the module default (least
-in-flight over all legs).
+The learned policies share one routing rule, decision.route()'s (the
+kernel program's): per leg the expected completion time
+
+    cost = (inflight + 1) * service_ns + penalty_ns
+
+lowest cost wins (exact ties at random, seeded), and an idle leg with no
+completion for probe_after_ns gets the read as a probe; no usable state
+(no baseline yet, no table in force) -> the module default, least in
+flight. They differ only in where penalty_ns comes from:
+
+  table       penalty_ns[key] of the keyed table: P(slow) of the key's
+              representative state (size bucket, in-flight bucket, latency
+              bucket) x (what a slow read costs - service), as decision.py
+  heimdall,   the same formula with this read's own P(slow) on the leg and
+  linnos      its actual newest latency instead of the bucket's
+              representative (per read, a one-key table handed to the same
+              route(); see _per_io_penalty_ns)
+
+so "heimdall vs table" isolates what bucketing the state costs (or saves),
+and "linnos vs heimdall" what the feature set does. The decision threshold
+of a model plays no part in routing (only P(slow) does).
+
+Each learned policy keeps per leg a features.BaselineTracker (the leg's
+baseline: service estimate, throughput scale, slow-read cost) fed from the
+completions it sees. Like the agent, which samples each leg's newest
+completions from the kernel, it adds at each read (its "check") at most
+HISTORY (3) newest completions per leg since the previous check, from the
+leg's prev_lat/prev_tput (reads and writes alike: the kernel's history is
+the leg's). As the agent does every tick, the baselines are re-read from
+the trackers (decision.LegBaseline.of) at most once per tick_ns (the
+agent's tick, default 20 ms), for the legs with new samples; the table is
+rebuilt only then. A leg whose tracker is not ready yet borrows the
+baseline of the ready leg with the lowest latency (replicas are usually the
+same kind of device); without that, a leg that gets no reads (low load,
+least in flight sends ties to leg 0; a read-only trace) would never get a
+baseline and the learned policies would never route to it.
 """
 
 from __future__ import annotations
@@ -33,9 +71,10 @@ from collections import deque
 
 import numpy as np
 
+from ..core import abi
+from ..core import decision as D
 from ..core import features as F
-from ..core.abi import size_bucket
-from ..core.decision import DecisionMaker, DecisionTable, LegState, least_inflight, route
+from ..core.decision import KeyedTable, LegBaseline, TableMaker, least_inflight, route
 
 POLICY_NAMES = ("primary", "random", "roundrobin", "leastinflight", "hedged",
                 "linnos", "heimdall", "table")
@@ -45,6 +84,16 @@ LINNOS_HISTORY = 4
 LINNOS_QLEN_DIGITS = 3
 LINNOS_LAT_DIGITS = 4
 LINNOS_WIDTH = LINNOS_QLEN_DIGITS * (1 + LINNOS_HISTORY) + LINNOS_LAT_DIGITS * LINNOS_HISTORY
+
+# The agent's defaults (daemon/config.py): an avoided leg idle this long gets
+# one read; the leg baselines are sampled once per tick; a table is
+# recomputed at most this often.
+PROBE_AFTER_NS = 200_000_000
+TICK_NS = 20_000_000
+RECOMPUTE_NS = 100_000_000
+BASELINE_MOVE_REL = 0.10       # rebuild the table when a leg's baseline moved this much
+SAMPLES_PER_CHECK = F.HISTORY  # newest completions per leg the agent reads per check
+NEVER = 1 << 62
 
 
 def _digits(v: np.ndarray, nd: int) -> np.ndarray:
@@ -71,12 +120,6 @@ class Policy:
 
     def choose(self, now: int, nbytes: int, legs) -> int:
         raise NotImplementedError
-
-    def tick_times(self, read_times: np.ndarray) -> np.ndarray:
-        return np.zeros(0, dtype=np.int64)
-
-    def on_tick(self, t: int, legs) -> None:
-        pass
 
     def stats(self) -> dict:
         return {}
@@ -135,106 +178,272 @@ class Hedged(LeastInflight):
         return {"deadline_us": self.hedge_ns / 1000.0, "percentile": self.percentile}
 
 
-def _route_scores(p: np.ndarray, threshold: float, legs) -> int:
-    inflight = [leg.qlen for leg in legs]
-    t = DecisionTable(admit=(p < threshold)[:, None], score=p[:, None].astype(np.float32),
-                      valid_from_ns=0, expiry_ns=1 << 62)
-    leg = route(t, 0, 0, inflight)
-    return leg if leg >= 0 else least_inflight(inflight)
+class LegBaselines:
+    """Per-leg BaselineTrackers fed as the agent feeds them (module doc)."""
+
+    def __init__(self, nlegs: int, tick_ns: int = TICK_NS):
+        if tick_ns <= 0:
+            raise ValueError("tick_ns must be positive")
+        self.tick_ns = int(tick_ns)
+        self.trackers = [F.BaselineTracker() for _ in range(nlegs)]
+        self.seen = [0] * nlegs            # leg.completed at the previous check
+        self._own: list[LegBaseline | None] = [None] * nlegs
+        self._read_at = [0] * nlegs        # tracker.n when _own was read
+        self._last_read_ns: int | None = None
+        self.samples = 0                   # completions added, all legs
+        self.changed = False               # a leg's baseline was re-read since cleared
+
+    def observe(self, legs, now: int) -> None:
+        """Add each leg's newest completions since the previous call (at most
+        SAMPLES_PER_CHECK per leg, oldest first); re-read the baselines of
+        legs with new samples if a tick passed since the last re-read."""
+        for i, leg in enumerate(legs):
+            new = leg.completed - self.seen[i]
+            if new <= 0:
+                continue
+            self.seen[i] = leg.completed
+            k = min(new, SAMPLES_PER_CHECK)
+            self.trackers[i].add([leg.prev_lat[j] for j in range(k - 1, -1, -1)],
+                                 [leg.prev_tput[j] for j in range(k - 1, -1, -1)])
+            self.samples += k
+        if self._last_read_ns is not None and now - self._last_read_ns < self.tick_ns:
+            return
+        self._last_read_ns = now
+        for i, tr in enumerate(self.trackers):
+            if tr.ready and tr.n != self._read_at[i]:
+                self._own[i] = LegBaseline.of(tr)
+                self._read_at[i] = tr.n
+                self.changed = True
+
+    def own(self) -> list[LegBaseline | None]:
+        """Each leg's own baseline (None: too few samples yet)."""
+        return list(self._own)
+
+    def current(self) -> tuple[list[LegBaseline | None], list[bool]]:
+        """(baseline per leg, borrowed per leg): a leg without its own
+        baseline borrows the lowest-latency ready leg's; all None while no
+        leg is ready."""
+        own = self._own
+        ready = [b for b in own if b is not None]
+        if not ready or len(ready) == len(own):
+            return list(own), [False] * len(own)
+        lend = min(ready, key=lambda b: b.lat_us)
+        return [b if b is not None else lend for b in own], [b is None for b in own]
 
 
-class _PerIoPredictor(Policy):
-    """A policy that runs its model once per read (counted in `calls`)."""
+class _OneKeyTable(KeyedTable):
+    """A table with one key per leg (the per-I/O policies' penalty for THIS
+    read), routed by the same decision.route()."""
 
-    def __init__(self, model):
+    def key_of(self, leg, nbytes, inflight, last_lat_ns):
+        return 0
+
+
+def _per_io_penalty_ns(p_slow: float, base: LegBaseline, last_lat_ns: int) -> int:
+    """decision.penalties_ns for one read's own state: P(slow) x (what a slow
+    read costs - service), the slow cost being at least the leg's newest
+    latency (the keyed table uses its latency bucket's representative)."""
+    slow_us = max(last_lat_ns / 1000.0, base.slow_lat_us)
+    extra_ns = max(slow_us - base.lat_us, 0.0) * 1000.0
+    return int(min(max(round(float(p_slow) * extra_ns), 0), abi.PENALTY_MAX_NS))
+
+
+class _Learned(Policy):
+    """Shared by the learned policies: baselines, the cost rule, counters."""
+
+    def __init__(self, model, probe_after_ns: int = PROBE_AFTER_NS, tick_ns: int = TICK_NS):
+        if probe_after_ns < 0:
+            raise ValueError("probe_after_ns must be >= 0 (0 = no probing)")
+        if tick_ns <= 0:
+            raise ValueError("tick_ns must be positive")
         self.model = model
+        self.probe_after_ns = int(probe_after_ns)
+        self.tick_ns = int(tick_ns)
 
     def reset(self, nlegs, seed):
         super().reset(nlegs, seed)
-        self.calls = 0
+        self.rng = np.random.default_rng(seed)
+        self.base = LegBaselines(nlegs, self.tick_ns)
+        self.calls = 0          # inferences (per-I/O: one per read; table: rebuilds)
+        self.reads = 0
+        self.defaults = 0       # reads left to the module default
+        self.probes = 0
+
+    def _route(self, table, now, nbytes, legs) -> int:
+        self.reads += 1
+        inflight = [leg.qlen for leg in legs]
+        leg, probe = route(table, now, nbytes, inflight, [lg.last_lat_ns for lg in legs],
+                           [lg.last_complete_ns for lg in legs], rng=self.rng)
+        if leg < 0:
+            self.defaults += 1
+            return least_inflight(inflight)
+        self.probes += probe
+        return leg
 
     def stats(self):
-        return {"inference_calls": self.calls}
+        n = max(self.reads, 1)
+        return {"inference_calls": self.calls, "default_routed_reads": self.defaults,
+                "probes": self.probes, "probe_after_us": self.probe_after_ns / 1000,
+                "tick_us": self.tick_ns / 1000,
+                # reads routed by the policy's rule, not the module default
+                "routed_fraction": round((self.reads - self.defaults) / n, 6),
+                "baseline_samples": self.base.samples}
+
+
+class _PerIoPredictor(_Learned):
+    """A policy that runs its model once per read over every leg."""
+
+    def rows(self, nbytes, legs, bases) -> np.ndarray:
+        raise NotImplementedError
+
+    def choose(self, now, nbytes, legs):
+        self.base.observe(legs, now)
+        bases, _ = self.base.current()
+        table = None
+        if bases[0] is not None:       # all legs have one (own or borrowed)
+            self.calls += 1
+            p = np.asarray(self.model.p_slow(self.rows(nbytes, legs, bases)), dtype=np.float64)
+            n = len(legs)
+            pen = np.array([[_per_io_penalty_ns(p[i], bases[i], legs[i].last_lat_ns)]
+                            for i in range(n)], dtype=np.int64)
+            service = np.array([int(round(b.lat_us * 1000)) for b in bases], dtype=np.int64)
+            table = _OneKeyTable(np.ones(n, dtype=bool), p[:, None].astype(np.float32), pen,
+                                 np.zeros((n, abi.NUM_LAT_BUCKETS - 1), dtype=np.int64),
+                                 service, self.probe_after_ns, now, now, now + 1, bases)
+        return self._route(table, now, nbytes, legs)
 
 
 class Heimdall(_PerIoPredictor):
+    """Schema-v2 rows: history relative to each leg's baseline (module doc)."""
     name = "heimdall"
 
-    def choose(self, now, nbytes, legs):
+    def rows(self, nbytes, legs, bases):
         x = np.zeros((len(legs), F.NUM_FEATURES), dtype=np.float32)
         for i, leg in enumerate(legs):
             q, pq, pl, pt = leg.state()
             x[i, F.COL_SIZE] = nbytes
             x[i, F.COL_QLEN] = q
             x[i, F.COLS_PREV_QLEN] = pq
-            x[i, F.COLS_PREV_LAT] = pl
-            x[i, F.COLS_PREV_TPUT] = pt
-        self.calls += 1
-        return _route_scores(self.model.p_slow(x), self.model.threshold, legs)
+            x[i, F.COLS_PREV_LAT] = F.relative(pl, bases[i].lat_us)
+            x[i, F.COLS_PREV_TPUT] = F.relative(pt, bases[i].tput)
+        return x
 
 
 class LinnOS(_PerIoPredictor):
+    """LinnOS's own absolute encoding; the baselines only give the cost rule
+    its service estimate and slow-read cost."""
     name = "linnos"
 
-    def choose(self, now, nbytes, legs):
+    def rows(self, nbytes, legs, bases):
         q = np.array([leg.qlen for leg in legs])
         pq = np.array([list(leg.prev_qlen) for leg in legs], dtype=np.float64)
         pl = np.array([list(leg.prev_lat) for leg in legs], dtype=np.float64)
-        self.calls += 1
-        return _route_scores(self.model.p_slow(linnos_rows(q, pq, pl)), self.model.threshold, legs)
+        return linnos_rows(q, pq, pl)
 
 
-class Table(Policy):
-    """The agent's decision table, recomputed every tick_ns."""
+class Table(_Learned):
+    """The feature-keyed decision table, built as the agent builds it.
+
+    At each read: feed the baselines; when they were re-read (at most once
+    per tick_ns, the agent's tick), rebuild the table with TableMaker.build
+    if every leg has a baseline (own or borrowed) and one of them moved by
+    more than move_rel since the newest table was built (or there is no
+    table yet), at most once per recompute_ns. A table built at t is visible from t + staleness_ns (the
+    time the agent takes to recompute and publish); until then the previous
+    one stays in force. ttl_ns=None: the live agent keeps the table in force
+    (it extends the expiry every tick); ttl_ns given: a table expires ttl_ns
+    after it became visible and is not kept alive (an agent that publishes
+    only when it rebuilds: reads between expiry and the next build go to
+    the module default)."""
     name = "table"
 
-    def __init__(self, model, tick_ns: int = 1_000_000, staleness_ns: int = 0,
-                 ttl_ns: int | None = None):
-        if tick_ns <= 0:
-            raise ValueError("tick must be positive")
-        self.tick_ns = int(tick_ns)
+    def __init__(self, model, recompute_ns: int = RECOMPUTE_NS, staleness_ns: int = 0,
+                 ttl_ns: int | None = None, probe_after_ns: int = PROBE_AFTER_NS,
+                 move_rel: float = BASELINE_MOVE_REL, tick_ns: int = TICK_NS):
+        super().__init__(model, probe_after_ns, tick_ns)
+        if recompute_ns <= 0:
+            raise ValueError("recompute_ns must be positive")
+        if ttl_ns is not None and ttl_ns <= 0:
+            raise ValueError("ttl_ns must be positive")
+        self.recompute_ns = int(recompute_ns)
         self.staleness_ns = int(staleness_ns)
-        self.ttl_ns = int(ttl_ns if ttl_ns is not None else 10 * tick_ns)
-        self.maker = DecisionMaker(model, ttl_ns=self.ttl_ns, staleness_ns=self.staleness_ns)
+        self.ttl_ns = None if ttl_ns is None else int(ttl_ns)
+        self.move_rel = float(move_rel)
+        self.maker = TableMaker(model, ttl_ns=self.ttl_ns or NEVER,
+                                staleness_ns=self.staleness_ns, probe_after_ns=self.probe_after_ns)
 
     def reset(self, nlegs, seed):
         super().reset(nlegs, seed)
-        # tables computed but possibly not yet visible (staleness), oldest first
-        self.tables: deque[DecisionTable] = deque()
-        self.defaults = 0      # reads left to the module default (all avoid, or no table)
-        self.no_table = 0      # of those, reads with no valid table in force
+        # tables built but possibly not yet visible (staleness), oldest first
+        self.tables: deque[KeyedTable] = deque()
+        self.built: list[LegBaseline | None] | None = None   # baselines of the newest build
+        self.last_build = None
+        self.borrowed = [False] * nlegs
+        self.no_table = 0       # default-routed reads with no table in force
         self.maker.calls = 0
 
-    def tick_times(self, read_times):
-        # Only the latest tick whose table is visible at a read matters (each
-        # tick's table replaces the previous one), so simulate just those.
-        t = (np.asarray(read_times, dtype=np.int64) - self.staleness_ns) // self.tick_ns * self.tick_ns
-        return np.unique(t)
-
-    def on_tick(self, t, legs):
-        states = [LegState(*leg.state()) for leg in legs]
-        self.tables.append(self.maker.decide(t, states))
-
-    def visible(self, now: int) -> DecisionTable | None:
-        """The table in force at `now`: the latest one published by then
-        (each publication replaces the previous table)."""
+    def visible(self, now: int) -> KeyedTable | None:
+        """The table in force at `now`: the newest one visible by then (each
+        publication replaces the previous table)."""
         q = self.tables
         while len(q) > 1 and q[1].valid_from_ns <= now:
             q.popleft()
-        return q[0] if q else None
+        return q[0] if q and q[0].valid_from_ns <= now else None
+
+    def _maybe_rebuild(self, now: int) -> None:
+        if self.last_build is not None and now - self.last_build < self.recompute_ns:
+            return
+        if self.built is not None and not self.base.changed:
+            return
+        bases, borrowed = self.base.current()
+        self.base.changed = False
+        if bases[0] is None:
+            return
+        if self.built is not None and borrowed == self.borrowed and not any(
+                b.moved(o, self.move_rel) for b, o in zip(bases, self.built)):
+            return
+        self.tables.append(self.maker.build(now, bases))
+        self.built, self.borrowed, self.last_build = bases, borrowed, now
 
     def choose(self, now, nbytes, legs):
-        inflight = [leg.qlen for leg in legs]
+        self.base.observe(legs, now)
+        self._maybe_rebuild(now)
         table = self.visible(now)
-        if table is None or not table.valid_from_ns <= now < table.expiry_ns:
+        if table is None or not now < table.expiry_ns:
             self.no_table += 1
-        leg = route(table, now, size_bucket(nbytes), inflight)
-        if leg < 0:
-            self.defaults += 1
-            leg = least_inflight(inflight)
-        return leg
+        return self._route(table, now, nbytes, legs)
+
+    def key_summary(self, table: KeyedTable | None = None) -> dict | None:
+        """P(slow) and penalty per latency bucket, for size bucket 0 (<= 4K)
+        and in-flight buckets 0 and 1, of the newest table (compact)."""
+        table = table or (self.tables[-1] if self.tables else None)
+        if table is None:
+            return None
+        legs = []
+        for i, b in enumerate(table.baselines):
+            if b is None:
+                legs.append(None)
+                continue
+            per = {}
+            for fb in (0, 1):
+                ks = [abi.key_index(0, fb, lb) for lb in range(abi.NUM_LAT_BUCKETS)]
+                per[f"inflight_bucket_{fb}"] = {
+                    "p_slow": [round(float(table.p_slow[i, k]), 4) for k in ks],
+                    "penalty_us": [round(int(table.penalty_ns[i, k]) / 1000, 1) for k in ks]}
+            legs.append({"baseline": {"lat_us": round(b.lat_us, 2), "tput": round(b.tput, 2),
+                                      "slow_lat_us": round(b.slow_lat_us, 1)},
+                         "borrowed_baseline": bool(self.borrowed[i]),
+                         "service_us": int(table.service_ns[i]) / 1000,
+                         "lat_edges_us": [round(int(e) / 1000, 1) for e in table.lat_edges_ns[i]],
+                         **per})
+        return {"computed_at_s": table.computed_ns / 1e9, "size_bucket": 0,
+                "lat_bucket_rel_edges": list(D.REL_LAT_EDGES),
+                "lat_bucket_rel_reps": list(D.LAT_REP_REL), "legs": legs}
 
     def stats(self):
-        return {"tick_us": self.tick_ns / 1000, "staleness_us": self.staleness_ns / 1000,
-                "ttl_us": self.ttl_ns / 1000, "inference_calls": self.maker.calls,
-                "default_routed_reads": self.defaults, "no_valid_table_reads": self.no_table}
+        self.calls = self.maker.calls
+        return {**super().stats(), "recompute_us": self.recompute_ns / 1000,
+                "staleness_us": self.staleness_ns / 1000,
+                "ttl_us": None if self.ttl_ns is None else self.ttl_ns / 1000,
+                "no_valid_table_reads": self.no_table,
+                "keys": self.key_summary()}

@@ -10,6 +10,15 @@ the legs (so every leg sees a mix of load), and the hedging deadline is a
 percentile of read latency under least-in-flight routing on the training
 part. EVERY policy is then replayed on the held-back part only, starting
 from idle legs at the split time, and the report covers those reads.
+
+A policy that cannot run as asked is still reported: a learned policy
+whose model could not be trained (e.g. the training part has no slow I/Os:
+nothing to learn) and hedged without training reads for its deadline are
+replayed as least in flight, the module's default (what the module does
+with no model), marked "fallback" with the reason in the JSON report and
+with a * and the reason in the table. For the table policy the report also
+shows P(slow) and the penalty per key of its newest table (the model stays
+the source of truth; the table is what it says at the legs' baselines).
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ from .trace import OP_READ, Trace, load_any
 
 
 def build_policy(name: str, *, learned: dict, hedge_deadline_ns: int | None,
-                 hedge_pct: float, tick_ns: int, staleness_ns: int, ttl_ns: int | None):
+                 hedge_pct: float, recompute_ns: int = P.RECOMPUTE_NS, staleness_ns: int = 0,
+                 ttl_ns: int | None = None, probe_after_ns: int = P.PROBE_AFTER_NS,
+                 tick_ns: int = P.TICK_NS):
     if name == "primary":
         return P.Primary()
     if name == "random":
@@ -41,23 +52,35 @@ def build_policy(name: str, *, learned: dict, hedge_deadline_ns: int | None,
     if name == "hedged":
         return P.Hedged(hedge_deadline_ns, hedge_pct)
     if name == "linnos":
-        return P.LinnOS(learned["linnos"])
+        return P.LinnOS(learned["linnos"], probe_after_ns, tick_ns)
     if name == "heimdall":
-        return P.Heimdall(learned["heimdall"])
+        return P.Heimdall(learned["heimdall"], probe_after_ns, tick_ns)
     if name == "table":
-        return P.Table(learned["heimdall"], tick_ns, staleness_ns, ttl_ns)
+        return P.Table(learned["heimdall"], recompute_ns, staleness_ns, ttl_ns, probe_after_ns,
+                       tick_ns=tick_ns)
     raise UsageError(f"unknown policy {name!r}", f"choose from {', '.join(P.POLICY_NAMES)}")
+
+
+FALLBACK_POLICY = "leastinflight"    # what the module does without a model: its default
+STALENESS_NS = 1_000_000             # table: from reading the baselines to the table in force
 
 
 def run_replay(trace: Trace, nlegs: int, policy_names: list[str], *,
                params: DeviceParams = DeviceParams(), train_fraction: float = 0.5,
-               seed: int = 0, tick_ns: int = 1_000_000, staleness_ns: int = 0,
-               ttl_ns: int | None = None, hedge_pct: float = 95.0,
-               model_path: str | None = None, max_epochs: int = 30,
+               seed: int = 0, recompute_ns: int = P.RECOMPUTE_NS,
+               staleness_ns: int = STALENESS_NS, ttl_ns: int | None = None,
+               probe_after_ns: int = P.PROBE_AFTER_NS, tick_ns: int = P.TICK_NS,
+               hedge_pct: float = 95.0, model_path: str | None = None, max_epochs: int = 30,
                progress: Progress | None = None, keep_latencies: bool = False,
                latency: str = "auto") -> dict:
     """latency: "model" (device model), "trace" (per-leg latencies recorded in
-    the trace) or "auto" (trace when it has measured latency on legs)."""
+    the trace) or "auto" (trace when it has measured latency on legs).
+
+    A policy that cannot run as asked (a learned one whose model could not be
+    trained on the training part, hedged without training reads for its
+    deadline) is replayed as the module default (least in flight, what the
+    module does without a model) and its report row says why, in
+    "fallback"; report["fallbacks"] lists them all."""
     from . import train as TR
     progress = progress or Progress(False)
     if nlegs < 1 or nlegs > 8:
@@ -84,31 +107,56 @@ def run_replay(trace: Trace, nlegs: int, policy_names: list[str], *,
         "train_part": {"records": len(train_part), "reads": int((train_part["op"] == OP_READ).sum())},
         "eval_part": {"records": len(eval_part), "reads": int((eval_part["op"] == OP_READ).sum())},
         "policies": {},
+        "fallbacks": {},
     }
     learned: dict = {}
-    need_learned = any(p in P.LEARNED for p in policy_names)
+    fallbacks: dict = report["fallbacks"]
     hedge_deadline = None
-    if need_learned and len(train_part) == 0:
-        raise IobridgeError("training part of the trace is empty", "raise --train-fraction")
-    if need_learned:
+    want_heimdall = "heimdall" in policy_names or "table" in policy_names
+    want_linnos = "linnos" in policy_names
+
+    def not_trained(models, why):
+        for name in policy_names:
+            if name in models:
+                what = "its model (the heimdall one) is not" if name == "table" else "not"
+                fallbacks[name] = f"{what} trained: {why}; replayed as {FALLBACK_POLICY}"
+
+    if (want_heimdall and not model_path) or want_linnos:
+        if len(train_part) == 0:
+            not_trained(("heimdall", "table", "linnos") if not model_path else ("linnos",),
+                        "the training part of the trace is empty (raise --train-fraction)")
+            want_linnos = False
+            want_heimdall = want_heimdall and bool(model_path)
+    recs = None
+    if (want_heimdall and not model_path) or want_linnos:
         progress.phase(f"simulating the training part ({len(train_part)} records, random routing)")
-        sim = simulate(train_part, nlegs, P.Random(), params, seed + 101, record=True,
-                       progress=progress, label="training part", timelines=timelines)
-        recs = sim.records
-        if "heimdall" in policy_names or "table" in policy_names:
-            if model_path:
-                from ..core.model import AdmissionModel
-                learned["heimdall"] = AdmissionModel(model_path)
-                report["heimdall_model"] = {"file": str(model_path),
-                                            "note": "given with --model; not trained here"}
-            else:
-                progress.phase("training the Heimdall-style model on the training part")
+        recs = simulate(train_part, nlegs, P.Random(), params, seed + 101, record=True,
+                        progress=progress, label="training part", timelines=timelines).records
+    if want_heimdall:
+        if model_path:
+            from ..core.model import AdmissionModel
+            learned["heimdall"] = AdmissionModel(model_path)
+            report["heimdall_model"] = {"file": str(model_path),
+                                        "note": "given with --model; not trained here"}
+        else:
+            progress.phase("training the Heimdall-style model on the training part")
+            try:
                 res = TR.train_heimdall_on_records([recs], max_epochs=max_epochs, seed=seed)
+            except IobridgeError as e:
+                not_trained(("heimdall", "table"), e.message)
+                report["heimdall_model"] = {"trained_on": "training part",
+                                            "not_trained": str(e)}
+            else:
                 learned["heimdall"] = res.model
                 report["heimdall_model"] = {"trained_on": "training part", **res.summary()}
-        if "linnos" in policy_names:
-            progress.phase("training the LinnOS-style model on the training part")
+    if want_linnos:
+        progress.phase("training the LinnOS-style model on the training part")
+        try:
             res = TR.train_linnos_on_records([recs], max_epochs=max_epochs, seed=seed)
+        except IobridgeError as e:
+            not_trained(("linnos",), e.message)
+            report["linnos_model"] = {"trained_on": "training part", "not_trained": str(e)}
+        else:
             learned["linnos"] = res.model
             report["linnos_model"] = {"trained_on": "training part", **res.summary()}
     if "hedged" in policy_names:
@@ -117,22 +165,53 @@ def run_replay(trace: Trace, nlegs: int, policy_names: list[str], *,
                            timelines=timelines)
             hedge_deadline = int(np.percentile(sim.read_lat_ns, hedge_pct))
         else:
-            raise IobridgeError("hedged: no reads in the training part to set the deadline")
+            fallbacks["hedged"] = (f"no reads in the training part to set the deadline; "
+                                   f"replayed as {FALLBACK_POLICY}")
+    report["fallbacks"] = fallbacks = {n: fallbacks[n] for n in policy_names if n in fallbacks}
     lat_out = {}
     for name in policy_names:
-        pol = build_policy(name, learned=learned, hedge_deadline_ns=hedge_deadline,
-                           hedge_pct=hedge_pct, tick_ns=tick_ns, staleness_ns=staleness_ns,
-                           ttl_ns=ttl_ns)
-        progress.phase(f"replaying the held-back part with policy {name}")
+        run_as = FALLBACK_POLICY if name in fallbacks else name
+        pol = build_policy(run_as, learned=learned, hedge_deadline_ns=hedge_deadline,
+                           hedge_pct=hedge_pct, recompute_ns=recompute_ns,
+                           staleness_ns=staleness_ns, ttl_ns=ttl_ns,
+                           probe_after_ns=probe_after_ns, tick_ns=tick_ns)
+        progress.phase(f"replaying the held-back part with policy {name}"
+                       + (f" (as {run_as})" if run_as != name else ""))
         r = simulate(eval_part, nlegs, pol, params, seed, progress=progress, label=name,
                      timelines=timelines)
         report["policies"][name] = {**latency_stats(r.read_lat_ns), "reads_per_leg": r.sent,
                                     "extra_ios": r.extra_ios, "sim_seconds": round(r.seconds, 2),
-                                    **({"details": r.policy_stats} if r.policy_stats else {})}
+                                    **({"details": r.policy_stats} if r.policy_stats else {}),
+                                    **({"fallback": fallbacks[name], "replayed_as": run_as}
+                                       if run_as != name else {})}
         lat_out[name] = r.read_lat_ns
     if keep_latencies:
         report["_latencies"] = lat_out
     return report
+
+
+def _fmt_keys(keys: dict) -> list[str]:
+    """The table's P(slow) / penalty per latency bucket, a few lines per leg."""
+    edges = keys["lat_bucket_rel_edges"]
+    heads = [f"<{edges[0]:g}x"] + [f"{a:g}-{b:g}x" for a, b in zip(edges, edges[1:])] \
+        + [f">={edges[-1]:g}x"]
+    out = [f"table: P(slow) and penalty (us) per latency bucket of the newest table "
+           f"(built at {keys['computed_at_s']:.1f} s) at the replay's leg baselines, "
+           f"reads <= 4K:",
+           f"  {'':<24}" + "".join(f"{h:>9}" for h in heads)]
+    for i, leg in enumerate(keys["legs"]):
+        if leg is None:
+            out.append(f"  leg {i}: no baseline")
+            continue
+        b = leg["baseline"]
+        out.append(f"  leg {i}: baseline {b['lat_us']:g} us, slow read {b['slow_lat_us']:g} us"
+                   + (" (borrowed)" if leg["borrowed_baseline"] else ""))
+        for fb, label in ((0, "0 in flight"), (1, "1 in flight")):
+            row = leg[f"inflight_bucket_{fb}"]
+            out.append(f"    {label + ' P(slow)':<22}" + "".join(f"{v:>9.3f}" for v in row["p_slow"]))
+            out.append(f"    {label + ' penalty us':<22}"
+                       + "".join(f"{v:>9.0f}" for v in row["penalty_us"]))
+    return out
 
 
 def format_table(report: dict) -> str:
@@ -143,9 +222,12 @@ def format_table(report: dict) -> str:
              f"{'policy':<14}{'mean us':>10}{'p50 us':>10}{'p99 us':>11}{'p99.9 us':>11}"
              f"{'extra I/O':>11}  reads per leg"]
     for name, s in report["policies"].items():
-        lines.append(f"{name:<14}{s['mean_us']:>10.1f}{s['p50_us']:>10.1f}{s['p99_us']:>11.1f}"
+        lines.append(f"{name + ('*' if 'fallback' in s else ''):<14}{s['mean_us']:>10.1f}"
+                     f"{s['p50_us']:>10.1f}{s['p99_us']:>11.1f}"
                      f"{s['p999_us']:>11.1f}{s['extra_ios']:>11d}  "
                      + "/".join(str(x) for x in s["reads_per_leg"]))
+    for name, why in report.get("fallbacks", {}).items():
+        lines.append(f"* {name}: {why}")
     for key in ("heimdall_model", "linnos_model"):
         if key in report:
             m = report[key]
@@ -156,16 +238,29 @@ def format_table(report: dict) -> str:
                              f"training part): precision {ev['precision']:.3f} recall "
                              f"{ev['recall']:.3f} ROC AUC {auc}, {ev['slow_rows']} of "
                              f"{ev['rows']} rows slow")
-            else:
+            elif "file" in m:
                 lines.append(f"{key.split('_')[0]} model: {m.get('file')}")
-    if "hedged" in report["policies"]:
-        d = report["policies"]["hedged"]["details"]
+    pols = report["policies"]
+    if "hedged" in pols and "details" in pols["hedged"] and "fallback" not in pols["hedged"]:
+        d = pols["hedged"]["details"]
         lines.append(f"hedged: duplicate after {d['deadline_us']:.0f} us (p{d['percentile']:g} "
                      "of least-in-flight read latency on the training part)")
-    if "table" in report["policies"]:
-        d = report["policies"]["table"]["details"]
-        lines.append(f"table: tick {d['tick_us']:g} us, staleness {d['staleness_us']:g} us, "
-                     f"TTL {d['ttl_us']:g} us, {d['inference_calls']} batched inferences")
+    for name in ("linnos", "heimdall"):
+        if name in pols and "fallback" not in pols[name]:
+            d = pols[name]["details"]
+            lines.append(f"{name}: {d['inference_calls']} per-read inferences, "
+                         f"{d['routed_fraction']:.1%} of reads routed by the cost rule, "
+                         f"{d['probes']} probes")
+    if "table" in pols and "fallback" not in pols["table"]:
+        d = pols["table"]["details"]
+        ttl = "kept alive" if d["ttl_us"] is None else f"TTL {d['ttl_us']:g} us"
+        lines.append(f"table: {d['inference_calls']} batched inferences (rebuild when a "
+                     f"baseline moves >10%, checked every {d['tick_us'] / 1000:g} ms tick, at "
+                     f"most every {d['recompute_us'] / 1000:g} ms; staleness "
+                     f"{d['staleness_us']:g} us, {ttl}), {d['routed_fraction']:.1%} "
+                     f"of reads routed by the table, {d['probes']} probes")
+        if d.get("keys"):
+            lines += _fmt_keys(d["keys"])
     return "\n".join(lines)
 
 
@@ -203,8 +298,12 @@ def _cmd_replay(args) -> int:
     names = list(dict.fromkeys(names))
     if not 0.0 < args.train_fraction < 1.0:
         raise UsageError("--train-fraction must be between 0 and 1 (exclusive)")
-    if args.tick_us <= 0 or args.staleness_us < 0:
-        raise UsageError("--tick-us must be > 0 and --staleness-us >= 0")
+    if args.recompute_us <= 0 or args.tick_us <= 0:
+        raise UsageError("--recompute-us and --tick-us must be > 0")
+    if args.staleness_us < 0 or args.probe_after_us < 0:
+        raise UsageError("--staleness-us and --probe-after-us must be >= 0")
+    if args.ttl_us is not None and args.ttl_us <= 0:
+        raise UsageError("--ttl-us must be > 0")
     prog = Progress(not args.quiet)
     tr = load_any(args.trace, args.format, time_unit=args.time_unit, duration_s=args.duration)
     if args.speed != 1.0:
@@ -218,9 +317,11 @@ def _cmd_replay(args) -> int:
     if args.no_busy:
         params = DeviceParams(**{**params.as_dict(), "bg_per_s": 0.0, "gc_every_write_mb": 1e18})
     rep = run_replay(tr, args.legs, names, params=params, train_fraction=args.train_fraction,
-                     seed=args.seed, tick_ns=int(args.tick_us * 1000),
+                     seed=args.seed, recompute_ns=int(args.recompute_us * 1000),
                      staleness_ns=int(args.staleness_us * 1000),
                      ttl_ns=int(args.ttl_us * 1000) if args.ttl_us else None,
+                     probe_after_ns=int(args.probe_after_us * 1000),
+                     tick_ns=int(args.tick_us * 1000),
                      hedge_pct=args.hedge_percentile, model_path=args.model,
                      max_epochs=args.max_epochs, progress=prog, keep_latencies=bool(args.plot),
                      latency=args.latency)
@@ -269,13 +370,26 @@ def register_cli(sub) -> None:
                    "The result is a held-back evaluation only if the model never saw this "
                    "part of the trace (the shipped model was trained on the first 70%% of "
                    "cloudPhysicsIO.csv)")
-    p.add_argument("--tick-us", type=float, default=1000.0,
-                   help="table: decision tick period in us (default 1000)")
-    p.add_argument("--staleness-us", type=float, default=0.0,
-                   help="table: delay from reading the feature state to the table being "
-                   "visible, in us (default 0)")
+    p.add_argument("--recompute-us", type=float, default=P.RECOMPUTE_NS / 1000,
+                   help="table: the agent rebuilds the keyed table when a leg's baseline "
+                   "moved by more than 10%%, at most once per this many us (default "
+                   f"{P.RECOMPUTE_NS / 1000:g})")
+    p.add_argument("--tick-us", type=float, default=P.TICK_NS / 1000,
+                   help="learned policies: the agent's tick; leg baselines are re-read (and "
+                   "a table rebuild considered) at most this often (default "
+                   f"{P.TICK_NS / 1000:g}, the agent's default)")
+    p.add_argument("--staleness-us", type=float, default=STALENESS_NS / 1000,
+                   help="table: delay from the agent reading the baselines to the rebuilt "
+                   "table being in force (inference and publication), in us (default "
+                   f"{STALENESS_NS / 1000:g})")
     p.add_argument("--ttl-us", type=float, default=None,
-                   help="table: entry lifetime after publication in us (default 10 ticks)")
+                   help="table: a published table expires this many us after it is in force "
+                   "and is NOT kept alive (a stalled agent; reads then go to the module "
+                   "default); default: the live agent keeps it in force")
+    p.add_argument("--probe-after-us", type=float, default=P.PROBE_AFTER_NS / 1000,
+                   help="learned policies: a leg with no bio in flight and no completion for "
+                   f"this long gets the read as a probe; 0 = no probing (default "
+                   f"{P.PROBE_AFTER_NS / 1000:g}, the agent's default)")
     p.add_argument("--hedge-percentile", type=float, default=95.0,
                    help="hedged: duplicate a read still pending after this percentile of "
                    "training-part read latency (default 95)")

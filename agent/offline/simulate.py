@@ -4,9 +4,11 @@ The trace's arrivals (issue times, sizes, reads and writes) drive N legs of
 the device model (devmodel.py), or the per-leg latencies of a trace recorded
 on replica legs. Reads go to the leg a policy chooses; writes go to every leg
 (mirroring) and feed each leg's garbage-collection busy periods; flush,
-discard and other operations are ignored. `iobridge replay` (replay.py)
-builds the policies and reports; training (train.py) records per-I/O
-features through it.
+discard and other operations are ignored. Policies decide per read, from
+the legs' live state (policies.py; a learned policy that models the agent
+keeps its own clock: it sees time through the reads). `iobridge replay`
+(replay.py) builds the policies and reports; training (train.py) records
+per-I/O features through it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from . import policies as P
 from .devmodel import DeviceParams, Leg, RecordedLeg
 from .progress import Progress
 from .trace import OP_READ, OP_WRITE, Trace, _normalise_batch
-
-INF = 1 << 62
 
 
 @dataclass
@@ -91,8 +91,6 @@ def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
         legs = [Leg(params, seed * 1009 + li, start) for li in range(nlegs)]
     policy.reset(nlegs, seed)
     is_read = op == OP_READ
-    ticks = policy.tick_times(issue[is_read]).tolist()
-    nticks = len(ticks)
     nreads = int(is_read.sum())
     read_lat = np.zeros(nreads, dtype=np.int64)
     read_issue = issue[is_read].copy()
@@ -101,7 +99,6 @@ def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
     hedge_ns = policy.hedge_ns
     hq: list = []
     rec = {"issue_ns": [], "complete_ns": [], "qlen": [], "leg": [], "bytes": [], "op": []} if record else None
-    ti = 0
     rid = 0
     issue_l = issue.tolist(); op_l = op.tolist(); nb_l = nbytes.tolist()
 
@@ -125,18 +122,8 @@ def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
     every = max(n // 200, 1)
     for i in range(n):
         t = issue_l[i]
-        while True:
-            nt = ticks[ti] if ti < nticks else INF
-            nh = hq[0][0] if hq else INF
-            if nt <= t and nt <= nh:
-                for leg in legs:
-                    leg.advance(nt)
-                policy.on_tick(nt, legs)
-                ti += 1
-            elif nh <= t:
-                run_hedge(heapq.heappop(hq))
-            else:
-                break
+        while hq and hq[0][0] <= t:
+            run_hedge(heapq.heappop(hq))
         for leg in legs:
             leg.advance(t)
         o = op_l[i]
