@@ -98,6 +98,19 @@ class LegBaseline:
         return any(abs(a - b) > rel * max(abs(b), 1e-9) for a, b in pairs)
 
 
+def borrow_missing(own: Sequence[LegBaseline | None]) -> tuple[list, list[bool]]:
+    """(baseline per leg, borrowed per leg): a leg without its own baseline
+    borrows the lowest-latency ready leg's, because a leg left out of the
+    table gets no reads and so would never get samples of its own (its
+    replicas hold the same data and are usually alike; its first reads then
+    give it its own). All None while no leg is ready."""
+    ready = [b for b in own if b is not None]
+    if not ready or len(ready) == len(own):
+        return list(own), [False] * len(own)
+    lend = min(ready, key=lambda b: b.lat_us)
+    return [b if b is not None else lend for b in own], [b is None for b in own]
+
+
 def lat_edges_ns(base: LegBaseline) -> np.ndarray:
     """The leg's latency bucket edges in ns (what the kernel compares with)."""
     return np.rint(np.array(REL_LAT_EDGES) * base.lat_us * 1000).astype(np.int64)

@@ -282,8 +282,7 @@ class Agent:
         t1 = time.perf_counter_ns()
         self.times.add("sample", t1 - t0)
         if now - self._last_build_ns >= self.cfg.recompute_ns and self._needs_build():
-            table = self.maker.build(now, [decision.LegBaseline.of(self._trackers[d])
-                                           for d in self._kdevs])
+            table = self.maker.build(now, self._baselines())
             t2 = time.perf_counter_ns()
             self.times.add("infer", t2 - t1)
             self._last_build_ns = now
@@ -314,6 +313,14 @@ class Agent:
         self._seen[fresh] = snap.completed
         self._last_snapshot = (self._slots[fresh], snap)
 
+    def _baselines(self) -> list:
+        """Each leg's baseline; within a target, a leg without one yet borrows."""
+        own = [decision.LegBaseline.of(self._trackers[d]) for d in self._kdevs]
+        out = list(own)
+        for _, rows in self._rows:
+            out[rows] = decision.borrow_missing(own[rows])[0]
+        return out
+
     def _needs_build(self) -> bool:
         if self._dirty or self._table is None:
             return True
@@ -328,7 +335,6 @@ class Agent:
         for t, rows in self._rows:
             if not table.valid[rows].any():
                 continue   # no baseline yet on any leg: the module default decides
-            # A leg without a baseline yet gets an empty entry (left out).
             exp = np.where(table.valid[rows], expires, 0)
             self.policy.publish(t.target_id, table.penalty_ns[rows], table.lat_edges_ns[rows],
                                 table.service_ns[rows], table.probe_after_ns, exp)

@@ -74,7 +74,7 @@ import numpy as np
 from ..core import abi
 from ..core import decision as D
 from ..core import features as F
-from ..core.decision import KeyedTable, LegBaseline, TableMaker, least_inflight, route
+from ..core.decision import KeyedTable, LegBaseline, TableMaker, borrow_missing, least_inflight, route
 
 POLICY_NAMES = ("primary", "random", "roundrobin", "leastinflight", "hedged",
                 "linnos", "heimdall", "table")
@@ -223,12 +223,7 @@ class LegBaselines:
         """(baseline per leg, borrowed per leg): a leg without its own
         baseline borrows the lowest-latency ready leg's; all None while no
         leg is ready."""
-        own = self._own
-        ready = [b for b in own if b is not None]
-        if not ready or len(ready) == len(own):
-            return list(own), [False] * len(own)
-        lend = min(ready, key=lambda b: b.lat_us)
-        return [b if b is not None else lend for b in own], [b is None for b in own]
+        return borrow_missing(self._own)
 
 
 class _OneKeyTable(KeyedTable):
