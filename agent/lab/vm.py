@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..core import cliutil, resources
 from ..core.errors import IobridgeError, UsageError
+from . import installed
 
 # The VM harness works from a source checkout (vm/, tests/, kmodule/ sources);
 # an installed wheel without one gets a clear error when it boots a VM.
@@ -316,13 +317,17 @@ def run_tests(pytest_args: list[str], *, timeout: float = DEFAULT_TEST_TIMEOUT_S
     Inside the guest, pytest loads tests/vm_report.py, which writes one JSON
     line per finished test to a results file on a shared directory; a test
     whose line never arrives (VM hang or crash) is reported as an error
-    together with the last console lines.
+    together with the last console lines. The shared directory also holds
+    the checkout's wheel installed in a fresh venv, made here on the host
+    for the install test (installed.prepare_for_vm; a few seconds here,
+    minutes under emulation).
     """
     results_dir = Path(tempfile.mkdtemp(prefix="iobridge-vm-"))
     results = results_dir / "results.jsonl"
     log_path = results_dir / "console.log"
+    venv_var = installed.prepare_for_vm(results_dir)
     started = time.time()
-    env_args = ["env", f"IOBRIDGE_VM_RESULTS={results}"]
+    env_args = ["env", f"IOBRIDGE_VM_RESULTS={results}", venv_var]
     cmd = env_args + ["python", "-m", "pytest", "-p", "tests.vm_report", "-m", "vm",
                       "-p", "no:cacheprovider", "-o", "addopts=", "-rA",
                       f"--timeout={PER_TEST_TIMEOUT_S}", *pytest_args]
