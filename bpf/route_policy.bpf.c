@@ -50,6 +50,23 @@ BPF_PERCPU_ARRAY(iobridge_route_stats, struct iobridge_route_stats, 1);
 /* Age of the table (now - published_ns) at each routing it decided. */
 BPF_PERCPU_ARRAY(iobridge_decision_age, u64, IOBRIDGE_LAT_SLOTS);
 
+/*
+ * The running choice across the unrolled leg loop, kept in map memory on
+ * purpose: the verifier does not track values loaded from a map, so the
+ * states after each leg converge instead of multiplying with every earlier
+ * leg's outcome (in registers, 8 legs exceed the verifier's 1M-instruction
+ * budget).  Per CPU and private to one call: tracepoint probes run with
+ * preemption disabled and a program does not nest on its CPU.
+ */
+struct iobridge_route_scratch {
+	u64 best_cost;
+	s32 best;
+	s32 probe;
+	u32 ties;
+	u32 pad;
+};
+BPF_PERCPU_ARRAY(iobridge_route_scratch, struct iobridge_route_scratch, 1);
+
 static __always_inline int agent_silent(u64 now, u64 *published)
 {
 	u32 zero = 0;
@@ -70,14 +87,13 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 	u32 nr_legs = ctx->nr_legs;
 	u64 now = ctx->now_ns;
 	u32 size_bucket = iobridge_size_bucket(ctx->bio_bytes);
-	s32 best = IOBRIDGE_NO_LEG, probe = IOBRIDGE_NO_LEG, chosen;
-	u64 best_cost = 0;
-	u32 ties = 0;
+	s32 best, probe, chosen;
 	u64 published = 0;
 	u32 zero = 0;
 	struct iobridge_route_stats *stats = iobridge_route_stats.lookup(&zero);
+	struct iobridge_route_scratch *s = iobridge_route_scratch.lookup(&zero);
 
-	if (target >= IOBRIDGE_MAX_TARGETS) {
+	if (!s || target >= IOBRIDGE_MAX_TARGETS) {
 		if (stats)
 			stats->fallback++;
 		return 0;
@@ -89,6 +105,10 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		}
 		return 0;
 	}
+	s->best = IOBRIDGE_NO_LEG;
+	s->probe = IOBRIDGE_NO_LEG;
+	s->best_cost = 0;
+	s->ties = 0;
 
 #pragma unroll
 	for (u32 leg = 0; leg < IOBRIDGE_MAX_LEGS; leg++) {
@@ -114,22 +134,27 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		if (key >= IOBRIDGE_KEYS_PER_LEG)
 			continue;
 		cost = ((u64)inflight + 1) * d->service_ns + d->penalty_ns[key];
-		if (best < 0 || cost < best_cost) {
-			best = leg;
-			best_cost = cost;
-			ties = 1;
-		} else if (cost == best_cost) {
-			ties++;
-			if (bpf_get_prandom_u32() % ties == 0)
-				best = leg;
+		if (s->best < 0 || cost < s->best_cost) {
+			s->best = leg;
+			s->best_cost = cost;
+			s->ties = 1;
+		} else if (cost == s->best_cost) {
+			/* Reservoir: the k-th tied leg wins with probability 1/k. */
+			u32 k = s->ties + 1;
+
+			s->ties = k;
+			if (bpf_get_prandom_u32() % k == 0)
+				s->best = leg;
 		}
-		if (probe < 0 && d->probe_after_ns && inflight == 0) {
+		if (s->probe < 0 && d->probe_after_ns && inflight == 0) {
 			last = ctx->last_complete_ns[leg];
 			if (!last || (now >= last && now - last >= d->probe_after_ns))
-				probe = leg;
+				s->probe = leg;
 		}
 	}
 
+	best = s->best;
+	probe = s->probe;
 	chosen = best;
 	if (probe >= 0 && probe != best)
 		chosen = probe;
