@@ -80,8 +80,8 @@ def hook_run_in_vm(args) -> dict:
         t0 = time.monotonic()
         hook = {"without_program": _bench_hook_call(target, args.hook_calls)}
         policy.attach()
-        for leg in range(2):
-            policy.set_leg(tid, leg, admit=True, score=10, ttl_s=3600)
+        for leg in range(2):   # equal costs on both legs: the program routes every read
+            policy.set_leg(tid, leg, penalty_ns=0, ttl_s=3600)
         hook["with_program"] = _bench_hook_call(target, args.hook_calls)
         policy.detach()
 
@@ -163,7 +163,8 @@ def hook_render(res: dict) -> str:
 
 def _hook_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", type=int, default=6, help="seconds per fio run (default 6)")
-    p.add_argument("--repeat", type=int, default=2, help="runs per configuration (default 2)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="interleaved runs per configuration, the median reported (default 3)")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 32],
                    help="fio queue depths (default 1 32)")
     p.add_argument("--hook-calls", type=int, default=1_000_000,
@@ -188,14 +189,19 @@ BENCHES = {
     },
     "agent": {
         "help": "the agent end to end: default vs round robin vs learned latency with a "
-                "slow leg, decision age, agent CPU with 2 and 8 legs, ONNX batch time",
+                "slow leg (and a CDF plot), reads routed by the table, decision age, agent CPU "
+                "with 2 and 8 legs, IOPS with the agent vs without, the QD1 comparison on "
+                "10x slower legs, ONNX batch time; goals printed beside the figures",
         "add_args": lambda p: _agent_bench().agent_args(p),
+        "host_check": lambda args: _agent_bench().agent_host_check(args),
         "run_in_vm": lambda args: _agent_bench().agent_run_in_vm(args),
         "render": lambda res: _agent_bench().agent_render(res),
         "examples": (
             ("iobridge bench agent", "boot the VM, run it, print the tables"),
             ("iobridge bench agent --latency-only", "only the policy comparison (make demo)"),
             ("iobridge bench agent --depths 1 --runtime 30", "queue depth 1, 30 s runs"),
+            ("iobridge bench agent --latency-only --output-dir .scratch/mine",
+             "the demo's comparison, its CDF plot in .scratch/mine/"),
             ("iobridge bench agent --json --output agent.json", "as JSON, kept in a file")),
     },
 }
@@ -212,6 +218,8 @@ def _run(args) -> int:
     else:
         from . import vm  # noqa: PLC0415
 
+        if "host_check" in bench:
+            bench["host_check"](args)
         out_dir = Path(tempfile.mkdtemp(prefix="iobridge-bench-"))
         out = out_dir / "result.json"
         cmd = ["python", "-m", "iobridge.cli", "bench", args.bench, "--in-vm",

@@ -7,7 +7,17 @@ through slow periods, and fio random reads under
   (c) the learned policy: `iobridge run` with the shipped model,
 
 at each queue depth, with the same seeded slow-period schedule in every
-run. Also counts the reads the slow leg served while it was slow.
+run. Per run it also counts the reads the slow leg served while it was
+slow, and, for (c), the reads the routing program decided from the table
+(its kernel counters: routed, default, probes); with a latency directory
+it keeps every read's completion latency (fio's latency log) for the CDF
+plot.
+
+The benchmark adds, in the same boot: fio IOPS with the agent against the
+module default alone on the same legs without slow periods (the agent's
+overhead), the agent's CPU with 8 legs, the decision age histogram, and the
+QD1 comparison on legs ten times slower (null_blk completions of 1 ms
+instead of 100 us) with the same model, to show it transfers.
 
 AgentProcess runs `iobridge run` as a separate process, the way an
 operator (or systemd) does, and waits for its sd_notify READY=1.
@@ -18,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,14 +38,52 @@ import threading
 import time
 from pathlib import Path
 
-from ..core.errors import IobridgeError
+import numpy as np
+
+from ..core import abi, resources
+from ..core.errors import IobridgeError, UsageError
+from ..core.features import MIN_BASELINE_SAMPLES
 from ..kernel import dmtarget
 from . import testbed, workload
-from .faults import SlowPeriods, now_ns, read_count
+from .faults import NORMAL, SLOW, SlowPeriods, now_ns, read_count
 
 POLICIES = ("default", "roundrobin", "learned")
 POLICY_LABELS = {"default": "(a) module default", "roundrobin": "(b) round robin",
                  "learned": "(c) learned"}
+LATENCY_KEYS = ("mean_us", "p50_us", "p99_us", "p999_us")
+# Where `make demo` and `iobridge bench agent` put the CDF plot: a folder of
+# the repository, which the test VM shares read-write with the host.
+DEFAULT_OUTPUT_DIR = Path(".scratch") / "demo"
+CDF_PNG = "latency-cdf.png"
+
+# The issue's benchmark goals (issue 10), printed beside the figures; never
+# asserted by the benchmark. (figure, depth or None, op, limit)
+GOALS = {
+    "p99_us@1": ("<=", 0.5), "p999_us@1": ("<", 1.0),
+    "p99_us@16": ("<=", 0.8), "mean_us@16": ("<=", 1.05), "p999_us@16": ("<", 1.0),
+    "routed_fraction": (">=", 0.95),
+    "overhead_iops_ratio": (">=", 0.90),
+    "agent_cpu_2legs_qd16": ("<=", 10.0),
+    "agent_cpu_8legs": ("<=", 15.0),
+    "transfer_p99_us@1": ("<=", 0.5),
+}
+
+
+def goal_check(name: str, value: float | None) -> dict:
+    """{"value", "goal", "met"} for one figure against GOALS[name]."""
+    op, limit = GOALS[name]
+    if value is None:
+        met = None
+    else:
+        met = {"<=": value <= limit, "<": value < limit, ">=": value >= limit}[op]
+    return {"value": value, "goal": f"{op} {limit:g}", "met": met}
+
+
+def goal_mark(check: dict | None) -> str:
+    if check is None:
+        return ""
+    tag = {True: "met", False: "MISSED", None: "n/a"}[check["met"]]
+    return f"  [goal {check['goal']}: {tag}]"
 
 
 class AgentProcess:
@@ -86,7 +135,8 @@ class AgentProcess:
                 raise IobridgeError(f"the agent exited with {self.proc.returncode} before it was "
                                     f"ready: {self.log().strip()[-600:]}")
             if time.monotonic() > deadline:
-                raise IobridgeError(f"the agent was not ready within {timeout_s:.0f} s")
+                raise IobridgeError(f"the agent was not ready within {timeout_s:.0f} s; its log "
+                                    f"ends: {self.log().strip()[-600:] or '(empty)'}")
             time.sleep(0.1)
 
     def log(self) -> str:
@@ -151,8 +201,9 @@ class ReplicaSet:
     normal_mean_s: float = 1.0
     slow_mean_s: float = 0.6
     seed: int = 1
-    # Each leg's device: 100 us timer completions, an SSD-like read time.
-    NULLB = {"irqmode": 2, "completion_nsec": 100_000, "memory_backed": 0}
+    # Each leg's device: timer completions after completion_us (100 us: an
+    # SSD-like read time; the transfer check uses 1 ms).
+    completion_us: int = 100
 
     def __post_init__(self):
         self.nullbs = [f"{self.name}_nb{i}" for i in range(2)]
@@ -160,9 +211,13 @@ class ReplicaSet:
         self.slow: SlowPeriods | None = None
         self.dev = f"/dev/mapper/{self.name}"
 
+    @property
+    def nullb_params(self) -> dict:
+        return {"irqmode": 2, "completion_nsec": self.completion_us * 1000, "memory_backed": 0}
+
     def create(self) -> "ReplicaSet":
         testbed.ensure_module()
-        devs = [testbed.make_nullb(n, self.size_mb, **self.NULLB) for n in self.nullbs]
+        devs = [testbed.make_nullb(n, self.size_mb, **self.nullb_params) for n in self.nullbs]
         sectors = dmtarget.device_sectors(devs[0])
         # Leg 0 goes through dm-delay too (with no delay), so both legs have
         # the same stack and only the slow periods differ.
@@ -179,7 +234,13 @@ class ReplicaSet:
         """A fresh slow-period schedule (same seed, same schedule)."""
         self.slow.restart(seed)
 
+    def set_slow(self, slow: bool) -> None:
+        """Make leg 1 slow (+slow_ms per read) or fast now, off schedule."""
+        self.slow.stop()
+        self.slow._switch(SLOW if slow else NORMAL)   # noqa: SLF001 - one reload, no thread
+
     def remove(self) -> None:
+        """Remove everything created (idempotent)."""
         for name in (self.name, self.fast_leg):
             if dmtarget.exists(name):
                 dmtarget.remove(name)
@@ -238,193 +299,628 @@ class CpuMeter:
             self.percent = 100.0 * (self._cpu() - self._c0) / (time.monotonic() - self._t0)
 
 
+# ------------------------------------------------- the agent's pinned maps
+
+def _le_bytes(hexes) -> bytes:
+    return bytes(int(b, 16) for b in hexes)
+
+
+def pinned_percpu(path: Path) -> dict[int, list]:
+    """Per-CPU values of a pinned per-CPU array, by index (bpftool's JSON;
+    a value is an int, a dict of fields with BTF, or a list of hex bytes)."""
+    proc = testbed.sh(["bpftool", "-j", "map", "dump", "pinned", str(path)])
+    out = {}
+    for entry in json.loads(proc.stdout):
+        entry = entry.get("formatted", entry)
+        key = entry["key"]
+        idx = key if isinstance(key, int) else int.from_bytes(_le_bytes(key), "little")
+        out[idx] = [v["value"] for v in entry["values"]]
+    return out
+
+
+def pinned_percpu_hist(path: Path) -> list[int]:
+    """Sum over CPUs of a pinned per-CPU u64 array."""
+    values = pinned_percpu(path)
+    out = [0] * (max(values) + 1 if values else 0)
+    for idx, per_cpu in values.items():
+        out[idx] = sum(v if isinstance(v, int) else int.from_bytes(_le_bytes(v), "little")
+                       for v in per_cpu)
+    return out
+
+
+def pin_dir() -> Path:
+    from ..daemon.config import Config  # noqa: PLC0415
+    return Path(Config.pin_dir)
+
+
+def route_stats(directory: Path | None = None) -> dict | None:
+    """The routing program's counters summed over CPUs, from the agent's
+    pinned iobridge_route_stats map: routed (by the table, probes
+    included), default (left to the module default), silent (of default:
+    heartbeat too old), probes. None when no agent has pinned it."""
+    path = Path(directory or pin_dir()) / "iobridge_route_stats"
+    if not path.exists():
+        return None
+    fields = [f for f, _ in abi.RouteStats._fields_]
+    total = dict.fromkeys(fields, 0)
+    for v in pinned_percpu(path).get(0, []):
+        if isinstance(v, dict):
+            for f in fields:
+                total[f] += int(v[f])
+        else:
+            s = abi.RouteStats.from_buffer_copy(_le_bytes(v))
+            for f in fields:
+                total[f] += int(getattr(s, f))
+    return {"routed": total["routed"], "default": total["fallback"],
+            "silent": total["silent"], "probes": total["probes"]}
+
+
+def route_delta(before: dict | None, after: dict | None) -> dict | None:
+    """Counters over a span, with routed_fraction = routed / (routed + default)."""
+    if before is None or after is None:
+        return None
+    d = {k: after[k] - before[k] for k in after}
+    calls = d["routed"] + d["default"]
+    d["routed_fraction"] = d["routed"] / calls if calls else None
+    return d
+
+
+def decision_age(directory: Path | None = None) -> dict:
+    """p50/p99 of the table's age at each routing (iobridge_decision_age)."""
+
+    from ..core import histogram  # noqa: PLC0415
+    hist = np.array(pinned_percpu_hist(Path(directory or pin_dir()) / "iobridge_decision_age"))
+    p50, p99 = histogram.percentiles(hist, (50, 99)) if len(hist) else (None, None)
+    return {"routings": int(hist.sum()) if len(hist) else 0,
+            "p50_ms": None if p50 is None else round(p50 / 1e6, 2),
+            "p99_ms": None if p99 is None else round(p99 / 1e6, 2)}
+
+
+# ------------------------------------------------------------------ one run
+
+def read_clat_log(prefix: str) -> np.ndarray:
+    """Read completion latencies (ns) from fio's per-I/O latency log
+    (`--write_lat_log=PREFIX --log_avg_msec=0`: "msec, ns, dir, bs, ..."),
+    then remove the log files."""
+    path = Path(f"{prefix}_clat.1.log")
+    values = []
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split(",", 3)
+                if len(parts) >= 3 and parts[2].strip() == "0":
+                    values.append(int(parts[1]))
+    except OSError as err:
+        raise IobridgeError(f"cannot read fio's latency log {path}: {err.strerror}") from None
+    finally:
+        for kind in ("clat", "lat", "slat"):
+            Path(f"{prefix}_{kind}.1.log").unlink(missing_ok=True)
+    return np.array(values, dtype=np.int64)
+
+
 def run_policy(rs: ReplicaSet, policy: str, iodepth: int, runtime_s: float, seed: int,
-               agent_pid: int | None = None) -> dict:
-    """One fio run on the target under `policy`, with a fresh slow schedule."""
+               agent_pid: int | None = None, *, slow: bool = True,
+               lat_dir: Path | None = None) -> dict:
+    """One fio run on the target under `policy`, with a fresh slow schedule
+    (none with slow=False). With lat_dir, "_lat_ns" holds every read's
+    completion latency (not JSON: pop it before dumping)."""
+    if policy not in POLICIES:
+        raise UsageError(f"unknown policy {policy!r}", f"one of {', '.join(POLICIES)}")
     dmtarget.message(rs.name, "policy", "round_robin" if policy == "roundrobin" else "least_inflight")
+    extra, prefix = [], None
+    if lat_dir is not None:
+        prefix = str(Path(lat_dir) / f"{rs.name}_{policy}_qd{iodepth}_{'slow' if slow else 'plain'}")
+        extra = [f"--write_lat_log={prefix}", "--log_avg_msec=0"]
     before = dmtarget.status(rs.name)
-    rs.restart_periods(seed)
+    r0 = route_stats() if policy == "learned" else None
+    if slow:
+        rs.restart_periods(seed)
     try:
         with SlowLegReads(rs.slow) as sampler, CpuMeter(agent_pid) as cpu:
-            fig = workload.fio_random_reads(rs.dev, iodepth, runtime_s)
+            fig = workload.fio_random_reads(rs.dev, iodepth, runtime_s, extra=extra)
     finally:
         rs.slow.stop()
+    r1 = route_stats() if r0 is not None else None
     after = dmtarget.status(rs.name)
-    slow_s = rs.slow.slow_fraction() * runtime_s
+    hook = sum(a.hook_routed - b.hook_routed for a, b in zip(after.legs, before.legs))
+    dflt = sum(a.default_routed - b.default_routed for a, b in zip(after.legs, before.legs))
     fig.update({
-        "policy": policy, "iodepth": iodepth, "agent_cpu_percent": cpu.percent,
-        "slow_leg_reads_while_slow": sampler.reads["slow"],
+        "policy": policy, "iodepth": iodepth, "slow_periods": slow,
+        "completion_us": rs.completion_us, "agent_cpu_percent": cpu.percent,
+        "slow_leg_reads_while_slow": sampler.reads["slow"] if slow else 0,
         "slow_leg_reads_while_normal": sampler.reads["normal"],
-        "slow_seconds": round(slow_s, 2),
-        "hook_routed": sum(a.hook_routed - b.hook_routed for a, b in zip(after.legs, before.legs)),
-        "default_routed": sum(a.default_routed - b.default_routed
-                              for a, b in zip(after.legs, before.legs)),
+        "slow_seconds": round(rs.slow.slow_fraction() * runtime_s, 2) if slow else 0.0,
+        "leg_reads": [a.reads - b.reads for a, b in zip(after.legs, before.legs)],
+        "hook_routed": hook, "default_routed": dflt,
+        "route": route_delta(r0, r1),
     })
+    if prefix is not None:
+        fig["_lat_ns"] = read_clat_log(prefix)
     return fig
 
 
+def routed_fraction(run: dict) -> float | None:
+    """Reads the table routed over all reads of a run: the routing program's
+    counters, else the module's per-leg hook_routed / default_routed."""
+    if run.get("route") and run["route"].get("routed_fraction") is not None:
+        return run["route"]["routed_fraction"]
+    calls = run.get("hook_routed", 0) + run.get("default_routed", 0)
+    return run["hook_routed"] / calls if calls else None
+
+
+def slow_read_rate(run: dict) -> float:
+    """Reads the slow leg served while slow, per second of slow time."""
+    return run["slow_leg_reads_while_slow"] / max(run["slow_seconds"], 0.1)
+
+
+# ------------------------------------------------------------ the comparison
+
 def compare(depths=(1, 16), runtime_s: float = 15.0, seed: int = 7, slow_ms: int = 8,
-            agent_args: list[str] = (), progress=print, keep_agent=None) -> dict:
-    """The full comparison; returns {"runs": [...], "ratios": {...}, ...}."""
-    rs = ReplicaSet(slow_ms=slow_ms).create()
-    runs = []
+            agent_args: list[str] = (), progress=print, lat_dir: Path | None = None,
+            before_agent=None, with_agent=None,
+            baselines: tuple[str, ...] = ("default", "roundrobin"),
+            replicas: ReplicaSet | None = None) -> dict:
+    """(a), (b), then (c) at each depth on one replica set; returns
+    {"runs": [...], "ratios": {depth: {...}}, "setup": {...}, "_latencies":
+    {panel: {label: ns array}} (with lat_dir)}. before_agent(rs) runs after
+    the baselines, before the agent starts; with_agent(agent, rs) after
+    (c), while the agent still runs."""
+    rs = (replicas or ReplicaSet(slow_ms=slow_ms)).create()
+    runs: list[dict] = []
+    panels: dict[str, dict] = {}
     agent = None
+    startup_s = None
+
+    def one(policy: str, qd: int, pid: int | None = None) -> None:
+        progress(f"  {POLICY_LABELS[policy]}, queue depth {qd}: fio {runtime_s:g} s ...")
+        r = run_policy(rs, policy, qd, runtime_s, seed, pid, lat_dir=lat_dir)
+        if "_lat_ns" in r:
+            panels.setdefault(f"queue depth {qd}", {})[POLICY_LABELS[policy]] = r.pop("_lat_ns")
+        runs.append(r)
+
     try:
-        for policy in ("default", "roundrobin"):
+        for policy in baselines:
             for qd in depths:
-                progress(f"  {POLICY_LABELS[policy]}, queue depth {qd}: fio {runtime_s:g} s ...")
-                runs.append(run_policy(rs, policy, qd, runtime_s, seed))
-        progress("  starting the agent with the shipped model (BCC compiles its programs) ...")
+                one(policy, qd)
+        if before_agent is not None:
+            before_agent(rs)
+        progress("  starting the agent (BCC compiles its programs) ...")
         t0 = time.monotonic()
         agent = AgentProcess(list(agent_args)).start()
         startup_s = time.monotonic() - t0
         for qd in depths:
-            progress(f"  {POLICY_LABELS['learned']}, queue depth {qd}: fio {runtime_s:g} s ...")
-            runs.append(run_policy(rs, "learned", qd, runtime_s, seed, agent.pid))
-        if keep_agent is not None:
-            keep_agent(agent, rs)
+            one("learned", qd, agent.pid)
+        if with_agent is not None:
+            with_agent(agent, rs)
     finally:
         if agent is not None:
             rc = agent.stop()
             if rc != 0:
                 progress(f"  the agent exited with {rc}: {agent.log()[-400:]}")
         rs.remove()
-    return {"runs": runs, "ratios": ratios(runs, depths), "agent_startup_s": round(startup_s, 1),
-            "setup": {"slow_ms": slow_ms, "normal_mean_s": rs.normal_mean_s,
-                      "slow_mean_s": rs.slow_mean_s, "seed": seed, "runtime_s": runtime_s}}
+    return {"runs": runs, "ratios": ratios(runs, depths),
+            "agent_startup_s": None if startup_s is None else round(startup_s, 1),
+            "setup": {"slow_ms": rs.slow_ms, "normal_mean_s": rs.normal_mean_s,
+                      "slow_mean_s": rs.slow_mean_s, "seed": seed, "runtime_s": runtime_s,
+                      "completion_us": rs.completion_us},
+            "_latencies": panels}
 
 
 def ratios(runs: list[dict], depths) -> dict:
-    """Per depth and figure: learned / best of (default, round robin)."""
+    """Per depth: learned / best of the baselines run ((a), (b)) for each
+    latency figure (best = lowest) and for IOPS (best = highest)."""
     out = {}
     for qd in depths:
-        by = {r["policy"]: r for r in runs if r["iodepth"] == qd}
+        by = {r["policy"]: r for r in runs if r["iodepth"] == qd and r.get("slow_periods", True)}
+        base = [p for p in ("default", "roundrobin") if p in by]
+        if "learned" not in by or not base:
+            continue
         out[qd] = {}
-        for key in ("mean_us", "p50_us", "p99_us", "p999_us"):
-            best = min(by[p][key] for p in ("default", "roundrobin"))
-            out[qd][key] = by["learned"][key] / best if best else None
+        for key in LATENCY_KEYS:
+            vals = [by[p][key] for p in base if by[p][key] is not None]
+            best = min(vals) if vals else None
+            out[qd][key] = by["learned"][key] / best if best and by["learned"][key] is not None else None
+        best = max(by[p]["iops"] for p in base)
+        out[qd]["iops"] = by["learned"]["iops"] / best if best else None
     return out
+
+
+def _ratio_of(rat: dict, qd: int, key: str):
+    per = rat.get(qd, rat.get(str(qd)))
+    return None if per is None else per.get(key)
+
+
+def summarize(res: dict) -> dict:
+    """Every goal of the issue against the measured figure (GOALS)."""
+    goals = {}
+    rat = res["ratios"]
+    for name in ("p99_us@1", "p999_us@1", "p99_us@16", "mean_us@16", "p999_us@16"):
+        key, qd = name.split("@")
+        value = _ratio_of(rat, int(qd), key)
+        if value is not None:
+            goals[name] = goal_check(name, value)
+    learned = [r for r in res["runs"] + res.get("transfer", {}).get("runs", [])
+               if r["policy"] == "learned"]
+    fractions = [f for f in (routed_fraction(r) for r in learned) if f is not None]
+    if fractions:
+        goals["routed_fraction"] = goal_check("routed_fraction", min(fractions))
+    qd16 = [r for r in res["runs"] if r["policy"] == "learned" and r["iodepth"] == 16]
+    if qd16 and qd16[0]["agent_cpu_percent"] is not None:
+        goals["agent_cpu_2legs_qd16"] = goal_check("agent_cpu_2legs_qd16",
+                                                   qd16[0]["agent_cpu_percent"])
+    if res.get("eight_legs"):
+        goals["agent_cpu_8legs"] = goal_check("agent_cpu_8legs",
+                                              res["eight_legs"]["agent_cpu_percent"])
+    if res.get("overhead"):
+        goals["overhead_iops_ratio"] = goal_check(
+            "overhead_iops_ratio", min(o["iops_ratio"] for o in res["overhead"].values()))
+    if res.get("transfer", {}).get("ratios"):
+        goals["transfer_p99_us@1"] = goal_check(
+            "transfer_p99_us@1", _ratio_of(res["transfer"]["ratios"], 1, "p99_us"))
+    return goals
+
+
+def machine_speed(res: dict) -> float | None:
+    """The module default's IOPS at QD1 with slow periods: how fast this machine is."""
+    for r in res["runs"]:
+        if r["policy"] == "default" and r["iodepth"] == 1:
+            return r["iops"]
+    return None
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def render(res: dict) -> str:
     s = res["setup"]
-    lines = [f"leg 1 slow periods: +{s['slow_ms']} ms per read, period lengths exponential "
+    goals = res.get("goals", {})
+    speed = machine_speed(res)
+    bar = "=" * 78
+    lines = [bar,
+             f"MACHINE SPEED: the module default at QD1 does {speed:,.0f} IOPS here"
+             if speed is not None else "MACHINE SPEED: no module-default QD1 run",
+             f"  (null_blk legs with {s['completion_us']} us completions; the yardstick for "
+             "every figure below)",
+             bar,
+             f"leg 1 slow periods: +{s['slow_ms']} ms per read, period lengths exponential "
              f"(normal mean {s['normal_mean_s']} s, slow mean {s['slow_mean_s']} s, seed {s['seed']}); "
-             f"fio 4 KiB random reads, {s['runtime_s']:g} s per run",
+             f"fio 4 KiB random reads, {s['runtime_s']:g} s per run; (c) model: "
+             f"{res.get('model', 'shipped default')}",
              "",
              f"{'policy':20} {'QD':>3} {'IOPS':>7} {'mean us':>9} {'p50 us':>8} {'p99 us':>9} "
-             f"{'p99.9 us':>9}  {'slow-leg reads while slow':>25}"]
+             f"{'p99.9 us':>9}  {'slow-leg reads while slow':>25}  {'by table':>8} {'probes':>6}"]
     for r in sorted(res["runs"], key=lambda r: (r["iodepth"], POLICIES.index(r["policy"]))):
-        lines.append(f"{POLICY_LABELS[r['policy']]:20} {r['iodepth']:>3} {r['iops']:>7.0f} "
-                     f"{r['mean_us']:>9.1f} {r['p50_us']:>8.1f} {r['p99_us']:>9.1f} "
-                     f"{r['p999_us']:>9.1f}  {r['slow_leg_reads_while_slow']:>9} in "
-                     f"{r['slow_seconds']:>5.2f} s slow")
+        lines.append(_run_line(r))
     lines.append("")
     for qd, rat in res["ratios"].items():
-        lines.append(f"QD {qd}: (c) / best of (a), (b): " + ", ".join(
-            f"{k[:-3]} {v:.2f}" for k, v in rat.items() if v is not None))
+        lines.append(f"QD {qd}: (c) / best of (a), (b): " + _ratio_parts(rat, goals, f"@{qd}"))
+    learned = [r for r in res["runs"] if r["policy"] == "learned"]
+    if learned:
+        lines.append("reads routed by the table while the agent ran (kernel counters routed / "
+                     "(routed + default)): " + ", ".join(
+                         f"QD {r['iodepth']} {_pct(routed_fraction(r))} "
+                         f"({(r.get('route') or {}).get('probes', '-')} probes)" for r in learned)
+                     + goal_mark(goals.get("routed_fraction")))
+    if res.get("decision_age"):
+        d = res["decision_age"]
+        lines.append(f"decision age at routing (time since the agent last recomputed the table): "
+                     f"p50 {d['p50_ms']} ms, p99 {d['p99_ms']} ms over {d['routings']} routings")
+    if res.get("agent"):
+        a = res["agent"]
+        lines.append(f"agent: {a['counters'].get('recomputes')} table recomputes in "
+                     f"{a['counters'].get('ticks')} ticks of {a['tick_ms']} ms; started in "
+                     f"{res.get('agent_startup_s')} s")
+        if a.get("legs_without_baseline"):
+            lines.append("WARNING: " + ", ".join(a["legs_without_baseline"])
+                         + f" had fewer than {MIN_BASELINE_SAMPLES} samples of its own after "
+                         "the learned runs: the table starved it")
+    for r in learned:
+        if r["agent_cpu_percent"] is not None:
+            lines.append(f"agent CPU at QD {r['iodepth']} (2 legs, slow periods): "
+                         f"{r['agent_cpu_percent']:.1f}% of a core"
+                         + (goal_mark(goals.get("agent_cpu_2legs_qd16")) if r["iodepth"] == 16 else ""))
+    if res.get("eight_legs"):
+        e = res["eight_legs"]
+        lines.append(f"agent CPU with 8 legs under fio QD {e['iodepth']}: {e['agent_cpu_percent']:.1f}% "
+                     f"of a core (idle target: {e['agent_cpu_percent_idle']:.1f}%; "
+                     f"{_pct(routed_fraction(e))} routed by the table)"
+                     + goal_mark(goals.get("agent_cpu_8legs")))
+    if res.get("overhead"):
+        parts = [f"QD {qd} {o['iops_ratio']:.3f} ({o['with']['iops']:,.0f} / "
+                 f"{o['without']['iops']:,.0f}; agent CPU {o['with']['agent_cpu_percent']:.1f}%)"
+                 for qd, o in res["overhead"].items()]
+        lines.append("IOPS with the agent / the module default alone (same legs, no slow periods): "
+                     + ", ".join(parts) + goal_mark(goals.get("overhead_iops_ratio")))
+    if res.get("transfer"):
+        t = res["transfer"]
+        lines.append("")
+        lines.append(f"transfer (same model, no retraining): legs with {t['completion_us']} us "
+                     f"completions instead of {s['completion_us']} us, leg 1 +{t['slow_ms']} ms "
+                     "when slow")
+        for r in sorted(t["runs"], key=lambda r: POLICIES.index(r["policy"])):
+            lines.append(_run_line(r))
+        rat = t["ratios"].get(1, t["ratios"].get("1", {}))
+        if rat:
+            lines.append("QD 1 at the slower device: (c) / best of (a), (b): "
+                         + _ratio_parts(rat, {"p99_us@1": goals.get("transfer_p99_us@1")}, "@1"))
+        lines.append(f"QD 1 p99 ratio at {s['completion_us']} us: "
+                     f"{_fmt(_ratio_of(res['ratios'], 1, 'p99_us'))}, at {t['completion_us']} us: "
+                     f"{_fmt(_ratio_of(t['ratios'], 1, 'p99_us'))}")
+    for n, b in res.get("onnx_batch", {}).items():
+        lines.append(f"ONNX batch of {n} rows (every key of {int(n) // abi.KEYS_PER_LEG} legs): "
+                     f"median {b['median_us']:.0f} us, p99 {b['p99_us']:.0f} us")
+    if goals:
+        met = sum(1 for g in goals.values() if g["met"])
+        lines.append(f"goals (issue 10): {met} of {len(goals)} met"
+                     + ("; missed: " + ", ".join(k for k, g in goals.items() if g["met"] is False)
+                        if met < len(goals) else ""))
+    lines.append("")
+    if res.get("cdf_png"):
+        lines.append(f"read-latency CDF per queue depth: {res['cdf_png']}")
+    elif res.get("cdf_error"):
+        lines.append(f"no CDF plot: {res['cdf_error']}")
+    if speed is not None:
+        lines.append(f"machine speed: module default QD1 {speed:,.0f} IOPS")
     return "\n".join(lines)
+
+
+def _ratio_parts(rat: dict, goals: dict, suffix: str) -> str:
+    parts = []
+    for key, label in (("mean_us", "mean"), ("p50_us", "p50"), ("p99_us", "p99"),
+                       ("p999_us", "p99.9"), ("iops", "IOPS")):
+        v = rat.get(key)
+        if v is not None:
+            parts.append(f"{label} {v:.2f}" + goal_mark(goals.get(f"{key}{suffix}")))
+    return ", ".join(parts)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _run_line(r: dict) -> str:
+    table = routed_fraction(r) if r["policy"] == "learned" else None
+    probes = (r.get("route") or {}).get("probes") if r["policy"] == "learned" else None
+    return (f"{POLICY_LABELS[r['policy']]:20} {r['iodepth']:>3} {r['iops']:>7.0f} "
+            f"{r['mean_us']:>9.1f} {r['p50_us']:>8.1f} {r['p99_us']:>9.1f} "
+            f"{r['p999_us']:>9.1f}  {r['slow_leg_reads_while_slow']:>9} in "
+            f"{r['slow_seconds']:>5.2f} s slow  {_pct(table) if table is not None else '-':>8} "
+            f"{'-' if probes is None else probes:>6}")
+
+
+# ------------------------------------------------------------------ the plot
+
+def _curve(lat_ns, max_points: int = 3000):
+    """(latency us, fraction <= it) of a sample, thinned to about max_points
+    while keeping the tail point by point."""
+    us = np.sort(np.asarray(lat_ns, dtype=np.float64)) / 1e3
+    n = len(us)
+    y = np.arange(1, n + 1) / n
+    if n > max_points:
+        head = np.linspace(0, n - 1, max_points // 2)
+        tail = n - np.geomspace(1, n, max_points // 2)
+        idx = np.unique(np.clip(np.concatenate([head, tail]).astype(np.int64), 0, n - 1))
+        us, y = us[idx], y[idx]
+    return us, y, n
+
+
+def plot_cdfs(panels: dict[str, dict], out: Path, title: str) -> Path:
+    """One column per panel (a queue depth): the CDF of read latency (top,
+    log-x) and its tail, 1 - CDF (bottom, log-log). Written atomically."""
+    if "MPLCONFIGDIR" not in os.environ:
+        # The VM's home is read-only: keep matplotlib's font cache in the
+        # repository's scratch folder (built once, reused by later boots).
+        root = resources.checkout_root()
+        cache = (root / ".scratch" / "matplotlib" if root
+                 else Path(tempfile.gettempdir()) / "iobridge-mpl")
+        cache.mkdir(parents=True, exist_ok=True)
+        os.environ["MPLCONFIGDIR"] = str(cache)
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    colors = {POLICY_LABELS["default"]: "tab:blue", POLICY_LABELS["roundrobin"]: "tab:orange",
+              POLICY_LABELS["learned"]: "tab:green"}
+    cols = len(panels)
+    fig, axes = plt.subplots(2, cols, figsize=(5.6 * cols, 8.5), squeeze=False)
+    for c, (name, curves) in enumerate(panels.items()):
+        top, bottom = axes[0][c], axes[1][c]
+        for label, lat in curves.items():
+            if len(lat) == 0:
+                continue
+            us, y, n = _curve(lat)
+            p99 = float(np.percentile(lat, 99)) / 1e3
+            kw = {"color": colors.get(label), "lw": 1.6}
+            top.plot(us, y, label=f"{label}: p99 {p99:,.0f} us ({n:,} reads)", **kw)
+            bottom.plot(us, np.maximum(1.0 - y, 0.5 / n), **kw)
+        top.set_title(name)
+        top.set_ylabel("fraction of reads completed within x")
+        top.set_ylim(0, 1.01)
+        bottom.set_yscale("log")
+        bottom.set_ylabel("fraction of reads slower than x (tail)")
+        bottom.set_xlabel("read completion latency (us, log scale)")
+        for y, tag in ((1e-2, "p99"), (1e-3, "p99.9")):
+            bottom.axhline(y, color="grey", ls=":", lw=0.8)
+            bottom.text(1.0, y, f" {tag}", transform=bottom.get_yaxis_transform(),
+                        va="center", fontsize=7, color="grey")
+        for a in (top, bottom):
+            a.set_xscale("log")
+            a.grid(True, which="both", alpha=0.3)
+        top.legend(fontsize=7.5, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def default_output_dir() -> Path:
+    """.scratch/demo/ in the repository (the VM writes there; the host sees it)."""
+    return (resources.checkout_root() or Path.cwd()) / DEFAULT_OUTPUT_DIR
 
 
 # --------------------------------------------------------- iobridge bench agent
 
-def pinned_percpu_hist(path: Path) -> list[int]:
-    """Sum over CPUs of a pinned per-CPU u64 array (bpftool's JSON dump)."""
-    proc = testbed.sh(["bpftool", "-j", "map", "dump", "pinned", str(path)])
-    out = []
-    for entry in json.loads(proc.stdout):
-        entry = entry.get("formatted", entry)
-        total = 0
-        for v in entry["values"]:
-            val = v["value"]
-            total += int(val) if isinstance(val, int) else int.from_bytes(
-                bytes(int(b, 16) for b in val), "little")
-        key = entry["key"]
-        idx = key if isinstance(key, int) else int.from_bytes(bytes(int(b, 16) for b in key), "little")
-        if idx >= len(out):
-            out.extend([0] * (idx + 1 - len(out)))
-        out[idx] = total
-    return out
-
-
 def agent_run_in_vm(args) -> dict:
-    """`iobridge bench agent` inside the VM."""
-    import numpy as np  # noqa: PLC0415
-
-    from ..core import histogram
-    from ..core import model  # noqa: PLC0415
-    from ..daemon.config import DEFAULT_MODEL, Config  # noqa: PLC0415
-
+    """`iobridge bench agent` (and `make demo` with --latency-only) inside the VM."""
+    progress = lambda m: print(m, file=sys.stderr, flush=True)   # noqa: E731
+    depths = tuple(args.depths)
+    out_dir = Path(args.output_dir) if args.output_dir else default_output_dir()
+    lat_dir = Path(tempfile.mkdtemp(prefix="iobridge-lat-"))
     extra: dict = {}
+    transfer = {"runs": [], "panel": {}}
 
-    def measure(agent: AgentProcess, rs: ReplicaSet) -> None:
-        hist = np.array(pinned_percpu_hist(Config.pin_dir / "iobridge_decision_age"))
-        p50, p99 = histogram.percentiles(hist, (50, 99))
-        extra["decision_age"] = {"routings": int(hist.sum()),
-                                 "p50_us": p50 / 1e3 if p50 else None,
-                                 "p99_us": p99 / 1e3 if p99 else None}
-        st = agent.status()
-        extra["agent_tick_us_2legs"] = st["timing_us"]
-        # 8 legs: a second target; the two-leg one is removed so only 8 are managed.
-        names = [f"iob_eight_nb{i}" for i in range(8)]
+    def transfer_runs(policies, agent: AgentProcess | None = None) -> None:
+        ts = ReplicaSet(name="iob_xfer", size_mb=256, slow_ms=args.slow_ms,
+                        completion_us=args.transfer_completion_us).create()
         try:
-            devs = [testbed.make_nullb(n, 64, irqmode=0, completion_nsec=0, memory_backed=0)
-                    for n in names]
-            dmtarget.remove(rs.name)
-            dmtarget.create("iob_eight", devs)
-            agent.wait_status(lambda s: [t["name"] for t in s["targets"]] == ["iob_eight"])
-            with CpuMeter(agent.pid) as cpu:
-                fig = workload.fio_random_reads("/dev/mapper/iob_eight", 1, args.runtime)
-            extra["agent_cpu_percent_8legs"] = cpu.percent
-            extra["fio_8legs"] = fig
-            with CpuMeter(agent.pid) as idle:
-                time.sleep(min(args.runtime, 5))
-            extra["agent_cpu_percent_8legs_idle"] = idle.percent
-            extra["agent_tick_us_8legs"] = agent.status()["timing_us"]
+            if agent is not None:
+                agent.wait_status(lambda s: any(t["name"] == ts.name for t in s["targets"]))
+            for policy in policies:
+                progress(f"  transfer, {ts.completion_us} us legs: {POLICY_LABELS[policy]}, "
+                         f"queue depth 1: fio {args.runtime:g} s ...")
+                r = run_policy(ts, policy, 1, args.runtime, args.seed,
+                               agent.pid if agent else None, lat_dir=lat_dir)
+                transfer["panel"][POLICY_LABELS[policy]] = r.pop("_lat_ns")
+                transfer["runs"].append(r)
         finally:
-            if dmtarget.exists("iob_eight"):
-                dmtarget.remove("iob_eight")
-            for n in names:
-                testbed.remove_nullb(n)
+            ts.remove()
 
-    res = compare(depths=tuple(args.depths), runtime_s=args.runtime, seed=args.seed,
-                  slow_ms=args.slow_ms, keep_agent=None if args.latency_only else measure,
-                  agent_args=["--tick-ms", str(args.tick_ms)],
-                  progress=lambda m: print(m, file=sys.stderr, flush=True))
+    def before_agent(rs: ReplicaSet) -> None:
+        if args.latency_only:
+            return
+        extra["overhead"] = {}
+        for qd in depths:
+            progress(f"  overhead: module default alone, no slow periods, queue depth {qd} ...")
+            extra["overhead"][qd] = {"without": run_policy(rs, "default", qd, args.runtime,
+                                                           args.seed, slow=False)}
+        transfer_runs(("default", "roundrobin"))
+
+    def with_agent(agent: AgentProcess, rs: ReplicaSet) -> None:
+        extra["decision_age"] = decision_age()
+        st = agent.status() or {}
+        extra["agent"] = {k: st.get(k) for k in ("counters", "timing_us", "routing", "tick_ms",
+                                                 "ttl_ticks", "max_silence_ms", "recompute_ms")}
+        # A leg with too few samples of its own after the learned runs got
+        # (almost) no reads from the table: it was starved.
+        extra["agent"]["legs_without_baseline"] = [
+            f"{t['name']} leg {i}" for t in st.get("targets", [])
+            for i, leg in enumerate(t["legs"]) if leg.get("samples", 0) < MIN_BASELINE_SAMPLES]
+        if args.latency_only:
+            return
+        for qd in depths:
+            progress(f"  overhead: with the agent, no slow periods, queue depth {qd} ...")
+            o = extra["overhead"][qd]
+            o["with"] = run_policy(rs, "learned", qd, args.runtime, args.seed, agent.pid, slow=False)
+            o["iops_ratio"] = o["with"]["iops"] / o["without"]["iops"]
+        rs.remove()       # the agent manages only the next target
+        extra["eight_legs"] = eight_legs(agent, args.runtime, progress)
+        transfer_runs(("learned",), agent)
+
+    res = compare(depths=depths, runtime_s=args.runtime, seed=args.seed, slow_ms=args.slow_ms,
+                  agent_args=(["--tick-ms", str(args.tick_ms)] if args.tick_ms else [])
+                  + (["--model", args.model] if args.model else []),
+                  progress=progress, lat_dir=lat_dir, before_agent=before_agent,
+                  with_agent=with_agent)
+    panels = res.pop("_latencies")
     res.update(extra)
+    if transfer["runs"]:
+        res["transfer"] = {"completion_us": args.transfer_completion_us, "slow_ms": args.slow_ms,
+                           "runs": transfer["runs"], "ratios": ratios(transfer["runs"], (1,))}
+        panels[f"queue depth 1, legs {args.transfer_completion_us} us (transfer)"] = transfer["panel"]
     if not args.latency_only:
-        res["onnx_batch"] = {n: model.bench(DEFAULT_MODEL, batch=n, runs=500)
-                             for n in (2 * 4, 8 * 4)}
+        from ..core import model  # noqa: PLC0415
+        from ..daemon.config import DEFAULT_MODEL  # noqa: PLC0415
+        res["onnx_batch"] = {n: model.bench(args.model or DEFAULT_MODEL, batch=n, runs=200,
+                                            warmup=20)
+                             for n in (2 * abi.KEYS_PER_LEG, 8 * abi.KEYS_PER_LEG)}
     res["tick_ms"] = args.tick_ms
+    res["model"] = args.model or "shipped default"
+    res["goals"] = summarize(res)
+    s = res["setup"]
+    try:
+        res["cdf_png"] = str(plot_cdfs(
+            panels, out_dir / CDF_PNG,
+            f"fio 4 KiB random reads, {s['runtime_s']:g} s per run; leg 1 +{s['slow_ms']} ms per "
+            f"read in slow periods (seed {s['seed']}); module default QD1: "
+            f"{machine_speed(res) or 0:,.0f} IOPS"))
+    except ImportError as err:
+        res["cdf_error"] = f"matplotlib is missing ({err}): pip install -e '.[train]'"
+    shutil.rmtree(lat_dir, ignore_errors=True)
     return res
 
 
+def eight_legs(agent: AgentProcess, runtime_s: float, progress) -> dict:
+    """The agent's CPU with one 8-leg target (the demo's device type) under
+    fio QD16, and idle; the agent manages only this target then."""
+    names = [f"iob_eight_nb{i}" for i in range(8)]
+    params = ReplicaSet().nullb_params
+    try:
+        devs = [testbed.make_nullb(n, 64, **params) for n in names]
+        dmtarget.create("iob_eight", devs)
+        agent.wait_status(lambda s: [t["name"] for t in s["targets"]] == ["iob_eight"])
+        progress(f"  8 legs, with the agent, queue depth 16: fio {runtime_s:g} s ...")
+        before, r0 = dmtarget.status("iob_eight"), route_stats()
+        with CpuMeter(agent.pid) as cpu:
+            fig = workload.fio_random_reads("/dev/mapper/iob_eight", 16, runtime_s)
+        route, after = route_delta(r0, route_stats()), dmtarget.status("iob_eight")
+        with CpuMeter(agent.pid) as idle:
+            time.sleep(min(runtime_s, 5))
+        st = agent.status() or {}
+        return {"iodepth": 16, "agent_cpu_percent": cpu.percent,
+                "agent_cpu_percent_idle": idle.percent, "fio": fig, "route": route,
+                "hook_routed": sum(a.hook_routed - b.hook_routed
+                                   for a, b in zip(after.legs, before.legs)),
+                "default_routed": sum(a.default_routed - b.default_routed
+                                      for a, b in zip(after.legs, before.legs)),
+                "timing_us": st.get("timing_us")}
+    finally:
+        if dmtarget.exists("iob_eight"):
+            dmtarget.remove("iob_eight")
+        for n in names:
+            testbed.remove_nullb(n)
+
+
 def agent_render(res: dict) -> str:
-    lines = [render(res)]
-    for r in res["runs"]:
-        if r["policy"] == "learned" and r["agent_cpu_percent"] is not None:
-            lines.append(f"agent CPU at QD {r['iodepth']} (2 legs): {r['agent_cpu_percent']:.1f}% of a core")
-    if "decision_age" in res:
-        d = res["decision_age"]
-        lines.append(f"decision age at routing: p50 {d['p50_us']:.0f} us, p99 {d['p99_us']:.0f} us "
-                     f"({d['routings']} routings by the table; tick {res['tick_ms']} ms)")
-    if "agent_cpu_percent_8legs" in res:
-        lines.append(f"agent CPU with 8 legs under fio QD1: {res['agent_cpu_percent_8legs']:.1f}% "
-                     f"of a core (idle target: {res['agent_cpu_percent_8legs_idle']:.1f}%)")
-        for k in ("agent_tick_us_2legs", "agent_tick_us_8legs"):
-            t = res[k]
-            lines.append(f"{k[10:]}: tick phases p50/p99 us: " + ", ".join(
-                f"{p} {t[p]['p50_us']}/{t[p]['p99_us']}" for p in ("read", "infer", "publish", "tick")))
-    for n, b in res.get("onnx_batch", {}).items():
-        lines.append(f"ONNX batch of {n} rows: median {b['median_us']:.1f} us, p99 {b['p99_us']:.1f} us")
-    return "\n".join(lines)
+    return render(res)
+
+
+def _abs_path(text: str) -> str:
+    return str(Path(text).resolve())
 
 
 def agent_args(p) -> None:
     p.add_argument("--runtime", type=float, default=15, help="seconds per fio run (default 15)")
     p.add_argument("--depths", type=int, nargs="+", default=[1, 16], help="queue depths (default 1 16)")
     p.add_argument("--seed", type=int, default=7, help="slow-period schedule seed (default 7)")
-    p.add_argument("--slow-ms", type=int, default=8, help="added read latency in slow periods (default 8)")
-    p.add_argument("--tick-ms", type=float, default=1.0, help="agent tick (default 1 ms)")
+    p.add_argument("--slow-ms", type=int, default=8,
+                   help="added read latency in slow periods (default 8)")
+    p.add_argument("--tick-ms", type=float, default=None,
+                   help="agent tick (default: the agent's own, agent.tick_ms)")
+    p.add_argument("--model", type=_abs_path, default=None,
+                   help="the agent's model for (c) (default: the shipped one)")
+    p.add_argument("--transfer-completion-us", type=int, default=1000,
+                   help="device speed of the transfer check: null_blk completion time "
+                        "(default 1000 us, against the demo's 100 us)")
+    p.add_argument("--output-dir", type=_abs_path, default=None,
+                   help=f"where the CDF plot goes (default {DEFAULT_OUTPUT_DIR}/ in the "
+                        "repository, which the VM shares with the host)")
     p.add_argument("--latency-only", action="store_true",
-                   help="only the policy comparison (what `make demo` shows)")
+                   help="only the policy comparison and its plot (what `make demo` shows)")
+
+
+def agent_host_check(args) -> None:
+    """On the host: the plot must go where the VM can write (the repository)."""
+    if args.output_dir is None:
+        return
+    root = resources.checkout_root()
+    if root is None or not Path(args.output_dir).is_relative_to(root):
+        raise UsageError(f"--output-dir {args.output_dir}: the test VM can only write inside "
+                         f"the repository ({root})", "pick a folder under it, e.g. .scratch/demo")
