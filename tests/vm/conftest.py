@@ -286,11 +286,12 @@ def rmmod(check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def iobridge_module():
     """Build (if needed) and load the module; unload it at the end."""
-    from iobridge.core import abi
-    ko = abi.KMODULE_DIR / "dm-iobridge.ko"
-    sources = list(abi.KMODULE_DIR.glob("*.[ch]"))
+    from iobridge.core import resources
+    kdir = resources.require_checkout("the VM tests") / "kmodule"
+    ko = kdir / "dm-iobridge.ko"
+    sources = list(kdir.glob("*.[ch]"))
     if not ko.exists() or any(s.stat().st_mtime > ko.stat().st_mtime for s in sources):
-        run(["make", "-C", str(abi.KMODULE_DIR)])
+        run(["make", "-C", str(kdir)])
     insmod()
     yield
     if module_loaded():
