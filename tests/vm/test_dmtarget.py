@@ -836,7 +836,8 @@ def test_read_failover_when_a_leg_fails_mid_run(make_nullb, make_dm, make_iobrid
     reader = subprocess.Popen(
         ["fio", "--output-format=json", "--name=reads", f"--filename={dev}", "--direct=1",
          "--ioengine=libaio", "--iodepth=16", "--rw=randread", "--bs=4k",
-         "--time_based", "--runtime=10", "--numjobs=2", "--group_reporting"],
+         # long enough that a dm reload slowed by a busy host (7 s seen) ends inside it
+         "--time_based", "--runtime=30", "--numjobs=2", "--group_reporting"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while dmtarget.status(name).legs[1].reads < 1000:
