@@ -6,7 +6,12 @@ throughput T[i] = bytes / latency (MB/s):
 1. Thresholds (unless given): the latency threshold is the knee of the
    latency distribution and the throughput threshold the knee of the
    throughput distribution (`knee()`, a Kneedle-style point of maximum
-   distance from the chord of the sorted values).
+   distance from the chord of the sorted values). The latency threshold
+   may also be given per I/O: `relative_lat_threshold()` makes it K x the
+   device's baseline latency known at the I/O's issue (the baseline of the
+   feature schema, features.causal_baseline), so that one K labels
+   recordings of fast and slow devices alike, where one threshold in
+   microseconds would call every I/O of a slow device slow.
 2. A slow period starts at an I/O whose throughput has dropped below the
    throughput threshold while its latency is above the latency threshold.
 3. The period continues until the next `recover` (3) I/Os all have
@@ -30,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..core import features as F
 
 
 def knee(values: np.ndarray, tail: str = "high") -> float:
@@ -57,7 +64,7 @@ def knee(values: np.ndarray, tail: str = "high") -> float:
 class Labels:
     slow: np.ndarray          # uint8, 1 = inside a slow period
     keep: np.ndarray          # bool, False = noise (excluded from training)
-    lat_threshold_us: float
+    lat_threshold_us: float | np.ndarray    # one value, or one per I/O
     tput_threshold_mbps: float
     median_tput_mbps: float
     periods: list[tuple[int, int]]   # [start, end) indices of kept periods
@@ -73,11 +80,34 @@ def relative_throughput(tput: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return out
 
 
-def label_periods(latency_us, nbytes, lat_threshold_us: float | None = None,
+def baseline_latency_us(issue_ns, complete_ns, nbytes) -> np.ndarray:
+    """Per I/O, the device's baseline latency (us) known at its issue: the
+    baseline of the feature schema (features.causal_baseline), computed
+    from the same latencies and throughputs as features.device_features."""
+    issue = np.asarray(issue_ns, dtype=np.int64)
+    comp = np.asarray(complete_ns, dtype=np.int64)
+    nb = np.asarray(nbytes, dtype=np.float64)
+    lat_us = (comp - issue) / 1000.0
+    tput = np.divide(nb, lat_us, out=np.zeros(len(lat_us)), where=lat_us > 0)
+    base, _ = F.causal_baseline(issue, comp, lat_us, tput)
+    return base
+
+
+def relative_lat_threshold(issue_ns, complete_ns, nbytes, k: float) -> np.ndarray:
+    """Per-I/O latency thresholds (us): k x the baseline latency known at
+    issue (baseline_latency_us). For label_periods(lat_threshold_us=...)."""
+    if not k > 0:
+        raise ValueError(f"relative latency threshold must be positive, got {k}")
+    return float(k) * baseline_latency_us(issue_ns, complete_ns, nbytes)
+
+
+def label_periods(latency_us, nbytes, lat_threshold_us=None,
                   tput_threshold_mbps: float | None = None, recover: int = 3,
                   min_period: int = 4, groups=None) -> Labels:
     """Label the I/Os of one device (issue order). See the module docstring.
 
+    `lat_threshold_us`: None (the knee), one number, or one number per I/O
+    (e.g. relative_lat_threshold: K x the device's baseline).
     `groups` (optional, one id per I/O, e.g. size bucket and operation):
     throughput is then taken relative to the median of the I/O's group, so
     that small requests, whose bytes/latency is low even when the device is
@@ -93,7 +123,15 @@ def label_periods(latency_us, nbytes, lat_threshold_us: float | None = None,
     tput = nb / lat
     if groups is not None:
         tput = relative_throughput(tput, np.asarray(groups))
-    lat_thr = knee(lat, "high") if lat_threshold_us is None else float(lat_threshold_us)
+    if lat_threshold_us is None:
+        lat_thr = knee(lat, "high")
+    elif np.ndim(lat_threshold_us) == 0:
+        lat_thr = float(lat_threshold_us)
+    else:
+        lat_thr = np.asarray(lat_threshold_us, dtype=np.float64)
+        if lat_thr.shape != (n,):
+            raise ValueError(f"per-I/O latency thresholds: expected {n} values, "
+                             f"got shape {lat_thr.shape}")
     tput_thr = knee(tput, "low") if tput_threshold_mbps is None else float(tput_threshold_mbps)
     med = float(np.median(tput)) if n else 0.0
     slow = np.zeros(n, dtype=np.uint8)

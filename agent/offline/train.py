@@ -8,7 +8,11 @@ Pipeline for `iobridge train --trace T... --out M.onnx`:
    through the device model (devmodel.py) with `--legs` legs and reads
    routed at random, and each leg's I/Os become one sequence.
 2. Each sequence is labeled (labeling.label_periods) and featurised
-   (features.device_features) in issue order.
+   (features.device_features) in issue order. Label thresholds are the
+   knees of each sequence's distributions unless given: the latency one in
+   us (--lat-threshold-us) or relative to the device's causal baseline
+   (--lat-threshold-rel K), the throughput one relative to the median of
+   similar I/Os (--tput-threshold).
 3. Split by time per trace: the earlier --train-fraction is for fitting
    (its last 20% chooses the decision threshold that maximises F1), the
    later part is held back and gives the card's figures.
@@ -32,13 +36,15 @@ from pathlib import Path
 import numpy as np
 
 from ..core import cliutil
+from ..core import decision as D
 from ..core import features as F
 from . import policies as P
-from ..core.abi import SIZE_BUCKET_MAX_BYTES
+from ..core.abi import (NUM_INFLIGHT_BUCKETS, NUM_LAT_BUCKETS, NUM_SIZE_BUCKETS,
+                        SIZE_BUCKET_MAX_BYTES)
 from ..core.errors import IobridgeError, UsageError
 from ..core.model import AdmissionModel, CARD_VERSION, card_path, check_model
 from .devmodel import DeviceParams
-from .labeling import knee, label_periods, time_split
+from .labeling import baseline_latency_us, knee, label_periods, time_split
 from .progress import Progress
 from .simulate import simulate
 from .trace import OP_READ, OP_WRITE, Trace, load_any
@@ -78,7 +84,13 @@ def _check_measured(rec: Trace, what: str) -> None:
 def heimdall_dataset(records: list[Trace], thresholds: dict | None = None,
                      group_by_qlen: bool = False) -> Dataset:
     """Labels and features for every (device, leg) sequence of the records.
-    `thresholds` (lat_threshold_us, tput_threshold_mbps) overrides the knees."""
+    `thresholds` overrides the knees: lat_threshold_us (one latency in us),
+    or lat_threshold_rel (K: K x each I/O's baseline latency, the feature
+    schema's causal baseline), and tput_threshold_mbps."""
+    thresholds = dict(thresholds or {})
+    lat_rel = thresholds.pop("lat_threshold_rel", None)
+    if lat_rel is not None and thresholds.get("lat_threshold_us") is not None:
+        raise UsageError("give one latency threshold: in us or relative to the baseline")
     parts = []
     info = []
     for rec in records:
@@ -100,14 +112,26 @@ def heimdall_dataset(records: list[Trace], thresholds: dict | None = None,
             if group_by_qlen:
                 qcls = np.minimum(np.ceil(np.log2(rec["qlen"][idx] + 1.0)), 7).astype(np.int64)
                 grp = grp * 8 + qcls
-            lab = label_periods(lat_us, nb, groups=grp, **(thresholds or {}))
+            seq = {"sequence": name, "ios": int(len(idx))}
+            if lat_rel is not None:
+                base = baseline_latency_us(issue, comp, nb)
+                lat_thr = np.maximum(lat_rel * base, 1e-3)
+                seq["lat_threshold_rel"] = lat_rel
+                seq["baseline_lat_us"] = {k: round(float(f(base)), 2) for k, f in
+                                          (("min", np.min), ("median", np.median),
+                                           ("max", np.max))}
+            else:
+                lat_thr = thresholds.get("lat_threshold_us")
+            lab = label_periods(lat_us, nb, lat_threshold_us=lat_thr, groups=grp,
+                                tput_threshold_mbps=thresholds.get("tput_threshold_mbps"))
             X = F.device_features(issue, comp, nb, rec["op"][idx] == OP_WRITE, rec["qlen"][idx])
             parts.append((X, lab.slow, lab.keep, issue, rec["op"][idx] == OP_READ))
-            info.append({"sequence": name, "ios": int(len(idx)),
-                         "lat_threshold_us": round(lab.lat_threshold_us, 2),
-                         "rel_tput_threshold": round(lab.tput_threshold_mbps, 4),
-                         "slow_periods": len(lab.periods),
-                         "slow_fraction": round(float(lab.slow.mean()), 5)})
+            if lat_rel is None:
+                seq["lat_threshold_us"] = round(lab.lat_threshold_us, 2)
+            seq.update({"rel_tput_threshold": round(lab.tput_threshold_mbps, 4),
+                        "slow_periods": len(lab.periods),
+                        "slow_fraction": round(float(lab.slow.mean()), 5)})
+            info.append(seq)
     if not parts:
         raise IobridgeError("no sequence with enough I/Os to label")
     cat = [np.concatenate([p[i] for p in parts]) for i in range(5)]
@@ -271,6 +295,27 @@ def train_linnos_on_records(records: list[Trace], max_epochs: int = 30, seed: in
 
 # ---------------------------------------------------------------- iobridge train
 
+# The rows of the decision table the card shows P(slow) for: reads of the
+# smallest size bucket on an idle or nearly idle leg, at every latency bucket.
+CARD_TABLE_INFLIGHT = (0, 1)
+
+
+def table_rows_p_slow(model, lat_us: float = 100.0, tput: float = 40.0) -> dict:
+    """P(slow) the model gives the decision table's rows (core/decision.key_rows)
+    of a leg with this baseline: reads of BUCKET_SIZE_BYTES[0], per in-flight
+    bucket of CARD_TABLE_INFLIGHT, at every latency bucket (LAT_REP_REL x
+    the baseline latency). The table avoids a leg by these; a useful model
+    has them low at 1-2x and rising with the latency."""
+    base = D.LegBaseline(lat_us=lat_us, tput=tput, slow_lat_us=D.SLOW_LAT_FLOOR_REL * lat_us)
+    p = np.asarray(model.p_slow(D.key_rows(base)), dtype=np.float64).reshape(
+        NUM_SIZE_BUCKETS, NUM_INFLIGHT_BUCKETS, NUM_LAT_BUCKETS)
+    return {"baseline": {"lat_us": lat_us, "tput_bytes_per_us": tput},
+            "size_bytes": D.BUCKET_SIZE_BYTES[0],
+            "lat_rel": list(D.LAT_REP_REL),
+            "p_slow_by_inflight": {str(D.INFLIGHT_REP[i]): [round(float(v), 4) for v in p[0, i]]
+                                   for i in CARD_TABLE_INFLIGHT}}
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -304,7 +349,7 @@ def train_admission(trace_paths: list[str], out: str, *, legs: int = 2, kind: st
                     train_fraction: float = 0.7, max_epochs: int = 30, seed: int = 0,
                     params: DeviceParams = DeviceParams(), load_opts: dict | None = None,
                     progress=None, thresholds: dict | None = None,
-                    group_by_qlen: bool = False) -> dict:
+                    group_by_qlen: bool = False, notes: list[str] | None = None) -> dict:
     progress = progress or Progress(False)
     out = Path(out)
     if out.suffix != ".onnx":
@@ -356,9 +401,12 @@ def train_admission(trace_paths: list[str], out: str, *, legs: int = 2, kind: st
             "data": data,
             "counting": "train_ios / held_back_ios / rows count per-leg I/O records: a "
                         "mirrored write appears once per leg",
-            "labeling": {"method": "Heimdall period-based (agent/labeling.py): latency and "
-                                   "throughput thresholds at the knee of each sequence's "
-                                   "distributions (unless overridden), throughput relative to "
+            "labeling": {"method": "Heimdall period-based (agent/offline/labeling.py): latency "
+                                   "and throughput thresholds at the knee of each sequence's "
+                                   "distributions (unless overridden; lat_threshold_rel K: a "
+                                   "latency above K x the device's baseline latency known at "
+                                   "issue, the feature schema's causal baseline), throughput "
+                                   "relative to "
                                    "the median of I/Os of the same size bucket and operation "
                                    "(and queue-length class if group_by_qlen), period ends after 3 I/Os above median "
                                    "throughput, periods of <= 3 I/Os and isolated slow I/Os "
@@ -376,6 +424,8 @@ def train_admission(trace_paths: list[str], out: str, *, legs: int = 2, kind: st
         "evaluation": {"held_back_all_ios": ev_all, "held_back_reads": ev_reads,
                        "accuracy": ev_all["accuracy"], "precision": ev_all["precision"],
                        "recall": ev_all["recall"], "roc_auc": ev_all["roc_auc"]},
+        "table_rows": table_rows_p_slow(res.model),
+        **({"notes": list(notes)} if notes else {}),
         "training_time_s": round(fit_s, 2),
         "pipeline_time_s": round(time.perf_counter() - t_start, 2),
         "tools": _tool_versions(),
@@ -393,10 +443,17 @@ def _thresholds(args) -> dict:
     the fast mode when slow I/Os are tens of times slower (seen on the VM's
     slow-period traces), so they can be set between the modes instead."""
     out = {}
+    if args.lat_threshold_us is not None and args.lat_threshold_rel is not None:
+        raise UsageError("--lat-threshold-us and --lat-threshold-rel exclude each other")
     if args.lat_threshold_us is not None:
         if args.lat_threshold_us <= 0:
             raise UsageError("--lat-threshold-us must be positive")
         out["lat_threshold_us"] = args.lat_threshold_us
+    if args.lat_threshold_rel is not None:
+        if not args.lat_threshold_rel > 1:
+            raise UsageError("--lat-threshold-rel is a multiple of the baseline latency: "
+                             "a number above 1")
+        out["lat_threshold_rel"] = args.lat_threshold_rel
     if args.tput_threshold is not None:
         if not 0 < args.tput_threshold < 1:
             raise UsageError("--tput-threshold is relative to the median: a number in (0, 1)")
@@ -414,7 +471,8 @@ def _cmd_train(args) -> int:
                            train_fraction=args.train_fraction, max_epochs=args.max_epochs,
                            seed=args.seed, progress=prog,
                            load_opts={"time_unit": args.time_unit, "duration_s": args.duration},
-                           thresholds=_thresholds(args), group_by_qlen=args.group_by_qlen)
+                           thresholds=_thresholds(args), group_by_qlen=args.group_by_qlen,
+                           notes=args.note)
     ev = card["evaluation"]
     auc = ev["roc_auc"]
     if args.json:
@@ -446,6 +504,8 @@ def register_cli(sub) -> None:
              "gradient boosting on two recorded traces"),
             ("iobridge train --trace legs.parquet --out m.onnx --group-by-qlen",
              "a closed-loop fio recording"),
+            ("iobridge train --trace legs.parquet --out m.onnx --lat-threshold-rel 8",
+             "legs of different speeds: slow from 8 x each leg's baseline latency"),
             ("iobridge train --trace t.parquet --out m.onnx --json -q",
              "the model card as JSON, no progress"),
             ("scripts/train-default-model.sh", "how models/admission-default.onnx is built")))
@@ -468,8 +528,16 @@ def register_cli(sub) -> None:
                    help="ARC traces: spread arrivals over this many seconds (default 3600)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.add_argument("--lat-threshold-us", type=float, metavar="US",
-                   help="labeling: latency above which a slow period may start (default: the "
-                   "knee of the latency distribution)")
+                   help="labeling: latency above which a slow period may start, one value for "
+                   "every device (default: the knee of each device's latency distribution)")
+    p.add_argument("--lat-threshold-rel", type=float, metavar="K",
+                   help="labeling: a slow period may start at a latency above K x the "
+                   "device's baseline latency (the feature schema's: quantile "
+                   f"{F.BASELINE_LAT_QUANTILE:g} of its last {F.BASELINE_WINDOW} completion "
+                   "latencies, known at issue); for training sets mixing devices of "
+                   "different speeds. Excludes --lat-threshold-us")
+    p.add_argument("--note", action="append", metavar="TEXT",
+                   help="a remark for the model card's notes (repeatable)")
     p.add_argument("--group-by-qlen", action="store_true",
                    help="labeling: compare throughput only among I/Os of the same queue-length "
                    "class too (for closed-loop recordings at fixed queue depths)")
