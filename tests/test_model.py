@@ -21,7 +21,7 @@ def _copy_shipped(tmp_path, name="m"):
 
 @pytest.mark.parametrize("name, source, records, latency", [
     # The default: recorded at bio level in the test VM (scripts/train-default-model.sh).
-    ("admission-default.onnx", "vm-slow-leg.parquet", None, "measured"),
+    ("admission-default.onnx", "vm-legs.parquet", None, "measured"),
     # Trained on the public CloudPhysics trace driven through the device model.
     ("admission-cloudphysics.onnx", "cloudPhysicsIO.csv", 113_872, "device model"),
 ])
@@ -59,7 +59,7 @@ def test_card_schema_version_mismatch_is_rejected(tmp_path):
     card_path(dst).write_text(json.dumps(card))
     with pytest.raises(ModelCheckError,
                        match=r"card feature schema version 99, this iobridge uses feature "
-                             r"schema version 1"):
+                             rf"schema version {F.SCHEMA_VERSION}"):
         check_model(dst)
 
 
