@@ -322,6 +322,8 @@ class Agent:
         return out
 
     def _needs_build(self) -> bool:
+        if not any(self._trackers[d].ready for d in self._kdevs):
+            return False     # nothing to build from yet: the first baseline builds at once
         if self._dirty or self._table is None:
             return True
         for i, d in enumerate(self._kdevs):
