@@ -102,7 +102,9 @@ class AgentProcess:
         self._sock: socket.socket | None = None
         self._reader: threading.Thread | None = None
 
-    def start(self, timeout_s: float = 400.0, wait: bool = True) -> "AgentProcess":
+    # BCC compiles the observer and the routing program at start: about
+    # 1.5 min under TCG on a quiet host, 4-5 min with other VMs beside it.
+    def start(self, timeout_s: float = 500.0, wait: bool = True) -> "AgentProcess":
         sock_path = self.dir / "notify.sock"
         sock_path.unlink(missing_ok=True)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -2,8 +2,15 @@
 process (as systemd runs it), the real module and BPF programs, fio as the
 client, and a leg with real slow periods (dm-delay reloaded on a schedule).
 
-Each test that starts the agent pays for BCC compiling the observer and the
-routing program (about a minute under emulation).
+Each agent start pays for BCC compiling the observer and the routing
+program (about a minute under emulation), so the policy comparisons share
+one agent (the module-scoped `comparison` fixture).
+
+The comparisons' margins are chosen to hold on a machine twice as slow, or
+with a busy host core, and to fail for a learned policy that does nothing:
+such a policy routes like the module default, so its p99 and its reads on
+the slow leg while slow come out at about 1x the default's, not under the
+bounds below.
 """
 
 from __future__ import annotations
@@ -18,22 +25,39 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run
+from conftest import KERNEL_TROUBLE, run
 
 from iobridge.core import abi
-from iobridge.kernel import dmtarget
+from iobridge.core import features as F
 from iobridge.daemon.config import DEFAULT_MODEL, Config
-from iobridge.lab.experiment import AgentProcess, ReplicaSet, run_policy
+from iobridge.kernel import dmtarget
+from iobridge.lab import workload
+from iobridge.lab.experiment import (AgentProcess, ReplicaSet, route_stats, routed_fraction,
+                                     run_policy, slow_read_rate)
 
 pytestmark = pytest.mark.vm
 
 PIN_DIR = Config.pin_dir
 
+# The comparisons: 100 us legs (the demo's) at QD1 and QD16, and legs ten
+# times slower (1 ms) at QD1 with the same model (no retraining).
+COMPARE_RUNTIME_S = 10
+COMPARE_SEED = 11
+COMPARE_PLAN = (("fast", 1), ("fast", 16), ("slowdev", 1))
+# Bounds, learned against the module default, same seeded slow periods.
+P99_BOUND = {1: 0.6, 16: 0.85}        # learned p99 under this x the default's
+SLOW_READS_BOUND = 0.5                # reads the slow leg served while slow, per slow second
+MIN_ROUTED_FRACTION = 0.90            # reads the table routed while the agent ran
+
+
+def _replicas(name: str, completion_us: int = 100) -> ReplicaSet:
+    return ReplicaSet(name=name, size_mb=256, slow_ms=20, normal_mean_s=0.6,
+                      slow_mean_s=0.4, seed=3, completion_us=completion_us)
+
 
 @pytest.fixture
 def replicas(iobridge_module):
-    rs = ReplicaSet(name="iob_t", size_mb=256, slow_ms=20, normal_mean_s=0.6,
-                    slow_mean_s=0.4, seed=3).create()
+    rs = _replicas("iob_t").create()
     yield rs
     rs.remove()
 
@@ -50,6 +74,8 @@ def agents():
 
     yield factory
     for a in started:
+        if a.proc and a.proc.poll() is None:
+            a.send(signal.SIGCONT)       # a stopped agent would not see the SIGKILL's effect
         a.stop(signal.SIGKILL if a.proc and a.proc.poll() is None else signal.SIGTERM)
     if PIN_DIR.exists():   # a killed agent leaves its pins; don't leak them to the next test
         shutil.rmtree(PIN_DIR, ignore_errors=True)
@@ -74,27 +100,152 @@ def iobridge(*args: str, user: str | None = None) -> subprocess.CompletedProcess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
+def window(rs: ReplicaSet, seconds: float, iodepth: int = 4) -> dict:
+    """fio random reads on the target for `seconds`; per-leg reads and the
+    routing program's counters over that span."""
+    s0, r0 = dmtarget.status(rs.name), route_stats()
+    fig = workload.fio_random_reads(rs.dev, iodepth, seconds)
+    s1, r1 = dmtarget.status(rs.name), route_stats()
+    assert fig["errors"] == 0
+    return {"legs": [a.reads - b.reads for a, b in zip(s1.legs, s0.legs)],
+            "hook": sum(a.hook_routed - b.hook_routed for a, b in zip(s1.legs, s0.legs)),
+            "default": sum(a.default_routed - b.default_routed for a, b in zip(s1.legs, s0.legs)),
+            **({k: r1[k] - r0[k] for k in ("probes", "silent")} if r0 and r1 else {})}
+
+
 # ------------------------------------------------------------------ learned vs default
 
-def test_learned_policy_beats_the_module_default_at_qd1(replicas, agents):
-    seed, runtime = 11, 12
-    default = run_policy(replicas, "default", 1, runtime, seed)
-    agent = agents()
-    learned = run_policy(replicas, "learned", 1, runtime, seed, agent.pid)
+@pytest.fixture(scope="module")
+def comparison(iobridge_module):
+    """The module default, then the learned policy (one agent with the
+    shipped model for all), per COMPARE_PLAN, each with the same seeded slow
+    periods. Kernel trouble in its span is reported to every test using it."""
+    marker = f"iobridge-test: comparison {time.monotonic_ns()}"
+    with open("/dev/kmsg", "w") as kmsg:
+        kmsg.write(marker + "\n")
+    sets = {"fast": _replicas("iob_c"), "slowdev": _replicas("iob_s", completion_us=1000)}
+    runs: dict = {}
+    agent = None
+    rc, log, status = None, "", None
+    try:
+        for rs in sets.values():
+            rs.create()
+        for key, qd in COMPARE_PLAN:
+            runs[key, qd, "default"] = run_policy(sets[key], "default", qd, COMPARE_RUNTIME_S,
+                                                  COMPARE_SEED)
+        agent = AgentProcess([]).start()      # the shipped model
+        agent.wait_status(lambda s: len(s["targets"]) == 2)
+        for key, qd in COMPARE_PLAN:
+            runs[key, qd, "learned"] = run_policy(sets[key], "learned", qd, COMPARE_RUNTIME_S,
+                                                  COMPARE_SEED, agent.pid)
+        status = agent.status()
+    finally:
+        if agent is not None:
+            rc, log = agent.stop(), agent.log()
+        for rs in sets.values():
+            rs.remove()
+        if PIN_DIR.exists():
+            shutil.rmtree(PIN_DIR, ignore_errors=True)
+    lines = run(["dmesg"]).stdout.splitlines()
+    start = max((i for i, line in enumerate(lines) if marker in line), default=0)
+    return {"runs": runs, "agent_rc": rc, "agent_log": log, "status": status,
+            "kernel_trouble": [line for line in lines[start:] if KERNEL_TROUBLE.search(line)]}
+
+
+def check_learned_beats_default(comparison, key: str, qd: int) -> None:
+    default = comparison["runs"][key, qd, "default"]
+    learned = comparison["runs"][key, qd, "learned"]
     print(json.dumps({"default": default, "learned": learned}, indent=1))
+    assert not comparison["kernel_trouble"], comparison["kernel_trouble"]
+    assert comparison["agent_rc"] == 0, comparison["agent_log"][-1500:]
     assert default["errors"] == 0 and learned["errors"] == 0
-    assert learned["hook_routed"] > 0.5 * learned["ios"], "the table routed few reads"
-    # Margin: the learned p99 must be under half the default's.
-    assert learned["p99_us"] < 0.5 * default["p99_us"], (learned["p99_us"], default["p99_us"])
-    # Reads the slow leg served while slow, per second of slow time, must drop by half.
-    rate = {r["policy"]: r["slow_leg_reads_while_slow"] / max(r["slow_seconds"], 0.1)
-            for r in (default, learned)}
+    # Both legs got reads from the table and samples of their own (none was
+    # starved: the learned policy must not win by never reading the slow leg).
+    name = {"fast": "iob_c", "slowdev": "iob_s"}[key]
+    legs = [leg for t in comparison["status"]["targets"] if t["name"] == name for leg in t["legs"]]
+    assert len(legs) == 2 and all(leg["samples"] >= F.MIN_BASELINE_SAMPLES for leg in legs), legs
+    # The table, not the module default, decided the learned run's reads.
+    frac = routed_fraction(learned)
+    assert frac is not None and frac >= MIN_ROUTED_FRACTION, (
+        f"the table routed {frac} of the reads", learned["route"])
+    # Both runs met slow periods (same seeded schedule).
     assert default["slow_seconds"] > 1 and learned["slow_seconds"] > 1
-    assert rate["learned"] < 0.5 * rate["default"], rate
+    assert learned["p99_us"] < P99_BOUND[qd] * default["p99_us"], (
+        learned["p99_us"], default["p99_us"])
+    rate = {r["policy"]: slow_read_rate(r) for r in (default, learned)}
+    assert rate["learned"] < SLOW_READS_BOUND * rate["default"], rate
+
+
+# The first of these pays for the shared fixture (an agent start and six
+# fio runs): a longer bound than the suite's per-test 600 s, for busy hosts.
+@pytest.mark.timeout(1200)
+def test_learned_policy_beats_the_module_default_at_qd1(comparison):
+    check_learned_beats_default(comparison, "fast", 1)
+
+
+@pytest.mark.timeout(1200)
+def test_learned_policy_beats_the_module_default_at_qd16(comparison):
+    check_learned_beats_default(comparison, "fast", 16)
+
+
+@pytest.mark.timeout(1200)
+def test_learned_policy_transfers_to_10x_slower_legs_at_qd1(comparison):
+    """Legs with 1 ms completions instead of 100 us, the same model."""
+    check_learned_beats_default(comparison, "slowdev", 1)
 
 
 # ------------------------------------------------------------------ fail-safe
 
+@pytest.mark.timeout(900)   # agent start(s): BCC under TCG, slower on a busy host
+def test_sigstopped_agent_table_follows_the_legs_live_state(replicas, agents, tmp_path):
+    """A stalled agent leaves a table that still follows each leg's live
+    latency in the kernel: a leg turning slow is avoided within a few reads,
+    and the kernel's own probe brings reads back when it is fast again."""
+    ttl_s = 30
+    cfg = tmp_path / "long-ttl.toml"
+    cfg.write_text("[agent]\ntick_ms = 30\nttl_ticks = 1000\nmax_silence_ms = 30000\n")
+    agent = agents("--config", str(cfg))
+    # Reads until both legs have a baseline and the table is published.
+    deadline = time.monotonic() + 60
+    while True:
+        window(replicas, 1.0)
+        st = agent.status()
+        if st and st["last_published_ns"] and st["targets"] and all(
+                leg["samples"] >= F.MIN_BASELINE_SAMPLES for leg in st["targets"][0]["legs"]):
+            break
+        assert time.monotonic() < deadline, f"no table for both legs: {st}"
+    assert st["ttl_ticks"] * st["tick_ms"] >= ttl_s * 1000
+
+    agent.send(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        both_fast = window(replicas, 1.5)
+        replicas.set_slow(True)          # leg 1: +20 ms per read from now on
+        slow = window(replicas, 2.0)
+        replicas.set_slow(False)
+        fast_again = window(replicas, 2.0)
+        elapsed = time.monotonic() - stopped
+    finally:
+        agent.send(signal.SIGCONT)
+    print(json.dumps({"both_fast": both_fast, "slow": slow, "fast_again": fast_again,
+                      "elapsed_s": elapsed}, indent=1))
+    assert elapsed < ttl_s - 5, "the windows took too long: the table may have expired"
+    for w in (both_fast, slow, fast_again):
+        # The table stayed in force: the kernel routed every read from it.
+        assert w["default"] == 0 and w["silent"] == 0 and w["hook"] > 0, w
+    assert both_fast["legs"][1] > 0.2 * sum(both_fast["legs"]), both_fast
+    # Slow: leg 1 got the reads in flight when it turned slow, then only the
+    # kernel's probes of an idle leg (one per probe_after_ms).
+    assert slow["legs"][1] <= 6 + slow["probes"], slow
+    assert slow["legs"][0] >= 20 * max(1, slow["legs"][1] - slow["probes"]), slow
+    # Fast again: a probe saw it, and reads came back beyond the probes.
+    assert slow["probes"] + fast_again["probes"] >= 1
+    assert fast_again["legs"][1] > fast_again["probes"], fast_again
+    assert fast_again["legs"][1] > 0.2 * sum(fast_again["legs"]), fast_again
+    assert agent.stop() == 0
+
+
+@pytest.mark.timeout(1200)   # agent start(s): BCC under TCG, slower on a busy host
 def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents):
     fio = subprocess.Popen(["fio", "--name=bg", f"--filename={replicas.dev}", "--rw=randread",
                             "--bs=4k", "--direct=1", "--ioengine=libaio", "--iodepth=4",
@@ -112,11 +263,15 @@ def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents):
         hook, _ = delta(2)
         assert hook > 0, "the agent's table routed nothing"
 
-        # Stalled agent (SIGSTOP): entries expire, the module default decides.
+        # Stalled agent (SIGSTOP): past the heartbeat limit (500 ms) and the
+        # entries' expiry (1 s) the module default decides every read.
         agent.send(signal.SIGSTOP)
-        time.sleep(0.5)
+        time.sleep(1.2)
+        s0 = route_stats()
         hook, dflt = delta(2)
+        s1 = route_stats()
         assert hook == 0 and dflt > 0, (hook, dflt)
+        assert s1["silent"] > s0["silent"], (s0, s1)
         agent.send(signal.SIGCONT)
         time.sleep(0.5)
         hook, _ = delta(2)
@@ -155,12 +310,16 @@ def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents):
 
 # ------------------------------------------------------------------ running agent
 
+@pytest.mark.timeout(900)   # agent start(s): BCC under TCG, slower on a busy host
 def test_status_reload_target_loss_and_notify(replicas, agents, tmp_path):
     cfg = tmp_path / "iobridge.toml"
     cfg.write_text(f'[admission]\nmodel = "{DEFAULT_MODEL}"\n')
     agent = agents("--config", str(cfg), env={"WATCHDOG_USEC": "1000000"}, workdir=tmp_path)
     assert "READY=1" in agent.messages
-    st = agent.wait_status(lambda s: s["targets"] and s["counters"]["published"] > 0)
+    # Reads give the legs their baselines; the agent then publishes a table.
+    workload.fio_random_reads(replicas.dev, 4, 2)
+    st = agent.wait_status(lambda s: s["targets"] and s["last_published_ns"] > 0
+                           and s["counters"]["recomputes"] > 0)
 
     # iobridge status, both forms
     proc = iobridge("status", "--json", "--status-file", str(agent.status_file))
@@ -168,14 +327,23 @@ def test_status_reload_target_loss_and_notify(replicas, agents, tmp_path):
     st = json.loads(proc.stdout)
     assert st["agent_alive"] and st["program_attached"]
     assert [t["name"] for t in st["targets"]] == ["iob_t"]
-    assert len(st["targets"][0]["legs"]) == 2
-    assert st["table_age_ms"] is not None and st["table_age_ms"] < 2000
+    legs = st["targets"][0]["legs"]
+    assert len(legs) == 2
+    assert st["table_age_ms"] is not None and st["last_recompute_ns"] > 0
+    assert st["tick_ms"] == 20 and st["ttl_ticks"] * st["tick_ms"] == 1000
+    assert st["max_silence_ms"] == 500
+    assert st["routing"]["routed"] > 0, st["routing"]
+    for leg in legs:
+        assert leg["baseline"]["lat_us"] > 0 and leg["samples"] >= F.MIN_BASELINE_SAMPLES
+        assert len(leg["lat_edges_us"]) == abi.NUM_LAT_BUCKETS - 1
+        assert len(leg["p_slow_4k"]["inflight_0"]) == abi.NUM_LAT_BUCKETS
     sha = st["model"]["sha256"]
     assert sorted(Path(p).name for p in st["pins"]) == sorted(
         ["iobridge_decisions", "iobridge_agent", "iobridge_route_stats",
          "iobridge_decision_age", "leg_features"])
     text = iobridge("status", "--status-file", str(agent.status_file)).stdout
     assert "target iob_t (id" in text and "routing program attached" in text
+    assert "reads by the table" in text
     time.sleep(1.2)
     assert agent.messages.count("WATCHDOG=1") >= 2
 
@@ -192,10 +360,10 @@ def test_status_reload_target_loss_and_notify(replicas, agents, tmp_path):
     assert st["model"]["sha256"] == sha and st["counters"]["reloads"] == 0
     assert "reload refused" in agent.log() and "not an ONNX model" in agent.log()
     # ... and a good one is taken.
-    cfg.write_text(f'[agent]\ntick_ms = 2\n[admission]\nmodel = "{DEFAULT_MODEL}"\n')
+    cfg.write_text(f'[agent]\ntick_ms = 10\n[admission]\nmodel = "{DEFAULT_MODEL}"\n')
     agent.send(signal.SIGHUP)
     st = agent.wait_status(lambda s: s["counters"]["reloads"] == 1)
-    assert st["tick_ms"] == 2 and agent.proc.poll() is None
+    assert st["tick_ms"] == 10 and agent.proc.poll() is None
 
     # The target disappears while the agent runs: it lets go and keeps running.
     dmtarget.remove(replicas.name)
@@ -209,22 +377,27 @@ def test_status_reload_target_loss_and_notify(replicas, agents, tmp_path):
     assert not agent.status_file.exists()
 
 
+@pytest.mark.timeout(900)   # agent start(s): BCC under TCG, slower on a busy host
 def test_shadow_mode_decides_but_publishes_nothing(replicas, agents):
     agent = agents("--shadow")
     h0, _ = routed(replicas.name)
     run(["fio", "--name=s", f"--filename={replicas.dev}", "--rw=randread", "--bs=4k",
          "--direct=1", "--runtime=3", "--time_based"])
-    st = agent.wait_status(lambda s: s["counters"]["ticks"] > 100 and s["targets"])
+    st = agent.wait_status(lambda s: s["counters"]["ticks"] > 50 and s["targets"]
+                           and s["counters"]["recomputes"] > 0)
     h1, _ = routed(replicas.name)
     assert h1 == h0
     assert st["shadow"] and not st["program_attached"] and route_programs_attached() == []
+    assert st["last_published_ns"] == 0
     legs = st["targets"][0]["legs"]
-    assert all(leg["p_slow"] is not None and len(leg["p_slow"]) == abi.NUM_SIZE_BUCKETS
-               for leg in legs)
+    # The table is computed (baselines, P(slow) per key) but not published.
+    assert all(leg["baseline"] is not None and
+               len(leg["p_slow_4k"]["inflight_0"]) == abi.NUM_LAT_BUCKETS for leg in legs), legs
     assert agent.stop() == 0
 
 
 # ------------------------------------------------------------------ refused at start
+
 
 def test_bad_model_config_permission_and_missing_module(iobridge_module, tmp_path):
     bad = tmp_path / "corrupt.onnx"
