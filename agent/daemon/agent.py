@@ -154,7 +154,6 @@ class Agent:
         self._table: decision.KeyedTable | None = None      # the one in force
         self._dirty = True                   # recompute at the next chance
         self._last_build_ns = 0
-        self._last_snapshot = None
         self._stop = threading.Event()
         self._reload = False
         self._thread: threading.Thread | None = None
@@ -311,7 +310,6 @@ class Agent:
             self._trackers[self._kdevs[row]].add(lat, tput)
             self.counters["samples"] += len(lat)
         self._seen[fresh] = snap.completed
-        self._last_snapshot = (self._slots[fresh], snap)
 
     def _baselines(self) -> list:
         """Each leg's baseline; within a target, a leg without one yet borrows."""
