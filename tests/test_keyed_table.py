@@ -9,7 +9,7 @@ from iobridge.core import abi
 from iobridge.core import decision as D
 from iobridge.core import features as F
 from iobridge.offline import policies as P
-from iobridge.offline.devmodel import DeviceParams, Leg
+from iobridge.offline.devmodel import DeviceParams
 from iobridge.offline.simulate import latency_stats, simulate
 from iobridge.offline.trace import Trace, _normalise_batch
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core import abi, cliutil, decision, histogram
+from ..core import abi, cliutil, clock, decision, histogram
 from ..core import features as F
 from ..core.errors import IobridgeError, UsageError
 from ..kernel import blockdev, bpf, dmtarget, system
@@ -189,10 +189,10 @@ class Agent:
         for name, fd in {**self.policy.map_fds(), **self.legmap.map_fds()}.items():
             self.pins.pin(name, fd)
         self.policy.agent.pid = os.getpid()
-        self.policy.heartbeat(time.clock_gettime_ns(time.CLOCK_MONOTONIC), 0, cfg.max_silence_ns)
+        self.policy.heartbeat(clock.now_ns(), 0, cfg.max_silence_ns)
         if not cfg.shadow:
             self.policy.attach()
-        self.started_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        self.started_ns = clock.now_ns()
         self._thread = threading.Thread(target=self._discovery_loop, name="discovery", daemon=True)
         self._thread.start()
         log.info("agent started: %d target(s), tick %.3g ms, expiry %d ticks, %s",
@@ -272,7 +272,7 @@ class Agent:
         targets = self._targets       # the discovery thread swaps in a new list on change
         if targets is not self._active:
             self._apply_targets(targets)
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        now = clock.now_ns()
         if not self._rows:
             self.policy.heartbeat(now)
             return
@@ -380,7 +380,7 @@ class Agent:
         self.cfg, self.model, self.maker = cfg, model, maker
         self._dirty = True            # the new model (or probing, expiry) fills the table
         self._last_build_ns = 0
-        self.policy.heartbeat(time.clock_gettime_ns(time.CLOCK_MONOTONIC),
+        self.policy.heartbeat(clock.now_ns(),
                               max_silence_ns=cfg.max_silence_ns)
         self.counters["reloads"] += 1
         log.info("reloaded: model %s (threshold %.4f), tick %.3g ms",
@@ -436,7 +436,7 @@ class Agent:
 
     # -- status -------------------------------------------------------------------
     def status(self) -> dict:
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        now = clock.now_ns()
         table = self._table
         live = self.legmap.read(self._slots) if self.legmap is not None and len(self._slots) else None
         targets = []
@@ -539,7 +539,7 @@ def read_status(path: Path) -> dict:
                             "start it with `iobridge run` or `systemctl start iobridge`") from None
     except (OSError, ValueError) as err:
         raise IobridgeError(f"cannot read the agent status {path}: {err}") from None
-    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    now = clock.now_ns()
     alive = Path(f"/proc/{st.get('pid', 0)}").exists()
     st["agent_alive"] = alive
     st["status_age_s"] = round((now - st.get("written_ns", 0)) / 1e9, 3)

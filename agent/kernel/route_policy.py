@@ -20,11 +20,11 @@ import ctypes
 import logging
 import mmap
 import os
-import time
 
 import numpy as np
 
 from ..core import abi
+from ..core.clock import now_ns
 from ..core.errors import IobridgeError
 from . import bpf, dmtarget, system
 
@@ -40,11 +40,6 @@ ENTRY_FN = "iobridge_route"
 DECISION_DTYPE = np.dtype(abi.LegDecisions)
 # Default service estimate for entries written by hand (set_leg).
 DEFAULT_SERVICE_NS = 100_000
-
-
-def now_ns() -> int:
-    """The clock the module and the BPF program compare expiries with."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
 class RoutePolicy:

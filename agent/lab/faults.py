@@ -32,19 +32,14 @@ import math
 import os
 import random
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..core.clock import now_ns
 from ..core.errors import IobridgeError, UsageError
 from ..kernel import blockdev, dmtarget
 
 NORMAL, SLOW, SWITCHING = "normal", "slow", "switching"
-
-
-def now_ns() -> int:
-    """CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns()."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
 def draw_periods(rng: random.Random, normal_mean_s: float, slow_mean_s: float,
