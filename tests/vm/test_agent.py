@@ -216,6 +216,7 @@ def test_sigstopped_agent_table_follows_the_legs_live_state(replicas, agents, tm
         assert time.monotonic() < deadline, f"no table for both legs: {st}"
     assert st["ttl_ticks"] * st["tick_ms"] >= ttl_s * 1000
 
+    st = agent.status()         # the table in force while the agent is stopped
     agent.send(signal.SIGSTOP)
     stopped = time.monotonic()
     try:
@@ -227,8 +228,10 @@ def test_sigstopped_agent_table_follows_the_legs_live_state(replicas, agents, tm
         elapsed = time.monotonic() - stopped
     finally:
         agent.send(signal.SIGCONT)
-    print(json.dumps({"both_fast": both_fast, "slow": slow, "fast_again": fast_again,
-                      "elapsed_s": elapsed}, indent=1))
+    table = [{k: leg[k] for k in ("samples", "baseline", "lat_edges_us", "penalty_4k_us")}
+             for leg in st["targets"][0]["legs"]]
+    print(json.dumps({"table_at_sigstop": table, "both_fast": both_fast, "slow": slow,
+                      "fast_again": fast_again, "elapsed_s": elapsed}, indent=1))
     assert elapsed < ttl_s - 5, "the windows took too long: the table may have expired"
     for w in (both_fast, slow, fast_again):
         # The table stayed in force: the kernel routed every read from it.
