@@ -97,6 +97,35 @@ def fake_agent(n_legs=2, recompute_ms=1.0):
     return agent
 
 
+def wait_published(agent, ticks: int = 500) -> bool:
+    """Tick until the background recompute has been published."""
+    for _ in range(ticks):
+        if agent.policy.published and agent._pending is None:
+            return True
+        time.sleep(0.002)
+        agent.tick()
+    return bool(agent.policy.published)
+
+
+def test_heartbeat_goes_on_while_a_recompute_runs():
+    class SlowModel(FixedModel):
+        def p_slow(self, rows):
+            time.sleep(0.3)               # inference as slow as under emulation
+            return super().p_slow(rows)
+
+    agent = fake_agent()
+    agent.maker = decision.TableMaker(SlowModel([0.9]))
+    for _ in range(8):
+        agent.legmap.done += 3
+        agent.tick()
+    beats, t0 = agent.policy.beats, time.monotonic()
+    for _ in range(5):
+        agent.tick()
+    assert time.monotonic() - t0 < 0.2, "a tick waited for the inference"
+    assert agent.policy.beats == beats + 5
+    assert wait_published(agent)
+
+
 def test_agent_publishes_once_baselines_exist_then_only_keeps_the_table_alive():
     agent = fake_agent()
     agent.tick()                          # no completion yet: no baseline, nothing to build
@@ -105,8 +134,9 @@ def test_agent_publishes_once_baselines_exist_then_only_keeps_the_table_alive():
         agent.legmap.done += 3
         time.sleep(0.002)
         agent.tick()
+    published = wait_published(agent)     # inference runs off the tick loop
     n = agent.counters["recomputes"]
-    assert agent.policy.published, "a table is published once every leg has a baseline"
+    assert published, "a table is published once every leg has a baseline"
     target, penalty, service, expires = agent.policy.published[-1]
     assert target == 3 and penalty.shape == (2, abi.KEYS_PER_LEG)
     assert service.tolist() == [100_000, 100_000] and (expires > 0).all()
@@ -120,7 +150,7 @@ def test_agent_publishes_once_baselines_exist_then_only_keeps_the_table_alive():
     for _ in range(400):
         agent.legmap.done += 3
         agent.tick()
-        if agent.counters["recomputes"] > n:
+        if agent.counters["recomputes"] > n and agent.policy.published[-1][2][1] > 100_000:
             break
         time.sleep(0.002)
     assert agent.counters["recomputes"] > n
@@ -134,6 +164,7 @@ def test_a_leg_without_baseline_borrows_one_so_it_is_not_left_out():
         agent.legmap.done[0] += 3         # only leg 0 completes anything
         time.sleep(0.002)
         agent.tick()
+    assert wait_published(agent)
     _, penalty, service, expires = agent.policy.published[-1]
     assert (expires > 0).all() and service.tolist() == [100_000, 100_000]
     assert (penalty[1] == penalty[0]).all()

@@ -38,6 +38,7 @@ are sent through daemon/sdnotify.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -154,6 +155,8 @@ class Agent:
         self._table: decision.KeyedTable | None = None      # the one in force
         self._dirty = True                   # recompute at the next chance
         self._last_build_ns = 0
+        self._builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recompute")
+        self._pending: concurrent.futures.Future | None = None   # a recompute under way
         self._stop = threading.Event()
         self._reload = False
         self._thread: threading.Thread | None = None
@@ -203,6 +206,7 @@ class Agent:
         """Detach, clear what was published, unpin, close. Idempotent."""
         self._stop.set()
         self.notify.stopping()
+        self._builder.shutdown(wait=False, cancel_futures=True)
         if self.policy is not None:
             self.policy.detach()
             if self.policy.entries is not None:
@@ -265,6 +269,7 @@ class Agent:
             first += len(t.kdevs)
         self._active = targets        # the very list object: tick() compares identity
         self._table = None
+        self._pending = None          # a recompute for the old legs is dropped
         self._dirty = True
 
     # -- one tick -----------------------------------------------------------
@@ -280,23 +285,39 @@ class Agent:
         self._sample()
         t1 = time.perf_counter_ns()
         self.times.add("sample", t1 - t0)
-        if now - self._last_build_ns >= self.cfg.recompute_ns and self._needs_build():
-            table = self.maker.build(now, self._baselines())
+        pending = self._pending
+        if pending is not None and pending.done():
+            # A recompute finished in the background: publish it now.
+            self._pending = None
+            table = pending.result()          # an exception counts as a failed tick
             t2 = time.perf_counter_ns()
-            self.times.add("infer", t2 - t1)
-            self._last_build_ns = now
-            self._dirty = False
-            self.counters["recomputes"] += 1
             self._note_changes(self._table, table)
             self._table = table
             if not self.cfg.shadow:
                 self._publish(table, now)
             self.times.add("publish", time.perf_counter_ns() - t2)
-        elif self._table is not None and not self.cfg.shadow:
-            # The table follows the legs' live state in the kernel: keep it valid.
-            for t, rows in self._rows:
-                self.policy.extend(t.target_id, len(t.kdevs), now + self.cfg.ttl_ns)
+        else:
+            if (pending is None and now - self._last_build_ns >= self.cfg.recompute_ns
+                    and self._needs_build()):
+                # Inference runs off the tick loop (ONNX Runtime releases the
+                # GIL): measured under emulation on a loaded host it took
+                # 0.5-6 s, and the heartbeat must not wait for it.
+                self._pending = self._builder.submit(self._timed_build, self.maker, now,
+                                                     self._baselines())
+                self._last_build_ns = now
+                self._dirty = False
+                self.counters["recomputes"] += 1
+            if self._table is not None and not self.cfg.shadow:
+                # The table follows the legs' live state in the kernel: keep it valid.
+                for t, rows in self._rows:
+                    self.policy.extend(t.target_id, len(t.kdevs), now + self.cfg.ttl_ns)
         self.policy.heartbeat(now)
+
+    def _timed_build(self, maker: decision.TableMaker, now: int, baselines: list):
+        t0 = time.perf_counter_ns()
+        table = maker.build(now, baselines)
+        self.times.add("infer", time.perf_counter_ns() - t0)
+        return table
 
     def _sample(self) -> None:
         """Feed each leg's new completions into its baseline."""
@@ -379,6 +400,7 @@ class Agent:
             cfg = dataclasses.replace(cfg, shadow=self.cfg.shadow, pin_dir=self.cfg.pin_dir)
         self.cfg, self.model, self.maker = cfg, model, maker
         self._dirty = True            # the new model (or probing, expiry) fills the table
+        self._pending = None          # a recompute with the old model is dropped
         self._last_build_ns = 0
         self.policy.heartbeat(clock.now_ns(),
                               max_silence_ns=cfg.max_silence_ns)
