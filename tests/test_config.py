@@ -17,9 +17,9 @@ def write(tmp_path, text):
 def test_defaults_are_valid_and_use_the_shipped_model():
     cfg = config.load(None)
     assert cfg.model == config.DEFAULT_MODEL and cfg.model.is_file()
-    assert cfg.tick_ns == 20_000_000 and cfg.ttl_ns == 1_000_000_000
-    assert cfg.max_silence_ns == 500_000_000 and cfg.probe_after_ns == 200_000_000
-    assert cfg.recompute_ns == 200_000_000
+    assert cfg.tick_ns == 100_000_000 and cfg.ttl_ns == 3_000_000_000
+    assert cfg.max_silence_ns == 2_000_000_000 and cfg.probe_after_ns == 200_000_000
+    assert cfg.recompute_ns == 1_000_000_000
 
 
 def test_file_values_and_relative_model_path(tmp_path):

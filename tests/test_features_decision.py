@@ -109,6 +109,21 @@ def test_baseline_tracker_quantiles_and_window():
     assert LegBaseline.of(F.BaselineTracker()) is None
 
 
+def test_slow_read_cost_is_the_median_of_several_slow_reads():
+    tr = F.BaselineTracker()
+    tr.add(np.full(200, 100.0), np.full(200, 1.0))
+    # A few jittery reads 50x the baseline: not enough to be slow periods.
+    tr.add(np.full(D.SLOW_READ_MIN_COUNT - 1, 5000.0), np.ones(D.SLOW_READ_MIN_COUNT - 1))
+    assert tr.slow_latency_us(D.SLOW_READ_REL, D.SLOW_READ_MIN_COUNT) is None
+    assert LegBaseline.of(tr).slow_lat_us == D.SLOW_LAT_FLOOR_REL * 100.0
+    # Slow periods: the cost is what their reads took (the median).
+    tr.add(np.array([20_000.0, 21_000.0, 22_000.0, 30_000.0] * 5), np.ones(20))
+    slow = np.concatenate([np.full(D.SLOW_READ_MIN_COUNT - 1, 5000.0),
+                           np.array([20_000.0, 21_000.0, 22_000.0, 30_000.0] * 5)])
+    assert tr.slow_latency_us(D.SLOW_READ_REL, D.SLOW_READ_MIN_COUNT) == np.median(slow)
+    assert LegBaseline.of(tr).slow_lat_us == np.median(slow)
+
+
 # ------------------------------------------------------------- keyed table
 
 BASE = LegBaseline(lat_us=100.0, tput=40.0, slow_lat_us=2000.0)
@@ -177,9 +192,15 @@ def test_build_is_one_batched_call_over_every_key_of_every_valid_leg():
     slow_key = abi.key_index(0, 0, 5)               # 10-16x baseline
     fast_key = abi.key_index(0, 0, 0)
     assert t.p_slow[0, slow_key] == pytest.approx(0.9) and t.p_slow[0, fast_key] == pytest.approx(0.01)
-    assert t.key_of(0, 4096, 0, 1_200_000) == slow_key
-    assert t.key_of(2, 4096, 0, 1_200_000) == abi.key_index(0, 0, 6)      # 24x 50 us
-    assert t.key_of(2, 70_000, 3, 3_500_000) == abi.key_index(3, 2, abi.NUM_LAT_BUCKETS - 1)
+    assert t.key_of(0, 4096, 0, 1_200_000, 0, 0) == slow_key
+    assert t.key_of(2, 4096, 0, 1_200_000, 0, 0) == abi.key_index(0, 0, 6)      # 24x 50 us
+    # With bios in flight the latency is taken per read: 3.5 ms over 3 + 1 is 17.5x 50 us.
+    assert t.key_of(2, 70_000, 3, 3_500_000, 1_000, 1_000) == abi.key_index(3, 2, 6)
+    assert t.key_of(2, 70_000, 0, 3_500_000, 1_000, 1_000) == abi.key_index(3, 0, abi.NUM_LAT_BUCKETS - 1)
+    # Bios in flight and no completion for 100 us (2x 50 us): bucket 1, not 0.
+    assert t.key_of(2, 4096, 2, 60_000, 1_000, 101_000) == abi.key_index(0, 2, 1)
+    # ... and with nothing in flight, the time since the last completion is idleness.
+    assert t.key_of(2, 4096, 0, 60_000, 1_000, 101_000) == abi.key_index(0, 0, 0)
     assert t.avoided(0.5)[0, slow_key] and not t.avoided(0.5)[0, fast_key]
     with pytest.raises(ValueError):
         TableMaker(m, ttl_ns=0)

@@ -92,8 +92,10 @@ def test_a_leg_without_a_baseline_borrows_the_fastest_ready_one():
         b.observe(legs, t * P.TICK_NS)
     bases, borrowed = b.current()
     assert borrowed == [False, True, False]
-    assert bases[1] is bases[2] and bases[2].lat_us == 100.0 and bases[0].lat_us == 200.0
-    assert b.own()[1] is None
+    assert bases[1] == bases[2] and bases[2].lat_us == 100.0 and bases[0].lat_us == 200.0
+    # The slow-read cost is the target's: the highest of the legs' (10 x 200 us).
+    assert [x.slow_lat_us for x in bases] == [2000.0] * 3
+    assert b.own()[1] is None and b.own()[2].slow_lat_us == 1000.0
 
 
 def test_table_rebuilds_when_a_baseline_moves_at_most_every_recompute_ns():

@@ -11,8 +11,11 @@ The agent daemon and the replay simulator call the same code:
 The key (kmodule/iobridge_abi.h, core/abi.py): per read and leg,
   size bucket     of the read (abi.SIZE_BUCKET_MAX_BYTES: <=4K, <=16K, <=64K, more),
   in-flight bucket of the leg's bios in flight (0, 1, 2-3, 4-7, 8-15, 16+),
-  latency bucket  of the leg's newest completion latency, split by edges at
-                  REL_LAT_EDGES x the leg's baseline latency.
+  latency bucket  of the leg's newest completion latency over (its bios in
+                  flight + 1), or the time since that completion while bios
+                  are in flight if longer (abi.key_latency: a deep queue
+                  alone does not look slow, a leg that stopped completing
+                  does), split by edges at REL_LAT_EDGES x its baseline.
 The edges sit where the model's inputs matter: below 1.5x baseline a read
 is plainly fast; the labels of the shipped model call a period slow from
 about 10-20x; 32x and more is deep inside a slow period.
@@ -42,7 +45,7 @@ built-in default (least in flight) decides.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -58,9 +61,16 @@ INFLIGHT_REP = (0, 1, 2, 5, 11, 20)
 # Size a row stands for in each bucket: the bucket's upper bound, and twice
 # the last bound for the open-ended last bucket.
 BUCKET_SIZE_BYTES = tuple(abi.SIZE_BUCKET_MAX_BYTES) + (2 * abi.SIZE_BUCKET_MAX_BYTES[-1],)
-# What a slow read costs on a leg: its recent SLOW_LAT_QUANTILE latency, at
-# least SLOW_LAT_FLOOR_REL x its baseline, and at least the key's own latency.
-SLOW_LAT_QUANTILE = 0.99
+# What a slow read costs on a leg: the median of its recent reads slower than
+# SLOW_READ_REL x its baseline (the shipped model's label threshold) once it
+# has SLOW_READ_MIN_COUNT of them, at least SLOW_LAT_FLOOR_REL x its
+# baseline, and at least the key's own latency. A median over several slow
+# reads, not a high quantile of all reads: on an emulated host a few reads of
+# an idle leg take 30x its baseline, and a q0.99 over a few dozen samples
+# gave two identical replicas penalties 2x apart (one leg then got 9% of
+# the reads while both were fast).
+SLOW_READ_REL = 8.0
+SLOW_READ_MIN_COUNT = 8
 SLOW_LAT_FLOOR_REL = 10.0
 assert len(REL_LAT_EDGES) == abi.NUM_LAT_BUCKETS - 1
 assert len(LAT_REP_REL) == abi.NUM_LAT_BUCKETS
@@ -86,8 +96,8 @@ class LegBaseline:
         if not tracker.ready:
             return None
         lat = tracker.latency_us()
-        return cls(lat, tracker.tput(),
-                   max(tracker.latency_quantile_us(SLOW_LAT_QUANTILE), SLOW_LAT_FLOOR_REL * lat))
+        slow = tracker.slow_latency_us(SLOW_READ_REL, SLOW_READ_MIN_COUNT) or 0.0
+        return cls(lat, tracker.tput(), max(slow, SLOW_LAT_FLOOR_REL * lat))
 
     def moved(self, other: "LegBaseline | None", rel: float) -> bool:
         """True if `other` differs from this by more than `rel` in any field."""
@@ -109,6 +119,26 @@ def borrow_missing(own: Sequence[LegBaseline | None]) -> tuple[list, list[bool]]
         return list(own), [False] * len(own)
     lend = min(ready, key=lambda b: b.lat_us)
     return [b if b is not None else lend for b in own], [b is None for b in own]
+
+
+def target_baselines(own: Sequence[LegBaseline | None]) -> tuple[list, list[bool]]:
+    """The baselines the table of one target's legs is built from: each
+    leg's own (borrow_missing fills the missing ones), with the slow-read
+    cost shared: the highest of the legs'.
+
+    Shared, because a slow read's cost is the fault's, not the leg's: with
+    its own, a leg that happened to have slow periods carried a larger
+    penalty at every key, also while fast, and got 3% of the reads at QD1 and
+    16% at QD16 with both legs fast (measured in the VM), halving IOPS at
+    QD16. Shared, the legs' costs differ only by their live state and
+    service estimate, which is what the kernel should act on."""
+    bases, borrowed = borrow_missing(own)
+    ready = [b for b in bases if b is not None]
+    if not ready:
+        return bases, borrowed
+    slow = max(b.slow_lat_us for b in ready)
+    return [None if b is None else replace(b, slow_lat_us=max(slow, b.slow_lat_us))
+            for b in bases], borrowed
 
 
 def lat_edges_ns(base: LegBaseline) -> np.ndarray:
@@ -159,9 +189,11 @@ class KeyedTable:
     def __len__(self) -> int:
         return len(self.valid)
 
-    def key_of(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int) -> int:
+    def key_of(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int,
+               last_complete_ns: int, now_ns: int) -> int:
+        lat = abi.key_latency(last_lat_ns, last_complete_ns, inflight, now_ns)
         return abi.key_index(abi.size_bucket(nbytes), abi.inflight_bucket(inflight),
-                             abi.lat_bucket(self.lat_edges_ns[leg], last_lat_ns))
+                             abi.lat_bucket(self.lat_edges_ns[leg], lat))
 
     def avoided(self, threshold: float) -> np.ndarray:
         """bool [legs, KEYS]: keys whose P(slow) reaches the model's threshold."""
@@ -228,7 +260,8 @@ def route(table: KeyedTable | None, now_ns: int, nbytes: int, inflight: Sequence
             probe = leg
         cost = ((inflight[leg] + 1) * int(table.service_ns[leg])
                 + int(table.penalty_ns[leg, table.key_of(leg, nbytes, inflight[leg],
-                                                         last_lat_ns[leg])]))
+                                                         last_lat_ns[leg],
+                                                         last_complete_ns[leg], now_ns)]))
         if best < 0 or cost < best_cost:
             best, best_cost, ties = leg, cost, 1
         elif cost == best_cost:

@@ -192,6 +192,13 @@ class BaselineTracker:
         lat, _ = self._held()
         return float(np.quantile(lat, q)) if len(lat) else 0.0
 
+    def slow_latency_us(self, rel: float, min_count: int) -> float | None:
+        """Median of the held latencies above rel x the baseline latency;
+        None with fewer than min_count of them (jitter, not slow periods)."""
+        lat, _ = self._held()
+        slow = lat[lat > rel * self.latency_us()] if len(lat) else lat
+        return float(np.median(slow)) if len(slow) >= min_count else None
+
 
 def causal_last(issue_ns: np.ndarray, complete_ns: np.ndarray, values, k: int):
     """For each I/O i, the values of the k I/Os that completed most recently

@@ -5,7 +5,7 @@ decision table on each leg's live state (size bucket of the read, bios in
 flight, the newest completion latency) and picks the leg with the lowest
 expected completion time. The agent only keeps that table right:
 
-  every tick (config agent.tick_ms, default 20 ms) it beats the heartbeat
+  every tick (config agent.tick_ms, default 100 ms) it beats the heartbeat
   the routing program checks, extends the entries' expiry, and samples the
   newest completions of every leg of every managed target from the
   observer's mmapped leg_features array (kernel/legstate.py) into each
@@ -155,6 +155,7 @@ class Agent:
         self._table: decision.KeyedTable | None = None      # the one in force
         self._dirty = True                   # recompute at the next chance
         self._last_build_ns = 0
+        self._next_check_ns = 0              # next look at the baselines (_needs_build)
         self._builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recompute")
         self._pending: concurrent.futures.Future | None = None   # a recompute under way
         self._stop = threading.Event()
@@ -271,6 +272,7 @@ class Agent:
         self._table = None
         self._pending = None          # a recompute for the old legs is dropped
         self._dirty = True
+        self._next_check_ns = 0
 
     # -- one tick -----------------------------------------------------------
     def tick(self) -> None:
@@ -297,8 +299,9 @@ class Agent:
                 self._publish(table, now)
             self.times.add("publish", time.perf_counter_ns() - t2)
         else:
-            if (pending is None and now - self._last_build_ns >= self.cfg.recompute_ns
-                    and self._needs_build()):
+            # Checking the baselines costs quantiles over every leg's samples
+            # (milliseconds under emulation): at most once per recompute_ms.
+            if pending is None and now >= self._next_check_ns and self._needs_build():
                 # Inference runs off the tick loop (ONNX Runtime releases the
                 # GIL): measured under emulation on a loaded host it took
                 # 0.5-6 s, and the heartbeat must not wait for it.
@@ -307,6 +310,8 @@ class Agent:
                 self._last_build_ns = now
                 self._dirty = False
                 self.counters["recomputes"] += 1
+            if pending is None and now >= self._next_check_ns:
+                self._next_check_ns = now + self.cfg.recompute_ns
             if self._table is not None and not self.cfg.shadow:
                 # The table follows the legs' live state in the kernel: keep it valid.
                 for t, rows in self._rows:
@@ -333,11 +338,12 @@ class Agent:
         self._seen[fresh] = snap.completed
 
     def _baselines(self) -> list:
-        """Each leg's baseline; within a target, a leg without one yet borrows."""
+        """Each leg's baseline as its target's table uses it
+        (decision.target_baselines: borrowed when missing, slow cost shared)."""
         own = [decision.LegBaseline.of(self._trackers[d]) for d in self._kdevs]
         out = list(own)
         for _, rows in self._rows:
-            out[rows] = decision.borrow_missing(own[rows])[0]
+            out[rows] = decision.target_baselines(own[rows])[0]
         return out
 
     def _needs_build(self) -> bool:
@@ -345,9 +351,8 @@ class Agent:
             return False     # nothing to build from yet: the first baseline builds at once
         if self._dirty or self._table is None:
             return True
-        for i, d in enumerate(self._kdevs):
-            new = decision.LegBaseline.of(self._trackers[d])
-            if new is not None and new.moved(self._table.baselines[i], BASELINE_MOVE):
+        for new, old in zip(self._baselines(), self._table.baselines):
+            if new is not None and new.moved(old, BASELINE_MOVE):
                 return True
         return False
 
@@ -401,7 +406,7 @@ class Agent:
         self.cfg, self.model, self.maker = cfg, model, maker
         self._dirty = True            # the new model (or probing, expiry) fills the table
         self._pending = None          # a recompute with the old model is dropped
-        self._last_build_ns = 0
+        self._last_build_ns = self._next_check_ns = 0
         self.policy.heartbeat(clock.now_ns(),
                               max_silence_ns=cfg.max_silence_ns)
         self.counters["reloads"] += 1

@@ -1,12 +1,12 @@
 """The agent's configuration: a TOML file, validated whole before use.
 
     [agent]
-    tick_ms = 20.0             # period of the heartbeat and of sampling leg state
-    ttl_ticks = 50             # a published entry expires after this many ticks
-                               # without the agent (1 s at the defaults)
-    max_silence_ms = 500       # the routing program ignores the table when the
+    tick_ms = 100.0            # period of the heartbeat and of sampling leg state
+    ttl_ticks = 30             # a published entry expires after this many ticks
+                               # without the agent (3 s at the defaults)
+    max_silence_ms = 2000      # the routing program ignores the table when the
                                # heartbeat is older than this (0 = never)
-    recompute_ms = 200         # the keyed table is recomputed at most this often,
+    recompute_ms = 1000        # the keyed table is recomputed at most this often,
                                # and only when a leg's baseline or the model changed
     shadow = false             # compute and log decisions, publish nothing
     discover_interval_s = 1.0  # how often the target list is re-read (dmsetup)
@@ -46,10 +46,10 @@ class ConfigError(IobridgeError):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    tick_ms: float = 20.0
-    ttl_ticks: int = 50
-    max_silence_ms: float = 500.0
-    recompute_ms: float = 200.0
+    tick_ms: float = 100.0
+    ttl_ticks: int = 30
+    max_silence_ms: float = 2000.0
+    recompute_ms: float = 1000.0
     shadow: bool = False
     discover_interval_s: float = 1.0
     status_file: Path = Path("/run/iobridge/status.json")

@@ -441,6 +441,33 @@ def run_policy(rs: ReplicaSet, policy: str, iodepth: int, runtime_s: float, seed
     return fig
 
 
+def table_ready(status: dict | None, target: str) -> bool:
+    """True once the agent has published a table in which every leg of
+    `target` has a baseline of its own (not one borrowed from a sibling)."""
+    if not status or not status.get("last_published_ns"):
+        return False
+    legs = [leg for t in status.get("targets", []) if t["name"] == target for leg in t["legs"]]
+    return bool(legs) and all(leg["baseline"] is not None and leg["samples"] >= MIN_BASELINE_SAMPLES
+                              for leg in legs)
+
+
+def warm_up(status, rs: ReplicaSet, timeout_s: float = 120.0, iodepth: int = 4) -> float:
+    """Read from `rs` (no slow periods) until the agent's table covers every
+    leg with a baseline of its own; returns the seconds it took.
+
+    A fresh agent has no baselines, and baselines come only from completed
+    reads, so until then the module default routes. The comparisons measure
+    the policy in force, so they start after this; the time to the first
+    table is reported on its own. status() returns the agent's status dict."""
+    t0 = time.monotonic()
+    while not table_ready(status(), rs.name):
+        if time.monotonic() - t0 > timeout_s:
+            raise IobridgeError(f"the agent published no table for every leg of {rs.name} "
+                                f"within {timeout_s:.0f} s of reads: {status()}")
+        workload.fio_random_reads(rs.dev, iodepth, 1.0)
+    return round(time.monotonic() - t0, 1)
+
+
 def routed_fraction(run: dict) -> float | None:
     """Reads the table routed over all reads of a run: the routing program's
     counters, else the module's per-leg hook_routed / default_routed."""
@@ -471,7 +498,7 @@ def compare(depths=(1, 16), runtime_s: float = 15.0, seed: int = 7, slow_ms: int
     runs: list[dict] = []
     panels: dict[str, dict] = {}
     agent = None
-    startup_s = None
+    startup_s = first_table_s = None
 
     def one(policy: str, qd: int, pid: int | None = None) -> None:
         progress(f"  {POLICY_LABELS[policy]}, queue depth {qd}: fio {runtime_s:g} s ...")
@@ -490,6 +517,8 @@ def compare(depths=(1, 16), runtime_s: float = 15.0, seed: int = 7, slow_ms: int
         t0 = time.monotonic()
         agent = AgentProcess(list(agent_args)).start()
         startup_s = time.monotonic() - t0
+        progress("  reading until the agent has a baseline for every leg ...")
+        first_table_s = warm_up(agent.status, rs)
         for qd in depths:
             one("learned", qd, agent.pid)
         if with_agent is not None:
@@ -502,6 +531,7 @@ def compare(depths=(1, 16), runtime_s: float = 15.0, seed: int = 7, slow_ms: int
         rs.remove()
     return {"runs": runs, "ratios": ratios(runs, depths),
             "agent_startup_s": None if startup_s is None else round(startup_s, 1),
+            "first_table_s": first_table_s,
             "setup": {"slow_ms": rs.slow_ms, "normal_mean_s": rs.normal_mean_s,
                       "slow_mean_s": rs.slow_mean_s, "seed": seed, "runtime_s": runtime_s,
                       "completion_us": rs.completion_us},
@@ -612,7 +642,8 @@ def render(res: dict) -> str:
         a = res["agent"]
         lines.append(f"agent: {a['counters'].get('recomputes')} table recomputes in "
                      f"{a['counters'].get('ticks')} ticks of {a['tick_ms']} ms; started in "
-                     f"{res.get('agent_startup_s')} s")
+                     f"{res.get('agent_startup_s')} s, first table for every leg after "
+                     f"{res.get('first_table_s')} s of reads (the learned runs start then)")
         if a.get("legs_without_baseline"):
             lines.append("WARNING: " + ", ".join(a["legs_without_baseline"])
                          + f" had fewer than {MIN_BASELINE_SAMPLES} samples of its own after "

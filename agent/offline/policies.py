@@ -74,7 +74,8 @@ import numpy as np
 from ..core import abi
 from ..core import decision as D
 from ..core import features as F
-from ..core.decision import KeyedTable, LegBaseline, TableMaker, borrow_missing, least_inflight, route
+from ..core.decision import (KeyedTable, LegBaseline, TableMaker, least_inflight, route,
+                             target_baselines)
 
 POLICY_NAMES = ("primary", "random", "roundrobin", "leastinflight", "hedged",
                 "linnos", "heimdall", "table")
@@ -223,14 +224,14 @@ class LegBaselines:
         """(baseline per leg, borrowed per leg): a leg without its own
         baseline borrows the lowest-latency ready leg's; all None while no
         leg is ready."""
-        return borrow_missing(self._own)
+        return target_baselines(self._own)
 
 
 class _OneKeyTable(KeyedTable):
     """A table with one key per leg (the per-I/O policies' penalty for THIS
     read), routed by the same decision.route()."""
 
-    def key_of(self, leg, nbytes, inflight, last_lat_ns):
+    def key_of(self, leg, nbytes, inflight, last_lat_ns, last_complete_ns, now_ns):
         return 0
 
 

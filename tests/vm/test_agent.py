@@ -33,7 +33,7 @@ from iobridge.daemon.config import DEFAULT_MODEL, Config
 from iobridge.kernel import dmtarget
 from iobridge.lab import workload
 from iobridge.lab.experiment import (AgentProcess, ReplicaSet, route_stats, routed_fraction,
-                                     run_policy, slow_read_rate)
+                                     run_policy, slow_read_rate, table_ready, warm_up)
 
 pytestmark = pytest.mark.vm
 
@@ -47,7 +47,7 @@ COMPARE_PLAN = (("fast", 1), ("fast", 16), ("slowdev", 1))
 # Bounds, learned against the module default, same seeded slow periods.
 P99_BOUND = {1: 0.6, 16: 0.85}        # learned p99 under this x the default's
 SLOW_READS_BOUND = 0.5                # reads the slow leg served while slow, per slow second
-MIN_ROUTED_FRACTION = 0.90            # reads the table routed while the agent ran
+MIN_ROUTED_FRACTION = 0.95            # reads the table routed while the agent ran (after warm-up)
 
 
 def _replicas(name: str, completion_us: int = 100) -> ReplicaSet:
@@ -88,9 +88,12 @@ def routed(name: str) -> tuple[int, int]:
 
 
 def route_programs_attached() -> list[str]:
-    """Names of loaded BPF programs called iobridge_route (bpftool)."""
+    """Names of loaded BPF programs called iobridge_route (bpftool), but not
+    those this test process holds itself (test_dmtarget.py's session-wide
+    policy, when that file ran first in the session)."""
     progs = json.loads(run(["bpftool", "-j", "prog", "show"]).stdout)
-    return [p["name"] for p in progs if p.get("name", "").startswith("iobridge_route")]
+    return [p["name"] for p in progs if p.get("name", "").startswith("iobridge_route")
+            and os.getpid() not in [q.get("pid") for q in p.get("pids", [])]]
 
 
 def iobridge(*args: str, user: str | None = None) -> subprocess.CompletedProcess:
@@ -126,7 +129,7 @@ def comparison(iobridge_module):
     sets = {"fast": _replicas("iob_c"), "slowdev": _replicas("iob_s", completion_us=1000)}
     runs: dict = {}
     agent = None
-    rc, log, status = None, "", None
+    rc, log, status, first_table_s = None, "", None, None
     try:
         for rs in sets.values():
             rs.create()
@@ -135,6 +138,8 @@ def comparison(iobridge_module):
                                                   COMPARE_SEED)
         agent = AgentProcess([]).start()      # the shipped model
         agent.wait_status(lambda s: len(s["targets"]) == 2)
+        # The runs measure the table in force: each set's legs get baselines first.
+        first_table_s = {key: warm_up(agent.status, rs) for key, rs in sets.items()}
         for key, qd in COMPARE_PLAN:
             runs[key, qd, "learned"] = run_policy(sets[key], "learned", qd, COMPARE_RUNTIME_S,
                                                   COMPARE_SEED, agent.pid)
@@ -149,13 +154,15 @@ def comparison(iobridge_module):
     lines = run(["dmesg"]).stdout.splitlines()
     start = max((i for i, line in enumerate(lines) if marker in line), default=0)
     return {"runs": runs, "agent_rc": rc, "agent_log": log, "status": status,
+            "first_table_s": first_table_s,
             "kernel_trouble": [line for line in lines[start:] if KERNEL_TROUBLE.search(line)]}
 
 
 def check_learned_beats_default(comparison, key: str, qd: int) -> None:
     default = comparison["runs"][key, qd, "default"]
     learned = comparison["runs"][key, qd, "learned"]
-    print(json.dumps({"default": default, "learned": learned}, indent=1))
+    print(json.dumps({"default": default, "learned": learned,
+                      "first_table_s": comparison["first_table_s"]}, indent=1))
     assert not comparison["kernel_trouble"], comparison["kernel_trouble"]
     assert comparison["agent_rc"] == 0, comparison["agent_log"][-1500:]
     assert default["errors"] == 0 and learned["errors"] == 0
@@ -249,13 +256,18 @@ def test_sigstopped_agent_table_follows_the_legs_live_state(replicas, agents, tm
 
 
 @pytest.mark.timeout(1200)   # agent start(s): BCC under TCG, slower on a busy host
-def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents):
+def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents, tmp_path):
     fio = subprocess.Popen(["fio", "--name=bg", f"--filename={replicas.dev}", "--rw=randread",
                             "--bs=4k", "--direct=1", "--ioengine=libaio", "--iodepth=4",
                             "--time_based", "--runtime=600", "--output-format=json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Short limits, so the stall below outlasts both within a second.
+    cfg = tmp_path / "short-limits.toml"
+    cfg.write_text("[agent]\ntick_ms = 20\nttl_ticks = 50\nmax_silence_ms = 500\n")
     try:
-        agent = agents()
+        agent = agents("--config", str(cfg))
+        # fio's reads give the legs baselines; then the table routes.
+        agent.wait_status(lambda s: table_ready(s, replicas.name), timeout_s=120)
 
         def delta(seconds: float) -> tuple[int, int]:
             h0, d0 = routed(replicas.name)
@@ -290,8 +302,9 @@ def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents):
         assert PIN_DIR.exists(), "a killed agent cannot unpin: its pins should still be there"
 
         # A restarted agent replaces the leftovers and routes again.
-        again = agents()
+        again = agents("--config", str(cfg))
         assert "removed pins left by a previous agent" in again.log()
+        again.wait_status(lambda s: table_ready(s, replicas.name), timeout_s=120)
         hook, _ = delta(2)
         assert hook > 0
         assert again.stop() == 0
@@ -333,8 +346,8 @@ def test_status_reload_target_loss_and_notify(replicas, agents, tmp_path):
     legs = st["targets"][0]["legs"]
     assert len(legs) == 2
     assert st["table_age_ms"] is not None and st["last_recompute_ns"] > 0
-    assert st["tick_ms"] == 20 and st["ttl_ticks"] * st["tick_ms"] == 1000
-    assert st["max_silence_ms"] == 500
+    assert st["tick_ms"] == 100 and st["ttl_ticks"] * st["tick_ms"] == 3000
+    assert st["max_silence_ms"] == 2000
     assert st["routing"]["routed"] > 0, st["routing"]
     for leg in legs:
         assert leg["baseline"]["lat_us"] > 0 and leg["samples"] >= F.MIN_BASELINE_SAMPLES
