@@ -14,8 +14,7 @@
  *      key  = iobridge_key_index(iobridge_size_bucket(bio_bytes),
  *                                iobridge_inflight_bucket(inflight[leg]),
  *                                iobridge_lat_bucket(lat_edge_ns,
- *                                    iobridge_key_latency(last_lat_ns[leg],
- *                                        last_complete_ns[leg], inflight[leg], now)))
+ *                                    iobridge_key_latency(last_lat_ns[leg], inflight[leg])))
  *      cost = (inflight[leg] + 1) * service_ns + penalty_ns[key]
  *    (64-bit arithmetic).  The lowest cost wins; on an exact tie one of the
  *    tied legs uniformly at random (reservoir sampling: the k-th tied leg
@@ -62,7 +61,6 @@ BPF_PERCPU_ARRAY(iobridge_decision_age, u64, IOBRIDGE_LAT_SLOTS);
  */
 struct iobridge_route_scratch {
 	u64 best_cost;
-	u64 key_lat;	/* this leg's iobridge_key_latency(), through memory too */
 	s32 best;
 	s32 probe;
 	u32 ties;
@@ -128,14 +126,11 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		if (!d || d->expires_ns <= now)
 			continue;
 		inflight = ctx->inflight[leg];
-		/* Through map memory: its branches' states converge before the
-		 * bucket loop (in a register they double the verifier's work). */
-		s->key_lat = iobridge_key_latency(ctx->last_lat_ns[leg],
-						  ctx->last_complete_ns[leg], inflight, now);
 		key = iobridge_key_index(size_bucket,
 					 iobridge_inflight_bucket(inflight),
 					 iobridge_lat_bucket(d->lat_edge_ns,
-							     *(volatile u64 *)&s->key_lat));
+							     iobridge_key_latency(ctx->last_lat_ns[leg],
+										  inflight)));
 		/* Keep the bounds check visible to the verifier. */
 		asm volatile("" : "+r"(key));
 		if (key >= IOBRIDGE_KEYS_PER_LEG)

@@ -144,28 +144,20 @@ static inline __u32 iobridge_inflight_bucket(__u32 inflight)
 }
 
 /*
- * The latency the key buckets, from the leg's live state:
- * - its newest completion latency over (bios in flight on it now + 1).
- *   Under a deep queue each read also waits for the ones ahead of it, which
- *   the cost's in-flight term already prices: per read, a loaded but
- *   healthy leg stays in the low buckets (raw, two healthy legs at QD16
- *   flipped between buckets whose penalties differ by several reads of
- *   queue, and reads herded onto one leg), while a leg in a slow period
- *   stays high.  With nothing in flight it is the raw latency;
- * - or, if longer, the time since its newest completion while it has bios
- *   in flight: a leg that just turned slow shows it before any of its slow
- *   reads completes (at QD16 it otherwise took the reads arriving in the
- *   whole first slow latency).
+ * The latency the key buckets: the leg's newest completion latency over
+ * (bios in flight on it now + 1).  Under a deep queue each read also waits
+ * for the ones ahead of it, which the cost's in-flight term already prices:
+ * per read, a loaded but healthy leg stays in the low buckets (raw, two
+ * healthy legs at QD16 flipped between buckets whose penalties differ by
+ * several reads of queue, and reads herded onto one leg), while a leg in a
+ * slow period stays high.  With nothing in flight it is the raw latency.
+ * (Also taking the time since the newest completion while bios are in
+ * flight was tried: under emulation a healthy leg's completion gaps are
+ * noisy, and the slow leg got more reads while slow, not fewer.)
  */
-static inline __u64 iobridge_key_latency(__u64 last_lat_ns, __u64 last_complete_ns,
-					 __u32 inflight, __u64 now_ns)
+static inline __u64 iobridge_key_latency(__u64 last_lat_ns, __u32 inflight)
 {
-	__u64 lat = last_lat_ns / ((__u64)inflight + 1);
-
-	if (inflight && last_complete_ns && now_ns > last_complete_ns &&
-	    now_ns - last_complete_ns > lat)
-		lat = now_ns - last_complete_ns;
-	return lat;
+	return last_lat_ns / ((__u64)inflight + 1);
 }
 
 /* The number of edges at or below lat_ns (edges ascending). */

@@ -192,15 +192,11 @@ def test_build_is_one_batched_call_over_every_key_of_every_valid_leg():
     slow_key = abi.key_index(0, 0, 5)               # 10-16x baseline
     fast_key = abi.key_index(0, 0, 0)
     assert t.p_slow[0, slow_key] == pytest.approx(0.9) and t.p_slow[0, fast_key] == pytest.approx(0.01)
-    assert t.key_of(0, 4096, 0, 1_200_000, 0, 0) == slow_key
-    assert t.key_of(2, 4096, 0, 1_200_000, 0, 0) == abi.key_index(0, 0, 6)      # 24x 50 us
+    assert t.key_of(0, 4096, 0, 1_200_000) == slow_key
+    assert t.key_of(2, 4096, 0, 1_200_000) == abi.key_index(0, 0, 6)      # 24x 50 us
     # With bios in flight the latency is taken per read: 3.5 ms over 3 + 1 is 17.5x 50 us.
-    assert t.key_of(2, 70_000, 3, 3_500_000, 1_000, 1_000) == abi.key_index(3, 2, 6)
-    assert t.key_of(2, 70_000, 0, 3_500_000, 1_000, 1_000) == abi.key_index(3, 0, abi.NUM_LAT_BUCKETS - 1)
-    # Bios in flight and no completion for 100 us (2x 50 us): bucket 1, not 0.
-    assert t.key_of(2, 4096, 2, 60_000, 1_000, 101_000) == abi.key_index(0, 2, 1)
-    # ... and with nothing in flight, the time since the last completion is idleness.
-    assert t.key_of(2, 4096, 0, 60_000, 1_000, 101_000) == abi.key_index(0, 0, 0)
+    assert t.key_of(2, 70_000, 3, 3_500_000) == abi.key_index(3, 2, 6)
+    assert t.key_of(2, 70_000, 0, 3_500_000) == abi.key_index(3, 0, abi.NUM_LAT_BUCKETS - 1)
     assert t.avoided(0.5)[0, slow_key] and not t.avoided(0.5)[0, fast_key]
     with pytest.raises(ValueError):
         TableMaker(m, ttl_ns=0)

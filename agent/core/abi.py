@@ -59,14 +59,10 @@ def inflight_bucket(inflight: int) -> int:
     return 0
 
 
-def key_latency(last_lat_ns: int, last_complete_ns: int, inflight: int, now_ns: int) -> int:
+def key_latency(last_lat_ns: int, inflight: int) -> int:
     """The latency the key buckets (iobridge_key_latency): the newest
-    completion latency over (bios in flight + 1), or, if longer, the time
-    since the newest completion while bios are in flight."""
-    lat = int(last_lat_ns) // (int(inflight) + 1)
-    if inflight and last_complete_ns and now_ns > last_complete_ns:
-        lat = max(lat, int(now_ns) - int(last_complete_ns))
-    return lat
+    completion latency over (bios in flight + 1)."""
+    return int(last_lat_ns) // (int(inflight) + 1)
 
 
 def lat_bucket(edges_ns, lat_ns: int) -> int:

@@ -12,10 +12,8 @@ The key (kmodule/iobridge_abi.h, core/abi.py): per read and leg,
   size bucket     of the read (abi.SIZE_BUCKET_MAX_BYTES: <=4K, <=16K, <=64K, more),
   in-flight bucket of the leg's bios in flight (0, 1, 2-3, 4-7, 8-15, 16+),
   latency bucket  of the leg's newest completion latency over (its bios in
-                  flight + 1), or the time since that completion while bios
-                  are in flight if longer (abi.key_latency: a deep queue
-                  alone does not look slow, a leg that stopped completing
-                  does), split by edges at REL_LAT_EDGES x its baseline.
+                  flight + 1) (abi.key_latency: a deep queue alone does not
+                  look slow), split by edges at REL_LAT_EDGES x its baseline.
 The edges sit where the model's inputs matter: below 1.5x baseline a read
 is plainly fast; the labels of the shipped model call a period slow from
 about 10-20x; 32x and more is deep inside a slow period.
@@ -189,9 +187,8 @@ class KeyedTable:
     def __len__(self) -> int:
         return len(self.valid)
 
-    def key_of(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int,
-               last_complete_ns: int, now_ns: int) -> int:
-        lat = abi.key_latency(last_lat_ns, last_complete_ns, inflight, now_ns)
+    def key_of(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int) -> int:
+        lat = abi.key_latency(last_lat_ns, inflight)
         return abi.key_index(abi.size_bucket(nbytes), abi.inflight_bucket(inflight),
                              abi.lat_bucket(self.lat_edges_ns[leg], lat))
 
@@ -260,8 +257,7 @@ def route(table: KeyedTable | None, now_ns: int, nbytes: int, inflight: Sequence
             probe = leg
         cost = ((inflight[leg] + 1) * int(table.service_ns[leg])
                 + int(table.penalty_ns[leg, table.key_of(leg, nbytes, inflight[leg],
-                                                         last_lat_ns[leg],
-                                                         last_complete_ns[leg], now_ns)]))
+                                                         last_lat_ns[leg])]))
         if best < 0 or cost < best_cost:
             best, best_cost, ties = leg, cost, 1
         elif cost == best_cost:

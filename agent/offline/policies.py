@@ -231,7 +231,7 @@ class _OneKeyTable(KeyedTable):
     """A table with one key per leg (the per-I/O policies' penalty for THIS
     read), routed by the same decision.route()."""
 
-    def key_of(self, leg, nbytes, inflight, last_lat_ns, last_complete_ns, now_ns):
+    def key_of(self, leg, nbytes, inflight, last_lat_ns):
         return 0
 
 

@@ -45,7 +45,11 @@ COMPARE_RUNTIME_S = 10
 COMPARE_SEED = 11
 COMPARE_PLAN = (("fast", 1), ("fast", 16), ("slowdev", 1))
 # Bounds, learned against the module default, same seeded slow periods.
-P99_BOUND = {1: 0.6, 16: 0.85}        # learned p99 under this x the default's
+# At QD16 the p99 ratio was 0.67 and 0.84 in two quiet runs of the same
+# code under emulation (the tail there is mostly queueing): its bound only
+# says "not worse", and the slow-leg reads (0.03-0.23x the default's there)
+# carry the proof that the table acts.
+P99_BOUND = {1: 0.6, 16: 0.95}        # learned p99 under this x the default's
 SLOW_READS_BOUND = 0.5                # reads the slow leg served while slow, per slow second
 MIN_ROUTED_FRACTION = 0.95            # reads the table routed while the agent ran (after warm-up)
 

@@ -678,8 +678,7 @@ def test_kernel_routing_matches_decision_route(make_nullb, make_iobridge, direct
             assert last_lat[2] == 0 or last_lat[2] >= 20_000_000, last_lat
             assert healthy == [not (fail_leg0 and i >= len(sizes) // 2), True, True], healthy
             costs = [(inflight[g] + 1) * int(service[g])
-                     + int(penalty[g, table.key_of(g, nbytes, inflight[g], last_lat[g],
-                                                              last_done[g], ctx.now_ns)])
+                     + int(penalty[g, table.key_of(g, nbytes, inflight[g], last_lat[g])])
                      for g in range(nlegs) if healthy[g]]
             if costs.count(min(costs)) > 1:
                 skipped += 1    # an exact tie: a random choice
