@@ -17,7 +17,7 @@ def write(tmp_path, text):
 def test_defaults_are_valid_and_use_the_shipped_model():
     cfg = config.load(None)
     assert cfg.model == config.DEFAULT_MODEL and cfg.model.is_file()
-    assert cfg.tick_ns == 100_000_000 and cfg.ttl_ns == 3_000_000_000
+    assert cfg.tick_ns == 250_000_000 and cfg.ttl_ns == 3_000_000_000
     assert cfg.max_silence_ns == 2_000_000_000 and cfg.probe_after_ns == 200_000_000
     assert cfg.recompute_ns == 1_000_000_000
 

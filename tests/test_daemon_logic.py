@@ -63,8 +63,14 @@ class FakeLegMap:
     def completed(self, slots):
         return self.done[slots].copy()
 
+    retries = 0
+
     def read(self, slots):
         return FakeSnapshot(self.done[slots], self.lat_us[slots])
+
+    def new_samples(self, slots, seen):
+        snap = self.read(slots)
+        return snap.new_samples(seen), snap.completed
 
 
 class FakePolicy:
@@ -214,3 +220,18 @@ def test_bpffs_check_uses_the_innermost_mount(monkeypatch):
     monkeypatch.setattr(psutil, "disk_partitions", lambda all=False: mounts)
     assert pins._is_bpffs(Path("/sys/fs/bpf")) and pins._is_bpffs(Path("/sys/fs/bpf/iobridge"))
     assert not pins._is_bpffs(Path("/sys/fs/bpfx/a")) and not pins._is_bpffs(Path("/sys/kernel"))
+
+
+def test_uevents_that_may_change_the_target_list():
+    from iobridge.kernel.uevents import is_relevant
+    legs = {"iob_leg1"}
+    assert is_relevant({"ACTION": "add", "SUBSYSTEM": "block", "DEVNAME": "dm-3"}, legs)
+    assert is_relevant({"ACTION": "remove", "SUBSYSTEM": "block", "DEVNAME": "dm-3",
+                        "DM_NAME": "iob_leg1"}, legs)
+    # a resume with a new table: relevant unless it names a known non-target
+    assert is_relevant({"ACTION": "change", "SUBSYSTEM": "block", "DEVNAME": "dm-4",
+                        "DM_NAME": "rep"}, legs)
+    assert not is_relevant({"ACTION": "change", "SUBSYSTEM": "block", "DEVNAME": "dm-5",
+                            "DM_NAME": "iob_leg1"}, legs)
+    assert not is_relevant({"ACTION": "change", "SUBSYSTEM": "block", "DEVNAME": "loop0"}, legs)
+    assert not is_relevant({"ACTION": "add", "SUBSYSTEM": "bdi", "DEVNAME": "dm-3"}, legs)

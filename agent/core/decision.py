@@ -18,12 +18,14 @@ The edges sit where the model's inputs matter: below 1.5x baseline a read
 is plainly fast; the labels of the shipped model call a period slow from
 about 10-20x; 32x and more is deep inside a slow period.
 
-build() runs the model ONCE over every key of every leg (one batched ONNX
-call): a read of the bucket's representative size (BUCKET_SIZE_BYTES) on a
-leg whose current and previous queue lengths are the in-flight bucket's
-representative (INFLIGHT_REP) and whose last three latencies are the
-latency bucket's representative (LAT_REP_REL x baseline, a steady state),
-with throughputs derived from them. The baselines (features.BaselineTracker)
+build() runs the model at most ONCE (one batched ONNX call), over every key
+of every leg whose rows it has not evaluated yet. A row is a read of the
+bucket's representative size (BUCKET_SIZE_BYTES) on a leg whose current
+and previous queue lengths are the in-flight bucket's representative
+(INFLIGHT_REP) and whose last three latencies are the latency bucket's
+representative (LAT_REP_REL x baseline, a steady state), with throughputs
+derived from them; the rows depend on the baselines only through
+bytes_per_read (key_rows), so P(slow) is kept per point of that grid. The baselines (features.BaselineTracker)
 are the slow-moving inputs; the fast ones are in the key, so the table
 stays right between recomputes.
 
@@ -68,6 +70,13 @@ BUCKET_SIZE_BYTES = tuple(abi.SIZE_BUCKET_MAX_BYTES) + (2 * abi.SIZE_BUCKET_MAX_
 # gave two identical replicas penalties 2x apart (one leg then got 9% of
 # the reads while both were fast).
 SLOW_READ_REL = 8.0
+# The model's rows depend on a leg's baselines only through their product
+# (bytes_per_read); it is evaluated on a grid of that product, 16 points per
+# octave (4.4% apart, finer than BASELINE_MOVE), and each point's P(slow) is
+# kept: a leg that gets faster or slower needs new edges and penalties, not
+# a new inference (under emulation on a loaded host one took 0.3-0.7 s).
+BYTES_GRID_STEPS = 16
+MAX_CACHED_POINTS = 64
 SLOW_READ_MIN_COUNT = 8
 SLOW_LAT_FLOOR_REL = 10.0
 assert len(REL_LAT_EDGES) == abi.NUM_LAT_BUCKETS - 1
@@ -94,7 +103,7 @@ class LegBaseline:
         if not tracker.ready:
             return None
         lat = tracker.latency_us()
-        slow = tracker.slow_latency_us(SLOW_READ_REL, SLOW_READ_MIN_COUNT) or 0.0
+        slow = tracker.slow_latency_us(SLOW_READ_REL * lat, SLOW_READ_MIN_COUNT) or 0.0
         return cls(lat, tracker.tput(), max(slow, SLOW_LAT_FLOOR_REL * lat))
 
     def moved(self, other: "LegBaseline | None", rel: float) -> bool:
@@ -144,14 +153,36 @@ def lat_edges_ns(base: LegBaseline) -> np.ndarray:
     return np.rint(np.array(REL_LAT_EDGES) * base.lat_us * 1000).astype(np.int64)
 
 
-def key_rows(base: LegBaseline) -> np.ndarray:
-    """Model inputs [KEYS_PER_LEG, NUM_FEATURES] for every key of one leg."""
+def bytes_per_read(base: LegBaseline) -> float:
+    """The one baseline-dependent input of the model's rows: baseline
+    latency x baseline throughput (bytes; about the typical read size)."""
+    return base.lat_us * base.tput
+
+
+def bytes_grid_point(nbytes: float) -> float:
+    """bytes_per_read() rounded to the grid the model is evaluated on
+    (BYTES_GRID_STEPS per octave); 0 stays 0 (no throughput known)."""
+    if nbytes <= 0:
+        return 0.0
+    return float(2.0 ** (round(np.log2(nbytes) * BYTES_GRID_STEPS) / BYTES_GRID_STEPS))
+
+
+def key_rows(base: LegBaseline | float) -> np.ndarray:
+    """Model inputs [KEYS_PER_LEG, NUM_FEATURES] for every key of one leg
+    (a LegBaseline, or its bytes_per_read() directly).
+
+    Every input is relative to the baseline except the throughput ratio,
+    size / (lat_rel x baseline latency) / baseline throughput, which needs
+    only the product of the two baselines: so a leg's rows, and what the
+    model says about them, change when that product does, not when the
+    leg merely gets faster or slower."""
+    nbytes = bytes_per_read(base) if isinstance(base, LegBaseline) else float(base)
     x = np.zeros((abi.KEYS_PER_LEG, F.NUM_FEATURES), dtype=np.float32)
     size = np.array(BUCKET_SIZE_BYTES, dtype=np.float64)[_KEY_SIZE]
     qlen = np.array(INFLIGHT_REP, dtype=np.float64)[_KEY_INFLIGHT]
     lat_rel = np.array(LAT_REP_REL)[_KEY_LAT]
     # throughput of such a read, over the leg's baseline throughput
-    tput_rel = F.relative(size / (lat_rel * base.lat_us), base.tput)
+    tput_rel = F.relative(size / lat_rel, nbytes)
     x[:, F.COL_IO_TYPE] = 0.0
     x[:, F.COL_SIZE] = size
     x[:, F.COL_QLEN] = qlen
@@ -214,7 +245,23 @@ class TableMaker:
         self.staleness_ns = int(staleness_ns)
         self.threshold = float(model.threshold if threshold is None else threshold)
         self.probe_after_ns = int(probe_after_ns)
-        self.calls = 0
+        self.calls = 0              # batched inferences run
+        # P(slow) per key, by bytes_grid_point: the model is run only for a
+        # point not seen yet (a new model gets a new TableMaker).
+        self._p_slow: dict[float, np.ndarray] = {}
+
+    def _infer(self, points: Sequence[float]) -> None:
+        """Run the model once over every key of the points not cached yet."""
+        todo = list(dict.fromkeys(pt for pt in points if pt not in self._p_slow))
+        if not todo:
+            return
+        if len(self._p_slow) + len(todo) > MAX_CACHED_POINTS:
+            self._p_slow.clear()
+        rows = np.concatenate([key_rows(pt) for pt in todo])
+        probs = np.asarray(self.model.p_slow(rows), dtype=np.float32)
+        self.calls += 1
+        for pt, pp in zip(todo, probs.reshape(len(todo), abi.KEYS_PER_LEG)):
+            self._p_slow[pt] = pp
 
     def build(self, now_ns: int, baselines: Sequence[LegBaseline | None]) -> KeyedTable:
         n = len(baselines)
@@ -225,10 +272,10 @@ class TableMaker:
         service = np.zeros(n, dtype=np.int64)
         idx = np.flatnonzero(valid)
         if len(idx):
-            rows = np.concatenate([key_rows(baselines[i]) for i in idx])
-            probs = np.asarray(self.model.p_slow(rows), dtype=np.float32)
-            self.calls += 1
-            p[idx] = probs.reshape(len(idx), abi.KEYS_PER_LEG)
+            points = [bytes_grid_point(bytes_per_read(baselines[i])) for i in idx]
+            self._infer(points)
+            for i, point in zip(idx, points):
+                p[i] = self._p_slow[point]
             for i in idx:
                 b = baselines[i]
                 pen[i] = penalties_ns(p[i], b)

@@ -165,12 +165,15 @@ class BaselineTracker:
         self.n = 0          # samples seen (the ring holds min(n, window))
 
     def add(self, lat_us, tput) -> None:
-        for la, tp in zip(np.atleast_1d(lat_us), np.atleast_1d(tput)):
-            if la <= 0:
-                continue
-            i = self.n % len(self._lat)
-            self._lat[i], self._tput[i] = la, tp
-            self.n += 1
+        lat = np.atleast_1d(np.asarray(lat_us, dtype=np.float64))
+        tp = np.atleast_1d(np.asarray(tput, dtype=np.float64))
+        keep = lat > 0
+        lat, tp = lat[keep], tp[keep]
+        window = len(self._lat)
+        skip = max(len(lat) - window, 0)      # older than the ring holds
+        idx = (self.n + skip + np.arange(len(lat) - skip)) % window
+        self._lat[idx], self._tput[idx] = lat[skip:], tp[skip:]
+        self.n += len(lat)
 
     @property
     def ready(self) -> bool:
@@ -188,15 +191,11 @@ class BaselineTracker:
         _, tp = self._held()
         return float(np.quantile(tp, BASELINE_TPUT_QUANTILE)) if len(tp) else 0.0
 
-    def latency_quantile_us(self, q: float) -> float:
+    def slow_latency_us(self, above_us: float, min_count: int) -> float | None:
+        """Median of the held latencies above `above_us`; None with fewer
+        than min_count of them (jitter, not slow periods)."""
         lat, _ = self._held()
-        return float(np.quantile(lat, q)) if len(lat) else 0.0
-
-    def slow_latency_us(self, rel: float, min_count: int) -> float | None:
-        """Median of the held latencies above rel x the baseline latency;
-        None with fewer than min_count of them (jitter, not slow periods)."""
-        lat, _ = self._held()
-        slow = lat[lat > rel * self.latency_us()] if len(lat) else lat
+        slow = lat[lat > above_us]
         return float(np.median(slow)) if len(slow) >= min_count else None
 
 

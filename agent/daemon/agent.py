@@ -5,7 +5,7 @@ decision table on each leg's live state (size bucket of the read, bios in
 flight, the newest completion latency) and picks the leg with the lowest
 expected completion time. The agent only keeps that table right:
 
-  every tick (config agent.tick_ms, default 100 ms) it beats the heartbeat
+  every tick (config agent.tick_ms, default 250 ms) it beats the heartbeat
   the routing program checks, extends the entries' expiry, and samples the
   newest completions of every leg of every managed target from the
   observer's mmapped leg_features array (kernel/legstate.py) into each
@@ -25,9 +25,11 @@ least-in-flight default. If the agent dies, the kernel closes its file
 descriptors and the routing program detaches at once; if it stalls, the
 table keeps following the legs' live state until it expires.
 
-Targets are discovered by a background thread (`dmsetup status --target
-iobridge` every discover_interval_s), so a slow dmsetup never delays a tick.
-A target that disappears has its entries cleared and its leg slots freed.
+Targets are discovered by a background thread, so a slow dmsetup never
+delays a tick: it lists them (`dmsetup status --target iobridge`) when a
+kernel uevent says a dm device came, went or was resumed with a new table
+(kernel/uevents.py), and every discover_interval_s as a safety net. A
+target that disappears has its entries cleared and its leg slots freed.
 
 Signals: SIGHUP reloads the config file and the model (a file that fails
 validation is refused and the running ones stay in force); SIGTERM and
@@ -53,13 +55,17 @@ import numpy as np
 from ..core import abi, cliutil, clock, decision, histogram
 from ..core import features as F
 from ..core.errors import IobridgeError, UsageError
-from ..kernel import blockdev, bpf, dmtarget, system
+from ..kernel import blockdev, bpf, dmtarget, system, uevents
 from . import config as config_mod
 
 log = logging.getLogger("iobridge.agent")
 
-PHASES = ("sample", "infer", "publish", "tick")
-STATUS_INTERVAL_S = 1.0
+PHASES = ("sample", "infer", "publish", "tick", "status", "discover")
+# The status file: for `iobridge status` and the tests (~20 ms of an
+# emulated core per write).
+STATUS_INTERVAL_S = 2.0
+# Target listing period where no uevent socket can be opened.
+FALLBACK_DISCOVER_S = 1.0
 # A leg's baseline that moved by more than this (relative, any of latency,
 # throughput, slow cost) makes the table be recomputed.
 BASELINE_MOVE = 0.10
@@ -141,7 +147,7 @@ class Agent:
         self.counters = {"ticks": 0, "overruns": 0, "recomputes": 0, "decision_changes": 0,
                          "tick_errors": 0, "reloads": 0, "reload_failures": 0,
                          "targets_added": 0, "targets_removed": 0, "seq_retries": 0,
-                         "samples": 0}
+                         "samples": 0, "listings": 0}
         self.started_ns = 0
         self.last_published_ns = 0
         self._targets: list[Target] = []     # replaced whole by the discovery thread
@@ -152,13 +158,16 @@ class Agent:
         self._rows: list[tuple[Target, slice]] = []
         self._trackers: dict[int, F.BaselineTracker] = {}   # kdev -> its baseline samples
         self._seen = np.zeros(0, dtype=np.int64)            # completions sampled, per row
+        self._unfed: dict[int, tuple[list, list]] = {}      # kdev -> samples not yet in its tracker
         self._table: decision.KeyedTable | None = None      # the one in force
+        self._view: tuple = (None, [])                      # status's view of it (_table_view)
         self._dirty = True                   # recompute at the next chance
         self._last_build_ns = 0
-        self._next_check_ns = 0              # next look at the baselines (_needs_build)
+        self._next_check_ns = 0              # next look at the baselines (_baselines_to_build)
         self._builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recompute")
         self._pending: concurrent.futures.Future | None = None   # a recompute under way
         self._stop = threading.Event()
+        self._events: uevents.DmEvents | None = None
         self._reload = False
         self._thread: threading.Thread | None = None
 
@@ -197,6 +206,15 @@ class Agent:
         if not cfg.shadow:
             self.policy.attach()
         self.started_ns = clock.now_ns()
+        # Opened here, not in the thread: importing pyroute2 takes seconds
+        # of CPU under emulation, better spent before READY than beside I/O.
+        self._events = uevents.DmEvents()
+        if self._events.open():
+            log.info("target discovery: dm uevents, and a full listing every %g s",
+                     cfg.discover_interval_s)
+        else:
+            log.warning("target discovery: %s; listing targets every %g s instead",
+                        self._events.error, FALLBACK_DISCOVER_S)
         self._thread = threading.Thread(target=self._discovery_loop, name="discovery", daemon=True)
         self._thread.start()
         log.info("agent started: %d target(s), tick %.3g ms, expiry %d ticks, %s",
@@ -229,18 +247,36 @@ class Agent:
 
     # -- target discovery (background thread) -------------------------------
     def _discovery_loop(self) -> None:
-        while not self._stop.wait(self.cfg.discover_interval_s):
-            try:
-                found = discover(self.cfg.targets)
-                if found != self._targets:
-                    self._targets = found
-                if self._discovery_error:
-                    log.info("target discovery works again")
-                self._discovery_error = None
-            except IobridgeError as err:
-                if str(err) != self._discovery_error:
-                    log.error("target discovery failed: %s (keeping the last list)", err)
-                self._discovery_error = str(err)
+        events = self._events
+        others: set[str] = set()     # dm devices that are not managed targets
+        try:
+            while not self._stop.is_set():
+                if events.sock is not None:
+                    events.wait(self.cfg.discover_interval_s, others, self._stop)
+                elif self._stop.wait(min(FALLBACK_DISCOVER_S, self.cfg.discover_interval_s)):
+                    break
+                if self._stop.is_set():
+                    break
+                t0 = time.perf_counter_ns()
+                self._discover_once()
+                self.times.add("discover", time.perf_counter_ns() - t0)
+                others = uevents.dm_names() - {t.name for t in self._targets}
+        finally:
+            events.close()
+
+    def _discover_once(self) -> None:
+        self.counters["listings"] += 1
+        try:
+            found = discover(self.cfg.targets)
+            if found != self._targets:
+                self._targets = found
+            if self._discovery_error:
+                log.info("target discovery works again")
+            self._discovery_error = None
+        except IobridgeError as err:
+            if str(err) != self._discovery_error:
+                log.error("target discovery failed: %s (keeping the last list)", err)
+            self._discovery_error = str(err)
 
     def _apply_targets(self, targets: list[Target]) -> None:
         """Set the tick loop up for a new target list (slots, row ranges)."""
@@ -301,17 +337,18 @@ class Agent:
         else:
             # Checking the baselines costs quantiles over every leg's samples
             # (milliseconds under emulation): at most once per recompute_ms.
-            if pending is None and now >= self._next_check_ns and self._needs_build():
-                # Inference runs off the tick loop (ONNX Runtime releases the
-                # GIL): measured under emulation on a loaded host it took
-                # 0.5-6 s, and the heartbeat must not wait for it.
-                self._pending = self._builder.submit(self._timed_build, self.maker, now,
-                                                     self._baselines())
-                self._last_build_ns = now
-                self._dirty = False
-                self.counters["recomputes"] += 1
             if pending is None and now >= self._next_check_ns:
                 self._next_check_ns = now + self.cfg.recompute_ns
+                baselines = self._baselines_to_build()
+                if baselines is not None:
+                    # Inference runs off the tick loop (ONNX Runtime releases
+                    # the GIL): measured under emulation on a loaded host it
+                    # took 0.5-6 s, and the heartbeat must not wait for it.
+                    self._pending = self._builder.submit(self._timed_build, self.maker, now,
+                                                         baselines)
+                    self._last_build_ns = now
+                    self._dirty = False
+                    self.counters["recomputes"] += 1
             if self._table is not None and not self.cfg.shadow:
                 # The table follows the legs' live state in the kernel: keep it valid.
                 for t, rows in self._rows:
@@ -330,12 +367,24 @@ class Agent:
         fresh = np.flatnonzero(completed != self._seen)
         if not len(fresh):
             return
-        snap = self.legmap.read(self._slots[fresh])
-        self.counters["seq_retries"] += snap.retries
-        for row, (lat, tput) in zip(fresh, snap.new_samples(self._seen[fresh])):
-            self._trackers[self._kdevs[row]].add(lat, tput)
+        retries = self.legmap.retries
+        samples, done = self.legmap.new_samples(self._slots[fresh], self._seen[fresh].tolist())
+        self.counters["seq_retries"] += self.legmap.retries - retries
+        for row, (lat, tput) in zip(fresh.tolist(), samples):
+            held = self._unfed.setdefault(self._kdevs[row], ([], []))
+            held[0].extend(lat)
+            held[1].extend(tput)
             self.counters["samples"] += len(lat)
-        self._seen[fresh] = snap.completed
+        self._seen[fresh] = done
+
+    def _feed_baselines(self) -> None:
+        """Hand the samples taken since the last call to the legs' trackers:
+        once per baseline check, not per tick (numpy calls are dear under
+        emulation)."""
+        unfed, self._unfed = self._unfed, {}
+        for kdev, (lat, tput) in unfed.items():
+            if kdev in self._trackers:
+                self._trackers[kdev].add(lat, tput)
 
     def _baselines(self) -> list:
         """Each leg's baseline as its target's table uses it
@@ -346,15 +395,20 @@ class Agent:
             out[rows] = decision.target_baselines(own[rows])[0]
         return out
 
-    def _needs_build(self) -> bool:
+    def _baselines_to_build(self) -> list | None:
+        """The baselines to recompute the table from, or None while the one
+        in force still fits them (checked at most once per recompute_ms:
+        quantiles over every leg's samples cost milliseconds under emulation)."""
+        self._feed_baselines()
         if not any(self._trackers[d].ready for d in self._kdevs):
-            return False     # nothing to build from yet: the first baseline builds at once
+            return None      # nothing to build from yet: the first baseline builds at once
+        baselines = self._baselines()
         if self._dirty or self._table is None:
-            return True
-        for new, old in zip(self._baselines(), self._table.baselines):
-            if new is not None and new.moved(old, BASELINE_MOVE):
-                return True
-        return False
+            return baselines
+        if any(new is not None and new.moved(old, BASELINE_MOVE)
+               for new, old in zip(baselines, self._table.baselines)):
+            return baselines
+        return None
 
     def _publish(self, table: decision.KeyedTable, now: int) -> None:
         expires = now + self.cfg.ttl_ns
@@ -448,7 +502,9 @@ class Agent:
                 self.notify.watchdog()
                 next_ping = mono + watchdog_s / 2
             if mono >= next_status:
+                t0 = time.perf_counter_ns()
                 self.write_status()
+                self.times.add("status", time.perf_counter_ns() - t0)
                 next_status = mono + STATUS_INTERVAL_S
             if deadline is not None and mono >= deadline:
                 break
@@ -466,36 +522,23 @@ class Agent:
         now = clock.now_ns()
         table = self._table
         live = self.legmap.read(self._slots) if self.legmap is not None and len(self._slots) else None
+        idle = live.idle_ns(now) if live is not None else None
+        view = self._table_view(table)
         targets = []
         for t, rows in self._rows:
             legs = []
             for i, dev in enumerate(t.legs):
                 r = rows.start + i
                 tracker = self._trackers.get(self._kdevs[r])
-                base = table.baselines[r] if table is not None else None
                 legs.append({
                     "dev": dev, "slot": int(self._slots[r]),
-                    "samples": tracker.n if tracker else 0,
-                    "baseline": None if base is None else {
-                        "lat_us": round(base.lat_us, 1), "tput_mbps": round(base.tput, 3),
-                        "slow_lat_us": round(base.slow_lat_us, 1)},
-                    "lat_edges_us": None if base is None else
-                    np.round(table.lat_edges_ns[r] / 1e3, 1).tolist(),
-                    # P(slow) and penalty for 4 KiB reads with 0 and 1 bios in
-                    # flight, per latency bucket: the model's view of this leg
-                    "p_slow_4k": None if base is None else {
-                        f"inflight_{n}": [round(float(table.p_slow[r, abi.key_index(0, n, lb)]), 4)
-                                          for lb in range(abi.NUM_LAT_BUCKETS)] for n in (0, 1)},
-                    "penalty_4k_us": None if base is None else {
-                        f"inflight_{n}": [round(int(table.penalty_ns[r, abi.key_index(0, n, lb)]) / 1e3, 1)
-                                          for lb in range(abi.NUM_LAT_BUCKETS)] for n in (0, 1)},
-                    "avoided_keys": None if base is None else
-                    int(table.avoided(self.maker.threshold)[r].sum()),
+                    "samples": (tracker.n if tracker else 0)
+                    + len(self._unfed.get(self._kdevs[r], ((),))[0]),
+                    **view[r],
                     "live": None if live is None else {
                         "inflight": int(live.inflight[r]),
                         "prev_lat_us": np.round(live.prev_lat_us[r], 1).tolist(),
-                        "idle_ms": None if live.idle_ns(now)[r] is None
-                        else round(live.idle_ns(now)[r] / 1e6, 1)}})
+                        "idle_ms": None if idle[r] is None else round(idle[r] / 1e6, 1)}})
             targets.append({"name": t.name, "target_id": t.target_id, "legs": legs})
         return {
             "pid": os.getpid(), "abi_version": abi.ABI_VERSION,
@@ -519,12 +562,43 @@ class Agent:
             "timing_us": self.times.summary(),
         }
 
+    def _table_view(self, table: decision.KeyedTable | None) -> list[dict]:
+        """Per row, what status shows of the table in force; kept until the
+        table changes (the status file is rewritten every STATUS_INTERVAL_S)."""
+        if self._view[0] is table and len(self._view[1]) == len(self._kdevs):
+            return self._view[1]
+        th = self.maker.threshold if self.maker else 0.0
+        avoided = table.avoided(th).sum(axis=1) if table is not None else None
+        view = []
+        for r in range(len(self._kdevs)):
+            base = table.baselines[r] if table is not None and r < len(table) else None
+            if base is None:
+                view.append({"baseline": None, "lat_edges_us": None, "p_slow_4k": None,
+                             "penalty_4k_us": None, "avoided_keys": None})
+                continue
+            keys = {n: [abi.key_index(0, n, lb) for lb in range(abi.NUM_LAT_BUCKETS)] for n in (0, 1)}
+            view.append({
+                "baseline": {"lat_us": round(base.lat_us, 1), "tput_mbps": round(base.tput, 3),
+                             "slow_lat_us": round(base.slow_lat_us, 1)},
+                "lat_edges_us": np.round(table.lat_edges_ns[r] / 1e3, 1).tolist(),
+                # P(slow) and penalty for 4 KiB reads with 0 and 1 bios in
+                # flight, per latency bucket: the model's view of this leg
+                "p_slow_4k": {f"inflight_{n}": np.round(table.p_slow[r, k].astype(np.float64), 4).tolist()
+                              for n, k in keys.items()},
+                "penalty_4k_us": {f"inflight_{n}": np.round(table.penalty_ns[r, k] / 1e3, 1).tolist()
+                                  for n, k in keys.items()},
+                "avoided_keys": int(avoided[r])})
+        self._view = (table, view)
+        return view
+
     def write_status(self) -> None:
         path = Path(self.cfg.status_file)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(self.status(), indent=1))
+            # compact: json's C encoder (indent= takes the pure-Python one,
+            # ~70 ms per write under emulation); `iobridge status` formats it
+            tmp.write_text(json.dumps(self.status()))
             os.replace(tmp, path)
         except OSError as err:
             log.warning("cannot write status file %s: %s", path, err.strerror)

@@ -1,15 +1,16 @@
 """The agent's configuration: a TOML file, validated whole before use.
 
     [agent]
-    tick_ms = 100.0            # period of the heartbeat and of sampling leg state
-    ttl_ticks = 30             # a published entry expires after this many ticks
+    tick_ms = 250.0            # period of the heartbeat and of sampling leg state
+    ttl_ticks = 12             # a published entry expires after this many ticks
                                # without the agent (3 s at the defaults)
     max_silence_ms = 2000      # the routing program ignores the table when the
                                # heartbeat is older than this (0 = never)
     recompute_ms = 1000        # the keyed table is recomputed at most this often,
                                # and only when a leg's baseline or the model changed
     shadow = false             # compute and log decisions, publish nothing
-    discover_interval_s = 1.0  # how often the target list is re-read (dmsetup)
+    discover_interval_s = 10.0 # a full target listing (dmsetup) this often; dm
+                               # uevents trigger one at once in between
     status_file = "/run/iobridge/status.json"
     pin_dir = "/sys/fs/bpf/iobridge"
     log_level = "info"         # debug logs every decision change with its reason
@@ -46,12 +47,12 @@ class ConfigError(IobridgeError):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    tick_ms: float = 100.0
-    ttl_ticks: int = 30
+    tick_ms: float = 250.0
+    ttl_ticks: int = 12
     max_silence_ms: float = 2000.0
     recompute_ms: float = 1000.0
     shadow: bool = False
-    discover_interval_s: float = 1.0
+    discover_interval_s: float = 10.0
     status_file: Path = Path("/run/iobridge/status.json")
     pin_dir: Path = Path("/sys/fs/bpf/iobridge")
     log_level: str = "info"

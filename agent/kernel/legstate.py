@@ -86,6 +86,20 @@ def consistent_copy(buf, rows, max_retries: int = DEFAULT_MAX_RETRIES, between=N
     return records, stable, retries
 
 
+def samples_since(completed, stable, lat_ns, nbytes, seen_completed) -> list[tuple[list, list]]:
+    """Per row (leg), the (latencies us, throughputs) of its completions
+    since a reader saw `seen_completed` of them: at most the HISTORY newest
+    the record holds; none for a row without a consistent copy. Plain Python
+    over lists: the agent runs it every tick, and under emulation each
+    numpy call on arrays this small costs ~0.1 ms."""
+    out = []
+    for done, ok, lats, sizes, seen in zip(completed, stable, lat_ns, nbytes, seen_completed):
+        k = min(max(int(done) - int(seen), 0), abi.HISTORY) if ok else 0
+        pairs = [(la / 1e3, b) for la, b in zip(lats[:k], sizes[:k]) if la > 0]
+        out.append(([la for la, _ in pairs], [b / la for la, b in pairs]))
+    return out
+
+
 @dataclass
 class LegSnapshot:
     """Feature state of the requested slots at one instant, one row each."""
@@ -125,15 +139,10 @@ class LegSnapshot:
         """Per row, the (latency us, throughput) of the completions since a
         reader last saw `seen_completed` of them: at most the HISTORY newest
         the record still holds; none for a row without a consistent copy."""
-        out = []
-        for i in range(len(self)):
-            k = int(min(max(self.completed[i] - seen_completed[i], 0), abi.HISTORY))
-            if not self.stable[i]:
-                k = 0
-            lat = self.prev_lat_us[i, :k]
-            keep = lat > 0
-            out.append((lat[keep], self.prev_tput_mbps[i, :k][keep]))
-        return out
+        lat_ns = np.rint(self.prev_lat_us * 1e3).astype(np.int64).tolist()
+        return [(np.array(lat), np.array(tput)) for lat, tput in samples_since(
+            self.completed.tolist(), self.stable.tolist(), lat_ns, self.prev_bytes.tolist(),
+            np.asarray(seen_completed).tolist())]
 
     def idle_ns(self, now_ns: int) -> list[int | None]:
         """Time since each leg's newest completion (None: never completed);
@@ -268,6 +277,18 @@ class LegFeatureMap:
         self.retries += retries
         self.unstable += int((~stable).sum())
         return LegSnapshot.from_records(slots, rec, stable, retries)
+
+    def new_samples(self, slots, seen_completed) -> tuple[list, list]:
+        """(samples_since per slot, completed per slot): what
+        read(slots).new_samples(seen) gives, as lists, without the rest of
+        a snapshot (the agent's tick)."""
+        self._check_open()
+        rec, stable, retries = consistent_copy(self._mm, slots, self.max_retries)
+        self.retries += retries
+        self.unstable += len(stable) - int(stable.sum())
+        completed = rec["completed"].tolist()
+        return samples_since(completed, stable.tolist(), rec["prev_lat_ns"].tolist(),
+                             rec["prev_bytes"].tolist(), seen_completed), completed
 
     def completed(self, slots) -> np.ndarray:
         """Bios completed per slot: a cheap test for "nothing new" (an

@@ -376,6 +376,7 @@ class Table(_Learned):
         self.last_build = None
         self.borrowed = [False] * nlegs
         self.no_table = 0       # default-routed reads with no table in force
+        self.rebuilds = 0       # tables built (each runs the model only for new rows)
         self.maker.calls = 0
 
     def visible(self, now: int) -> KeyedTable | None:
@@ -399,6 +400,7 @@ class Table(_Learned):
                 b.moved(o, self.move_rel) for b, o in zip(bases, self.built)):
             return
         self.tables.append(self.maker.build(now, bases))
+        self.rebuilds += 1
         self.built, self.borrowed, self.last_build = bases, borrowed, now
 
     def choose(self, now, nbytes, legs):
@@ -438,7 +440,8 @@ class Table(_Learned):
 
     def stats(self):
         self.calls = self.maker.calls
-        return {**super().stats(), "recompute_us": self.recompute_ns / 1000,
+        return {**super().stats(), "rebuilds": self.rebuilds,
+                "recompute_us": self.recompute_ns / 1000,
                 "staleness_us": self.staleness_ns / 1000,
                 "ttl_us": None if self.ttl_ns is None else self.ttl_ns / 1000,
                 "no_valid_table_reads": self.no_table,

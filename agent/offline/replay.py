@@ -254,7 +254,8 @@ def format_table(report: dict) -> str:
     if "table" in pols and "fallback" not in pols["table"]:
         d = pols["table"]["details"]
         ttl = "kept alive" if d["ttl_us"] is None else f"TTL {d['ttl_us']:g} us"
-        lines.append(f"table: {d['inference_calls']} batched inferences (rebuild when a "
+        lines.append(f"table: {d['rebuilds']} rebuilds, {d['inference_calls']} batched "
+                     "inferences (rebuild when a "
                      f"baseline moves >10%, checked every {d['tick_us'] / 1000:g} ms tick, at "
                      f"most every {d['recompute_us'] / 1000:g} ms; staleness "
                      f"{d['staleness_us']:g} us, {ttl}), {d['routed_fraction']:.1%} "

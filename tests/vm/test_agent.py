@@ -217,14 +217,8 @@ def test_sigstopped_agent_table_follows_the_legs_live_state(replicas, agents, tm
     cfg.write_text("[agent]\ntick_ms = 30\nttl_ticks = 1000\nmax_silence_ms = 30000\n")
     agent = agents("--config", str(cfg))
     # Reads until both legs have a baseline and the table is published.
-    deadline = time.monotonic() + 60
-    while True:
-        window(replicas, 1.0)
-        st = agent.status()
-        if st and st["last_published_ns"] and st["targets"] and all(
-                leg["samples"] >= F.MIN_BASELINE_SAMPLES for leg in st["targets"][0]["legs"]):
-            break
-        assert time.monotonic() < deadline, f"no table for both legs: {st}"
+    warm_up(agent.status, replicas, timeout_s=60)
+    st = agent.status()
     assert st["ttl_ticks"] * st["tick_ms"] >= ttl_s * 1000
 
     st = agent.status()         # the table in force while the agent is stopped
@@ -333,13 +327,16 @@ def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents, tmp_pat
 @pytest.mark.timeout(900)   # agent start(s): BCC under TCG, slower on a busy host
 def test_status_reload_target_loss_and_notify(replicas, agents, tmp_path):
     cfg = tmp_path / "iobridge.toml"
-    cfg.write_text(f'[admission]\nmodel = "{DEFAULT_MODEL}"\n')
+    # No periodic target listing within the test: only uevents can show the
+    # target's removal below.
+    cfg.write_text(f'[agent]\ndiscover_interval_s = 3600\n[admission]\nmodel = "{DEFAULT_MODEL}"\n')
     agent = agents("--config", str(cfg), env={"WATCHDOG_USEC": "1000000"}, workdir=tmp_path)
     assert "READY=1" in agent.messages
     # Reads give the legs their baselines; the agent then publishes a table.
     workload.fio_random_reads(replicas.dev, 4, 2)
     st = agent.wait_status(lambda s: s["targets"] and s["last_published_ns"] > 0
                            and s["counters"]["recomputes"] > 0)
+    assert "target discovery: dm uevents" in agent.log()
 
     # iobridge status, both forms
     proc = iobridge("status", "--json", "--status-file", str(agent.status_file))
@@ -350,7 +347,7 @@ def test_status_reload_target_loss_and_notify(replicas, agents, tmp_path):
     legs = st["targets"][0]["legs"]
     assert len(legs) == 2
     assert st["table_age_ms"] is not None and st["last_recompute_ns"] > 0
-    assert st["tick_ms"] == 100 and st["ttl_ticks"] * st["tick_ms"] == 3000
+    assert st["tick_ms"] == 250 and st["ttl_ticks"] * st["tick_ms"] == 3000
     assert st["max_silence_ms"] == 2000
     assert st["routing"]["routed"] > 0, st["routing"]
     for leg in legs:
@@ -380,15 +377,19 @@ def test_status_reload_target_loss_and_notify(replicas, agents, tmp_path):
     assert st["model"]["sha256"] == sha and st["counters"]["reloads"] == 0
     assert "reload refused" in agent.log() and "not an ONNX model" in agent.log()
     # ... and a good one is taken.
-    cfg.write_text(f'[agent]\ntick_ms = 10\n[admission]\nmodel = "{DEFAULT_MODEL}"\n')
+    cfg.write_text(f'[agent]\ntick_ms = 10\ndiscover_interval_s = 3600\n'
+                   f'[admission]\nmodel = "{DEFAULT_MODEL}"\n')
     agent.send(signal.SIGHUP)
     st = agent.wait_status(lambda s: s["counters"]["reloads"] == 1)
     assert st["tick_ms"] == 10 and agent.proc.poll() is None
 
-    # The target disappears while the agent runs: it lets go and keeps running.
+    # The target disappears while the agent runs: the dm uevent makes it
+    # list again at once; it lets go and keeps running.
+    listings = st["counters"]["listings"]
     dmtarget.remove(replicas.name)
     st = agent.wait_status(lambda s: s["targets"] == [], timeout_s=10)
     assert st["counters"]["targets_removed"] == 1 and agent.proc.poll() is None
+    assert st["counters"]["listings"] > listings
     assert "iob_t (id" in agent.log() and "is gone" in agent.log()
 
     assert agent.stop() == 0

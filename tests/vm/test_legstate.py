@@ -100,6 +100,12 @@ def test_counts_are_exact_and_history_is_the_last_ios(legs, make_nullb):
     assert 0 <= s.idle_ns(now)[0] < 5e9
     assert (s.prev_lat_us[0] >= device_us).all()   # null_blk's timer holds each one
     assert (s.prev_bytes[0] == 4096).all() and (s.prev_qlen[0] == 0).all()
+    # The agent's lean read gives the snapshot's samples: the newest HISTORY.
+    samples, done = legs.new_samples([slot], before.completed.tolist())
+    (lat, tput), = s.new_samples(before.completed)
+    assert done == s.completed.tolist()
+    assert samples[0][0] == lat.tolist() == s.prev_lat_us[0].tolist()
+    assert samples[0][1] == tput.tolist() and len(lat) == abi.HISTORY
 
 
 def test_bios_merged_into_one_request_all_complete(legs, observer, make_nullb):
