@@ -332,10 +332,12 @@ def test_status_reload_target_loss_and_notify(replicas, agents, tmp_path):
     cfg.write_text(f'[agent]\ndiscover_interval_s = 3600\n[admission]\nmodel = "{DEFAULT_MODEL}"\n')
     agent = agents("--config", str(cfg), env={"WATCHDOG_USEC": "1000000"}, workdir=tmp_path)
     assert "READY=1" in agent.messages
-    # Reads give the legs their baselines; the agent then publishes a table.
-    workload.fio_random_reads(replicas.dev, 4, 2)
-    st = agent.wait_status(lambda s: s["targets"] and s["last_published_ns"] > 0
-                           and s["counters"]["recomputes"] > 0)
+    # Reads give the legs their baselines; the agent then publishes a table,
+    # and the reads after that are routed by it.
+    warm_up(agent.status, replicas)
+    workload.fio_random_reads(replicas.dev, 4, 1)
+    st = agent.wait_status(lambda s: s["counters"]["recomputes"] > 0
+                           and s["routing"]["routed"] > 0)
     assert "target discovery: dm uevents" in agent.log()
 
     # iobridge status, both forms
