@@ -206,8 +206,7 @@ class Agent:
         if not cfg.shadow:
             self.policy.attach()
         self.started_ns = clock.now_ns()
-        # Opened here, not in the thread: importing pyroute2 takes seconds
-        # of CPU under emulation, better spent before READY than beside I/O.
+        # Opened here, not in the discovery thread: an error shows at start.
         self._events = uevents.DmEvents()
         if self._events.open():
             log.info("target discovery: dm uevents, and a full listing every %g s",

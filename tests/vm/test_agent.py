@@ -327,9 +327,7 @@ def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents, tmp_pat
 @pytest.mark.timeout(900)   # agent start(s): BCC under TCG, slower on a busy host
 def test_status_reload_target_loss_and_notify(replicas, agents, tmp_path):
     cfg = tmp_path / "iobridge.toml"
-    # No periodic target listing within the test: only uevents can show the
-    # target's removal below.
-    cfg.write_text(f'[agent]\ndiscover_interval_s = 3600\n[admission]\nmodel = "{DEFAULT_MODEL}"\n')
+    cfg.write_text(f'[admission]\nmodel = "{DEFAULT_MODEL}"\n')
     agent = agents("--config", str(cfg), env={"WATCHDOG_USEC": "1000000"}, workdir=tmp_path)
     assert "READY=1" in agent.messages
     # Reads give the legs their baselines; the agent then publishes a table,
@@ -379,17 +377,16 @@ def test_status_reload_target_loss_and_notify(replicas, agents, tmp_path):
     assert st["model"]["sha256"] == sha and st["counters"]["reloads"] == 0
     assert "reload refused" in agent.log() and "not an ONNX model" in agent.log()
     # ... and a good one is taken.
-    cfg.write_text(f'[agent]\ntick_ms = 10\ndiscover_interval_s = 3600\n'
-                   f'[admission]\nmodel = "{DEFAULT_MODEL}"\n')
+    cfg.write_text(f'[agent]\ntick_ms = 10\n[admission]\nmodel = "{DEFAULT_MODEL}"\n')
     agent.send(signal.SIGHUP)
     st = agent.wait_status(lambda s: s["counters"]["reloads"] == 1)
     assert st["tick_ms"] == 10 and agent.proc.poll() is None
 
-    # The target disappears while the agent runs: the dm uevent makes it
-    # list again at once; it lets go and keeps running.
+    # The target disappears while the agent runs (seen by a uevent, or by
+    # the 10 s safety-net listing): it lets go and keeps running.
     listings = st["counters"]["listings"]
     dmtarget.remove(replicas.name)
-    st = agent.wait_status(lambda s: s["targets"] == [], timeout_s=10)
+    st = agent.wait_status(lambda s: s["targets"] == [], timeout_s=25)
     assert st["counters"]["targets_removed"] == 1 and agent.proc.poll() is None
     assert st["counters"]["listings"] > listings
     assert "iob_t (id" in agent.log() and "is gone" in agent.log()
