@@ -229,10 +229,13 @@ def test_keyed_table_beats_least_inflight_when_one_leg_has_slow_periods():
     # the table sees leg 0's newest latency, avoids it, probes it back
     assert tb[0]["mean_us"] < 0.4 * li[0]["mean_us"]
     assert tb[2]["inference_calls"] < 10 and tb[2]["probes"] > 0
-    assert tb[2]["routed_fraction"] > 0.99
+    # only the reads before the first tick (the first baselines) go to the default
+    before_first_tick = P.TICK_NS // 2_000_000 + 2
+    default_routed = round((1 - tb[2]["routed_fraction"]) * len(tr))
+    assert default_routed <= before_first_tick, default_routed
     # the per-I/O model with the same rule does the same here
     assert hd[0]["mean_us"] == pytest.approx(tb[0]["mean_us"], rel=0.05)
-    assert hd[2]["inference_calls"] > 0.99 * len(tr)
+    assert hd[2]["inference_calls"] >= len(tr) - before_first_tick
 
 
 def test_table_replays_are_deterministic():

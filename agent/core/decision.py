@@ -79,6 +79,16 @@ BYTES_GRID_STEPS = 16
 MAX_CACHED_POINTS = 64
 SLOW_READ_MIN_COUNT = 8
 SLOW_LAT_FLOOR_REL = 10.0
+
+# The agent's timing defaults, one definition for the daemon's config and
+# the replay simulator (which plays the agent): baselines are sampled every
+# tick, the table is rebuilt at most once per recompute period and only when
+# a leg's baseline moved by more than BASELINE_MOVE, and an avoided leg idle
+# for probe_after gets one read from the kernel.
+AGENT_TICK_MS = 250.0
+AGENT_RECOMPUTE_MS = 1000.0
+AGENT_PROBE_AFTER_MS = 200.0
+BASELINE_MOVE = 0.10
 assert len(REL_LAT_EDGES) == abi.NUM_LAT_BUCKETS - 1
 assert len(LAT_REP_REL) == abi.NUM_LAT_BUCKETS
 assert len(INFLIGHT_REP) == abi.NUM_INFLIGHT_BUCKETS

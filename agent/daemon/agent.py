@@ -68,7 +68,7 @@ STATUS_INTERVAL_S = 2.0
 FALLBACK_DISCOVER_S = 1.0
 # A leg's baseline that moved by more than this (relative, any of latency,
 # throughput, slow cost) makes the table be recomputed.
-BASELINE_MOVE = 0.10
+BASELINE_MOVE = decision.BASELINE_MOVE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ import tomllib
 from pathlib import Path
 
 from ..core import resources
+from ..core.decision import AGENT_PROBE_AFTER_MS, AGENT_RECOMPUTE_MS, AGENT_TICK_MS
 from ..core.errors import IobridgeError
 
 DEFAULT_MODEL = resources.data_dir("models") / "admission-default.onnx"
@@ -47,10 +48,10 @@ class ConfigError(IobridgeError):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    tick_ms: float = 250.0
+    tick_ms: float = AGENT_TICK_MS
     ttl_ticks: int = 12
     max_silence_ms: float = 2000.0
-    recompute_ms: float = 1000.0
+    recompute_ms: float = AGENT_RECOMPUTE_MS
     shadow: bool = False
     discover_interval_s: float = 10.0
     status_file: Path = Path("/run/iobridge/status.json")
@@ -58,7 +59,7 @@ class Config:
     log_level: str = "info"
     model: Path = DEFAULT_MODEL
     threshold: float | None = None
-    probe_after_ms: float | None = 200.0
+    probe_after_ms: float | None = AGENT_PROBE_AFTER_MS
     targets: tuple[str, ...] = ()
     source: Path | None = None      # the file it came from, for messages
 

@@ -57,7 +57,7 @@ HISTORY (3) newest completions per leg since the previous check, from the
 leg's prev_lat/prev_tput (reads and writes alike: the kernel's history is
 the leg's). As the agent does every tick, the baselines are re-read from
 the trackers (decision.LegBaseline.of) at most once per tick_ns (the
-agent's tick, default 20 ms), for the legs with new samples; the table is
+agent's tick, default 250 ms), for the legs with new samples; the table is
 rebuilt only then. A leg whose tracker is not ready yet borrows the
 baseline of the ready leg with the lowest latency (replicas are usually the
 same kind of device); without that, a leg that gets no reads (low load,
@@ -86,13 +86,13 @@ LINNOS_QLEN_DIGITS = 3
 LINNOS_LAT_DIGITS = 4
 LINNOS_WIDTH = LINNOS_QLEN_DIGITS * (1 + LINNOS_HISTORY) + LINNOS_LAT_DIGITS * LINNOS_HISTORY
 
-# The agent's defaults (daemon/config.py): an avoided leg idle this long gets
-# one read; the leg baselines are sampled once per tick; a table is
-# recomputed at most this often.
-PROBE_AFTER_NS = 200_000_000
-TICK_NS = 20_000_000
-RECOMPUTE_NS = 100_000_000
-BASELINE_MOVE_REL = 0.10       # rebuild the table when a leg's baseline moved this much
+# The agent's defaults (core/decision.py, as daemon/config.py uses them): an
+# avoided leg idle this long gets one read; the leg baselines are sampled
+# once per tick; a table is recomputed at most this often.
+PROBE_AFTER_NS = int(D.AGENT_PROBE_AFTER_MS * 1e6)
+TICK_NS = int(D.AGENT_TICK_MS * 1e6)
+RECOMPUTE_NS = int(D.AGENT_RECOMPUTE_MS * 1e6)
+BASELINE_MOVE_REL = D.BASELINE_MOVE   # rebuild the table when a leg's baseline moved this much
 SAMPLES_PER_CHECK = F.HISTORY  # newest completions per leg the agent reads per check
 NEVER = 1 << 62
 

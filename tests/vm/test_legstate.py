@@ -134,7 +134,7 @@ def test_bios_merged_into_one_request_all_complete(legs, observer, make_nullb):
 
 
 def test_queue_length_history_at_iodepth_8(legs, make_nullb):
-    n, depth = 400, 8
+    n, depth = 1600, 8     # enough bios for dozens of distinct views under emulation
     nullb = make_nullb(size_mb=64, irqmode=2, completion_nsec=1_000_000)
     dev = kdev(nullb)
     slot = legs.assign([dev])[dev]
@@ -143,12 +143,18 @@ def test_queue_length_history_at_iodepth_8(legs, make_nullb):
                                      "--ioengine=libaio", f"--iodepth={depth}"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     qlens, inflight = [], []
+    last_issued = None
     while proc.poll() is None:
         s = legs.read([slot])
-        # Sample once three bios of this run have pushed their queue lengths.
-        if s.stable[0] and s.issued[0] - before.issued[0] >= 3:
+        # One sample per new view: once three bios of this run have pushed their
+        # queue lengths, and only when another bio was issued since the last
+        # sample (fio's exit is slow under emulation; repeating the last view
+        # for all of it would weigh the drained tail by time, not by bios).
+        issued = s.issued[0] - before.issued[0]
+        if s.stable[0] and 3 <= issued and issued != last_issued:
             qlens.append(s.prev_qlen[0].copy())
             inflight.append(s.inflight[0])
+            last_issued = issued
         time.sleep(0.002)
     out, err = proc.communicate()
     assert proc.returncode == 0, err

@@ -282,7 +282,12 @@ def test_record_leg_writes_every_bio_of_a_stacked_device(make_nullb, make_dm_del
     assert len(trace) == 150 == summary["ios"] == jobs[0]["read"]["total_ios"]
     assert set(trace["device"]) == {name}
     assert (trace["op"] == abi.OP_READ).all() and (trace["bytes"] == 4096).all()
-    # dm-delay counts whole jiffies (4 ms at HZ=250): a read can end one early.
-    assert (trace["latency_ns"] >= 4_000_000).all()
-    assert np.median(trace["latency_ns"]) >= 7_000_000
+    # dm-delay counts whole jiffies (2 at HZ=250). Under emulation the tick can
+    # run late, so jiffies lag the clock and an odd read ends early (CI saw one
+    # under 4 ms); the bulk carries the delay, far above nullb's microseconds.
+    lat = trace["latency_ns"]
+    print(f"latency ms: min {lat.min() / 1e6:.2f}, median {np.median(lat) / 1e6:.2f}, "
+          f"under 4 ms {(lat < 4_000_000).sum()} of {len(lat)}")
+    assert (lat >= 4_000_000).mean() >= 0.95
+    assert np.median(lat) >= 7_000_000
     assert (trace["qlen"] == 0).all()   # psync: one read at a time
