@@ -15,18 +15,21 @@ from iobridge.daemon import agent as daemon
 from iobridge.core import decision
 
 
-LISTING = """mirror: 0 204800 iobridge 3 least_inflight 2 AF 0 0 0 0 251:0 10 5 0 0 1 7 3 251:16 4 5 0 0 0 0 4
-other: 0 2048 iobridge 0 round_robin 3 AAA 1 2 3 4 7:0 0 0 0 0 0 0 0 7:1 0 0 0 0 0 0 0 7:2 0 0 0 0 0 0 0
-"""
-
-
-def test_status_listing_gives_ids_legs_and_kernel_devs():
-    targets = daemon.parse_status_listing(LISTING + "No devices found\n")
-    assert [t.name for t in targets] == ["mirror", "other"]
-    m = targets[0]
-    assert m.target_id == 3 and m.legs == ("251:0", "251:16")
-    assert m.kdevs == ((251 << 20) | 0, (251 << 20) | 16)
-    assert len(targets[1].kdevs) == 3
+def test_status_lines_give_ids_legs_and_kernel_devs():
+    from iobridge.kernel.dmioctl import TargetLine
+    mirror = daemon.target_of("mirror", [TargetLine(
+        0, 204800, "iobridge",
+        "3 least_inflight 2 AF 0 0 0 0 251:0 10 5 0 0 1 7 3 251:16 4 5 0 0 0 0 4")])
+    assert mirror.name == "mirror" and mirror.target_id == 3 and mirror.legs == ("251:0", "251:16")
+    assert mirror.kdevs == ((251 << 20) | 0, (251 << 20) | 16)
+    other = daemon.target_of("other", [TargetLine(
+        0, 2048, "iobridge", "0 round_robin 3 AAA 1 2 3 4 7:0 0 0 0 0 0 0 0 "
+        "7:1 0 0 0 0 0 0 0 7:2 0 0 0 0 0 0 0")])
+    assert len(other.kdevs) == 3
+    # not a target iobridge manages: another type, several lines, no table
+    assert daemon.target_of("lin", [TargetLine(0, 8, "linear", "7:0 0")]) is None
+    assert daemon.target_of("two", [TargetLine(0, 8, "iobridge", "x")] * 2) is None
+    assert daemon.target_of("none", []) is None
 
 
 class FixedModel:

@@ -55,7 +55,7 @@ import numpy as np
 from ..core import abi, cliutil, clock, decision, histogram
 from ..core import features as F
 from ..core.errors import IobridgeError, UsageError
-from ..kernel import blockdev, bpf, dmtarget, system, uevents
+from ..kernel import blockdev, bpf, dmioctl, dmtarget, system, uevents
 from . import config as config_mod
 
 log = logging.getLogger("iobridge.agent")
@@ -80,33 +80,33 @@ class Target:
     kdevs: tuple[int, ...]       # kernel dev_t of each leg
 
 
-def parse_status_listing(text: str) -> list[Target]:
-    """Targets from `dmsetup status --target iobridge` output.
-
-    Lines look like "NAME: 0 SECTORS iobridge <status>"; a device with
-    several table lines is not something iobridge creates and is skipped.
-    """
-    out = []
-    for line in text.splitlines():
-        if ":" not in line or f" {abi.TARGET_TYPE} " not in line:
-            continue   # "No devices found" and the like
-        name, rest = line.split(":", 1)
-        st = dmtarget.parse_status(rest)
-        kdevs = []
-        for leg in st.legs:
-            major, minor = (int(x) for x in leg.dev.split(":"))
-            kdevs.append(blockdev.kdev(major, minor))
-        out.append(Target(name.strip(), st.target_id, tuple(leg.dev for leg in st.legs),
-                          tuple(kdevs)))
-    return out
+def target_of(name: str, lines: list[dmioctl.TargetLine]) -> Target | None:
+    """The iobridge target a device's status lines describe, or None (a
+    device with several table lines is not something iobridge creates)."""
+    if len(lines) != 1 or lines[0].target_type != abi.TARGET_TYPE:
+        return None
+    st = dmtarget.parse_status(lines[0].params)
+    kdevs = []
+    for leg in st.legs:
+        major, minor = (int(x) for x in leg.dev.split(":"))
+        kdevs.append(blockdev.kdev(major, minor))
+    return Target(name, st.target_id, tuple(leg.dev for leg in st.legs), tuple(kdevs))
 
 
 def discover(names: tuple[str, ...] = ()) -> list[Target]:
-    """The iobridge targets now present (only `names` if given)."""
-    proc = dmtarget.dmsetup("status", "--target", abi.TARGET_TYPE, timeout_s=30)
-    targets = parse_status_listing(proc.stdout)
-    if names:
-        targets = [t for t in targets if t.name in names]
+    """The iobridge targets now present (only `names` if given), by
+    device-mapper ioctls: a listing costs no process."""
+    targets = []
+    for name in dmioctl.list_devices():
+        if names and name not in names:
+            continue
+        try:
+            lines = dmioctl.status(name)
+        except IobridgeError:
+            continue          # removed since the listing
+        t = target_of(name, lines)
+        if t is not None:
+            targets.append(t)
     return sorted(targets, key=lambda t: t.target_id)
 
 

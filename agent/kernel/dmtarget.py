@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..core import abi
 from ..core.errors import IobridgeError, UsageError
+from . import dmioctl
 
 POLICIES = ("least_inflight", "round_robin", "primary")
 LEG_FIELDS = ("reads", "writes", "read_errors", "write_errors", "inflight",
@@ -180,12 +181,22 @@ def parse_status(line: str) -> TargetStatus:
     return TargetStatus(tid, policy, health, retries, rfail, wfail, rejected, legs)
 
 
+def _one_line(name: str, lines: list[dmioctl.TargetLine], what: str) -> str:
+    if len(lines) != 1 or lines[0].target_type != abi.TARGET_TYPE:
+        found = ", ".join(line.target_type for line in lines) or "no table"
+        raise IobridgeError(f"{name} is not an iobridge target ({what}: {found})")
+    line = lines[0]
+    return f"{line.start} {line.length} {line.target_type} {line.params}"
+
+
 def status(name: str) -> TargetStatus:
-    return parse_status(dmsetup("status", name).stdout.strip())
+    """The target's status (as `dmsetup status NAME`, by ioctl: no process)."""
+    return parse_status(_one_line(name, dmioctl.status(name), "status"))
 
 
 def table(name: str) -> str:
-    return dmsetup("table", name).stdout.strip()
+    """The target's table line (as `dmsetup table NAME`)."""
+    return _one_line(name, dmioctl.status(name, table=True), "table")
 
 
 def target_id(name: str) -> int:
