@@ -25,11 +25,12 @@ least-in-flight default. If the agent dies, the kernel closes its file
 descriptors and the routing program detaches at once; if it stalls, the
 table keeps following the legs' live state until it expires.
 
-Targets are discovered by a background thread, so a slow dmsetup never
-delays a tick: it lists them (`dmsetup status --target iobridge`) when a
-kernel uevent says a dm device came, went or was resumed with a new table
-(kernel/uevents.py), and every discover_interval_s as a safety net. A
-target that disappears has its entries cleared and its leg slots freed.
+Targets are discovered by a background thread, so a slow listing never
+delays a tick: it lists them (device-mapper ioctls, kernel/dmioctl.py: no
+dmsetup process) when a kernel uevent says a dm device came, went or was
+resumed with a new table (kernel/uevents.py), and every discover_interval_s
+as a safety net. A target that disappears has its entries cleared and its
+leg slots freed.
 
 Signals: SIGHUP reloads the config file and the model (a file that fails
 validation is refused and the running ones stay in force); SIGTERM and

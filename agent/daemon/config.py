@@ -9,7 +9,7 @@
     recompute_ms = 1000        # the keyed table is recomputed at most this often,
                                # and only when a leg's baseline or the model changed
     shadow = false             # compute and log decisions, publish nothing
-    discover_interval_s = 10.0 # a full target listing (dmsetup) this often; dm
+    discover_interval_s = 10.0 # a full target listing (ioctls) this often; dm
                                # uevents trigger one at once in between
     status_file = "/run/iobridge/status.json"
     pin_dir = "/sys/fs/bpf/iobridge"

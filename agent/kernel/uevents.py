@@ -1,10 +1,12 @@
 """Device-mapper changes as the kernel announces them (uevents).
 
-The agent lists its targets with `dmsetup status`, which costs about 150 ms
-of CPU per call in the test VM (measured: a 1 s poll took 9-13% of a core
-there, more than the agent itself). So it lists only when a uevent says a
-dm device may have changed, plus a slow periodic listing as a safety net
-(a dropped uevent, a table swapped from another target type to iobridge).
+The agent lists its targets when a uevent says a dm device may have
+changed, so a new or removed target is seen at once, plus a slow periodic
+listing as a safety net (a dropped uevent, a table swapped from another
+target type to iobridge). Polling instead cost a core's 9-13% in the test VM
+when each listing ran `dmsetup status` (~150 ms of CPU per process there);
+listings are ioctls now (kernel/dmioctl.py), but polling fast enough to see
+a target at once would still wake the agent for nothing.
 
 Relevant: "add" and "remove" of any dm device; "change" (dm sends one on
 every resume, with DM_NAME) unless it names a device known not to be a

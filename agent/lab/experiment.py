@@ -25,6 +25,7 @@ operator (or systemd) does, and waits for its sd_notify READY=1.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,9 +44,10 @@ import numpy as np
 from ..core import abi, resources
 from ..core.errors import IobridgeError, UsageError
 from ..core.features import MIN_BASELINE_SAMPLES
+from ..daemon.config import Config
 from ..kernel import dmtarget
 from . import testbed, workload
-from .faults import NORMAL, SLOW, SlowPeriods, now_ns, read_count
+from .faults import NORMAL, SLOW, SlowPeriods, now_ns
 
 POLICIES = ("default", "roundrobin", "learned")
 POLICY_LABELS = {"default": "(a) module default", "roundrobin": "(b) round robin",
@@ -206,6 +208,7 @@ class ReplicaSet:
     # Each leg's device: timer completions after completion_us (100 us: an
     # SSD-like read time; the transfer check uses 1 ms).
     completion_us: int = 100
+    SLOW_LEG = 1       # the target's leg index with slow periods
 
     def __post_init__(self):
         self.nullbs = [f"{self.name}_nb{i}" for i in range(2)]
@@ -254,20 +257,26 @@ class ReplicaSet:
 
 
 class SlowLegReads:
-    """Samples the slow leg's completed reads and splits them by period."""
+    """Samples the reads the target sent to its slow leg and splits them by
+    period. The target's own per-leg counter, not the leg device's: udev
+    probes the leg after every table swap (blkid, a dozen reads or more,
+    each delayed while slow), and those reads are no policy's doing."""
 
-    def __init__(self, slow: SlowPeriods, interval_s: float = 0.01):
-        self.slow = slow
+    def __init__(self, rs: "ReplicaSet", interval_s: float = 0.02):
+        self.rs = rs
         self.interval_s = interval_s
         self.reads = {"slow": 0, "normal": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _count(self) -> int:
+        return dmtarget.status(self.rs.name).legs[self.rs.SLOW_LEG].reads
+
     def _run(self) -> None:
-        last = read_count(self.slow.path)
+        last = self._count()
         while not self._stop.wait(self.interval_s):
-            now = read_count(self.slow.path)
-            self.reads["slow" if self.slow.in_slow(now_ns()) else "normal"] += now - last
+            now = self._count()
+            self.reads["slow" if self.rs.slow.in_slow(now_ns()) else "normal"] += now - last
             last = now
 
     def __enter__(self):
@@ -401,6 +410,32 @@ def read_clat_log(prefix: str) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
+@contextlib.contextmanager
+def agent_paused(agent: "AgentProcess", max_silence_s: float = Config.max_silence_ms / 1000):
+    """The agent SIGSTOPped for a baseline run, so baseline and learned runs
+    alternate side by side in one agent's life (an emulated machine's speed
+    drifted 2.3x within one run; runs far apart in time compare the drift).
+    Once the heartbeat is older than max_silence the routing program leaves
+    every read to the module default, and the stopped agent takes no CPU. On
+    exit the agent is continued; this returns once it has run again (its
+    status file rewritten), so its next tick has renewed the table."""
+    agent.send(signal.SIGSTOP)
+    try:
+        time.sleep(max_silence_s + 0.5)
+        yield
+    finally:
+        since = time.time_ns()
+        agent.send(signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if agent.status_file.stat().st_mtime_ns > since:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+
 def run_policy(rs: ReplicaSet, policy: str, iodepth: int, runtime_s: float, seed: int,
                agent_pid: int | None = None, *, slow: bool = True,
                lat_dir: Path | None = None) -> dict:
@@ -419,7 +454,7 @@ def run_policy(rs: ReplicaSet, policy: str, iodepth: int, runtime_s: float, seed
     if slow:
         rs.restart_periods(seed)
     try:
-        with SlowLegReads(rs.slow) as sampler, CpuMeter(agent_pid) as cpu:
+        with SlowLegReads(rs) as sampler, CpuMeter(agent_pid) as cpu:
             fig = workload.fio_random_reads(rs.dev, iodepth, runtime_s, extra=extra)
     finally:
         rs.slow.stop()
@@ -490,10 +525,11 @@ def compare(depths=(1, 16), runtime_s: float = 15.0, seed: int = 7, slow_ms: int
             before_agent=None, with_agent=None,
             baselines: tuple[str, ...] = ("default", "roundrobin"),
             replicas: ReplicaSet | None = None) -> dict:
-    """(a), (b), then (c) at each depth on one replica set; returns
+    """(a), (b), then (c) at each depth on one replica set, one depth after
+    the other, (a) and (b) with the agent stopped (agent_paused); returns
     {"runs": [...], "ratios": {depth: {...}}, "setup": {...}, "_latencies":
-    {panel: {label: ns array}} (with lat_dir)}. before_agent(rs) runs after
-    the baselines, before the agent starts; with_agent(agent, rs) after
+    {panel: {label: ns array}} (with lat_dir)}. before_agent(rs) runs
+    before the agent starts; with_agent(agent, rs) after
     (c), while the agent still runs."""
     rs = (replicas or ReplicaSet(slow_ms=slow_ms)).create()
     runs: list[dict] = []
@@ -509,9 +545,6 @@ def compare(depths=(1, 16), runtime_s: float = 15.0, seed: int = 7, slow_ms: int
         runs.append(r)
 
     try:
-        for policy in baselines:
-            for qd in depths:
-                one(policy, qd)
         if before_agent is not None:
             before_agent(rs)
         progress("  starting the agent (BCC compiles its programs) ...")
@@ -520,7 +553,11 @@ def compare(depths=(1, 16), runtime_s: float = 15.0, seed: int = 7, slow_ms: int
         startup_s = time.monotonic() - t0
         progress("  reading until the agent has a baseline for every leg ...")
         first_table_s = warm_up(agent.status, rs)
+        # Side by side: each depth's baselines (agent stopped), then (c).
         for qd in depths:
+            for policy in baselines:
+                with agent_paused(agent):
+                    one(policy, qd)
             one("learned", qd, agent.pid)
         if with_agent is not None:
             with_agent(agent, rs)

@@ -32,8 +32,9 @@ from iobridge.core import features as F
 from iobridge.daemon.config import DEFAULT_MODEL, Config
 from iobridge.kernel import dmtarget
 from iobridge.lab import workload
-from iobridge.lab.experiment import (AgentProcess, ReplicaSet, route_stats, routed_fraction,
-                                     run_policy, slow_read_rate, table_ready, warm_up)
+from iobridge.lab.experiment import (AgentProcess, ReplicaSet, agent_paused, route_stats,
+                                     routed_fraction, run_policy, slow_read_rate, table_ready,
+                                     warm_up)
 
 pytestmark = pytest.mark.vm
 
@@ -125,8 +126,8 @@ def window(rs: ReplicaSet, seconds: float, iodepth: int = 4) -> dict:
 @pytest.fixture(scope="module")
 def comparison(iobridge_module):
     """The module default, then the learned policy (one agent with the
-    shipped model for all), per COMPARE_PLAN, each with the same seeded slow
-    periods. Kernel trouble in its span is reported to every test using it."""
+    shipped model for all, stopped for the default runs), per COMPARE_PLAN,
+    each pair with the same seeded slow periods. Kernel trouble in its span is reported to every test using it."""
     marker = f"iobridge-test: comparison {time.monotonic_ns()}"
     with open("/dev/kmsg", "w") as kmsg:
         kmsg.write(marker + "\n")
@@ -137,14 +138,17 @@ def comparison(iobridge_module):
     try:
         for rs in sets.values():
             rs.create()
-        for key, qd in COMPARE_PLAN:
-            runs[key, qd, "default"] = run_policy(sets[key], "default", qd, COMPARE_RUNTIME_S,
-                                                  COMPARE_SEED)
         agent = AgentProcess([]).start()      # the shipped model
         agent.wait_status(lambda s: len(s["targets"]) == 2)
         # The runs measure the table in force: each set's legs get baselines first.
         first_table_s = {key: warm_up(agent.status, rs) for key, rs in sets.items()}
+        # Side by side in time: each default run (the agent stopped, so the
+        # kernel ignores its table and the module default decides), then the
+        # learned run on the same seeded slow periods.
         for key, qd in COMPARE_PLAN:
+            with agent_paused(agent):
+                runs[key, qd, "default"] = run_policy(sets[key], "default", qd,
+                                                      COMPARE_RUNTIME_S, COMPARE_SEED)
             runs[key, qd, "learned"] = run_policy(sets[key], "learned", qd, COMPARE_RUNTIME_S,
                                                   COMPARE_SEED, agent.pid)
         status = agent.status()
@@ -170,6 +174,8 @@ def check_learned_beats_default(comparison, key: str, qd: int) -> None:
     assert not comparison["kernel_trouble"], comparison["kernel_trouble"]
     assert comparison["agent_rc"] == 0, comparison["agent_log"][-1500:]
     assert default["errors"] == 0 and learned["errors"] == 0
+    # The module default decided every read of the default run (agent stopped).
+    assert default["hook_routed"] == 0, default["hook_routed"]
     # Both legs got reads from the table and samples of their own (none was
     # starved: the learned policy must not win by never reading the slow leg).
     name = {"fast": "iob_c", "slowdev": "iob_s"}[key]
