@@ -84,9 +84,10 @@ class Target:
 def target_of(name: str, lines: list[dmioctl.TargetLine]) -> Target | None:
     """The iobridge target a device's status lines describe, or None (a
     device with several table lines is not something iobridge creates)."""
-    if len(lines) != 1 or lines[0].target_type != abi.TARGET_TYPE:
+    line = dmtarget.iobridge_line(lines)
+    if line is None:
         return None
-    st = dmtarget.parse_status(lines[0].params)
+    st = dmtarget.parse_status(line.params)
     kdevs = []
     for leg in st.legs:
         major, minor = (int(x) for x in leg.dev.split(":"))

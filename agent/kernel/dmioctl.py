@@ -57,10 +57,6 @@ def request(cmd: int) -> int:
     return (3 << 30) | (HEADER.size << 16) | (0xFD << 8) | cmd
 
 
-def _align8(n: int) -> int:
-    return (n + 7) & ~7
-
-
 def pack(name: str, size: int, *, flags: int = 0, target_count: int = 0,
          payload: bytes = b"") -> bytearray:
     """A request buffer of `size` bytes: header, then `payload` at data_start."""

@@ -181,11 +181,17 @@ def parse_status(line: str) -> TargetStatus:
     return TargetStatus(tid, policy, health, retries, rfail, wfail, rejected, legs)
 
 
+def iobridge_line(lines: list[dmioctl.TargetLine]) -> dmioctl.TargetLine | None:
+    """A device's one iobridge table line, or None (iobridge creates
+    single-line devices; anything else is not a target it manages)."""
+    return lines[0] if len(lines) == 1 and lines[0].target_type == abi.TARGET_TYPE else None
+
+
 def _one_line(name: str, lines: list[dmioctl.TargetLine], what: str) -> str:
-    if len(lines) != 1 or lines[0].target_type != abi.TARGET_TYPE:
+    line = iobridge_line(lines)
+    if line is None:
         found = ", ".join(line.target_type for line in lines) or "no table"
         raise IobridgeError(f"{name} is not an iobridge target ({what}: {found})")
-    line = lines[0]
     return f"{line.start} {line.length} {line.target_type} {line.params}"
 
 
