@@ -15,7 +15,7 @@
  *                                iobridge_inflight_bucket(inflight[leg]),
  *                                iobridge_lat_bucket(lat_edge_ns,
  *                                    iobridge_key_latency(last_lat_ns[leg], inflight[leg])))
- *      cost = (inflight[leg] + 1) * service_ns + penalty_ns[key]
+ *      cost = (inflight[leg] + 1) * (service_ns + penalty_ns[key])
  *    (64-bit arithmetic).  The lowest cost wins; on an exact tie one of the
  *    tied legs uniformly at random (reservoir sampling: the k-th tied leg
  *    replaces the current best with probability 1/k, bpf_get_prandom_u32).
@@ -135,7 +135,8 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		asm volatile("" : "+r"(key));
 		if (key >= IOBRIDGE_KEYS_PER_LEG)
 			continue;
-		cost = ((u64)inflight + 1) * d->service_ns + d->penalty_ns[key];
+		/* Every read queued ahead costs what this one is expected to. */
+		cost = ((u64)inflight + 1) * ((u64)d->service_ns + d->penalty_ns[key]);
 		if (s->best < 0 || cost < s->best_cost) {
 			s->best = leg;
 			s->best_cost = cost;

@@ -91,7 +91,7 @@ struct iobridge_route_ctx {
  *
  * and the leg's expected completion time
  *
- *   cost = (inflight + 1) * service_ns + penalty_ns[key]
+ *   cost = (inflight + 1) * (service_ns + penalty_ns[key])
  *
  * and sends the read to the leg with the lowest cost (exact ties: a random
  * one of them).  penalty_ns is what the agent precomputed for the key from

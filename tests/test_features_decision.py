@@ -240,6 +240,23 @@ def test_route_takes_the_lowest_expected_completion_time():
     assert route(t, 10, 4096, [1, 0, 0], [fast] * 3, lc, healthy=[False] * 3) == (-1, False)
 
 
+def test_route_prices_every_queued_read_of_a_slow_leg():
+    """Leg 0 is idle after one read the host delayed (newest latency 40x,
+    as high as the slow leg's); leg 1 is in a slow period with reads queued.
+    Every read queued on leg 1 is slow too, so leg 0 takes the next read
+    (with the penalty outside the product, leg 1 took every read until
+    leg 0's probe, in the VM)."""
+    t = _table([BASE, BASE])
+    # As the shipped model says: P(slow) a little lower with reads in flight.
+    queued_keys = D._KEY_INFLIGHT > 0                          # noqa: SLF001
+    t.penalty_ns[:, queued_keys] = t.penalty_ns[:, queued_keys] * 9 // 10
+    hiccup, slow = 4_000_000, 20_000_000
+    for queued in (1, 2, 3):
+        assert route(t, 10, 4096, [0, queued], [hiccup, slow * (queued + 1)], [1, 1]) == (0, False)
+    # One read at a time on each: the lower per-read estimate wins as before.
+    assert route(t, 10, 4096, [0, 0], [100_000, slow], [1, 1]) == (0, False)
+
+
 def test_route_ties_lowest_index_without_rng_random_with_it():
     t = _table([BASE, BASE])
     args = (10, 4096, [0, 0], [100_000, 100_000], [1, 1])

@@ -31,6 +31,11 @@ def pytest_runtest_logreport(report):
         outcome = report.outcome
         if report.when != "call" and report.failed:
             outcome = "error"
+        longrepr = str(report.longrepr) if report.longrepr else ""
+        if report.failed and report.capstdout:
+            # What a failing test printed (its measured figures) is often
+            # what explains the failure; the host shows only this record.
+            longrepr += "\n----- captured stdout (last 6000 characters) -----\n"
+            longrepr += report.capstdout[-6000:]
         _emit({"nodeid": report.nodeid, "phase": report.when, "outcome": outcome,
-               "seconds": round(report.duration, 3),
-               "longrepr": str(report.longrepr) if report.longrepr else ""})
+               "seconds": round(report.duration, 3), "longrepr": longrepr})

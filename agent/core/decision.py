@@ -32,10 +32,15 @@ stays right between recomputes.
 route() is the reference semantics of bpf/route_policy.bpf.c for one read:
 for each healthy leg with a valid table, the expected completion time
 
-    cost = (inflight + 1) * service_ns + penalty_ns[key]
+    cost = (inflight + 1) * (service_ns + penalty_ns[key])
 
 where service_ns is the leg's baseline latency and penalty_ns = P(slow |
-key) x (what a slow read costs on the leg - service_ns); the lowest cost
+key) x (what a slow read costs on the leg - service_ns): each read queued
+ahead costs what this one is expected to (in a slow period every read is
+slow, not only the next). With the penalty outside the product, a leg idle
+after one read delayed by the host (its newest latency as high as a slow
+leg's) cost as much as the slow leg with 3 reads queued, and the slow leg
+got every read until the idle leg's probe (46-75 reads in 2 s, VM). The lowest cost
 wins (exact ties: a random one). A leg with no bio in flight and no
 completion for probe_after_ns is probed instead (one read), so an avoided
 leg shows its recovery without the agent. With no valid table (agent
@@ -312,9 +317,10 @@ def route(table: KeyedTable | None, now_ns: int, nbytes: int, inflight: Sequence
         if (probe < 0 and table.probe_after_ns and inflight[leg] == 0
                 and now_ns - last_complete_ns[leg] >= table.probe_after_ns):
             probe = leg
-        cost = ((inflight[leg] + 1) * int(table.service_ns[leg])
-                + int(table.penalty_ns[leg, table.key_of(leg, nbytes, inflight[leg],
-                                                         last_lat_ns[leg])]))
+        cost = (inflight[leg] + 1) * (
+            int(table.service_ns[leg])
+            + int(table.penalty_ns[leg, table.key_of(leg, nbytes, inflight[leg],
+                                                     last_lat_ns[leg])]))
         if best < 0 or cost < best_cost:
             best, best_cost, ties = leg, cost, 1
         elif cost == best_cost:

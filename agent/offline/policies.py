@@ -30,7 +30,7 @@ advanced to `now_ns`.
 The learned policies share one routing rule, decision.route()'s (the
 kernel program's): per leg the expected completion time
 
-    cost = (inflight + 1) * service_ns + penalty_ns
+    cost = (inflight + 1) * (service_ns + penalty_ns)
 
 lowest cost wins (exact ties at random, seeded), and an idle leg with no
 completion for probe_after_ns gets the read as a probe; no usable state
