@@ -95,7 +95,8 @@ struct iobridge_route_ctx {
  *
  * and sends the read to the leg with the lowest cost (exact ties: a random
  * one of them).  penalty_ns is what the agent precomputed for the key from
- * the admission model: P(slow | key) times the extra time a slow read
+ * the admission model: how much the key's latency raises P(slow) (over
+ * the same key with a fast latency) times the extra time a slow read
  * costs on that leg.  Keys and edges are documented in the README
  * ("Feature-keyed decision table").
  *

@@ -257,6 +257,46 @@ def test_route_prices_every_queued_read_of_a_slow_leg():
     assert route(t, 10, 4096, [0, 0], [100_000, slow], [1, 1]) == (0, False)
 
 
+class QueueModel:
+    """As the shipped model: P(slow) rises with the newest latency and, at a
+    fast latency, also with the queue (0.15 at 8-15 reads in flight)."""
+    threshold = 0.5
+
+    def p_slow(self, rows):
+        lat = rows[:, F.COLS_PREV_LAT.start]
+        return np.clip(np.where(lat >= 10, 0.95, 0.02) + 0.15 * (rows[:, F.COL_QLEN] >= 8), 0, 1)
+
+
+def test_latency_risk_is_p_slow_over_the_same_key_with_a_fast_latency():
+    p = QueueModel().p_slow(D.key_rows(BASE))
+    risk = D.latency_risk(p)
+    fast_lat = D._KEY_LAT == 0                                 # noqa: SLF001
+    assert (risk[fast_lat] == 0).all() and (risk >= 0).all()
+    deep_slow = abi.key_index(0, 4, abi.NUM_LAT_BUCKETS - 1)
+    assert risk[deep_slow] == pytest.approx(1.0 - (0.02 + 0.15), abs=1e-6)      # P clipped at 1
+
+
+def test_route_at_depth_16_keeps_a_fast_busy_leg_over_an_idle_slow_one():
+    """Leg 0 is fast with 15 reads in flight, leg 1 idle after a 20 ms read.
+    Priced with P(slow) in full, leg 0's queue (15% each read) cost more and
+    the slow leg took reads all through its slow periods (VM, QD16)."""
+    t = TableMaker(QueueModel()).build(0, [BASE, BASE])
+    assert route(t, 10, 4096, [15, 0], [1_000_000, 20_000_000], [1, 1]) == (0, False)
+    # both fast: the queues decide, as least in flight would
+    assert route(t, 10, 4096, [15, 0], [1_000_000, 100_000], [1, 1]) == (1, False)
+
+
+def test_cache_overflow_keeps_every_point_the_build_needs():
+    """The P(slow) cache starts over when full; the points of the build
+    that overflows it are all evaluated again (a KeyError before)."""
+    m = LatModel()
+    mk = TableMaker(m)
+    for i in range(D.MAX_CACHED_POINTS - 1):
+        mk.build(i, [LegBaseline(100.0, 40.0 * 1.5 ** (i / 4), 1000.0)])
+    t = mk.build(99, [BASE, LegBaseline(100.0, 40.0 * 3000, 1000.0)])
+    assert t.valid.all() and (t.p_slow[0] == mk.build(100, [BASE]).p_slow[0]).all()
+
+
 def test_route_ties_lowest_index_without_rng_random_with_it():
     t = _table([BASE, BASE])
     args = (10, 4096, [0, 0], [100_000, 100_000], [1, 1])

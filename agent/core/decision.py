@@ -34,8 +34,10 @@ for each healthy leg with a valid table, the expected completion time
 
     cost = (inflight + 1) * (service_ns + penalty_ns[key])
 
-where service_ns is the leg's baseline latency and penalty_ns = P(slow |
-key) x (what a slow read costs on the leg - service_ns): each read queued
+where service_ns is the leg's baseline latency and penalty_ns = the
+latency's risk (latency_risk: P(slow | key) over P(slow) at the same key
+with a fast newest latency) x (what a slow read costs on the leg -
+service_ns): each read queued
 ahead costs what this one is expected to (in a slow period every read is
 slow, not only the next). With the penalty outside the product, a leg idle
 after one read delayed by the host (its newest latency as high as a slow
@@ -207,13 +209,39 @@ def key_rows(base: LegBaseline | float) -> np.ndarray:
     return x
 
 
-def penalties_ns(p_slow: np.ndarray, base: LegBaseline) -> np.ndarray:
-    """penalty_ns per key: P(slow) x (what a slow read costs - service)."""
-    key_lat_us = np.array(LAT_REP_REL)[_KEY_LAT] * base.lat_us
-    slow_us = np.maximum(key_lat_us, base.slow_lat_us)
-    extra_ns = np.maximum(slow_us - base.lat_us, 0.0) * 1000.0
+def latency_risk(p_slow: np.ndarray) -> np.ndarray:
+    """Per key: how much the leg's newest latency raises P(slow), i.e.
+    P(slow | key) over P(slow) at the same size and in-flight buckets with a
+    fast newest latency (latency bucket 0), at least 0.
+
+    The queue a leg holds is the router's own doing and the cost rule
+    already prices it ((inflight + 1) x ...); the model, trained where slow
+    periods build queues, also gives a plainly fast leg with 8-15 reads in
+    flight P(slow) 0.15 (shipped model). Priced in full, that made a fast leg
+    at queue depth 16 look dearer than an idle leg whose newest read took
+    20 ms, and the slow leg held 2-3 reads all through its slow periods
+    (1.1% of the reads at QD16, VM: the p99 of the slow leg)."""
+    p = np.asarray(p_slow, dtype=np.float64)
+    grid = p.reshape(*p.shape[:-1], abi.NUM_SIZE_BUCKETS, abi.NUM_INFLIGHT_BUCKETS,
+                     abi.NUM_LAT_BUCKETS)
+    return np.clip(grid - grid[..., :1], 0.0, 1.0).reshape(p.shape)
+
+
+_KEY_LAT_REP = np.array(LAT_REP_REL)[_KEY_LAT]
+
+
+def _penalties_ns(p_slow: np.ndarray, lat_us, slow_lat_us) -> np.ndarray:
+    """penalties_ns for [legs, KEYS] at once (lat_us, slow_lat_us: [legs, 1])."""
+    slow_us = np.maximum(_KEY_LAT_REP * lat_us, slow_lat_us)
+    extra_ns = np.maximum(slow_us - lat_us, 0.0) * 1000.0
     return np.clip(np.rint(np.asarray(p_slow, dtype=np.float64) * extra_ns),
                    0, abi.PENALTY_MAX_NS).astype(np.int64)
+
+
+def penalties_ns(p_slow: np.ndarray, base: LegBaseline) -> np.ndarray:
+    """penalty_ns per key: P(slow) x (what a slow read costs - service), the
+    slow read's cost being at least the key's own latency."""
+    return _penalties_ns(p_slow, base.lat_us, base.slow_lat_us)
 
 
 @dataclass
@@ -271,7 +299,10 @@ class TableMaker:
         if not todo:
             return
         if len(self._p_slow) + len(todo) > MAX_CACHED_POINTS:
+            # Start over, and evaluate every point this build needs (not
+            # only the new ones: the cached ones are dropped too).
             self._p_slow.clear()
+            todo = list(dict.fromkeys(points))
         rows = np.concatenate([key_rows(pt) for pt in todo])
         probs = np.asarray(self.model.p_slow(rows), dtype=np.float32)
         self.calls += 1
@@ -289,13 +320,14 @@ class TableMaker:
         if len(idx):
             points = [bytes_grid_point(bytes_per_read(baselines[i])) for i in idx]
             self._infer(points)
-            for i, point in zip(idx, points):
-                p[i] = self._p_slow[point]
-            for i in idx:
-                b = baselines[i]
-                pen[i] = penalties_ns(p[i], b)
-                edges[i] = lat_edges_ns(b)
-                service[i] = int(round(b.lat_us * 1000))
+            p[idx] = np.stack([self._p_slow[point] for point in points])
+            # All legs at once (numpy over [legs, keys]): per leg, this was
+            # most of a recompute's cost.
+            lat = np.array([[baselines[i].lat_us] for i in idx])
+            slow = np.array([[baselines[i].slow_lat_us] for i in idx])
+            pen[idx] = _penalties_ns(latency_risk(p[idx]), lat, slow)
+            edges[idx] = np.rint(np.array(REL_LAT_EDGES) * lat * 1000)
+            service[idx] = np.rint(lat[:, 0] * 1000)
         visible = now_ns + self.staleness_ns
         return KeyedTable(valid, p, pen, edges, service, self.probe_after_ns, now_ns,
                           visible, visible + self.ttl_ns, list(baselines))

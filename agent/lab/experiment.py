@@ -8,7 +8,7 @@ through slow periods, and fio random reads under
 
 at each queue depth, with the same seeded slow-period schedule in every
 run. Per run it also counts the reads the slow leg served while it was
-slow, and, for (c), the reads the routing program decided from the table
+slow (and their share of all reads served then), and, for (c), the reads the routing program decided from the table
 (its kernel counters: routed, default, probes); with a latency directory
 it keeps every read's completion latency (fio's latency log) for the CDF
 plot.
@@ -257,26 +257,31 @@ class ReplicaSet:
 
 
 class SlowLegReads:
-    """Samples the reads the target sent to its slow leg and splits them by
-    period. The target's own per-leg counter, not the leg device's: udev
-    probes the leg after every table swap (blkid, a dozen reads or more,
-    each delayed while slow), and those reads are no policy's doing."""
+    """Samples the reads the target sent to its slow leg, and to all its
+    legs, and splits them by period. The target's own per-leg counters, not
+    the leg device's: udev probes the leg after every table swap (blkid, a
+    dozen reads or more, each delayed while slow), and those reads are no
+    policy's doing."""
 
     def __init__(self, rs: "ReplicaSet", interval_s: float = 0.02):
         self.rs = rs
         self.interval_s = interval_s
-        self.reads = {"slow": 0, "normal": 0}
+        self.reads = {"slow": 0, "normal": 0}        # the slow leg's
+        self.all_reads = {"slow": 0, "normal": 0}    # every leg's
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _count(self) -> int:
-        return dmtarget.status(self.rs.name).legs[self.rs.SLOW_LEG].reads
+    def _count(self) -> tuple[int, int]:
+        legs = dmtarget.status(self.rs.name).legs
+        return legs[self.rs.SLOW_LEG].reads, sum(leg.reads for leg in legs)
 
     def _run(self) -> None:
         last = self._count()
         while not self._stop.wait(self.interval_s):
             now = self._count()
-            self.reads["slow" if self.rs.slow.in_slow(now_ns()) else "normal"] += now - last
+            state = "slow" if self.rs.slow.in_slow(now_ns()) else "normal"
+            self.reads[state] += now[0] - last[0]
+            self.all_reads[state] += now[1] - last[1]
             last = now
 
     def __enter__(self):
@@ -467,6 +472,7 @@ def run_policy(rs: ReplicaSet, policy: str, iodepth: int, runtime_s: float, seed
         "completion_us": rs.completion_us, "agent_cpu_percent": cpu.percent,
         "slow_leg_reads_while_slow": sampler.reads["slow"] if slow else 0,
         "slow_leg_reads_while_normal": sampler.reads["normal"],
+        "reads_while_slow": sampler.all_reads["slow"] if slow else 0,
         "slow_seconds": round(rs.slow.slow_fraction() * runtime_s, 2) if slow else 0.0,
         "leg_reads": [a.reads - b.reads for a, b in zip(after.legs, before.legs)],
         "hook_routed": hook, "default_routed": dflt,
@@ -513,9 +519,12 @@ def routed_fraction(run: dict) -> float | None:
     return run["hook_routed"] / calls if calls else None
 
 
-def slow_read_rate(run: dict) -> float:
-    """Reads the slow leg served while slow, per second of slow time."""
-    return run["slow_leg_reads_while_slow"] / max(run["slow_seconds"], 0.1)
+def slow_read_share(run: dict) -> float | None:
+    """Of the reads the target served while its leg was slow, the share the
+    slow leg served: what the policy chose, whatever its throughput (a
+    policy twice as fast serves twice the reads per second, on both legs)."""
+    total = run.get("reads_while_slow") or 0
+    return run["slow_leg_reads_while_slow"] / total if total else None
 
 
 # ------------------------------------------------------------ the comparison
@@ -659,7 +668,7 @@ def render(res: dict) -> str:
              f"{res.get('model', 'shipped default')}",
              "",
              f"{'policy':20} {'QD':>3} {'IOPS':>7} {'mean us':>9} {'p50 us':>8} {'p99 us':>9} "
-             f"{'p99.9 us':>9}  {'slow-leg reads while slow':>25}  {'by table':>8} {'probes':>6}"]
+             f"{'p99.9 us':>9}  {'slow-leg reads while slow (share)':>35}  {'by table':>8} {'probes':>6}"]
     for r in sorted(res["runs"], key=lambda r: (r["iodepth"], POLICIES.index(r["policy"]))):
         lines.append(_run_line(r))
     lines.append("")
@@ -753,10 +762,12 @@ def _fmt(v) -> str:
 def _run_line(r: dict) -> str:
     table = routed_fraction(r) if r["policy"] == "learned" else None
     probes = (r.get("route") or {}).get("probes") if r["policy"] == "learned" else None
+    share = slow_read_share(r)
     return (f"{POLICY_LABELS[r['policy']]:20} {r['iodepth']:>3} {r['iops']:>7.0f} "
             f"{r['mean_us']:>9.1f} {r['p50_us']:>8.1f} {r['p99_us']:>9.1f} "
             f"{r['p999_us']:>9.1f}  {r['slow_leg_reads_while_slow']:>9} in "
-            f"{r['slow_seconds']:>5.2f} s slow  {_pct(table) if table is not None else '-':>8} "
+            f"{r['slow_seconds']:>5.2f} s slow ({'-' if share is None else _pct(share):>6})  "
+            f"{_pct(table) if table is not None else '-':>8} "
             f"{'-' if probes is None else probes:>6}")
 
 

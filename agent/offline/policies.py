@@ -37,13 +37,17 @@ completion for probe_after_ns gets the read as a probe; no usable state
 (no baseline yet, no table in force) -> the module default, least in
 flight. They differ only in where penalty_ns comes from:
 
-  table       penalty_ns[key] of the keyed table: P(slow) of the key's
-              representative state (size bucket, in-flight bucket, latency
-              bucket) x (what a slow read costs - service), as decision.py
+  table       penalty_ns[key] of the keyed table: the latency's risk
+              (decision.latency_risk: P(slow) of the key's representative
+              state (size bucket, in-flight bucket, latency bucket) over
+              P(slow) with a fast latency) x (what a slow read costs -
+              service), as decision.py
   heimdall,   the same formula with this read's own P(slow) on the leg and
   linnos      its actual newest latency instead of the bucket's
               representative (per read, a one-key table handed to the same
-              route(); see _per_io_penalty_ns)
+              route(); see _per_io_penalty_ns). They price P(slow) in
+              full (one inference per read, not two), so "heimdall vs
+              table" also includes the table's latency-risk correction.
 
 so "heimdall vs table" isolates what bucketing the state costs (or saves),
 and "linnos vs heimdall" what the feature set does. The decision threshold

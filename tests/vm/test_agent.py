@@ -33,7 +33,7 @@ from iobridge.daemon.config import DEFAULT_MODEL, Config
 from iobridge.kernel import dmtarget
 from iobridge.lab import workload
 from iobridge.lab.experiment import (AgentProcess, ReplicaSet, agent_paused, route_stats,
-                                     routed_fraction, run_policy, slow_read_rate, table_ready,
+                                     routed_fraction, run_policy, slow_read_share, table_ready,
                                      warm_up)
 
 pytestmark = pytest.mark.vm
@@ -51,7 +51,7 @@ COMPARE_PLAN = (("fast", 1), ("fast", 16), ("slowdev", 1))
 # says "not worse", and the slow-leg reads (0.03-0.23x the default's there)
 # carry the proof that the table acts.
 P99_BOUND = {1: 0.6, 16: 0.95}        # learned p99 under this x the default's
-SLOW_READS_BOUND = 0.5                # reads the slow leg served while slow, per slow second
+SLOW_READS_BOUND = 0.5                # share of the reads while slow that the slow leg served
 MIN_ROUTED_FRACTION = 0.95            # reads the table routed while the agent ran (after warm-up)
 
 
@@ -189,8 +189,11 @@ def check_learned_beats_default(comparison, key: str, qd: int) -> None:
     assert default["slow_seconds"] > 1 and learned["slow_seconds"] > 1
     assert learned["p99_us"] < P99_BOUND[qd] * default["p99_us"], (
         learned["p99_us"], default["p99_us"])
-    rate = {r["policy"]: slow_read_rate(r) for r in (default, learned)}
-    assert rate["learned"] < SLOW_READS_BOUND * rate["default"], rate
+    # A share, not a rate per slow second: the learned run serves more reads
+    # per second (IOPS 1.4-1.6x at QD1), on both legs (rate 0.50x, share
+    # 0.3x in one run).
+    share = {r["policy"]: slow_read_share(r) for r in (default, learned)}
+    assert None not in share.values() and share["learned"] < SLOW_READS_BOUND * share["default"], share
 
 
 # The first of these pays for the shared fixture (an agent start and six
