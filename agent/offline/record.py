@@ -78,10 +78,13 @@ def _cmd_record(args) -> int:
 
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGTERM, on_stop)
+    # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns(); taken before the
+    # probes attach, so every I/O they stamp has a time >= 0 (traces refuse
+    # negative times).
+    t0_ns = time.monotonic_ns()
     with obs:
         if legs:
             obs.leg_features().assign(sorted(leg_devs))
-        t0_ns = time.monotonic_ns()   # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns()
         meta = {"source": "iobridge record", "kernel": platform.release(), "probe": obs.probe,
                 "devices": [d.name for d in devs] or ([] if legs else "all"),
                 "leg_devices_bio_level": [d.name for d in legs], "t0_monotonic_ns": t0_ns,

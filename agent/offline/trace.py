@@ -21,6 +21,14 @@ issue time within a file written by the importers.
 Importers: CloudPhysics CSV, ARC .lis(.zst), fio iolog v2/v3.
 Exporter: fio iolog v3 (timestamps in microseconds, as fio writes them) or
 v2 (no timing).
+
+Validation: every importer, every Parquet load and the exporter pass the
+columns through validate_columns() (types; times >= 0; sizes up to
+MAX_IO_BYTES, > 0 except flushes; sector * 512 + bytes within 2**63 - 1;
+known op codes); text importers parse numbers as Python ints and refuse
+overflow before anything becomes int64. Errors name the file, the line or
+row, and the field. Files written by write_trace() and export_fio_iolog()
+appear atomically (atomic_output), whole or not at all.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import numpy as np
 
 from ..core import cliutil, resources
 from ..core.errors import IobridgeError, UsageError
+from ..core.outfiles import atomic_output, check_output
 
 TRACE_FORMAT_VERSION = 1
 
@@ -57,6 +66,157 @@ COLUMN_NAMES = tuple(c for c, _ in COLUMNS)
 _DEFAULTS = {"complete_ns": -1, "latency_ns": -1, "qlen": -1, "leg": -1,
              "device": "", "op": OP_READ, "sector": 0}
 _REQUIRED = ("issue_ns", "bytes")
+
+# ---------------------------------------------------------------- validation
+#
+# Every trace, whatever it comes from (an importer, a Parquet file, a Trace
+# built in memory and exported), passes validate_columns() before use. The
+# limits are the kernel's, so a trace that passes can be replayed on a device:
+
+INT64_MAX = (1 << 63) - 1
+# Largest request size: the observer's event carries bytes as a u32, and a
+# bio's (bi_iter.bi_size) and a request's (__data_len) size are unsigned int.
+MAX_IO_BYTES = (1 << 32) - 1
+# Last addressable byte: file and device offsets are loff_t (signed 64-bit),
+# so sector * 512 + bytes must stay within 2**63 - 1.
+MAX_END_BYTE = INT64_MAX
+# Operations that may carry no data (a flush; "other" covers e.g. zone ops).
+SIZELESS_OPS = (OP_FLUSH, OP_OTHER)
+_OP_CODES = ", ".join(f"{i} {n}" for i, n in enumerate(OP_NAMES))
+
+
+def _row_label(rows, i: int) -> str:
+    """Where row i (0-based) is: `rows` maps it to e.g. 'line 17'; default 'row i+1'."""
+    if rows is None:
+        return f"row {i + 1}"
+    if callable(rows):
+        return rows(i)
+    return f"line {int(rows[i])}"
+
+
+def _field_label(name: str, names) -> str:
+    if names and name in names:
+        return f"{name!r} (the file's {names[name]})"
+    return repr(name)
+
+
+def validate_columns(cols: dict, source, rows=None, names: dict | None = None) -> None:
+    """Check trace columns against the format and what the kernel can address.
+
+    `source` names the file (or trace) in errors; `rows` says where row i
+    came from: a sequence of line numbers, a callable i -> 'line N', or None
+    for 'row N' (1-based, as in a Parquet file). `names` maps a column to
+    the input's own field name for the messages (e.g. bytes -> 'size').
+    Raises IobridgeError naming the source, the row or line and the field:
+
+    - exactly the columns of COLUMNS, equal lengths, their dtypes;
+    - issue_ns >= 0; complete_ns, latency_ns: -1 (unknown) or >= 0;
+    - bytes in 0..MAX_IO_BYTES, > 0 unless the op is a flush or "other";
+    - sector >= 0 and sector * 512 + bytes <= MAX_END_BYTE;
+    - op a known code (OP_NAMES); qlen, leg: -1 (unknown) or >= 0;
+    - device a string.
+    """
+    got = set(cols)
+    if got != set(COLUMN_NAMES):
+        missing, extra = sorted(set(COLUMN_NAMES) - got), sorted(got - set(COLUMN_NAMES))
+        raise IobridgeError(f"{source}: trace columns do not match the format"
+                            + (f"; missing {missing}" if missing else "")
+                            + (f"; unknown {extra}" if extra else ""),
+                            f"expected {', '.join(COLUMN_NAMES)}")
+    n = len(cols["issue_ns"])
+    for name, dtype in COLUMNS:
+        arr = cols[name]
+        if not isinstance(arr, np.ndarray) or arr.ndim != 1:
+            raise IobridgeError(f"{source}: column {name!r} is not a 1-D array")
+        if len(arr) != n:
+            raise IobridgeError(f"{source}: column {name!r} has {len(arr)} rows, "
+                                f"issue_ns has {n}")
+        want = np.dtype(object if dtype == "str" else dtype)
+        if arr.dtype != want:
+            raise IobridgeError(f"{source}: column {name!r} has type {arr.dtype}, "
+                                f"expected {'string' if dtype == 'str' else dtype}")
+    if n == 0:
+        return
+
+    def fail(mask: np.ndarray, name: str, problem) -> None:
+        if mask.any():
+            i = int(np.argmax(mask))
+            value = cols[name][i]
+            value = repr(value) if isinstance(value, str) else value
+            text = problem(i) if callable(problem) else problem
+            raise IobridgeError(f"{source} {_row_label(rows, i)}: field "
+                                f"{_field_label(name, names)} = {value} {text}")
+
+    dev = cols["device"]
+    fail(np.fromiter((not isinstance(d, str) for d in dev), bool, n), "device",
+         "is not a string")
+    fail(cols["issue_ns"] < 0, "issue_ns",
+         "is negative (issue times are ns since the start of the trace, >= 0)")
+    for name in ("complete_ns", "latency_ns", "qlen", "leg"):
+        fail(cols[name] < -1, name, "is negative (expected -1 for unknown, or >= 0)")
+    op = cols["op"]
+    fail(op >= len(OP_NAMES), "op", f"is not an operation code ({_OP_CODES})")
+    b = cols["bytes"]
+    fail(b < 0, "bytes", "is negative")
+    fail(b > MAX_IO_BYTES, "bytes",
+         f"is larger than {MAX_IO_BYTES}, the most one kernel request can carry "
+         "(its size is an unsigned int)")
+    fail((b == 0) & ~np.isin(op, SIZELESS_OPS), "bytes",
+         lambda i: f"for a {OP_NAMES[int(op[i])]}: only flush and other may have no data")
+    sec = cols["sector"]
+    fail(sec < 0, "sector", "is negative")
+    # b is within 0..MAX_IO_BYTES here, so the bound cannot overflow
+    fail(sec > (MAX_END_BYTE - b) // 512, "sector",
+         lambda i: f"with {int(b[i])} bytes ends at byte {int(sec[i]) * 512 + int(b[i])}, "
+                   f"past {MAX_END_BYTE} (2**63-1), the last byte offset the kernel "
+                   "can address")
+
+
+def _to_int_array(name: str, v, dtype: str, where) -> np.ndarray:
+    """`v` as a numpy array of integer `dtype`, refusing (never wrapping)
+    values outside the dtype's range, non-integral or non-finite floats,
+    and anything that is not a number. `where(i)` names row i for errors."""
+    info = np.iinfo(dtype)
+    a = np.asarray(v)
+    if a.dtype.kind == "b":
+        return a.astype(dtype)
+    if a.dtype.kind == "O":
+        vals = []
+        for i, x in enumerate(a.ravel()):
+            if isinstance(x, (bool, int, np.integer)):
+                vals.append(int(x))
+            elif isinstance(x, (float, np.floating)):
+                vals.append(float(x))
+            else:
+                raise IobridgeError(f"{where(i)}: field {name!r} = {x!r} is not a number")
+        if any(isinstance(x, float) for x in vals):
+            a = np.asarray(vals, dtype=np.float64).reshape(a.shape)
+        else:
+            for i, x in enumerate(vals):
+                if not info.min <= x <= info.max:
+                    raise IobridgeError(f"{where(i)}: field {name!r} = {x} does not fit "
+                                        f"{dtype} ({info.min}..{info.max})")
+            return np.asarray(vals, dtype=dtype).reshape(a.shape)
+    if a.dtype.kind == "f":
+        flat = a.ravel()
+        bad = ~np.isfinite(flat) | (flat != np.floor(flat)) \
+            | (flat < float(info.min)) | (flat >= float(info.max) + 1.0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise IobridgeError(f"{where(i)}: field {name!r} = {float(flat[i])} is not an "
+                                f"integer within {dtype} ({info.min}..{info.max})")
+        return a.astype(dtype)
+    if a.dtype.kind not in "iu":
+        raise IobridgeError(f"{where(0)}: field {name!r} has type {a.dtype}, "
+                            "expected integers")
+    flat = a.ravel()
+    if flat.size:
+        bad = (flat < info.min) | (flat > info.max)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise IobridgeError(f"{where(i)}: field {name!r} = {int(flat[i])} does not fit "
+                                f"{dtype} ({info.min}..{info.max})")
+    return a.astype(dtype)
 
 
 def traces_dir() -> Path:
@@ -99,8 +259,12 @@ class Trace:
         return bool(len(self)) and bool(np.all(self.cols["latency_ns"] >= 0))
 
 
-def _normalise_batch(batch) -> dict[str, np.ndarray]:
-    """dict of arrays or list of dicts/tuples -> dict of typed numpy arrays."""
+def _normalise_batch(batch, source: str = "trace batch") -> dict[str, np.ndarray]:
+    """dict of arrays or list of dicts/tuples -> dict of typed numpy arrays.
+
+    Values are converted without wrapping: a number outside its column's
+    type (or a non-integral or non-finite float) is an IobridgeError naming
+    the row and the field. Ranges are checked by validate_columns()."""
     if isinstance(batch, Trace):
         batch = batch.cols
     if isinstance(batch, (list, tuple)):
@@ -113,24 +277,31 @@ def _normalise_batch(batch) -> dict[str, np.ndarray]:
             batch = {n: [r[i] for r in batch] for i, n in enumerate(COLUMN_NAMES)}
     unknown = set(batch) - set(COLUMN_NAMES)
     if unknown:
-        raise IobridgeError(f"trace batch has unknown columns {sorted(unknown)}",
+        raise IobridgeError(f"{source} has unknown columns {sorted(unknown)}",
                             f"allowed: {', '.join(COLUMN_NAMES)}")
     for name in _REQUIRED:
         if name not in batch:
-            raise IobridgeError(f"trace batch lacks column {name!r}")
+            raise IobridgeError(f"{source} lacks column {name!r}")
     n = len(batch["issue_ns"])
+
+    def where(i: int) -> str:
+        return f"{source} row {i + 1}"
+
     out = {}
     for name, dtype in COLUMNS:
         if name in batch:
             v = batch[name]
-            arr = np.asarray(v, dtype=object if dtype == "str" else dtype)
+            if dtype == "str":
+                arr = np.asarray(v, dtype=object)
+            else:
+                arr = _to_int_array(name, v, dtype, where)
             if arr.shape == ():
                 arr = np.full(n, arr.item(), dtype=arr.dtype)
         else:
             d = _DEFAULTS[name]
             arr = np.full(n, d, dtype=object if dtype == "str" else dtype)
-        if len(arr) != n:
-            raise IobridgeError(f"trace batch column {name!r} has {len(arr)} rows, "
+        if arr.ndim != 1 or len(arr) != n:
+            raise IobridgeError(f"{source} column {name!r} has {len(arr)} rows, "
                                 f"issue_ns has {n}")
         out[name] = arr
     return out
@@ -174,7 +345,9 @@ class TraceWriter:
         arrays = []
         for name, dtype in COLUMNS:
             if dtype == "str":
-                arrays.append(pa.array(cols[name].astype(str)).dictionary_encode())
+                # not astype(str): numpy's fixed-width strings drop trailing NULs
+                arrays.append(pa.array([x if isinstance(x, str) else str(x)
+                                        for x in cols[name]], pa.string()).dictionary_encode())
             else:
                 arrays.append(pa.array(cols[name]))
         table = pa.Table.from_arrays(arrays, schema=self._w.schema)
@@ -194,14 +367,42 @@ class TraceWriter:
         self.close()
 
 
+# ---------------------------------------------------------------- output files
+
 def write_trace(path, trace: Trace, batch_rows: int = 1 << 20) -> None:
-    with TraceWriter(path, trace.meta) as w:
-        for i in range(0, max(len(trace), 1), batch_rows):
-            w.write_batch({k: v[i:i + batch_rows] for k, v in trace.cols.items()})
+    """Write `trace` to `path` (Parquet), validated, atomically."""
+    validate_columns(trace.cols, trace.meta.get("source", "trace"))
+    with atomic_output(path) as tmp:
+        with TraceWriter(tmp, trace.meta) as w:
+            for i in range(0, max(len(trace), 1), batch_rows):
+                w.write_batch({k: v[i:i + batch_rows] for k, v in trace.cols.items()})
+
+
+def _arrow_column(path: Path, name: str, dtype: str, col) -> np.ndarray:
+    """A Parquet column as the format's numpy dtype: nulls, a wrong type
+    or a value outside the dtype are errors naming the file, row and field."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    t = col.type
+    if col.null_count:
+        first = int(np.argmax(np.asarray(pc.is_null(col).to_numpy(zero_copy_only=False))))
+        raise IobridgeError(f"{path} row {first + 1}: field {name!r} is null "
+                            f"({col.null_count} nulls in the column)",
+                            "every field of every row needs a value")
+    if dtype == "str":
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise IobridgeError(f"{path}: column {name!r} has type {col.type}, expected string")
+        return np.asarray(col.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object)
+    if not pa.types.is_integer(t):
+        raise IobridgeError(f"{path}: column {name!r} has type {t}, expected {dtype}")
+    return _to_int_array(name, col.to_numpy(), dtype, lambda i: f"{path} row {i + 1}")
 
 
 def read_trace(path) -> Trace:
-    """Read an iobridge trace (Parquet). Errors name the file."""
+    """Read an iobridge trace (Parquet), validated (validate_columns).
+    Errors name the file, and the row and field when a value is wrong."""
     import pyarrow.parquet as pq
     path = Path(path)
     if not path.exists():
@@ -211,7 +412,10 @@ def read_trace(path) -> Trace:
     except Exception as e:  # pyarrow raises several types for bad files
         raise IobridgeError(f"{path}: not a readable iobridge trace (Parquet): {e}",
                             "import foreign formats with `iobridge trace import`") from None
-    kv = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
+    try:
+        kv = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
+    except UnicodeDecodeError:
+        raise IobridgeError(f"{path}: Parquet metadata is not UTF-8 text") from None
     ver = kv.get("iobridge.trace_format")
     if ver is None:
         raise IobridgeError(f"{path}: Parquet file without iobridge trace metadata")
@@ -221,15 +425,19 @@ def read_trace(path) -> Trace:
     missing = [c for c in COLUMN_NAMES if c not in pf.schema_arrow.names]
     if missing:
         raise IobridgeError(f"{path}: trace lacks columns {missing}")
-    table = pf.read(columns=list(COLUMN_NAMES))
-    cols = {}
-    for name, dtype in COLUMNS:
-        col = table.column(name)
-        if dtype == "str":
-            cols[name] = np.asarray(col.cast("string").to_numpy(zero_copy_only=False), dtype=object)
-        else:
-            cols[name] = col.to_numpy().astype(dtype, copy=False)
-    meta = json.loads(kv.get("iobridge.meta", "{}"))
+    try:
+        meta = json.loads(kv.get("iobridge.meta", "{}"))
+    except ValueError as e:
+        raise IobridgeError(f"{path}: metadata 'iobridge.meta' is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise IobridgeError(f"{path}: metadata 'iobridge.meta' is not a JSON object")
+    try:
+        table = pf.read(columns=list(COLUMN_NAMES))
+    except Exception as e:  # corrupt pages, truncated row groups
+        raise IobridgeError(f"{path}: cannot read the trace's rows: {e}") from None
+    cols = {name: _arrow_column(path, name, dtype, table.column(name))
+            for name, dtype in COLUMNS}
+    validate_columns(cols, path)
     return Trace(cols, meta)
 
 
@@ -238,6 +446,59 @@ def read_trace(path) -> Trace:
 CP_READ_OPS = {0x08, 0x28, 0x88, 0xA8}
 CP_WRITE_OPS = {0x0A, 0x2A, 0x8A, 0xAA}
 TIME_UNITS_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    """Bytes of a text trace -> str: UTF-8, a leading BOM accepted (utf-8-sig);
+    undecodable bytes are an error naming the file and line."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise IobridgeError(f"{path} line {line}: byte 0x{raw[e.start]:02x} is not UTF-8 text",
+                            "is this the right file and --format?") from None
+
+
+def _read_text(path: Path) -> str:
+    """Whole file as text (UTF-8, BOM accepted), zstd-decompressed if named *.zst."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise IobridgeError(f"{path}: {e.strerror}") from None
+    if path.suffix == ".zst":
+        import zstandard
+        d = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            data = d.decompress(raw)
+        except zstandard.ZstdError as e:
+            raise IobridgeError(f"{path}: corrupt zstd data ({e})") from None
+        if not d.eof:
+            raise IobridgeError(f"{path}: truncated zstd stream: the frame ends early after "
+                                f"{len(raw)} compressed bytes ({len(data)} decompressed)",
+                                "re-fetch the file")
+        raw = data
+    return _decode(raw, path)
+
+
+def _uint(s: str, where: str, field: str) -> int:
+    """A non-negative decimal integer field (ASCII digits only), as a Python
+    int checked to fit int64 BEFORE any conversion to numpy."""
+    if not (s.isascii() and s.isdigit()):
+        raise IobridgeError(f"{where}: field {field!r} = {s[:40]!r} is not a "
+                            "non-negative integer")
+    digits = s.lstrip("0")
+    if len(digits) > 19 or int(digits or "0") > INT64_MAX:
+        raise IobridgeError(f"{where}: field {field!r} = {s[:40]} does not fit in 64 bits "
+                            f"(at most {INT64_MAX})")
+    return int(s)
+
+
+def _check_ns(value: int, where: str, what: str) -> int:
+    """A time in ns computed from the file (Python int) must fit int64."""
+    if value > INT64_MAX:
+        raise IobridgeError(f"{where}: {what} is past the int64 nanosecond range "
+                            f"({INT64_MAX} ns, about 292 years)")
+    return value
 
 
 def import_cloudphysics(path, time_unit: str = "s", spread: bool = True) -> Trace:
@@ -255,84 +516,78 @@ def import_cloudphysics(path, time_unit: str = "s", spread: bool = True) -> Trac
     if time_unit not in TIME_UNITS_NS:
         raise UsageError(f"unknown time unit {time_unit!r}", "use s, ms, us or ns")
     unit = TIME_UNITS_NS[time_unit]
-    try:
-        f = open(path, "r", encoding="ascii", errors="strict")
-    except OSError as e:
-        raise IobridgeError(f"{path}: {e.strerror}") from None
-    times, ops, sizes, lbns = [], [], [], []
-    with f:
-        header = f.readline().strip()
-        if header != "version,time,op,size,lbn":
-            raise IobridgeError(f"{path} line 1: expected header 'version,time,op,size,lbn', "
-                                f"got {header[:60]!r}")
-        lineno = 1
-        try:
-            for lineno, line in enumerate(f, start=2):
-                parts = line.rstrip("\r\n").split(",")
-                if len(parts) != 5:
-                    raise IobridgeError(
-                        f"{path} line {lineno}: expected 5 comma-separated fields "
-                        f"(version,time,op,size,lbn), got {len(parts)}: {line.strip()[:60]!r}")
-                try:
-                    t = int(parts[1]); op = int(parts[2], 16); sz = int(parts[3]); lbn = int(parts[4])
-                except ValueError:
-                    raise IobridgeError(
-                        f"{path} line {lineno}: expected integers time,size,lbn and a hex op, "
-                        f"got {line.strip()[:60]!r}") from None
-                if sz <= 0 or t < 0 or lbn < 0:
-                    raise IobridgeError(f"{path} line {lineno}: expected time >= 0, size > 0, "
-                                        f"lbn >= 0, got {line.strip()[:60]!r}")
-                times.append(t); ops.append(op); sizes.append(sz); lbns.append(lbn)
-        except UnicodeDecodeError:
-            raise IobridgeError(f"{path} after line {lineno}: expected ASCII CSV text") from None
+    lines = _read_text(path).splitlines()
+    header = lines[0].strip() if lines else ""
+    if header != "version,time,op,size,lbn":
+        raise IobridgeError(f"{path} line 1: expected header 'version,time,op,size,lbn', "
+                            f"got {header[:60]!r}")
+    times, ops, sizes, lbns, linenos = [], [], [], [], []
+    t0 = prev = None
+    for lineno, line in enumerate(lines[1:], start=2):
+        where = f"{path} line {lineno}"
+        parts = line.split(",")
+        if len(parts) != 5:
+            raise IobridgeError(
+                f"{where}: expected 5 comma-separated fields "
+                f"(version,time,op,size,lbn), got {len(parts)}: {line.strip()[:60]!r}")
+        op_s = parts[2].strip()
+        if not (op_s and op_s.isascii() and all(c in "0123456789abcdefABCDEF" for c in op_s)):
+            raise IobridgeError(f"{where}: expected integers time,size,lbn and a hex op, "
+                                f"got {line.strip()[:60]!r}")
+        t = _uint(parts[1].strip(), where, "time")
+        sz = _uint(parts[3].strip(), where, "size")
+        lbn = _uint(parts[4].strip(), where, "lbn")
+        if prev is not None and t < prev:
+            raise IobridgeError(f"{where}: time goes backwards (expected non-decreasing)")
+        if t0 is None:
+            t0 = t
+        prev = t
+        # the last instant a request of this time unit can be given (spread)
+        _check_ns((t - t0 + 1) * unit - 1 if spread else (t - t0) * unit, where,
+                  f"field 'time' = {t}: {t - t0} {time_unit} after the first record")
+        times.append(t - t0); ops.append(int(op_s, 16)); sizes.append(sz); lbns.append(lbn)
+        linenos.append(lineno)
     if not times:
         raise IobridgeError(f"{path}: no records after the header")
     t = np.asarray(times, dtype=np.int64)
-    if np.any(np.diff(t) < 0):
-        bad = int(np.argmax(np.diff(t) < 0)) + 3
-        raise IobridgeError(f"{path} line {bad}: time goes backwards (expected non-decreasing)")
-    t = t - t[0]
-    issue = t * unit
+    issue = t * unit      # fits: checked above with Python ints
     if spread:
         # position of each record within its group of equal timestamps
         starts = np.r_[0, np.flatnonzero(np.diff(t)) + 1]
         counts = np.diff(np.r_[starts, len(t)])
         pos = np.arange(len(t)) - np.repeat(starts, counts)
         issue = issue + (pos * unit) // np.repeat(counts, counts)
-    op_arr = np.asarray(ops)
+    op_arr = np.asarray(ops, dtype=object)
     op = np.full(len(t), OP_OTHER, dtype=np.uint8)
     op[np.isin(op_arr, list(CP_READ_OPS))] = OP_READ
     op[np.isin(op_arr, list(CP_WRITE_OPS))] = OP_WRITE
     cols = _normalise_batch({"issue_ns": issue, "sector": np.asarray(lbns, dtype=np.int64),
                              "bytes": np.asarray(sizes, dtype=np.int64), "op": op,
-                             "device": np.full(len(t), "cloudphysics", dtype=object)})
+                             "device": np.full(len(t), "cloudphysics", dtype=object)},
+                            str(path))
+    validate_columns(cols, path, rows=linenos,
+                     names={"issue_ns": "time", "sector": "lbn", "bytes": "size"})
     return Trace(cols, {"source": str(path.name), "format": "cloudphysics-csv",
                         "time_unit": time_unit, "spread_equal_timestamps": spread})
 
 
-def _read_text(path: Path) -> str:
-    """Whole file as ASCII text, zstd-decompressed if named *.zst."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise IobridgeError(f"{path}: {e.strerror}") from None
-    if path.suffix == ".zst":
-        import zstandard
-        d = zstandard.ZstdDecompressor().decompressobj()
-        try:
-            data = d.decompress(raw)
-        except zstandard.ZstdError as e:
-            raise IobridgeError(f"{path}: corrupt zstd data ({e})") from None
-        if not d.eof:
-            raise IobridgeError(f"{path}: truncated zstd stream: the frame ends early after "
-                                f"{len(raw)} compressed bytes ({len(data)} decompressed)",
-                                "re-fetch the file")
-        raw = data
-    try:
-        return raw.decode("ascii")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise IobridgeError(f"{path} line {line}: expected ASCII text") from None
+def _arc_check_lines(path: Path, text: str) -> None:
+    """Slow path of import_arc: find the line that is wrong and say why."""
+    fields = ("start_block", "nblocks", "ignored", "reqno")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 4 or not all(p.isascii() and p.isdigit() for p in parts):
+            raise IobridgeError(f"{path} line {lineno}: expected 4 non-negative integers "
+                                f"'start_block nblocks ignored reqno', got {line[:60]!r}")
+        for p, name in zip(parts, fields):
+            _uint(p, f"{path} line {lineno}", name)
+
+
+def _arc_line_numbers(text: str) -> list[int]:
+    """Line number of each record (non-blank line) of an ARC trace."""
+    return [i for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
 def import_arc(path, duration_s: float = 3600.0) -> Trace:
@@ -343,36 +598,47 @@ def import_arc(path, duration_s: float = 3600.0) -> Trace:
     (the ARC paper's OLTP trace covers one hour).
     """
     path = Path(path)
+    if not (np.isfinite(duration_s) and 0 < duration_s and duration_s * 1e9 < 2.0 ** 63):
+        raise UsageError(f"--duration must be a positive number of seconds below "
+                         f"{INT64_MAX // 10**9}, got {duration_s}")
     if not path.exists():
         raise IobridgeError(f"{path}: no such file")
     text = _read_text(path)
     vals = text.split()
-    ok = len(vals) % 4 == 0
-    if ok:
+    arr = None
+    # numpy's string -> int conversion takes '+5', '1_0' and non-ASCII digits:
+    # such text goes to the slow path, which accepts ASCII digits only
+    if len(vals) % 4 == 0 and text.isascii() and "_" not in text and "+" not in text \
+            and "-" not in text:
         try:
             arr = np.array(vals, dtype=np.int64).reshape(-1, 4)
         except (ValueError, OverflowError):
-            ok = False
-        ok = ok and bool(np.all(arr >= 0))
-    if not ok:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 4 or not all(p.isdigit() for p in parts):
-                raise IobridgeError(f"{path} line {lineno}: expected 4 non-negative integers "
-                                    f"'start_block nblocks ignored reqno', got {line[:60]!r}")
+            arr = None
+    if arr is None:
+        _arc_check_lines(path, text)
         raise IobridgeError(f"{path}: malformed ARC trace")
     if len(arr) == 0:
         raise IobridgeError(f"{path}: no records")
     n = len(arr)
-    if np.any(arr[:, 1] <= 0):
-        bad = int(np.argmax(arr[:, 1] <= 0)) + 1
-        raise IobridgeError(f"{path} record {bad}: expected nblocks > 0")
+    lines = None
+
+    def where(i: int) -> str:
+        nonlocal lines
+        lines = lines or _arc_line_numbers(text)
+        return f"line {lines[i]}"
+
+    big = arr[:, 1] > INT64_MAX // 512
+    if big.any():
+        i = int(np.argmax(big))
+        raise IobridgeError(f"{path} {where(i)}: field 'nblocks' = {int(arr[i, 1])}: "
+                            f"times 512 bytes does not fit in 64 bits")
     issue = (np.arange(n, dtype=np.float64) * (duration_s * 1e9 / n)).astype(np.int64)
     cols = _normalise_batch({"issue_ns": issue, "sector": arr[:, 0], "bytes": arr[:, 1] * 512,
                              "op": np.zeros(n, np.uint8),
-                             "device": np.full(n, path.name.split(".")[0], dtype=object)})
+                             "device": np.full(n, path.name.split(".")[0], dtype=object)},
+                            str(path))
+    validate_columns(cols, path, rows=where,
+                     names={"sector": "start_block", "bytes": "nblocks x 512"})
     return Trace(cols, {"source": path.name, "format": "arc-lis",
                         "assigned_arrivals": f"evenly over {duration_s} s"})
 
@@ -387,78 +653,91 @@ def import_fio_iolog(path) -> Trace:
     v3 timestamps (microseconds since the start) become issue times; v2 has
     no timing: `wait` actions (microseconds) advance the clock, otherwise
     I/Os are 1 us apart. File actions (add/open/close) are skipped; the
-    file name becomes the device.
+    file name becomes the device. Offsets are stored in 512-byte sectors.
     """
     path = Path(path)
-    try:
-        f = open(path, "r", encoding="ascii")
-    except OSError as e:
-        raise IobridgeError(f"{path}: {e.strerror}") from None
+    lines = _read_text(path).splitlines()
+    first = lines[0].strip() if lines else ""
+    if first == "fio version 2 iolog":
+        ver = 2
+    elif first == "fio version 3 iolog":
+        ver = 3
+    else:
+        raise IobridgeError(f"{path} line 1: expected 'fio version 2 iolog' or "
+                            f"'fio version 3 iolog', got {first[:60]!r}")
     rows = {"issue_ns": [], "device": [], "op": [], "sector": [], "bytes": []}
-    with f:
-        first = f.readline().strip()
-        if first == "fio version 2 iolog":
-            ver = 2
-        elif first == "fio version 3 iolog":
-            ver = 3
+    linenos = []
+    clock_us = 0
+    form = ("'timestamp filename action [offset length]'" if ver == 3
+            else "'filename action [offset length]'")
+    for lineno, line in enumerate(lines[1:], start=2):
+        where = f"{path} line {lineno}"
+        parts = line.split()
+        if not parts:
+            continue
+        ts = None
+        if ver == 3:
+            ok = len(parts) in (3, 5)
+            if ok:
+                ts = _uint(parts[0], where, "timestamp")
+                parts = parts[1:]
         else:
-            raise IobridgeError(f"{path} line 1: expected 'fio version 2 iolog' or "
-                                f"'fio version 3 iolog', got {first[:60]!r}")
-        clock_us = 0
-        for lineno, line in enumerate(f, start=2):
-            parts = line.split()
-            if not parts:
+            ok = len(parts) in (2, 4)
+        if ok and len(parts) == 2:
+            if parts[1] in ("add", "open", "close"):
                 continue
-            try:
-                if ver == 3:
-                    if len(parts) not in (3, 5):
-                        raise ValueError
-                    ts = int(parts[0]); parts = parts[1:]
-                else:
-                    if len(parts) not in (2, 4):
-                        raise ValueError
-                    ts = None
-                if len(parts) == 2:
-                    if parts[1] not in ("add", "open", "close"):
-                        raise ValueError
-                    continue
-                fname, act, off, ln = parts[0], parts[1], int(parts[2]), int(parts[3])
-            except ValueError:
-                form = ("'timestamp filename action [offset length]'" if ver == 3
-                        else "'filename action [offset length]'")
-                raise IobridgeError(f"{path} line {lineno}: expected {form}, "
-                                    f"got {line.strip()[:60]!r}") from None
-            if act == "wait" and ver == 2:
-                clock_us += off
-                continue
-            if act not in FIO_ACTIONS:
-                raise IobridgeError(f"{path} line {lineno}: unknown action {act!r}, expected "
-                                    f"one of {', '.join(FIO_ACTIONS)}")
-            if ts is None:
-                ts = clock_us
-                clock_us += 1
-            rows["issue_ns"].append(ts * 1000)
-            rows["device"].append(fname)
-            rows["op"].append(FIO_ACTIONS[act])
-            rows["sector"].append(off // 512)
-            rows["bytes"].append(ln)
+            ok = False
+        if not ok:
+            raise IobridgeError(f"{where}: expected {form}, got {line.strip()[:60]!r}")
+        fname, act = parts[0], parts[1]
+        if act == "wait" and ver == 2:
+            clock_us += _uint(parts[2], where, "offset (wait time, us)")
+            _check_ns(clock_us * 1000, where, f"the waits so far add up to {clock_us} us, which")
+            continue
+        if act not in FIO_ACTIONS:
+            raise IobridgeError(f"{where}: unknown action {act!r}, expected "
+                                f"one of {', '.join(FIO_ACTIONS)}")
+        off = _uint(parts[2], where, "offset")
+        ln = _uint(parts[3], where, "length")
+        if ts is None:
+            ts = clock_us
+            clock_us += 1
+        rows["issue_ns"].append(_check_ns(ts * 1000, where, f"field 'timestamp' = {ts} us"
+                                          if ver == 3 else f"the issue time {ts} us"))
+        rows["device"].append(fname)
+        rows["op"].append(FIO_ACTIONS[act])
+        rows["sector"].append(off // 512)
+        rows["bytes"].append(ln)
+        linenos.append(lineno)
     if not rows["issue_ns"]:
         raise IobridgeError(f"{path}: no I/O actions in the iolog")
-    cols = _normalise_batch(rows)
+    cols = _normalise_batch(rows, str(path))
+    validate_columns(cols, path, rows=linenos,
+                     names={"issue_ns": "timestamp x 1000", "sector": "offset / 512",
+                            "bytes": "length"})
     return Trace(cols, {"source": path.name, "format": f"fio-iolog-v{ver}"}).sorted()
 
 
+def _check_fio_filename(filename: str) -> None:
+    if not filename or any(c.isspace() for c in filename):
+        raise UsageError(f"fio iolog file name {filename!r} is empty or contains whitespace")
+
+
 def export_fio_iolog(trace: Trace, out, filename: str, version: int = 3,
-                     reads_only: bool = False) -> int:
+                     reads_only: bool = False, source=None) -> int:
     """Write `trace` as a fio iolog for replay against `filename`.
 
-    v3 carries issue times (microseconds since the first I/O). Returns the
-    number of I/O lines written.
+    v3 carries issue times (microseconds since the first I/O). The trace is
+    validated first (validate_columns: every offset and size one a device
+    can take); `source` names it in errors (default: its meta's source).
+    The file is written atomically (atomic_output). Returns the number of
+    I/O lines written.
     """
     if version not in (2, 3):
         raise UsageError(f"fio iolog version {version} not supported", "use 2 or 3")
-    if any(c.isspace() for c in filename):
-        raise UsageError(f"fio iolog file name {filename!r} contains whitespace")
+    _check_fio_filename(filename)
+    source = source or trace.meta.get("source", "trace")
+    validate_columns(trace.cols, source)
     t = trace.sorted()
     keep = {OP_READ: "read", OP_WRITE: "write", OP_DISCARD: "trim", OP_FLUSH: "sync"}
     op = t["op"]
@@ -466,20 +745,21 @@ def export_fio_iolog(trace: Trace, out, filename: str, version: int = 3,
     t = t.take(np.flatnonzero(mask))
     ts_us = (t["issue_ns"] - (t["issue_ns"][0] if len(t) else 0)) // 1000
     names = [keep[int(o)] for o in t["op"]]
-    off = t["sector"] * 512
-    with open(out, "w", encoding="ascii") as f:
-        f.write(f"fio version {version} iolog\n")
-        pre = "0 " if version == 3 else ""
-        f.write(f"{pre}{filename} add\n{pre}{filename} open\n")
-        for i in range(len(t)):
-            ln = 0 if names[i] == "sync" else int(t["bytes"][i])
-            o = 0 if names[i] == "sync" else int(off[i])
-            if version == 3:
-                f.write(f"{int(ts_us[i])} {filename} {names[i]} {o} {ln}\n")
-            else:
-                f.write(f"{filename} {names[i]} {o} {ln}\n")
-        last = int(ts_us[-1]) if len(t) else 0
-        f.write(f"{last} {filename} close\n" if version == 3 else f"{filename} close\n")
+    off = t["sector"] * 512      # validated: sector * 512 + bytes <= MAX_END_BYTE
+    with atomic_output(out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"fio version {version} iolog\n")
+            pre = "0 " if version == 3 else ""
+            f.write(f"{pre}{filename} add\n{pre}{filename} open\n")
+            for i in range(len(t)):
+                ln = 0 if names[i] == "sync" else int(t["bytes"][i])
+                o = 0 if names[i] == "sync" else int(off[i])
+                if version == 3:
+                    f.write(f"{int(ts_us[i])} {filename} {names[i]} {o} {ln}\n")
+                else:
+                    f.write(f"{filename} {names[i]} {o} {ln}\n")
+            last = int(ts_us[-1]) if len(t) else 0
+            f.write(f"{last} {filename} close\n" if version == 3 else f"{filename} close\n")
     return len(t)
 
 
@@ -503,6 +783,8 @@ def guess_format(path: Path) -> str:
             head = f.read(32)
     except OSError as e:
         raise IobridgeError(f"{path}: {e.strerror}") from None
+    if head.startswith(b"\xef\xbb\xbf"):      # a UTF-8 byte order mark
+        head = head[3:]
     if head.startswith(b"fio version"):
         return "fio"
     if head.startswith(b"PAR1"):
@@ -516,6 +798,8 @@ def load_any(path, fmt: str | None = None, **opts) -> Trace:
     path = Path(path)
     if not path.exists():
         raise IobridgeError(f"{path}: no such trace file")
+    if not path.is_file():
+        raise IobridgeError(f"{path}: not a regular file", "give a trace file")
     fmt = fmt or guess_format(path)
     if fmt == "parquet":
         return read_trace(path)
@@ -554,19 +838,30 @@ def describe(trace: Trace) -> dict:
 
 def _cmd_import(args) -> int:
     src = Path(args.source)
+    if not src.exists():
+        raise IobridgeError(f"{src}: no such trace file")
+    out = check_output(args.out, args.force, [src])     # before the long work
     fmt = args.format or guess_format(src)
     if fmt == "parquet":
         raise UsageError(f"{src} is already an iobridge trace")
     print(f"importing {src} as {fmt} ...", file=sys.stderr)
     tr = load_any(src, fmt, time_unit=args.time_unit, duration_s=args.duration)
-    write_trace(args.out, tr)
+    check_output(args.out, args.force, [src])            # again: nothing appeared meanwhile
+    write_trace(out, tr)
     print(f"wrote {len(tr)} records to {args.out}", file=sys.stderr)
     return 0
 
 
 def _cmd_export(args) -> int:
-    tr = load_any(args.source, args.format, time_unit=args.time_unit, duration_s=args.duration)
-    n = export_fio_iolog(tr, args.out, args.filename, args.fio_version, args.reads_only)
+    src = Path(args.source)
+    if not src.exists():
+        raise IobridgeError(f"{src}: no such trace file")
+    out = check_output(args.out, args.force, [src])     # before the long work
+    _check_fio_filename(args.filename)
+    tr = load_any(src, args.format, time_unit=args.time_unit, duration_s=args.duration)
+    check_output(args.out, args.force, [src])            # again: nothing appeared meanwhile
+    n = export_fio_iolog(tr, out, args.filename, args.fio_version, args.reads_only,
+                         source=src)
     print(f"wrote {n} I/Os to {args.out} (fio iolog v{args.fio_version}); replay with: "
           f"fio --name=replay --read_iolog={args.out} --ioengine=libaio --direct=1",
           file=sys.stderr)
@@ -615,7 +910,10 @@ def register_cli(sub) -> None:
                          "times: the file's README says microseconds but the data fits seconds "
                          "(7,200 distinct values over 2 h); default --time-unit s, requests "
                          "sharing a timestamp are spread evenly across it. ARC traces have no "
-                         "times: arrivals are spread evenly over --duration.",
+                         "times: arrivals are spread evenly over --duration. Every record is "
+                         "validated (sizes, offsets, times a device can take; errors name the "
+                         "line and field); the output is written atomically and an existing "
+                         "file only with --force.",
                          **cliutil.examples(
                              ("iobridge trace import cloudPhysicsIO.csv -o cp.parquet",
                               "CloudPhysics CSV (time column in seconds)"),
@@ -624,12 +922,15 @@ def register_cli(sub) -> None:
                              ("iobridge trace import job.iolog -o job.parquet", "fio iolog")))
     pi.add_argument("source", help="input trace file")
     pi.add_argument("--out", "-o", required=True, help="output .parquet file")
+    pi.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     _add_source_opts(pi)
     pi.set_defaults(func=_cmd_import)
     pe = tsub.add_parser("export", help="write a trace as a fio iolog for replay on a device",
                          description="Write a fio iolog (v3 with issue times in us, or v2 "
                          "untimed). WARNING: replaying writes overwrites the target; use "
-                         "--reads-only on a device holding data.",
+                         "--reads-only on a device holding data. The trace is validated first "
+                         "(every offset and size one a device can take); the output is written "
+                         "atomically and an existing file only with --force.",
                          **cliutil.examples(
                              ("iobridge trace export cp.parquet -o cp.iolog --filename /dev/nullb0",
                               "timed iolog (v3) for fio"),
@@ -639,6 +940,7 @@ def register_cli(sub) -> None:
                               "then: replay it")))
     pe.add_argument("source", help="trace (.parquet or any importable format)")
     pe.add_argument("--out", "-o", required=True, help="output iolog file")
+    pe.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     pe.add_argument("--filename", required=True,
                     help="file or device fio should replay against, e.g. /dev/nullb0")
     pe.add_argument("--fio-version", type=int, choices=[2, 3], default=3,
