@@ -31,6 +31,7 @@ REPORT_COMMANDS = {
     "replay": ["--trace", "t.parquet"],
     "bench hook": [],
     "bench agent": [],
+    "bench tick": [],
     "status": [],
     "vm info": [],
 }

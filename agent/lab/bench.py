@@ -3,7 +3,9 @@
 Subcommands register themselves in BENCHES; each has a `run_in_vm(args)`
 that runs inside the test VM and returns a JSON-able dict, and a `render`
 that prints it for people.  On the host `iobridge bench NAME` boots the VM
-once, runs `iobridge bench NAME --in-vm` there and reports the result.
+once, runs `iobridge bench NAME --in-vm` there and reports the result.  A
+bench with `run_on_host(args)` instead runs where it is called, with no VM
+(and has no --in-vm or --timeout).
 
 bench hook: fio 4 KiB random reads at queue depth 1 and 32 on
   (a) dm-linear over one null_blk device,
@@ -11,6 +13,11 @@ bench hook: fio 4 KiB random reads at queue depth 1 and 32 on
       policy attached (every read routed by a valid decision entry),
   (c) the same iobridge target with no program (module default),
 and the per-call cost of the routing hook with and without a program.
+
+bench tick (on the host, lab/tickbench.py): the agent's real tick and
+table recompute against in-memory stand-ins for the kernel maps, with
+synthetic busy legs: microseconds per recompute, recomputes and ticks per
+second, and the agent's CPU share at default settings, for 2 and 8 legs.
 """
 
 from __future__ import annotations
@@ -176,6 +183,11 @@ def _agent_bench():
     return experiment
 
 
+def _tick_bench():
+    from . import tickbench  # noqa: PLC0415
+    return tickbench
+
+
 BENCHES = {
     "hook": {
         "help": "routing hook overhead: dm-linear vs iobridge+BPF over null_blk",
@@ -204,6 +216,20 @@ BENCHES = {
              "the demo's comparison, its CDF plot in .scratch/mine/"),
             ("iobridge bench agent --json --output agent.json", "as JSON, kept in a file")),
     },
+    "tick": {
+        "help": "on this host, no kernel or VM: the agent's tick and table recompute "
+                "(ONNX over the key grid, publish into the decision array) against in-memory "
+                "maps with 2 and 8 synthetic busy legs: us per recompute, recomputes and ticks "
+                "per second, agent CPU share at default settings; goals printed beside the figures",
+        "add_args": lambda p: _tick_bench().add_args(p),
+        "run_on_host": lambda args: _tick_bench().run(args),
+        "render": lambda res: _tick_bench().render(res),
+        "examples": (
+            ("iobridge bench tick", "2 and 8 legs, 5 s runs, print the tables"),
+            ("iobridge bench tick --legs 8 --duration 20", "8 legs only, longer runs"),
+            ("iobridge bench tick --change-rate-hz 2", "slow inputs changing every 0.5 s"),
+            ("iobridge bench tick --json --output tick.json", "as JSON, kept in a file")),
+    },
 }
 
 
@@ -211,7 +237,9 @@ BENCHES = {
 
 def _run(args) -> int:
     bench = BENCHES[args.bench]
-    if args.in_vm or os.environ.get("IOBRIDGE_IN_VM") == "1":
+    if "run_on_host" in bench:
+        res = bench["run_on_host"](args)      # here, with no VM
+    elif args.in_vm or os.environ.get("IOBRIDGE_IN_VM") == "1":
         if os.geteuid() != 0:
             raise UsageError("the benchmark needs root inside the VM")
         res = bench["run_in_vm"](args)
@@ -233,13 +261,13 @@ def _run(args) -> int:
         Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
     if args.json:
         print(json.dumps(res, indent=2))
-    elif not args.output or not args.in_vm:
+    elif not args.output or not getattr(args, "in_vm", False):
         print(bench["render"](res))
     return 0
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (run in the test VM)",
+    p = sub.add_parser("bench", help="benchmarks (in the test VM; `tick` on this host)",
                        **cliutil.examples(*(ex for b in BENCHES.values() for ex in b["examples"][:1])))
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
@@ -247,9 +275,10 @@ def register_cli(sub) -> None:
         bp = bsub.add_parser(name, help=bench["help"], parents=[cliutil.json_parent()],
                              **cliutil.examples(*bench["examples"]))
         bp.add_argument("--output", metavar="FILE", help="also write the JSON result to FILE")
-        bp.add_argument("--in-vm", action="store_true",
-                        help="run here (inside the VM) instead of booting one")
-        bp.add_argument("--timeout", type=float, default=1200, help="VM time bound in seconds")
+        if "run_on_host" not in bench:
+            bp.add_argument("--in-vm", action="store_true",
+                            help="run here (inside the VM) instead of booting one")
+            bp.add_argument("--timeout", type=float, default=1200, help="VM time bound in seconds")
         bench["add_args"](bp)
         bp.set_defaults(func=_with_forward(bp), bench=name)
 
