@@ -108,7 +108,10 @@ def iobridge(*args: str, user: str | None = None) -> subprocess.CompletedProcess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-def window(rs: ReplicaSet, seconds: float, iodepth: int = 4) -> dict:
+WINDOW_QD = 4     # fio queue depth of window()
+
+
+def window(rs: ReplicaSet, seconds: float, iodepth: int = WINDOW_QD) -> dict:
     """fio random reads on the target for `seconds`; per-leg reads and the
     routing program's counters over that span."""
     s0, r0 = dmtarget.status(rs.name), route_stats()
@@ -251,9 +254,15 @@ def test_sigstopped_agent_table_follows_the_legs_live_state(replicas, agents, tm
         # The table stayed in force: the kernel routed every read from it.
         assert w["default"] == 0 and w["silent"] == 0 and w["hook"] > 0, w
     assert both_fast["legs"][1] > 0.2 * sum(both_fast["legs"]), both_fast
-    # Slow: leg 1 got the reads in flight when it turned slow, then only the
-    # kernel's probes of an idle leg (one per probe_after_ms).
-    assert slow["legs"][1] <= 6 + slow["probes"], slow
+    # Slow: leg 1 got the reads in flight when it turned slow and those routed
+    # before the first of them completed (at most WINDOW_QD: each takes 20
+    # ms), then the kernel's probes of an idle leg (one per probe_after_ms)
+    # and a few reads while leg 0's newest latency was a host stall (with a
+    # fresh agent the table prices a slow read at what stalls cost, ~5 ms).
+    # Seen besides the probes: at most 6 on a quiet host, 7 and 8 on loaded
+    # ones (CI with other work, a busy host core); 46-75 for the rule
+    # with the penalty outside the product.
+    assert slow["legs"][1] <= 2 * WINDOW_QD + slow["probes"], slow
     assert slow["legs"][0] >= 20 * max(1, slow["legs"][1] - slow["probes"]), slow
     # Fast again: a probe saw it, and reads came back beyond the probes.
     assert slow["probes"] + fast_again["probes"] >= 1
