@@ -86,8 +86,6 @@ BAD_INPUT = [
      "import", "x.lis line 1: field 'reqno' = 18446744073709551616 does not fit in 64 bits"),
     ("arc-negative", "x.lis", "1 1 0 0\n-2 1 0 1\n",
      "import", "x.lis line 2: expected 4 non-negative integers"),
-    ("arc-bad-duration", "x.lis", "1 1 0 0\n",
-     "import --duration -5", "--duration must be a positive number"),
     ("fio-negative-offset", "j.iolog", FIO3 + "0 /dev/x add\n5 /dev/x read -512 4096\n",
      "import", "j.iolog line 3: field 'offset' = '-512' is not a non-negative integer"),
     ("fio-negative-length", "j.iolog", FIO2 + "/dev/x read 0 -4096\n",

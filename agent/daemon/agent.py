@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from ..core import abi, cliutil, clock, decision, histogram
 from ..core import features as F
@@ -65,6 +67,12 @@ PHASES = ("sample", "infer", "publish", "tick", "status", "discover")
 # The status file: for `iobridge status` and the tests (~20 ms of an
 # emulated core per write).
 STATUS_INTERVAL_S = 2.0
+# `iobridge status` calls a status file stale (the agent is not running) when
+# it is older than STALE_INTERVALS status periods (or ticks, when longer)
+# plus the heartbeat limit, all as recorded in the file: 12 s at defaults.
+STALE_INTERVALS = 5
+# `iobridge status` exit codes
+STATUS_RUNNING, STATUS_NOT_RUNNING, STATUS_UNREADABLE = 0, 3, 4
 # Target listing period where no uevent socket can be opened.
 FALLBACK_DISCOVER_S = 1.0
 # A leg's baseline that moved by more than this (relative, any of latency,
@@ -542,8 +550,10 @@ class Agent:
                         "idle_ms": None if idle[r] is None else round(idle[r] / 1e6, 1)}})
             targets.append({"name": t.name, "target_id": t.target_id, "legs": legs})
         return {
-            "pid": os.getpid(), "abi_version": abi.ABI_VERSION,
+            "pid": os.getpid(), "pid_create_time": _own_create_time(),
+            "abi_version": abi.ABI_VERSION,
             "written_ns": now, "started_ns": self.started_ns,
+            "status_interval_s": STATUS_INTERVAL_S,
             "config": str(self.cfg.source) if self.cfg.source else None,
             "shadow": self.cfg.shadow, "tick_ms": self.cfg.tick_ms, "ttl_ticks": self.cfg.ttl_ticks,
             "max_silence_ms": self.cfg.max_silence_ms, "recompute_ms": self.cfg.recompute_ms,
@@ -617,8 +627,6 @@ def cmd_run(args) -> int:
     cfg = config_mod.load(args.config).replace(**overrides)
     if args.verbose == 0:
         logging.getLogger().setLevel(cfg.log_level.upper())
-    if args.duration is not None and args.duration <= 0:
-        raise UsageError("--duration must be positive")
     agent = Agent(cfg, overrides=overrides)
     try:
         agent.start()
@@ -632,26 +640,120 @@ def cmd_run(args) -> int:
     return 0
 
 
-def read_status(path: Path) -> dict:
-    """The running agent's status file, checked for liveness."""
+class AgentNotRunning(IobridgeError):
+    """No status file: no agent is running (`iobridge status` exit 3)."""
+
+    exit_code = STATUS_NOT_RUNNING
+
+
+class StatusFileError(IobridgeError):
+    """A status file that cannot be read or is not an agent's status
+    (`iobridge status` exit 4: the agent's state is unknown)."""
+
+    exit_code = STATUS_UNREADABLE
+
+
+@functools.cache
+def _own_create_time() -> float:
+    """This process's start time as psutil (and `iobridge status`) sees it."""
+    return psutil.Process().create_time()
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# What `iobridge status` needs in the file to decide liveness: field -> check
+STATUS_FIELDS = {
+    "pid": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "written_ns": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "tick_ms": lambda v: _is_number(v) and v > 0,
+    "max_silence_ms": lambda v: _is_number(v) and v >= 0,
+}
+
+
+def stale_after_s(st: dict) -> float:
+    """Age past which a status file is stale, from the settings it records."""
+    interval = st.get("status_interval_s")
+    if not (_is_number(interval) and interval > 0):
+        interval = STATUS_INTERVAL_S      # written by an agent that did not record it
+    return STALE_INTERVALS * max(interval, st["tick_ms"] / 1e3) + st["max_silence_ms"] / 1e3
+
+
+def _not_alive_reason(st: dict, now_ns: int) -> str | None:
+    """Why the status file does not describe a running agent (None: it does):
+    its pid must exist and be the agent that wrote it (the start time it
+    recorded, or else an iobridge command line), and the file must be fresh."""
+    pid = st["pid"]
     try:
-        st = json.loads(Path(path).read_text())
+        proc = psutil.Process(pid)
+        created = proc.create_time()
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return f"process {pid} has exited"
+    except psutil.NoSuchProcess:
+        return f"no process {pid}"
+    except psutil.Error as err:
+        return f"cannot inspect process {pid}: {err}"
+    recorded = st.get("pid_create_time")
+    if _is_number(recorded):
+        if abs(created - recorded) > 0.5:
+            return f"process {pid} is not the agent that wrote the file (it started at another time)"
+    else:
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            cmdline = []
+        if not any("iobridge" in arg for arg in cmdline):
+            return f"process {pid} is not an iobridge agent"
+    age_s = (now_ns - st["written_ns"]) / 1e9
+    if age_s < 0:
+        return "written before this boot"
+    limit = stale_after_s(st)
+    if age_s > limit:
+        return f"not rewritten for {age_s:.0f} s (stale after {limit:g} s)"
+    return None
+
+
+def read_status(path: Path) -> dict:
+    """The agent's status file, checked for liveness: "agent_alive", and
+    "stale_reason" when it is not alive.
+
+    Raises AgentNotRunning without a file, StatusFileError for a file that
+    cannot be read or is not an agent's status (bad JSON, missing fields)."""
+    try:
+        text = Path(path).read_text()
     except FileNotFoundError:
-        raise IobridgeError(f"no agent status at {path}: the agent is not running",
-                            "start it with `iobridge run` or `systemctl start iobridge`") from None
-    except (OSError, ValueError) as err:
-        raise IobridgeError(f"cannot read the agent status {path}: {err}") from None
+        raise AgentNotRunning(f"no agent status at {path}: the agent is not running",
+                              "start it with `iobridge run` or `systemctl start iobridge`") from None
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise StatusFileError(f"cannot read the agent status {path}: {why}") from None
+    try:
+        st = json.loads(text)
+    except ValueError as err:
+        raise StatusFileError(f"{path}: not an agent status file: malformed JSON ({err})") from None
+    if not isinstance(st, dict):
+        raise StatusFileError(f"{path}: not an agent status file: not a JSON object")
+    for key, check in STATUS_FIELDS.items():
+        if key not in st:
+            raise StatusFileError(f"{path}: not an agent status file: no field {key!r}")
+        if not check(st[key]):
+            raise StatusFileError(f"{path}: not an agent status file: field {key!r} = {st[key]!r}")
     now = clock.now_ns()
-    alive = Path(f"/proc/{st.get('pid', 0)}").exists()
-    st["agent_alive"] = alive
-    st["status_age_s"] = round((now - st.get("written_ns", 0)) / 1e9, 3)
-    if st.get("last_published_ns"):
+    reason = _not_alive_reason(st, now)
+    st["agent_alive"] = reason is None
+    if reason is not None:
+        st["stale_reason"] = reason
+    st["status_age_s"] = round((now - st["written_ns"]) / 1e9, 3)
+    if _is_number(st.get("last_published_ns")) and st["last_published_ns"]:
         st["table_age_ms"] = round((now - st["last_published_ns"]) / 1e6, 3)
     return st
 
 
 def format_status(st: dict) -> str:
-    lines = [f"agent pid {st['pid']} {'running' if st['agent_alive'] else 'NOT RUNNING (stale status)'}"
+    state = "running" if st["agent_alive"] else \
+        f"NOT RUNNING (stale status: {st.get('stale_reason', 'the agent is gone')})"
+    lines = [f"agent pid {st['pid']} {state}"
              f", status written {st['status_age_s']} s ago",
              f"model {st['model']['path']} (threshold {st['model']['threshold']:.4f}, "
              f"sha256 {st['model']['sha256'][:12]})",
@@ -695,8 +797,16 @@ def format_status(st: dict) -> str:
 
 def cmd_status(args) -> int:
     st = read_status(args.status_file)
-    print(json.dumps(st, indent=1) if args.json else format_status(st))
-    return 0 if st["agent_alive"] else 3
+    if args.json:
+        text = json.dumps(st, indent=1)
+    else:
+        try:
+            text = format_status(st)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            raise StatusFileError(f"{args.status_file}: not an agent status file: "
+                                  f"missing or malformed field {err}") from None
+    print(text)
+    return STATUS_RUNNING if st["agent_alive"] else STATUS_NOT_RUNNING
 
 
 def register_cli(sub) -> None:
@@ -718,13 +828,23 @@ def register_cli(sub) -> None:
     p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults; "
                                                "keys in agent/config.py)")
     p.add_argument("--model", help="ONNX admission model (overrides admission.model)")
-    p.add_argument("--tick-ms", type=float, help="heartbeat and sampling period in ms (overrides agent.tick_ms)")
+    p.add_argument("--tick-ms", type=cliutil.float_range(clock.TICK_MS_MIN, clock.TICK_MS_MAX),
+                   help="heartbeat and sampling period in ms (overrides agent.tick_ms)")
     p.add_argument("--shadow", action="store_true", help="compute and log decisions, publish nothing")
     p.add_argument("--status-file", help="where to write the status JSON (overrides agent.status_file)")
-    p.add_argument("--duration", type=float, help="stop cleanly after this many seconds")
+    p.add_argument("--duration", type=cliutil.seconds, help="stop cleanly after this many seconds")
     p.set_defaults(func=cmd_run)
 
     s = sub.add_parser("status", help="show the running agent: targets, legs, model, table age, counters",
+                       description="Reads the status file the agent rewrites every "
+                       f"{STATUS_INTERVAL_S:g} s. The agent is running when the file's pid "
+                       "exists and is the agent that wrote it (same process start time) and "
+                       f"the file is fresh: at most {STALE_INTERVALS} x max(status period, "
+                       "tick) + the heartbeat limit old, from the settings in the file. "
+                       f"Exit status: {STATUS_RUNNING} running; {STATUS_NOT_RUNNING} not running "
+                       "(no status file, or a stale one: the report says why); "
+                       f"{STATUS_UNREADABLE} the status file cannot be read or is not an "
+                       "agent's status (malformed JSON, missing fields): state unknown.",
                        parents=[cliutil.json_parent()],
                        **cliutil.examples(
                            ("iobridge status", "targets, legs, model, table age, counters"),

@@ -35,6 +35,7 @@ import tomllib
 from pathlib import Path
 
 from ..core import resources
+from ..core.clock import TICK_MS_MAX, TICK_MS_MIN
 from ..core.decision import AGENT_PROBE_AFTER_MS, AGENT_RECOMPUTE_MS, AGENT_TICK_MS
 from ..core.errors import IobridgeError
 
@@ -97,7 +98,8 @@ def _number(v) -> bool:
 
 # key -> (section, check, what it must be); check(value) -> bool
 _KEYS = {
-    "tick_ms": ("agent", lambda v: _number(v) and 0.1 <= v <= 1000, "a number of ms from 0.1 to 1000"),
+    "tick_ms": ("agent", lambda v: _number(v) and TICK_MS_MIN <= v <= TICK_MS_MAX,
+                f"a number of ms from {TICK_MS_MIN:g} to {TICK_MS_MAX:g}"),
     "ttl_ticks": ("agent", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000,
                   "an integer from 1 to 1000"),
     "max_silence_ms": ("agent", lambda v: _number(v) and 0 <= v <= 60_000, "a number of ms from 0 to 60000"),

@@ -12,6 +12,7 @@ CPU; the kernel counts such misses in the program's recursion_misses.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import signal
@@ -30,6 +31,10 @@ TRACEPOINTS = (("block", "block_rq_issue"), ("block", "block_rq_complete"),
                ("block", "block_bio_queue"), ("block", "block_bio_complete"))
 KPROBE_FUNCTIONS = (b"blk_mq_start_request", b"blk_update_request")
 DEFAULT_RINGBUF_PAGES = 256   # 1 MiB: ~20k events of headroom between polls
+MAX_RINGBUF_PAGES = 65536     # 256 MiB of locked kernel memory
+RINGBUF_PAGES = cliutil.power_of_two(1, MAX_RINGBUF_PAGES)   # record --ringbuf-pages
+MAX_INTERVAL_S = 86400.0      # observe --interval: a day
+MAX_COUNT = 1_000_000_000     # observe --count
 EVENT_DTYPE = np.dtype(abi.IoEvent)
 
 
@@ -100,8 +105,10 @@ class BlockObserver:
                  stream_legs: bool = False):
         if probe not in PROBES:
             raise UsageError(f"unknown probe set {probe!r}", f"choose one of {', '.join(PROBES)}")
-        if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
-            raise UsageError(f"ring buffer pages must be a power of two, got {ringbuf_pages}")
+        try:
+            RINGBUF_PAGES(str(ringbuf_pages))
+        except argparse.ArgumentTypeError as err:
+            raise UsageError(f"ring buffer pages {err}") from None
         self.requested_probe = probe
         self.devs = devs or []
         self.stream = stream
@@ -289,10 +296,6 @@ def _print_summary(s: dict) -> None:
 
 
 def _cmd_observe(args) -> int:
-    if args.interval <= 0:
-        raise UsageError(f"--interval must be positive, got {args.interval}")
-    if args.count is not None and args.count <= 0:
-        raise UsageError(f"--count must be positive, got {args.count}")
     devs = [blockdev.resolve(d) for d in args.dev]
     obs = BlockObserver(probe=args.probe, devs=devs)
 
@@ -367,8 +370,8 @@ def register_cli(sub) -> None:
             ("iobridge observe --probe kprobe", "kprobes instead of the block tracepoints"),
             ("iobridge vm run -- iobridge observe --count 5", "in the test VM")))
     add_observer_args(p, "observe")
-    p.add_argument("--interval", type=float, default=1.0, metavar="S",
+    p.add_argument("--interval", type=cliutil.positive_float(MAX_INTERVAL_S), default=1.0, metavar="S",
                    help="seconds between reports (default 1)")
-    p.add_argument("--count", type=int, default=None, metavar="N",
+    p.add_argument("--count", type=cliutil.positive_int(MAX_COUNT), default=None, metavar="N",
                    help="stop after N reports (default: until Ctrl-C)")
     p.set_defaults(func=_cmd_observe)

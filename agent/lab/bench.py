@@ -35,6 +35,7 @@ from ..core import cliutil
 from ..core.errors import IobridgeError, UsageError
 from ..kernel import dmtarget
 from . import testbed, workload
+from .vm import MAX_TIMEOUT_S as MAX_VM_TIMEOUT_S
 
 IOPS_RATIO_GOAL = 0.90
 
@@ -168,13 +169,19 @@ def hook_render(res: dict) -> str:
     return "\n".join(lines)
 
 
+# `bench hook` option ranges (fio's: workload.MAX_RUNTIME_S, workload.MAX_DEPTH)
+MAX_REPEAT = 100              # interleaved runs per configuration
+MAX_HOOK_CALLS = 1_000_000_000
+
+
 def _hook_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runtime", type=int, default=6, help="seconds per fio run (default 6)")
-    p.add_argument("--repeat", type=int, default=3,
+    p.add_argument("--runtime", type=cliutil.positive_int(workload.MAX_RUNTIME_S), default=6,
+                   help="seconds per fio run (default 6)")
+    p.add_argument("--repeat", type=cliutil.positive_int(MAX_REPEAT), default=3,
                    help="interleaved runs per configuration, the median reported (default 3)")
-    p.add_argument("--depths", type=int, nargs="+", default=[1, 32],
+    p.add_argument("--depths", type=cliutil.positive_int(workload.MAX_DEPTH), nargs="+", default=[1, 32],
                    help="fio queue depths (default 1 32)")
-    p.add_argument("--hook-calls", type=int, default=1_000_000,
+    p.add_argument("--hook-calls", type=cliutil.positive_int(MAX_HOOK_CALLS), default=1_000_000,
                    help="calls for the hook microbenchmark (default 1000000)")
 
 
@@ -278,7 +285,8 @@ def register_cli(sub) -> None:
         if "run_on_host" not in bench:
             bp.add_argument("--in-vm", action="store_true",
                             help="run here (inside the VM) instead of booting one")
-            bp.add_argument("--timeout", type=float, default=1200, help="VM time bound in seconds")
+            bp.add_argument("--timeout", type=cliutil.positive_float(MAX_VM_TIMEOUT_S), default=1200,
+                            help="VM time bound in seconds")
         bench["add_args"](bp)
         bp.set_defaults(func=_with_forward(bp), bench=name)
 

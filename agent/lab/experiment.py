@@ -41,9 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core import abi, resources
+from ..core import abi, cliutil, resources
 from ..core.errors import IobridgeError, UsageError
 from ..core.features import MIN_BASELINE_SAMPLES
+from ..core.clock import TICK_MS_MAX, TICK_MS_MIN
 from ..daemon.config import Config
 from ..kernel import dmtarget
 from . import testbed, workload
@@ -978,17 +979,24 @@ def _abs_path(text: str) -> str:
     return str(Path(text).resolve())
 
 
+MAX_SLOW_MS = 10_000                # added read latency in slow periods
+MAX_COMPLETION_US = 1_000_000       # null_blk completion time of the transfer check
+
+
 def agent_args(p) -> None:
-    p.add_argument("--runtime", type=float, default=15, help="seconds per fio run (default 15)")
-    p.add_argument("--depths", type=int, nargs="+", default=[1, 16], help="queue depths (default 1 16)")
-    p.add_argument("--seed", type=int, default=7, help="slow-period schedule seed (default 7)")
-    p.add_argument("--slow-ms", type=int, default=8,
+    p.add_argument("--runtime", type=cliutil.positive_float(workload.MAX_RUNTIME_S), default=15,
+                   help="seconds per fio run (default 15)")
+    p.add_argument("--depths", type=cliutil.positive_int(workload.MAX_DEPTH), nargs="+", default=[1, 16],
+                   help="queue depths (default 1 16)")
+    p.add_argument("--seed", type=cliutil.seed, default=7, help="slow-period schedule seed (default 7)")
+    p.add_argument("--slow-ms", type=cliutil.positive_int(MAX_SLOW_MS), default=8,
                    help="added read latency in slow periods (default 8)")
-    p.add_argument("--tick-ms", type=float, default=None,
+    p.add_argument("--tick-ms", type=cliutil.float_range(TICK_MS_MIN, TICK_MS_MAX), default=None,
                    help="agent tick (default: the agent's own, agent.tick_ms)")
     p.add_argument("--model", type=_abs_path, default=None,
                    help="the agent's model for (c) (default: the shipped one)")
-    p.add_argument("--transfer-completion-us", type=int, default=1000,
+    p.add_argument("--transfer-completion-us", type=cliutil.positive_int(MAX_COMPLETION_US),
+                   default=1000,
                    help="device speed of the transfer check: null_blk completion time "
                         "(default 1000 us, against the demo's 100 us)")
     p.add_argument("--output-dir", type=_abs_path, default=None,

@@ -75,7 +75,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core import abi, clock
+from ..core import abi, cliutil, clock
 from ..core.decision import AGENT_RECOMPUTE_MS, AGENT_TICK_MS
 
 DEFAULT_LEGS = (2, 8)
@@ -644,43 +644,16 @@ def render(res: dict) -> str:
 
 # ------------------------------------------------------------ command line
 
-def _leg_count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of legs: {text!r}") from None
-    if not 2 <= n <= abi.MAX_LEGS:
-        raise argparse.ArgumentTypeError(f"{n} legs: an iobridge target has 2 to {abi.MAX_LEGS}")
-    return n
-
-
-def _number(text: str, what: str, low: float, high: float, low_open: bool) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(v) or (v <= low if low_open else v < low) or v > high:
-        raise argparse.ArgumentTypeError(f"{text}: {what}")
-    return v
-
-
-def _duration(text: str) -> float:
-    return _number(text, f"must be more than 0 and at most {MAX_DURATION_S:g} seconds",
-                   0.0, MAX_DURATION_S, low_open=True)
-
-
-def _rate(text: str) -> float:
-    return _number(text, f"must be from 0 to {MAX_CHANGE_RATE_HZ:g} per second",
-                   0.0, MAX_CHANGE_RATE_HZ, low_open=False)
-
-
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--legs", type=_leg_count, nargs="+", default=list(DEFAULT_LEGS),
+    p.add_argument("--legs", type=cliutil.int_range(2, abi.MAX_LEGS), nargs="+", default=list(DEFAULT_LEGS),
                    metavar="N", help="leg counts to run, 2 to 8 each (default 2 8)")
-    p.add_argument("--change-rate-hz", type=_rate, default=DEFAULT_CHANGE_RATE_HZ, metavar="HZ",
+    p.add_argument("--change-rate-hz", type=cliutil.nonneg_float(MAX_CHANGE_RATE_HZ),
+                   default=DEFAULT_CHANGE_RATE_HZ, metavar="HZ",
                    help="how often each leg's slow-moving inputs (latency level, read size) "
                         f"change at default settings, per second (default {DEFAULT_CHANGE_RATE_HZ:g}:"
                         " every 2 s on average; 0 = never)")
-    p.add_argument("--duration", type=_duration, default=DEFAULT_DURATION_S, metavar="S",
+    p.add_argument("--duration", type=cliutil.positive_float(MAX_DURATION_S),
+                   default=DEFAULT_DURATION_S, metavar="S",
                    help=f"seconds of each of the two runs per leg count (default {DEFAULT_DURATION_S:g})")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the synthetic legs (default 1)")
+    p.add_argument("--seed", type=cliutil.seed, default=DEFAULT_SEED,
+                   help="seed of the synthetic legs (default 1)")

@@ -43,6 +43,8 @@ DEFAULT_TEST_TIMEOUT_S = 2400
 PER_TEST_TIMEOUT_S = 600      # pytest-timeout inside the VM: one hung test fails alone
 DEFAULT_MEMORY = "2G"
 DEFAULT_CPUS = 2
+MAX_CPUS = 64                 # vm run --cpus
+MAX_TIMEOUT_S = 7 * 86400.0   # --timeout: a week
 KVM_PROBE_TIMEOUT_S = 45
 BOOT_TIMEOUT_S = 240          # boot to our command takes 20-60 s under TCG, ~200 s when loaded
 
@@ -413,7 +415,7 @@ def register_cli(sub) -> None:
     vsub.required = True
 
     def common(sp, default_timeout):
-        sp.add_argument("--timeout", type=float, default=default_timeout,
+        sp.add_argument("--timeout", type=cliutil.positive_float(MAX_TIMEOUT_S), default=default_timeout,
                         help=f"kill the VM after this many seconds (default {default_timeout})")
         sp.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"],
                         help="auto uses KVM only if a probe boot succeeded on this host "
@@ -432,7 +434,8 @@ def register_cli(sub) -> None:
                              "a bigger guest")))
     common(r, DEFAULT_TIMEOUT_S)
     r.add_argument("--memory", default=DEFAULT_MEMORY, help="guest memory (default 2G)")
-    r.add_argument("--cpus", type=int, default=DEFAULT_CPUS, help="guest CPUs (default 2)")
+    r.add_argument("--cpus", type=cliutil.positive_int(MAX_CPUS), default=DEFAULT_CPUS,
+                   help="guest CPUs (default 2)")
     r.add_argument("--share", metavar="DIR", help="a host directory the guest may write to "
                    "(same path inside); the rest of the host filesystem is copy-on-write")
     r.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments, after --")

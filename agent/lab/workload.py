@@ -14,6 +14,9 @@ import subprocess
 from ..core.errors import IobridgeError
 
 PERCENTILES = (50.0, 99.0, 99.9)
+# The benches' fio option ranges (--runtime, --depths)
+MAX_RUNTIME_S = 3600       # seconds per fio run
+MAX_DEPTH = 1024           # fio iodepth
 
 
 def fio_random_reads(dev: str, iodepth: int = 1, runtime_s: float = 10.0, bs: str = "4k",

@@ -20,7 +20,8 @@ import numpy as np
 from ..core import abi, cliutil
 from ..core.errors import UsageError
 from ..kernel import blockdev
-from ..kernel.observer import BlockObserver, DEFAULT_RINGBUF_PAGES, add_observer_args
+from ..kernel.observer import (BlockObserver, DEFAULT_RINGBUF_PAGES, MAX_RINGBUF_PAGES, RINGBUF_PAGES,
+                               add_observer_args)
 
 BATCH_SECONDS = 1.0
 
@@ -44,8 +45,6 @@ def events_to_batch(ev: np.ndarray, t0_ns: int, names: dict[int, str]) -> dict:
 def _cmd_record(args) -> int:
     from .trace import TraceWriter   # needs pyarrow (extra "train")
 
-    if args.duration is not None and args.duration <= 0:
-        raise UsageError(f"--duration must be positive, got {args.duration}")
     out = Path(args.out)
     if out.exists() and not args.force:
         raise UsageError(f"{out} exists", "pass --force to overwrite it")
@@ -151,10 +150,10 @@ def register_cli(sub) -> None:
                    "stacked devices such as dm) as the agent's leg feature state sees them; "
                    "repeatable. With only --leg, no request-level records are written")
     p.add_argument("--out", required=True, metavar="FILE", help="trace file to write (.parquet)")
-    p.add_argument("--duration", type=float, default=None, metavar="S",
+    p.add_argument("--duration", type=cliutil.seconds, default=None, metavar="S",
                    help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--ringbuf-pages", type=int, default=DEFAULT_RINGBUF_PAGES, metavar="N",
-                   help=f"ring buffer size in pages, a power of two (default "
+    p.add_argument("--ringbuf-pages", type=RINGBUF_PAGES, default=DEFAULT_RINGBUF_PAGES, metavar="N",
+                   help=f"ring buffer size in pages, a power of two up to {MAX_RINGBUF_PAGES} (default "
                    f"{DEFAULT_RINGBUF_PAGES}); raise it if records are dropped")
     p.set_defaults(func=_cmd_record)

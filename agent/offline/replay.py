@@ -27,7 +27,7 @@ import json
 
 import numpy as np
 
-from ..core import cliutil
+from ..core import abi, cliutil, clock
 from ..core.errors import IobridgeError, UsageError
 from . import policies as P
 from .devmodel import DeviceParams
@@ -61,6 +61,19 @@ def build_policy(name: str, *, learned: dict, hedge_deadline_ns: int | None,
     raise UsageError(f"unknown policy {name!r}", f"choose from {', '.join(P.POLICY_NAMES)}")
 
 
+# Option ranges. The device model's are what keep the simulation finite and
+# fast: each write runs a loop of (bytes written / GC threshold) steps, and
+# every leg draws each background busy period between the trace's first and
+# last arrival (a busy period lasts 1-80 ms, so 100 per second already
+# keeps a leg busy nearly all the time).
+MAX_CHANNELS = 1024             # --channels: parallel service units per leg
+GC_EVERY_WRITE_MB = (1.0, 1e6)  # --gc-every-write-mb: an erase block or more
+MAX_BG_PER_S = 100.0            # --bg-per-s
+SPEED = (0.01, 1000.0)          # --speed
+MAX_BG_PERIODS = 20_000_000     # background busy periods per leg over the replay
+MAX_US = 3.6e9                  # the time options (us): an hour
+MAX_EPOCHS = 10_000
+
 FALLBACK_POLICY = "leastinflight"    # what the module does without a model: its default
 STALENESS_NS = 1_000_000             # table: from reading the baselines to the table in force
 
@@ -83,8 +96,8 @@ def run_replay(trace: Trace, nlegs: int, policy_names: list[str], *,
     "fallback"; report["fallbacks"] lists them all."""
     from . import train as TR
     progress = progress or Progress(False)
-    if nlegs < 1 or nlegs > 8:
-        raise UsageError(f"--legs {nlegs}: the iobridge target supports 1 to 8 legs")
+    if not 2 <= nlegs <= abi.MAX_LEGS:
+        raise UsageError(f"--legs {nlegs}: an iobridge target has 2 to {abi.MAX_LEGS} legs")
     if len(trace) == 0 or not (trace["op"] == OP_READ).any():
         raise IobridgeError("trace has no reads to replay")
     if latency == "auto":
@@ -297,19 +310,9 @@ def _cmd_replay(args) -> int:
         if nm not in P.POLICY_NAMES:
             raise UsageError(f"unknown policy {nm!r}", f"choose from {', '.join(P.POLICY_NAMES)}, all")
     names = list(dict.fromkeys(names))
-    if not 0.0 < args.train_fraction < 1.0:
-        raise UsageError("--train-fraction must be between 0 and 1 (exclusive)")
-    if args.recompute_us <= 0 or args.tick_us <= 0:
-        raise UsageError("--recompute-us and --tick-us must be > 0")
-    if args.staleness_us < 0 or args.probe_after_us < 0:
-        raise UsageError("--staleness-us and --probe-after-us must be >= 0")
-    if args.ttl_us is not None and args.ttl_us <= 0:
-        raise UsageError("--ttl-us must be > 0")
     prog = Progress(not args.quiet)
     tr = load_any(args.trace, args.format, time_unit=args.time_unit, duration_s=args.duration)
     if args.speed != 1.0:
-        if args.speed <= 0:
-            raise UsageError("--speed must be positive")
         tr.cols["issue_ns"] = (tr["issue_ns"] / args.speed).astype(np.int64)
         tr.meta["speed"] = args.speed
     params = DeviceParams(**{k: v for k, v in {
@@ -317,6 +320,14 @@ def _cmd_replay(args) -> int:
         "channels": args.channels}.items() if v is not None})
     if args.no_busy:
         params = DeviceParams(**{**params.as_dict(), "bg_per_s": 0.0, "gc_every_write_mb": 1e18})
+    if len(tr) and params.bg_per_s > 0:
+        span_s = float(tr["issue_ns"].max() - tr["issue_ns"].min()) / 1e9
+        if span_s * params.bg_per_s > MAX_BG_PERIODS:
+            raise UsageError(
+                f"the replay spans {span_s:.0f} s: {params.bg_per_s:g} background busy periods "
+                f"per second make {span_s * params.bg_per_s:.3g} per leg, more than "
+                f"{MAX_BG_PERIODS}", "lower --bg-per-s (or --duration), raise --speed, "
+                "or pass --no-busy")
     rep = run_replay(tr, args.legs, names, params=params, train_fraction=args.train_fraction,
                      seed=args.seed, recompute_ns=int(args.recompute_us * 1000),
                      staleness_ns=int(args.staleness_us * 1000),
@@ -359,11 +370,12 @@ def register_cli(sub) -> None:
             ("iobridge replay --trace t.parquet --json -q", "the report as JSON, no progress")))
     p.add_argument("--trace", required=True, help="trace: iobridge .parquet, CloudPhysics "
                    ".csv, ARC .lis[.zst] or fio iolog")
-    p.add_argument("--legs", type=int, default=2, help="replica legs, 1-8 (default 2)")
+    p.add_argument("--legs", type=cliutil.int_range(2, abi.MAX_LEGS), default=2,
+                   help=f"replica legs, 2-{abi.MAX_LEGS} as an iobridge target (default 2)")
     p.add_argument("--policy", action="append", metavar="P",
                    help="policy to compare, repeatable (default: all): " + ", ".join(P.POLICY_NAMES))
     p.add_argument("--plot", metavar="FILE.png", help="write latency CDF and tail plots")
-    p.add_argument("--train-fraction", type=float, default=0.5,
+    p.add_argument("--train-fraction", type=cliutil.fraction, default=0.5,
                    help="earlier fraction of the trace's time span used for training "
                    "(default 0.5); the rest is held back and reported")
     p.add_argument("--model", help="use this ONNX admission model (with its card) for "
@@ -371,37 +383,43 @@ def register_cli(sub) -> None:
                    "The result is a held-back evaluation only if the model never saw this "
                    "part of the trace (the shipped model was trained on the first 70%% of "
                    "cloudPhysicsIO.csv)")
-    p.add_argument("--recompute-us", type=float, default=P.RECOMPUTE_NS / 1000,
+    p.add_argument("--recompute-us", type=cliutil.positive_float(MAX_US), default=P.RECOMPUTE_NS / 1000,
                    help="table: the agent rebuilds the keyed table when a leg's baseline "
                    "moved by more than 10%%, at most once per this many us (default "
                    f"{P.RECOMPUTE_NS / 1000:g})")
-    p.add_argument("--tick-us", type=float, default=P.TICK_NS / 1000,
+    p.add_argument("--tick-us", type=cliutil.float_range(clock.TICK_MS_MIN * 1000, clock.TICK_MS_MAX * 1000),
+                   default=P.TICK_NS / 1000,
                    help="learned policies: the agent's tick; leg baselines are re-read (and "
                    "a table rebuild considered) at most this often (default "
                    f"{P.TICK_NS / 1000:g}, the agent's default)")
-    p.add_argument("--staleness-us", type=float, default=STALENESS_NS / 1000,
+    p.add_argument("--staleness-us", type=cliutil.nonneg_float(MAX_US), default=STALENESS_NS / 1000,
                    help="table: delay from the agent reading the baselines to the rebuilt "
                    "table being in force (inference and publication), in us (default "
                    f"{STALENESS_NS / 1000:g})")
-    p.add_argument("--ttl-us", type=float, default=None,
+    p.add_argument("--ttl-us", type=cliutil.positive_float(MAX_US), default=None,
                    help="table: a published table expires this many us after it is in force "
                    "and is NOT kept alive (a stalled agent; reads then go to the module "
                    "default); default: the live agent keeps it in force")
-    p.add_argument("--probe-after-us", type=float, default=P.PROBE_AFTER_NS / 1000,
+    p.add_argument("--probe-after-us", type=cliutil.nonneg_float(MAX_US), default=P.PROBE_AFTER_NS / 1000,
                    help="learned policies: a leg with no bio in flight and no completion for "
                    f"this long gets the read as a probe; 0 = no probing (default "
                    f"{P.PROBE_AFTER_NS / 1000:g}, the agent's default)")
-    p.add_argument("--hedge-percentile", type=float, default=95.0,
+    p.add_argument("--hedge-percentile", type=cliutil.percentile, default=95.0,
                    help="hedged: duplicate a read still pending after this percentile of "
                    "training-part read latency (default 95)")
-    p.add_argument("--speed", type=float, default=1.0,
-                   help="divide all arrival times by this factor to raise the load (default 1)")
-    p.add_argument("--channels", type=int, default=None,
-                   help="device model: parallel service units per leg (default 8)")
-    p.add_argument("--gc-every-write-mb", type=float, default=None,
-                   help="device model: MB written per leg between GC busy periods (default 64)")
-    p.add_argument("--bg-per-s", type=float, default=None,
-                   help="device model: background busy periods per second per leg (default 0.5)")
+    p.add_argument("--speed", type=cliutil.float_range(*SPEED), default=1.0,
+                   help="divide all arrival times by this factor to raise the load, "
+                   f"{SPEED[0]:g} to {SPEED[1]:g} (default 1)")
+    p.add_argument("--channels", type=cliutil.positive_int(MAX_CHANNELS), default=None,
+                   help=f"device model: parallel service units per leg, 1 to {MAX_CHANNELS} "
+                   "(default 8)")
+    p.add_argument("--gc-every-write-mb", type=cliutil.float_range(*GC_EVERY_WRITE_MB), default=None,
+                   help="device model: MB written per leg between GC busy periods, "
+                   f"{GC_EVERY_WRITE_MB[0]:g} to {GC_EVERY_WRITE_MB[1]:g} (default 64)")
+    p.add_argument("--bg-per-s", type=cliutil.nonneg_float(MAX_BG_PER_S), default=None,
+                   help="device model: background busy periods per second per leg, 0 to "
+                   f"{MAX_BG_PER_S:g} (default 0.5); at most {MAX_BG_PERIODS} per leg over "
+                   "the trace's span")
     p.add_argument("--no-busy", action="store_true", help="device model without busy periods")
     p.add_argument("--latency", choices=["auto", "model", "trace"], default="auto",
                    help="where leg latency comes from: the device model, or the per-leg "
@@ -409,14 +427,14 @@ def register_cli(sub) -> None:
                    "takes the latency recorded for L's latest I/O of the same kind at or "
                    "before t); auto = trace when every I/O has a leg and a latency "
                    "(default auto)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--max-epochs", type=int, default=30,
+    p.add_argument("--seed", type=cliutil.seed, default=0, help="random seed (default 0)")
+    p.add_argument("--max-epochs", type=cliutil.positive_int(MAX_EPOCHS), default=30,
                    help="training epochs for the learned policies' MLPs (default 30)")
     p.add_argument("--format", choices=["parquet", "cloudphysics", "arc", "fio"],
                    help="trace format (default: guessed)")
     p.add_argument("--time-unit", choices=["s", "ms", "us", "ns"], default=None,
                    help="CloudPhysics time column unit (default s)")
-    p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--duration", type=cliutil.seconds, default=None, metavar="SECONDS",
                    help="ARC traces: spread arrivals over this many seconds (default 3600)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_cmd_replay)

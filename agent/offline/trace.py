@@ -887,7 +887,7 @@ def _add_source_opts(p) -> None:
     p.add_argument("--time-unit", choices=list(TIME_UNITS_NS), default=None,
                    help="cloudphysics only: unit of the time column (default s; see "
                         "`iobridge trace import --help`)")
-    p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--duration", type=cliutil.seconds, default=None, metavar="SECONDS",
                    help="arc only: spread the untimed requests evenly over this many "
                         "seconds (default 3600, the OLTP trace's hour)")
 
