@@ -17,7 +17,7 @@ trace="$work/vm-legs.parquet"
 # would call every read of the 2 ms leg slow). Throughput is compared within
 # queue-length classes, because fio is a closed-loop client at fixed depths
 # (see `iobridge train --help`).
-.venv/bin/iobridge train --trace "$trace" --out "${1:-models/admission-default.onnx}" \
+.venv/bin/iobridge train --force --trace "$trace" --out "${1:-models/admission-default.onnx}" \
     --lat-threshold-rel 8 --tput-threshold 0.2 --group-by-qlen \
     --note "recorded by vm/record-training.py in the test VM: legs of 50 us, 250 us and 2 ms (null_blk), slow periods +1/6/24 ms, fio queue depths 1/4/16/32, 4 KiB or mixed sizes"
 echo "trace kept in $trace (slow-period timeline beside it: ${trace%.parquet}.phases.json)"

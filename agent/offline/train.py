@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 import warnings
@@ -42,7 +43,8 @@ from . import policies as P
 from ..core.abi import (NUM_INFLIGHT_BUCKETS, NUM_LAT_BUCKETS, NUM_SIZE_BUCKETS,
                         SIZE_BUCKET_MAX_BYTES)
 from ..core.errors import IobridgeError, UsageError
-from ..core.model import AdmissionModel, CARD_VERSION, card_path, check_model
+from ..core.model import AdmissionModel, CARD_VERSION, card_path, check_model, model_sha256
+from ..core.outfiles import atomic_output, check_output
 from .devmodel import DeviceParams
 from .labeling import baseline_latency_us, knee, label_periods, time_split
 from .progress import Progress
@@ -349,13 +351,16 @@ def train_admission(trace_paths: list[str], out: str, *, legs: int = 2, kind: st
                     train_fraction: float = 0.7, max_epochs: int = 30, seed: int = 0,
                     params: DeviceParams = DeviceParams(), load_opts: dict | None = None,
                     progress=None, thresholds: dict | None = None,
-                    group_by_qlen: bool = False, notes: list[str] | None = None) -> dict:
+                    group_by_qlen: bool = False, notes: list[str] | None = None,
+                    force: bool = False) -> dict:
+    """Train, then write OUT.onnx and OUT.card.json as a pair or not at all.
+    `force`: overwrite an existing model and card (else they are refused
+    before the training starts)."""
     progress = progress or Progress(False)
     out = Path(out)
     if out.suffix != ".onnx":
         raise UsageError(f"--out {out}: expected a file name ending in .onnx")
-    if not out.parent.exists():
-        raise UsageError(f"--out {out}: directory {out.parent} does not exist")
+    _check_outputs(out, trace_paths, force)     # before the long work
     t_start = time.perf_counter()
     train_recs, test_recs, data = [], [], []
     for path in trace_paths:
@@ -431,11 +436,45 @@ def train_admission(trace_paths: list[str], out: str, *, legs: int = 2, kind: st
         "tools": _tool_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out.write_bytes(res.onnx_bytes)
-    cp = card_path(out)
-    cp.write_text(json.dumps(card, indent=2, default=float) + "\n")
-    check_model(out)
+    card["model_sha256"] = model_sha256(res.onnx_bytes)
+    card = {k: card[k] for k in ("card_version", "task", "name", "model_sha256")} | card
+    check_model(out, card, data=res.onnx_bytes)      # checked before anything is written
+    _check_outputs(out, trace_paths, force)          # again: nothing appeared meanwhile
+    write_model_and_card(out, res.onnx_bytes, card)
     return card
+
+
+def write_card(path, card: dict) -> None:
+    Path(path).write_text(json.dumps(card, indent=2, default=float) + "\n")
+
+
+def _check_outputs(out: Path, sources, force: bool) -> None:
+    """check_output for the model and its card."""
+    for p in (out, card_path(out)):
+        check_output(p, force, sources)
+
+
+def write_model_and_card(out, onnx_bytes: bytes, card: dict) -> None:
+    """Both files or neither: each is written to a temporary file beside it
+    (atomic_output); on any failure both are removed. The model is renamed
+    into place first, then the card; if the card's rename fails, the new
+    model is removed again. A reader between the two renames sees a card of
+    another model, which the sha256 in the card makes check_model refuse."""
+    out = Path(out)
+    placed = False
+    try:
+        with atomic_output(card_path(out)) as tmp_card:
+            write_card(tmp_card, card)
+            with atomic_output(out) as tmp_model:
+                tmp_model.write_bytes(onnx_bytes)
+            placed = True
+    except BaseException:
+        if placed:
+            try:
+                os.unlink(os.path.realpath(out))
+            except OSError:
+                pass
+        raise
 
 
 def _thresholds(args) -> dict:
@@ -472,7 +511,7 @@ def _cmd_train(args) -> int:
                            seed=args.seed, progress=prog,
                            load_opts={"time_unit": args.time_unit, "duration_s": args.duration},
                            thresholds=_thresholds(args), group_by_qlen=args.group_by_qlen,
-                           notes=args.note)
+                           notes=args.note, force=args.force)
     ev = card["evaluation"]
     auc = ev["roc_auc"]
     if args.json:
@@ -513,24 +552,26 @@ def register_cli(sub) -> None:
                    help="trace file, repeatable (.parquet, CloudPhysics .csv, ARC "
                    ".lis[.zst], fio iolog)")
     p.add_argument("--out", required=True, help="output model, e.g. models/NAME.onnx")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing model and its card (written as a pair)")
     p.add_argument("--kind", choices=["mlp", "gbdt"], default="mlp",
                    help="mlp: Heimdall's 12-128-16-1 MLP (default); gbdt: gradient boosting")
-    p.add_argument("--legs", type=int, default=2,
+    p.add_argument("--legs", type=cliutil.int_range(1, 8), default=2,
                    help="legs of the device model for traces without latency (default 2)")
-    p.add_argument("--train-fraction", type=float, default=0.7,
+    p.add_argument("--train-fraction", type=cliutil.fraction, default=0.7,
                    help="earlier fraction of each trace's time span used for training "
                    "(default 0.7); the rest is held back for the card's figures")
-    p.add_argument("--max-epochs", type=int, default=30, help="MLP epochs (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--max-epochs", type=cliutil.positive_int(10_000), default=30, help="MLP epochs (default 30)")
+    p.add_argument("--seed", type=cliutil.seed, default=0, help="random seed (default 0)")
     p.add_argument("--time-unit", choices=["s", "ms", "us", "ns"], default=None,
                    help="CloudPhysics time column unit (default s)")
-    p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--duration", type=cliutil.seconds, default=None, metavar="SECONDS",
                    help="ARC traces: spread arrivals over this many seconds (default 3600)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
-    p.add_argument("--lat-threshold-us", type=float, metavar="US",
+    p.add_argument("--lat-threshold-us", type=cliutil.positive_float(1e8), metavar="US",
                    help="labeling: latency above which a slow period may start, one value for "
                    "every device (default: the knee of each device's latency distribution)")
-    p.add_argument("--lat-threshold-rel", type=float, metavar="K",
+    p.add_argument("--lat-threshold-rel", type=cliutil.float_range(1, 1e6, lo_open=True), metavar="K",
                    help="labeling: a slow period may start at a latency above K x the "
                    "device's baseline latency (the feature schema's: quantile "
                    f"{F.BASELINE_LAT_QUANTILE:g} of its last {F.BASELINE_WINDOW} completion "
@@ -541,7 +582,7 @@ def register_cli(sub) -> None:
     p.add_argument("--group-by-qlen", action="store_true",
                    help="labeling: compare throughput only among I/Os of the same queue-length "
                    "class too (for closed-loop recordings at fixed queue depths)")
-    p.add_argument("--tput-threshold", type=float, metavar="R",
+    p.add_argument("--tput-threshold", type=cliutil.fraction, metavar="R",
                    help="labeling: throughput, relative to the median of similar I/Os, below "
                    "which a slow period may start (default: the knee)")
     p.set_defaults(func=_cmd_train)
