@@ -128,3 +128,8 @@ def test_the_bench_runs_on_the_host_and_json_prints_only_json(monkeypatch, tmp_p
     printed = capsys.readouterr().out
     assert json.loads(printed) == {"benchmark": "tick", "figure": 1.5}
     assert json.loads(out.read_text()) == {"benchmark": "tick", "figure": 1.5}
+    # An existing --output: refused before the bench runs, unless --force.
+    seen.clear()
+    assert cli.main(["bench", "tick", "--legs", "2", "--output", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and seen == {}
+    assert cli.main(["bench", "tick", "--legs", "2", "--json", "--output", str(out), "--force"]) == 0

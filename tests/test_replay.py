@@ -101,6 +101,21 @@ def test_cli_json_and_plot(tmp_path, cloudphysics, capsys):
     assert png.stat().st_size > 10_000
     assert cli.main(["replay", "-q", "--trace", str(src), "--policy", "nope"]) == 2
     assert "unknown policy 'nope'" in capsys.readouterr().err
+    # An existing plot: refused before the replay runs, unless --force.
+    base = ["replay", "-q", "--trace", str(src), "--policy", "primary", "--plot", str(png)]
+    before = png.read_bytes()
+    assert cli.main(base) == 2
+    assert "exists" in capsys.readouterr().err and png.read_bytes() == before
+    assert cli.main(base + ["--force"]) == 0
+    assert "primary" in capsys.readouterr().out and png.stat().st_size > 10_000
+    # A plot that cannot be written (unknown image format) loses neither the
+    # report, printed first, nor leaves a file behind.
+    bad = tmp_path / "cdf.nope"
+    assert cli.main(["replay", "-q", "--trace", str(src), "--policy", "primary",
+                     "--plot", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert "primary" in out and f"cannot write {bad}" in err and not bad.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cdf.png", "cp.parquet"]
 
 
 def test_trace_without_reads_is_an_error(cloudphysics):

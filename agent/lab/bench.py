@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..core import cliutil
 from ..core.errors import IobridgeError, UsageError
+from ..core.outfiles import atomic_output, check_output
 from ..kernel import dmtarget
 from . import testbed, workload
 from .vm import MAX_TIMEOUT_S as MAX_VM_TIMEOUT_S
@@ -244,6 +245,8 @@ BENCHES = {
 
 def _run(args) -> int:
     bench = BENCHES[args.bench]
+    if args.output:     # before the long work
+        check_output(args.output, args.force)
     if "run_on_host" in bench:
         res = bench["run_on_host"](args)      # here, with no VM
     elif args.in_vm or os.environ.get("IOBRIDGE_IN_VM") == "1":
@@ -265,7 +268,8 @@ def _run(args) -> int:
                                 "run with -v, or look at the console output above")
         res = json.loads(out.read_text())
     if args.output:
-        Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
+        with atomic_output(args.output) as tmp:
+            tmp.write_text(json.dumps(res, indent=2) + "\n")
     if args.json:
         print(json.dumps(res, indent=2))
     elif not args.output or not getattr(args, "in_vm", False):
@@ -282,6 +286,7 @@ def register_cli(sub) -> None:
         bp = bsub.add_parser(name, help=bench["help"], parents=[cliutil.json_parent()],
                              **cliutil.examples(*bench["examples"]))
         bp.add_argument("--output", metavar="FILE", help="also write the JSON result to FILE")
+        bp.add_argument("--force", action="store_true", help="overwrite --output if it exists")
         if "run_on_host" not in bench:
             bp.add_argument("--in-vm", action="store_true",
                             help="run here (inside the VM) instead of booting one")
@@ -294,7 +299,7 @@ def register_cli(sub) -> None:
 def _with_forward(parser: argparse.ArgumentParser):
     """Forward the benchmark's own options to the in-VM run."""
     own = {a.dest for a in parser._actions if a.dest not in
-           ("help", "json", "output", "in_vm", "timeout")}
+           ("help", "json", "output", "force", "in_vm", "timeout")}
 
     def func(args) -> int:
         fwd: list[str] = []

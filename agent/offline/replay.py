@@ -24,11 +24,13 @@ the source of truth; the table is what it says at the legs' baselines).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
 from ..core import abi, cliutil, clock
 from ..core.errors import IobridgeError, UsageError
+from ..core.outfiles import atomic_output, check_output
 from . import policies as P
 from .devmodel import DeviceParams
 from .labeling import time_split
@@ -278,7 +280,9 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_cdf(latencies: dict, out: str, title: str) -> None:
+def plot_cdf(latencies: dict, out, title: str) -> None:
+    """Latency CDF and tail plots to `out`, atomically (its suffix names the
+    image format: png, svg, pdf ...)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -298,8 +302,13 @@ def plot_cdf(latencies: dict, out: str, title: str) -> None:
     a1.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_output(out) as tmp:
+            fig.savefig(tmp, dpi=110, format=Path(out).suffix[1:].lower() or "png")
+    except ValueError as e:          # matplotlib: an image format it does not know
+        raise UsageError(f"cannot write {out}: {e}", "name a .png, .svg or .pdf file") from None
+    finally:
+        plt.close(fig)
 
 
 def _cmd_replay(args) -> int:
@@ -310,6 +319,8 @@ def _cmd_replay(args) -> int:
         if nm not in P.POLICY_NAMES:
             raise UsageError(f"unknown policy {nm!r}", f"choose from {', '.join(P.POLICY_NAMES)}, all")
     names = list(dict.fromkeys(names))
+    if args.plot:       # before the long work: a bad path must not cost the replay
+        check_output(args.plot, args.force, [args.trace])
     prog = Progress(not args.quiet)
     tr = load_any(args.trace, args.format, time_unit=args.time_unit, duration_s=args.duration)
     if args.speed != 1.0:
@@ -339,13 +350,14 @@ def _cmd_replay(args) -> int:
                      latency=args.latency)
     rep["speed"] = args.speed
     lats = rep.pop("_latencies", None)
+    # The report first: a plot that cannot be written must not lose it.
+    if args.json:
+        print(json.dumps(rep, indent=2, default=float), flush=True)
+    else:
+        print(format_table(rep), flush=True)
     if args.plot:
         plot_cdf(lats, args.plot, f"{rep['trace']}, {rep['legs']} legs, held-back part")
         prog.phase(f"wrote {args.plot}")
-    if args.json:
-        print(json.dumps(rep, indent=2, default=float))
-    else:
-        print(format_table(rep))
     return 0
 
 
@@ -375,6 +387,7 @@ def register_cli(sub) -> None:
     p.add_argument("--policy", action="append", metavar="P",
                    help="policy to compare, repeatable (default: all): " + ", ".join(P.POLICY_NAMES))
     p.add_argument("--plot", metavar="FILE.png", help="write latency CDF and tail plots")
+    p.add_argument("--force", action="store_true", help="overwrite --plot's file if it exists")
     p.add_argument("--train-fraction", type=cliutil.fraction, default=0.5,
                    help="earlier fraction of the trace's time span used for training "
                    "(default 0.5); the rest is held back and reported")
