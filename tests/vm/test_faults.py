@@ -107,7 +107,9 @@ def test_slow_periods_delay_reads_only_while_slow(make_nullb, make_slow_periods,
     periods_measured = {next(start for start, end, _ in tl if start <= t < end)
                          for t, lat in rows if period_of(t, lat) == SLOW}
     normal_lat = [lat for t, lat in rows if period_of(t, lat) == NORMAL]
-    floor_ns = (SLOW_MS - _jiffy_ms()) * 1e6
+    # Less 1% besides the tick: under emulation the tick count and the clock
+    # fio reads disagree by tens of us (15.98 ms seen against a 16 ms floor).
+    floor_ns = (SLOW_MS - _jiffy_ms()) * 0.99 * 1e6
     switches = [(e - s) / 1e6 for s, e, st in tl if st == SWITCHING]
     udev_reads = faults.read_count(sp.path) - reads_before - fio_reads
     slow_sorted, normal_sorted = sorted(slow_lat) or [0], sorted(normal_lat) or [0]
