@@ -304,6 +304,10 @@ def test_force_overwrites_and_keeps_a_symlink(tmp_path, capsys):
 
 SIGNAL_SCRIPT = """
 import os, signal, sys
+# As from a terminal: a runner started with nohup or `&` passes SIGHUP or
+# SIGINT on ignored, and an ignored signal is left alone (by design).
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real = os.fsync
 def fsync(fd):            # the output is complete in its temporary file: interrupt now
     os.kill(os.getpid(), getattr(signal, sys.argv[1]))
