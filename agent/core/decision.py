@@ -165,9 +165,11 @@ def target_baselines(own: Sequence[LegBaseline | None]) -> tuple[list, list[bool
             for b in bases], borrowed
 
 
-def lat_edges_ns(base: LegBaseline) -> np.ndarray:
-    """The leg's latency bucket edges in ns (what the kernel compares with)."""
-    return np.rint(np.array(REL_LAT_EDGES) * base.lat_us * 1000).astype(np.int64)
+def lat_edges_ns(base: LegBaseline | np.ndarray) -> np.ndarray:
+    """The leg's latency bucket edges in ns (what the kernel compares with);
+    or, given baseline latencies in us [legs, 1], every leg's at once."""
+    lat_us = base.lat_us if isinstance(base, LegBaseline) else base
+    return np.rint(np.array(REL_LAT_EDGES) * lat_us * 1000).astype(np.int64)
 
 
 def bytes_per_read(base: LegBaseline) -> float:
@@ -326,7 +328,7 @@ class TableMaker:
             lat = np.array([[baselines[i].lat_us] for i in idx])
             slow = np.array([[baselines[i].slow_lat_us] for i in idx])
             pen[idx] = _penalties_ns(latency_risk(p[idx]), lat, slow)
-            edges[idx] = np.rint(np.array(REL_LAT_EDGES) * lat * 1000)
+            edges[idx] = lat_edges_ns(lat)
             service[idx] = np.rint(lat[:, 0] * 1000)
         visible = now_ns + self.staleness_ns
         return KeyedTable(valid, p, pen, edges, service, self.probe_after_ns, now_ns,
