@@ -376,6 +376,9 @@ static __always_inline void leg_bio_done(u64 key, int error)
 	f->prev_bytes[2] = f->prev_bytes[1];
 	f->prev_bytes[1] = f->prev_bytes[0];
 	f->prev_bytes[0] = st.bytes;
+	f->prev_lat_qlen[2] = f->prev_lat_qlen[1];
+	f->prev_lat_qlen[1] = f->prev_lat_qlen[0];
+	f->prev_lat_qlen[0] = st.qlen;
 	f->last_complete_ns = now;
 	leg_unlock(f);
 

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
- * iobridge read routing policy (BCC program), ABI 3: feature-keyed table.
+ * iobridge read routing policy (BCC program), ABI 4: feature-keyed table.
  *
  * Attached as BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE to the module's
  * "iobridge_route" tracepoint.  For each read bio:
@@ -15,13 +15,15 @@
  *                                iobridge_inflight_bucket(inflight[leg]),
  *                                iobridge_lat_bucket(lat_edge_ns,
  *                                    iobridge_key_latency(last_lat_ns[leg], inflight[leg])))
- *      cost = (inflight[leg] + 1) * (service_ns + penalty_ns[key])
- *    (64-bit arithmetic).  The lowest cost wins; on an exact tie one of the
+ *      cost = (inflight[leg] + 1) * (service_ns + iobridge_key_penalty(
+ *                 penalty_ns[key], top_lat_ns, latency bucket, key latency))
+ *    (64-bit arithmetic; the open top bucket priced at the key latency).  The lowest cost wins; on an exact tie one of the
  *    tied legs uniformly at random (reservoir sampling: the k-th tied leg
  *    replaces the current best with probability 1/k, bpf_get_prandom_u32).
  * 3. Probing: the first valid leg in index order with probe_after_ns != 0,
- *    nothing in flight and no completion for probe_after_ns
- *    (now - last_complete_ns[leg] >= probe_after_ns; last_complete_ns == 0
+ *    nothing in flight and no completion for iobridge_probe_wait_ns(
+ *    probe_after_ns, last_lat_ns[leg]) (now - last_complete_ns[leg] >= that
+ *    wait: at least 32x the leg's newest latency; last_complete_ns == 0
  *    means idle forever; a completion stamped after now is not idle) gets
  *    the read instead, unless it is already the lowest-cost choice.  It
  *    counts as routed and as a probe.
@@ -114,8 +116,8 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 #pragma unroll
 	for (u32 leg = 0; leg < IOBRIDGE_MAX_LEGS; leg++) {
 		struct iobridge_leg_decisions *d;
-		u32 idx, key, inflight;
-		u64 cost, last;
+		u32 idx, key, inflight, lat_b;
+		u64 cost, last, klat;
 
 		if (leg >= nr_legs)
 			break;
@@ -126,17 +128,17 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		if (!d || d->expires_ns <= now)
 			continue;
 		inflight = ctx->inflight[leg];
-		key = iobridge_key_index(size_bucket,
-					 iobridge_inflight_bucket(inflight),
-					 iobridge_lat_bucket(d->lat_edge_ns,
-							     iobridge_key_latency(ctx->last_lat_ns[leg],
-										  inflight)));
+		klat = iobridge_key_latency(ctx->last_lat_ns[leg], inflight);
+		lat_b = iobridge_lat_bucket(d->lat_edge_ns, klat);
+		key = iobridge_key_index(size_bucket, iobridge_inflight_bucket(inflight), lat_b);
 		/* Keep the bounds check visible to the verifier. */
 		asm volatile("" : "+r"(key));
 		if (key >= IOBRIDGE_KEYS_PER_LEG)
 			continue;
 		/* Every read queued ahead costs what this one is expected to. */
-		cost = ((u64)inflight + 1) * ((u64)d->service_ns + d->penalty_ns[key]);
+		cost = ((u64)inflight + 1) *
+		       ((u64)d->service_ns +
+			iobridge_key_penalty(d->penalty_ns[key], d->top_lat_ns, lat_b, klat));
 		if (s->best < 0 || cost < s->best_cost) {
 			s->best = leg;
 			s->best_cost = cost;
@@ -151,7 +153,9 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		}
 		if (s->probe < 0 && d->probe_after_ns && inflight == 0) {
 			last = ctx->last_complete_ns[leg];
-			if (!last || (now >= last && now - last >= d->probe_after_ns))
+			if (!last || (now >= last && now - last >=
+				      iobridge_probe_wait_ns(d->probe_after_ns,
+							     ctx->last_lat_ns[leg])))
 				s->probe = leg;
 		}
 	}

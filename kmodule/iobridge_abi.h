@@ -17,7 +17,7 @@
 
 #include <linux/types.h>
 
-#define IOBRIDGE_ABI_VERSION		3
+#define IOBRIDGE_ABI_VERSION		4
 
 /* ------------------------------------------------------------------------
  * Limits
@@ -91,7 +91,7 @@ struct iobridge_route_ctx {
  *
  * and the leg's expected completion time
  *
- *   cost = (inflight + 1) * (service_ns + penalty_ns[key])
+ *   cost = (inflight + 1) * (service_ns + iobridge_key_penalty(penalty_ns[key], ...))
  *
  * and sends the read to the leg with the lowest cost (exact ties: a random
  * one of them).  penalty_ns is what the agent precomputed for the key from
@@ -101,8 +101,9 @@ struct iobridge_route_ctx {
  * ("Feature-keyed decision table").
  *
  * Probing: a leg whose entry is valid, with no bio in flight and no
- * completion for probe_after_ns, gets the read (one at a time), so an
- * avoided leg shows its recovery even when the agent is slow.
+ * completion for iobridge_probe_wait_ns(probe_after_ns, its newest
+ * latency), gets the read (one at a time), so an avoided leg shows its
+ * recovery even when the agent is slow.
  *
  * An entry is valid while expires_ns > now (CLOCK_MONOTONIC ns, i.e.
  * ktime_get_ns()); expires_ns == 0 is empty.  The agent writes everything
@@ -118,8 +119,10 @@ struct iobridge_route_ctx {
 struct iobridge_leg_decisions {
 	__u64 expires_ns;			/* 0 = empty; written last */
 	__u64 probe_after_ns;			/* 0 = never probe this leg */
-	__u32 service_ns;			/* the leg's service estimate per read */
+	__u32 service_ns;			/* per read: latency / (bios ahead + 1), typical */
 	__u32 lat_edge_ns[IOBRIDGE_NUM_LAT_BUCKETS - 1];	/* ascending */
+	__u32 top_lat_ns;			/* latency the top bucket is priced at, 0 = as is */
+	__u32 pad;
 	__u32 penalty_ns[IOBRIDGE_KEYS_PER_LEG];	/* by iobridge_key_index() */
 };
 
@@ -161,6 +164,23 @@ static inline __u64 iobridge_key_latency(__u64 last_lat_ns, __u32 inflight)
 	return last_lat_ns / ((__u64)inflight + 1);
 }
 
+/*
+ * How long an avoided idle leg waits for a probe: probe_after_ns, and at
+ * least IOBRIDGE_PROBE_LAT_MULT times its newest latency.  A probe of a
+ * leg still slow costs its reader about that latency; waiting that many
+ * times longer keeps probes of a slow leg to about 1/32 of the time (at
+ * queue depth 1 with 20 ms slow periods, probes every probe_after_ns were
+ * most of the slow leg's reads, and the p99 was theirs).  (Since ABI 4.)
+ */
+#define IOBRIDGE_PROBE_LAT_MULT		32
+
+static inline __u64 iobridge_probe_wait_ns(__u64 probe_after_ns, __u64 last_lat_ns)
+{
+	__u64 w = last_lat_ns * IOBRIDGE_PROBE_LAT_MULT;
+
+	return w > probe_after_ns ? w : probe_after_ns;
+}
+
 /* The number of edges at or below lat_ns (edges ascending). */
 static inline __u32 iobridge_lat_bucket(const __u32 *edges, __u64 lat_ns)
 {
@@ -170,6 +190,28 @@ static inline __u32 iobridge_lat_bucket(const __u32 *edges, __u64 lat_ns)
 		if (lat_ns >= edges[i])
 			b++;
 	return b;
+}
+
+/*
+ * The penalty of a key (since ABI 4).  The top latency bucket is open: its
+ * penalty was priced for a read of top_lat_ns, and a leg whose key latency
+ * is beyond that pays in proportion (a 20 ms slow period against a top
+ * priced at 6 ms cost no more than a fast leg's host stall, and the slow
+ * leg got reads).  The key latency is capped at 2^31 ns so that the
+ * product stays in 64 bits; the result at IOBRIDGE_PENALTY_MAX_NS.
+ */
+static inline __u64 iobridge_key_penalty(__u32 penalty_ns, __u32 top_lat_ns,
+					 __u32 lat_bucket, __u64 key_lat_ns)
+{
+	__u64 pen = penalty_ns;
+
+	if (lat_bucket != IOBRIDGE_NUM_LAT_BUCKETS - 1 || !top_lat_ns ||
+	    key_lat_ns <= top_lat_ns)
+		return pen;
+	if (key_lat_ns > (1ULL << 31))
+		key_lat_ns = 1ULL << 31;
+	pen = pen * key_lat_ns / top_lat_ns;
+	return pen > IOBRIDGE_PENALTY_MAX_NS ? IOBRIDGE_PENALTY_MAX_NS : pen;
 }
 
 static inline __u32 iobridge_key_index(__u32 size_bucket, __u32 inflight_bucket,
@@ -281,6 +323,10 @@ struct iobridge_leg_features {
 	__u64 prev_lat_ns[IOBRIDGE_HISTORY];	/* queue -> completion of the last completions */
 	__u32 prev_bytes[IOBRIDGE_HISTORY];	/* their sizes */
 	__u32 prev_qlen[IOBRIDGE_HISTORY];	/* in flight at queue time of the last queued bios */
+	/* in flight at queue time of the bios of prev_lat_ns (since ABI 4):
+	 * the agent's per-read service estimate is latency / (this + 1) */
+	__u32 prev_lat_qlen[IOBRIDGE_HISTORY];
+	__u32 pad;
 };
 
 /* ========================================================================

@@ -25,6 +25,17 @@ def _field_names(struct):
     return [name for name, *_ in struct._fields_]
 
 
+TOP = abi.NUM_LAT_BUCKETS - 1   # the top latency bucket
+PENALTY_CASES = (
+    (1000, 0, TOP, 10**9),                  # no top latency: as is
+    (1000, 6_000_000, TOP - 1, 10**9),      # not the top bucket: as is
+    (1000, 6_000_000, TOP, 6_000_000),      # at the top latency: as is
+    (1000, 6_000_000, TOP, 20_000_000),     # beyond: in proportion
+    (4_000_000_000, 1000, TOP, 1 << 40),    # capped: latency at 2**31, result at the max
+    (3, 7, TOP, 1 << 31),
+)
+
+
 @pytest.fixture(scope="module")
 def c_layout(tmp_path_factory):
     if CC is None:
@@ -59,6 +70,16 @@ def c_layout(tmp_path_factory):
         args = "_".join(str(v) for v in case)
         lines.append(f'printf("keylat {args} %llu\\n", (unsigned long long)'
                      f'iobridge_key_latency({case[0]}ull, {case[1]}u));')
+    # (penalty, top_lat, lat bucket, key latency)
+    for case in PENALTY_CASES:
+        args = "_".join(str(v) for v in case)
+        lines.append(f'printf("keypen {args} %llu\\n", (unsigned long long)'
+                     f'iobridge_key_penalty({case[0]}u, {case[1]}u, {case[2]}u, {case[3]}ull));')
+    # (probe_after, last latency)
+    for case in ((200_000_000, 0), (200_000_000, 1_000_000), (200_000_000, 20_000_000), (0, 5)):
+        args = "_".join(str(v) for v in case)
+        lines.append(f'printf("probewait {args} %llu\\n", (unsigned long long)'
+                     f'iobridge_probe_wait_ns({case[0]}ull, {case[1]}ull));')
     lines.append('printf("key 3 5 7 %u\\n", iobridge_key_index(3, 5, 7));')
     lines.append('printf("key 1 2 3 %u\\n", iobridge_key_index(1, 2, 3));')
     lines.append("return 0; }")
@@ -112,6 +133,15 @@ def test_key_rules_match_header(c_layout):
         if kind == "keylat":
             lat, n = (int(v) for v in key.split("_"))
             assert abi.key_latency(lat, n) == vals[0], key
+        if kind == "keypen":
+            pen, top, lat_b, lat = (int(v) for v in key.split("_"))
+            assert abi.key_penalty(pen, top, lat_b, lat) == vals[0], key
+        if kind == "probewait":
+            after, lat = (int(v) for v in key.split("_"))
+            assert abi.probe_wait_ns(after, lat) == vals[0], key
+    assert sum(kind == "keypen" for kind, _ in c_layout) == len(PENALTY_CASES)
+    assert c_layout[("keypen", f"1000_6000000_{TOP}_20000000")] == [1000 * 20 // 6]
+    assert c_layout[("keypen", f"4000000000_1000_{TOP}_{1 << 40}")] == [abi.PENALTY_MAX_NS]
     # "key 3 5 7 N": key "3", values [5, 7, N].
     assert c_layout[("key", "3")] == [5, 7, abi.key_index(3, 5, 7)]
     assert c_layout[("key", "1")] == [2, 3, abi.key_index(1, 2, 3)]

@@ -57,9 +57,10 @@ def test_the_stand_ins_are_written_and_read_by_the_real_code():
     legs.advance(2_000_000)
     samples, done = legmap.new_samples([slots[d] for d in devs], [0, 0])
     assert all(n >= abi.HISTORY for n in done)
-    for lat, tput in samples:
+    for lat, tput, per_read in samples:
         assert len(lat) == abi.HISTORY and all(10 < x < 10_000 for x in lat)
         assert all(t > 0 for t in tput)
+        assert all(0 < p <= x for p, x in zip(per_read, lat))
     assert legmap.read([slots[d] for d in devs]).stable.all()   # seq even after each write
     policy = tickbench.memory_policy()
     pen = np.full((2, abi.KEYS_PER_LEG), 1234, dtype=np.int64)

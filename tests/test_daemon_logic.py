@@ -49,7 +49,8 @@ class FakeSnapshot:
         self.retries = 0
 
     def new_samples(self, seen):
-        return [(np.full(int(min(c - s, 3)), self.lat_us[i]), np.full(int(min(c - s, 3)), 40.0))
+        return [(np.full(int(min(c - s, 3)), self.lat_us[i]), np.full(int(min(c - s, 3)), 40.0),
+                 np.full(int(min(c - s, 3)), self.lat_us[i]))
                 for i, (c, s) in enumerate(zip(self.completed, seen))]
 
 
@@ -81,7 +82,7 @@ class FakePolicy:
         self.published, self.extended, self.beats = [], 0, 0
         self.entries = None
 
-    def publish(self, target, penalty, edges, service, probe_after, expires):
+    def publish(self, target, penalty, edges, service, probe_after, expires, top_lat=None):
         self.published.append((target, penalty.copy(), service.copy(), np.array(expires)))
 
     def extend(self, target, legs, expires):

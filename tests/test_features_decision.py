@@ -1,6 +1,8 @@
 """Feature schema v2 (relative history, causal baselines) and the keyed
 decision table (core/decision.py): key rows, penalties, the route() rule."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -286,6 +288,65 @@ def test_route_at_depth_16_keeps_a_fast_busy_leg_over_an_idle_slow_one():
     assert route(t, 10, 4096, [15, 0], [1_000_000, 100_000], [1, 1]) == (1, False)
 
 
+def test_service_per_read_is_the_low_quantile_of_latency_over_the_queue_ahead():
+    """At queue depth 16 each read waits behind the others: its latency
+    counts the queue, its per-read latency does not. The baseline latency
+    (the model's unit) keeps the queue; the service estimate and the key's
+    edges are per read."""
+    tr = F.BaselineTracker()
+    qlen = np.tile(np.arange(16), 10)                     # 0..15 bios ahead
+    lat = 100.0 * (qlen + 1)                              # 100 us each
+    tr.add(lat, 4096 / lat, lat / (qlen + 1))
+    b = LegBaseline.of(tr)
+    assert b.lat_us == pytest.approx(np.quantile(lat, F.BASELINE_LAT_QUANTILE))
+    assert b.service_us == pytest.approx(100.0)
+    assert (D.lat_edges_ns(b) == np.rint(np.array(D.REL_LAT_EDGES) * 100_000)).all()
+    t = TableMaker(LatModel()).build(0, [b])
+    assert t.service_ns[0] == 100_000
+    # Without per-read latencies (None), it is the latency itself.
+    tr2 = F.BaselineTracker()
+    tr2.add(lat, 4096 / lat)
+    assert LegBaseline.of(tr2).service_us == LegBaseline.of(tr2).lat_us
+    # A baseline moves when its service estimate does.
+    assert b.moved(replace(b, service_us=b.service_us * 1.2), 0.1)
+
+
+def test_route_at_depth_16_on_a_busy_host_keeps_the_fast_leg():
+    """A busy host: at queue depth 16 the fast leg's reads take 2 ms, of
+    which 0.25 ms its own. Priced at the baseline latency, 16 reads of it
+    (32 ms) cost more than an idle leg in a 20 ms slow period, or one with 1
+    to 7 reads queued (it looked like a fast leg with a deep queue), and the
+    slow leg got 1.5% of the reads (VM, a host core busy)."""
+    old = LegBaseline(2000.0, 4096 / 2000.0, 21_000.0)
+    new = replace(old, service_us=250.0)
+    model = QueueModel()
+    slow = 21_000_000
+    for inflight_slow in (0, 1, 3, 7):
+        args = (4096, [15, inflight_slow], [2_000_000, slow], [1, 1])
+        assert route(TableMaker(model).build(0, [old, old]), 10, *args)[0] == 1
+        assert route(TableMaker(model).build(0, [new, new]), 10, *args) == (0, False)
+
+
+def test_top_latency_bucket_is_priced_at_the_key_latency():
+    """The top bucket is open: its penalties were priced for a read of
+    top_lat_ns (64x service, or the slow-read cost); a leg beyond pays in
+    proportion. A fresh agent (slow-read cost still the floor) otherwise
+    priced a 20 ms slow leg like a fast leg's 2 ms host stall, and the slow
+    leg got 33 reads in 2 s (VM, queue depth 4, SIGSTOP test)."""
+    base = LegBaseline(150.0, 4096 / 150.0, 1500.0, 75.0)
+    t = TableMaker(LatModel()).build(0, [base, base])
+    assert t.top_lat_ns.tolist() == [round(64 * 75.0 * 1000)] * 2
+    top_key = abi.key_index(0, 0, abi.NUM_LAT_BUCKETS - 1)
+    pen = int(t.penalty_ns[1, top_key])
+    assert t.cost(1, 4096, 0, 20_000_000) == 75_000 + pen * 20_000_000 // t.top_lat_ns[1]
+    assert t.cost(1, 4096, 0, int(t.top_lat_ns[1])) == 75_000 + pen
+    # leg 0 with 3 reads in flight, newest 4 ms (a host stall: 13x per read);
+    # leg 1 idle after 20 ms
+    args = (4096, [3, 0], [4_000_000, 20_000_000], [1, 1])
+    assert route(t, 10, *args) == (0, False)
+    assert route(replace(t, top_lat_ns=None), 10, *args) == (1, False)     # unscaled
+
+
 def test_cache_overflow_keeps_every_point_the_build_needs():
     """The P(slow) cache starts over when full; the points of the build
     that overflows it are all evaluated again (a KeyError before)."""
@@ -313,12 +374,19 @@ def test_route_probes_an_idle_leg_only_when_idle_long_enough():
     t = _table([BASE, BASE], probe_after_ns=1_000_000)
     slow = 2_000_000
     now = 5_000_000
-    # leg 1 avoided (slow newest latency), idle since 4.5 ms ago -> probed
-    assert route(t, now, 4096, [1, 0], [100_000, slow], [now - 10, now - 4_500_000]) == (1, True)
+    now = 200_000_000
+    wait = abi.PROBE_LAT_MULT * slow          # 64 ms: more than probe_after (1 ms)
+    # leg 1 avoided (slow newest latency), idle for 32x its newest latency -> probed
+    assert route(t, now, 4096, [1, 0], [100_000, slow], [now - 10, now - wait]) == (1, True)
+    # idle for longer than probe_after but less than 32x its latency -> not yet
+    assert route(t, now, 4096, [1, 0], [100_000, slow], [now - 10, now - wait + 1]) == (0, False)
     # completed recently -> not probed, avoided
     assert route(t, now, 4096, [1, 0], [100_000, slow], [now - 10, now - 500_000]) == (0, False)
     # a bio in flight -> not idle, not probed
-    assert route(t, now, 4096, [1, 1], [100_000, slow], [now - 10, now - 4_500_000]) == (0, False)
+    assert route(t, now, 4096, [1, 1], [100_000, slow], [now - 10, now - wait]) == (0, False)
+    # a fast newest latency: probe_after alone (32 x 10 us < 1 ms)
+    assert abi.probe_wait_ns(1_000_000, 10_000) == 1_000_000
+    assert abi.probe_wait_ns(1_000_000, slow) == wait
     # the idle leg is the best anyway: routed, not counted as a probe
     assert route(t, now, 4096, [3, 0], [100_000, 100_000], [now - 10, 0]) == (1, False)
     # probing off

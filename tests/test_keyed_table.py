@@ -32,6 +32,7 @@ class FakeLeg:
     def __init__(self):
         self.qlen = 0
         self.prev_qlen = [0] * 4
+        self.prev_lat_qlen = [0] * 4
         self.prev_lat = [0.0] * 4
         self.prev_tput = [0.0] * 4
         self.last_lat_ns = 0
@@ -40,6 +41,7 @@ class FakeLeg:
 
     def complete(self, t, lat_us, nbytes=4096):
         self.prev_lat.insert(0, lat_us); del self.prev_lat[4:]
+        self.prev_lat_qlen.insert(0, 0); del self.prev_lat_qlen[4:]
         self.prev_tput.insert(0, nbytes / lat_us); del self.prev_tput[4:]
         self.last_lat_ns, self.last_complete_ns = int(lat_us * 1000), t
         self.completed += 1

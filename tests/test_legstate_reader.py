@@ -20,7 +20,7 @@ def table(n: int = 8) -> tuple[bytearray, np.ndarray]:
 
 
 def test_dtype_is_the_abi_record():
-    assert LEG_DTYPE.itemsize == 96
+    assert LEG_DTYPE.itemsize == 112
     assert LEG_DTYPE.fields["seq"][1] == 0 and LEG_DTYPE.fields["dev"][1] == 4
     assert LEG_DTYPE["prev_lat_ns"].shape == (abi.HISTORY,)
     assert abi.HISTORY == features.HISTORY
@@ -109,10 +109,13 @@ def test_new_samples_are_the_completions_since_last_seen():
     t["completed"][0] = 7
     t["prev_lat_ns"][0] = [2_000_000, 500_000, 250_000]
     t["prev_bytes"][0] = [4096, 4096, 8192]
+    t["prev_lat_qlen"][0] = [3, 0, 1]
     s = snapshot_of(buf, [0])
-    lat, tput = s.new_samples(np.array([5]))[0]      # two new completions
+    lat, tput, per_read = s.new_samples(np.array([5]))[0]      # two new completions
     np.testing.assert_allclose(lat, [2000.0, 500.0])
     np.testing.assert_allclose(tput, [4096 / 2000, 4096 / 500])
+    # per read: the latency over the bios ahead of it at queue time + 1
+    np.testing.assert_allclose(per_read, [2000.0 / 4, 500.0])
     assert len(s.new_samples(np.array([7]))[0][0]) == 0       # nothing new
     assert len(s.new_samples(np.array([0]))[0][0]) == 3       # more than the history holds
 

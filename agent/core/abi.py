@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 
 # Bump together with IOBRIDGE_ABI_VERSION in kmodule/iobridge_abi.h.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 MAX_LEGS = 8
 MAX_TARGETS = 64
@@ -65,6 +65,25 @@ def key_latency(last_lat_ns: int, inflight: int) -> int:
     return int(last_lat_ns) // (int(inflight) + 1)
 
 
+def key_penalty(penalty_ns: int, top_lat_ns: int, lat_b: int, key_lat_ns: int) -> int:
+    """The penalty of a key (iobridge_key_penalty): in the open top latency
+    bucket, beyond top_lat_ns, in proportion to the key latency (capped at
+    2**31 ns; the result at PENALTY_MAX_NS)."""
+    if lat_b != NUM_LAT_BUCKETS - 1 or not top_lat_ns or key_lat_ns <= top_lat_ns:
+        return int(penalty_ns)
+    return min(int(penalty_ns) * min(int(key_lat_ns), 1 << 31) // int(top_lat_ns),
+               PENALTY_MAX_NS)
+
+
+PROBE_LAT_MULT = 32
+
+
+def probe_wait_ns(probe_after_ns: int, last_lat_ns: int) -> int:
+    """How long an avoided idle leg waits for a probe (iobridge_probe_wait_ns):
+    probe_after_ns, and at least PROBE_LAT_MULT x its newest latency."""
+    return max(int(probe_after_ns), int(last_lat_ns) * PROBE_LAT_MULT)
+
+
 def lat_bucket(edges_ns, lat_ns: int) -> int:
     """Latency bucket: the number of edges at or below lat_ns (as the BPF side)."""
     return sum(1 for e in edges_ns if lat_ns >= e)
@@ -111,6 +130,8 @@ class LegDecisions(ctypes.Structure):
         ("probe_after_ns", ctypes.c_uint64),
         ("service_ns", ctypes.c_uint32),
         ("lat_edge_ns", ctypes.c_uint32 * (NUM_LAT_BUCKETS - 1)),
+        ("top_lat_ns", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
         ("penalty_ns", ctypes.c_uint32 * KEYS_PER_LEG),
     ]
 
@@ -126,6 +147,7 @@ CONSTANTS = {
     "ABI_VERSION": "IOBRIDGE_ABI_VERSION",
     "MAX_LEGS": "IOBRIDGE_MAX_LEGS",
     "MAX_TARGETS": "IOBRIDGE_MAX_TARGETS",
+    "PROBE_LAT_MULT": "IOBRIDGE_PROBE_LAT_MULT",
     "NUM_SIZE_BUCKETS": "IOBRIDGE_NUM_SIZE_BUCKETS",
     "NUM_INFLIGHT_BUCKETS": "IOBRIDGE_NUM_INFLIGHT_BUCKETS",
     "NUM_LAT_BUCKETS": "IOBRIDGE_NUM_LAT_BUCKETS",
@@ -234,6 +256,8 @@ class LegFeatures(ctypes.Structure):
         ("prev_lat_ns", ctypes.c_uint64 * HISTORY),
         ("prev_bytes", ctypes.c_uint32 * HISTORY),
         ("prev_qlen", ctypes.c_uint32 * HISTORY),
+        ("prev_lat_qlen", ctypes.c_uint32 * HISTORY),
+        ("pad", ctypes.c_uint32),
     ]
 
 

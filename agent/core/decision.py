@@ -13,10 +13,16 @@ The key (kmodule/iobridge_abi.h, core/abi.py): per read and leg,
   in-flight bucket of the leg's bios in flight (0, 1, 2-3, 4-7, 8-15, 16+),
   latency bucket  of the leg's newest completion latency over (its bios in
                   flight + 1) (abi.key_latency: a deep queue alone does not
-                  look slow), split by edges at REL_LAT_EDGES x its baseline.
+                  look slow), split by edges at REL_LAT_EDGES x its service
+                  time per read (LegBaseline.service_us: the low quantile of
+                  latency / (bios ahead at queue time + 1), the same
+                  normalisation; at queue depth 1 it is the baseline latency).
 The edges sit where the model's inputs matter: below 1.5x baseline a read
 is plainly fast; the labels of the shipped model call a period slow from
-about 10-20x; 32x and more is deep inside a slow period.
+about 10-20x; 32x and more is deep inside a slow period. The model's rows
+put the bucket's representative at that many times the baseline latency:
+exact at queue depth 1, and at a deep queue the latency the key divides by
+the queue it has.
 
 build() runs the model at most ONCE (one batched ONNX call), over every key
 of every leg whose rows it has not evaluated yet. A row is a read of the
@@ -34,7 +40,8 @@ for each healthy leg with a valid table, the expected completion time
 
     cost = (inflight + 1) * (service_ns + penalty_ns[key])
 
-where service_ns is the leg's baseline latency and penalty_ns = the
+(in the open top latency bucket the penalty grows with the key latency
+beyond the latency it was priced at: abi.key_penalty), where service_ns is the leg's service time per read and penalty_ns = the
 latency's risk (latency_risk: P(slow | key) over P(slow) at the same key
 with a fast newest latency) x (what a slow read costs on the leg -
 service_ns): each read queued
@@ -45,7 +52,9 @@ leg's) cost as much as the slow leg with 3 reads queued, and the slow leg
 got every read until the idle leg's probe (46-75 reads in 2 s, VM). The lowest cost
 wins (exact ties: a random one). A leg with no bio in flight and no
 completion for probe_after_ns is probed instead (one read), so an avoided
-leg shows its recovery without the agent. With no valid table (agent
+leg shows its recovery without the agent (abi.probe_wait_ns: the wait is
+at least 32x the leg's newest latency, so a leg still slow costs little in
+probes). With no valid table (agent
 stopped or stalled past the expiry) route() returns -1: the module's
 built-in default (least in flight) decides.
 """
@@ -110,9 +119,19 @@ _KEY_SIZE, _KEY_INFLIGHT, _KEY_LAT = (a.reshape(-1) for a in np.meshgrid(
 @dataclass(frozen=True)
 class LegBaseline:
     """A leg's slow-moving state: what its fast reads look like now."""
-    lat_us: float          # baseline latency (the service estimate)
+    lat_us: float          # baseline latency (the model's inputs are relative to it)
     tput: float            # baseline throughput, bytes per us
     slow_lat_us: float     # what a slow read costs on it
+    # Service time per read (latency over the bios ahead + 1, low quantile):
+    # the cost's per-read term and the unit of the key's latency edges. The
+    # baseline latency counts the queue each read waited behind: multiplied
+    # by a deep queue again, a fast leg at queue depth 16 on a busy host
+    # cost more than an idle leg in a 20 ms slow period (VM). None: lat_us.
+    service_us: float | None = None
+
+    def __post_init__(self):
+        if self.service_us is None:
+            object.__setattr__(self, "service_us", self.lat_us)
 
     @classmethod
     def of(cls, tracker: F.BaselineTracker) -> "LegBaseline | None":
@@ -121,14 +140,15 @@ class LegBaseline:
             return None
         lat = tracker.latency_us()
         slow = tracker.slow_latency_us(SLOW_READ_REL * lat, SLOW_READ_MIN_COUNT) or 0.0
-        return cls(lat, tracker.tput(), max(slow, SLOW_LAT_FLOOR_REL * lat))
+        service = min(tracker.service_us(), lat) or lat
+        return cls(lat, tracker.tput(), max(slow, SLOW_LAT_FLOOR_REL * lat), service)
 
     def moved(self, other: "LegBaseline | None", rel: float) -> bool:
         """True if `other` differs from this by more than `rel` in any field."""
         if other is None:
             return True
         pairs = ((self.lat_us, other.lat_us), (self.tput, other.tput),
-                 (self.slow_lat_us, other.slow_lat_us))
+                 (self.slow_lat_us, other.slow_lat_us), (self.service_us, other.service_us))
         return any(abs(a - b) > rel * max(abs(b), 1e-9) for a, b in pairs)
 
 
@@ -167,9 +187,9 @@ def target_baselines(own: Sequence[LegBaseline | None]) -> tuple[list, list[bool
 
 def lat_edges_ns(base: LegBaseline | np.ndarray) -> np.ndarray:
     """The leg's latency bucket edges in ns (what the kernel compares with);
-    or, given baseline latencies in us [legs, 1], every leg's at once."""
-    lat_us = base.lat_us if isinstance(base, LegBaseline) else base
-    return np.rint(np.array(REL_LAT_EDGES) * lat_us * 1000).astype(np.int64)
+    or, given service times in us [legs, 1], every leg's at once."""
+    service_us = base.service_us if isinstance(base, LegBaseline) else base
+    return np.rint(np.array(REL_LAT_EDGES) * service_us * 1000).astype(np.int64)
 
 
 def bytes_per_read(base: LegBaseline) -> float:
@@ -232,10 +252,10 @@ def latency_risk(p_slow: np.ndarray) -> np.ndarray:
 _KEY_LAT_REP = np.array(LAT_REP_REL)[_KEY_LAT]
 
 
-def _penalties_ns(p_slow: np.ndarray, lat_us, slow_lat_us) -> np.ndarray:
-    """penalties_ns for [legs, KEYS] at once (lat_us, slow_lat_us: [legs, 1])."""
-    slow_us = np.maximum(_KEY_LAT_REP * lat_us, slow_lat_us)
-    extra_ns = np.maximum(slow_us - lat_us, 0.0) * 1000.0
+def _penalties_ns(p_slow: np.ndarray, service_us, slow_lat_us) -> np.ndarray:
+    """penalties_ns for [legs, KEYS] at once (service_us, slow_lat_us: [legs, 1])."""
+    slow_us = np.maximum(_KEY_LAT_REP * service_us, slow_lat_us)
+    extra_ns = np.maximum(slow_us - service_us, 0.0) * 1000.0
     return np.clip(np.rint(np.asarray(p_slow, dtype=np.float64) * extra_ns),
                    0, abi.PENALTY_MAX_NS).astype(np.int64)
 
@@ -243,7 +263,7 @@ def _penalties_ns(p_slow: np.ndarray, lat_us, slow_lat_us) -> np.ndarray:
 def penalties_ns(p_slow: np.ndarray, base: LegBaseline) -> np.ndarray:
     """penalty_ns per key: P(slow) x (what a slow read costs - service), the
     slow read's cost being at least the key's own latency."""
-    return _penalties_ns(p_slow, base.lat_us, base.slow_lat_us)
+    return _penalties_ns(p_slow, base.service_us, base.slow_lat_us)
 
 
 @dataclass
@@ -259,9 +279,22 @@ class KeyedTable:
     valid_from_ns: int
     expiry_ns: int
     baselines: list = field(default_factory=list)   # LegBaseline | None per leg
+    # int64 [legs]: the latency the top latency bucket's penalties are priced
+    # at (abi.key_penalty scales them beyond it); None: no scaling
+    top_lat_ns: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.valid)
+
+    def cost(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int) -> int:
+        """The leg's expected completion time for this read, ns (the kernel's
+        rule: (inflight + 1) x (service + the key's penalty))."""
+        lat = abi.key_latency(last_lat_ns, inflight)
+        pen = int(self.penalty_ns[leg, self.key_of(leg, nbytes, inflight, last_lat_ns)])
+        if self.top_lat_ns is not None:
+            pen = abi.key_penalty(pen, int(self.top_lat_ns[leg]),
+                                  abi.lat_bucket(self.lat_edges_ns[leg], lat), lat)
+        return (inflight + 1) * (int(self.service_ns[leg]) + pen)
 
     def key_of(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int) -> int:
         lat = abi.key_latency(last_lat_ns, inflight)
@@ -318,6 +351,7 @@ class TableMaker:
         pen = np.zeros((n, abi.KEYS_PER_LEG), dtype=np.int64)
         edges = np.zeros((n, abi.NUM_LAT_BUCKETS - 1), dtype=np.int64)
         service = np.zeros(n, dtype=np.int64)
+        top = np.zeros(n, dtype=np.int64)
         idx = np.flatnonzero(valid)
         if len(idx):
             points = [bytes_grid_point(bytes_per_read(baselines[i])) for i in idx]
@@ -325,14 +359,16 @@ class TableMaker:
             p[idx] = np.stack([self._p_slow[point] for point in points])
             # All legs at once (numpy over [legs, keys]): per leg, this was
             # most of a recompute's cost.
-            lat = np.array([[baselines[i].lat_us] for i in idx])
+            svc = np.array([[baselines[i].service_us] for i in idx])
             slow = np.array([[baselines[i].slow_lat_us] for i in idx])
-            pen[idx] = _penalties_ns(latency_risk(p[idx]), lat, slow)
-            edges[idx] = lat_edges_ns(lat)
-            service[idx] = np.rint(lat[:, 0] * 1000)
+            pen[idx] = _penalties_ns(latency_risk(p[idx]), svc, slow)
+            edges[idx] = lat_edges_ns(svc)
+            service[idx] = np.rint(svc[:, 0] * 1000)
+            top[idx] = np.minimum(np.rint(np.maximum(LAT_REP_REL[-1] * svc[:, 0], slow[:, 0]) * 1000),
+                                  abi.PENALTY_MAX_NS)
         visible = now_ns + self.staleness_ns
         return KeyedTable(valid, p, pen, edges, service, self.probe_after_ns, now_ns,
-                          visible, visible + self.ttl_ns, list(baselines))
+                          visible, visible + self.ttl_ns, list(baselines), top)
 
 
 def route(table: KeyedTable | None, now_ns: int, nbytes: int, inflight: Sequence[int],
@@ -349,12 +385,10 @@ def route(table: KeyedTable | None, now_ns: int, nbytes: int, inflight: Sequence
         if not table.valid[leg] or (healthy is not None and not healthy[leg]):
             continue
         if (probe < 0 and table.probe_after_ns and inflight[leg] == 0
-                and now_ns - last_complete_ns[leg] >= table.probe_after_ns):
+                and now_ns - last_complete_ns[leg]
+                >= abi.probe_wait_ns(table.probe_after_ns, last_lat_ns[leg])):
             probe = leg
-        cost = (inflight[leg] + 1) * (
-            int(table.service_ns[leg])
-            + int(table.penalty_ns[leg, table.key_of(leg, nbytes, inflight[leg],
-                                                     last_lat_ns[leg])]))
+        cost = table.cost(leg, nbytes, inflight[leg], last_lat_ns[leg])
         if best < 0 or cost < best_cost:
             best, best_cost, ties = leg, cost, 1
         elif cost == best_cost:

@@ -162,17 +162,24 @@ class BaselineTracker:
     def __init__(self, window: int = BASELINE_WINDOW):
         self._lat = np.zeros(window)
         self._tput = np.zeros(window)
+        self._per_read = np.zeros(window)
         self.n = 0          # samples seen (the ring holds min(n, window))
 
-    def add(self, lat_us, tput) -> None:
+    def add(self, lat_us, tput, per_read_us=None) -> None:
+        """Completions: latency, throughput and per-read latency (latency
+        over the bios ahead of it at queue time + 1; the latency itself when
+        not known)."""
         lat = np.atleast_1d(np.asarray(lat_us, dtype=np.float64))
         tp = np.atleast_1d(np.asarray(tput, dtype=np.float64))
+        per = lat if per_read_us is None else \
+            np.atleast_1d(np.asarray(per_read_us, dtype=np.float64))
         keep = lat > 0
-        lat, tp = lat[keep], tp[keep]
+        lat, tp, per = lat[keep], tp[keep], per[keep]
         window = len(self._lat)
         skip = max(len(lat) - window, 0)      # older than the ring holds
         idx = (self.n + skip + np.arange(len(lat) - skip)) % window
         self._lat[idx], self._tput[idx] = lat[skip:], tp[skip:]
+        self._per_read[idx] = per[skip:]
         self.n += len(lat)
 
     @property
@@ -186,6 +193,13 @@ class BaselineTracker:
     def latency_us(self) -> float:
         lat, _ = self._held()
         return float(np.quantile(lat, BASELINE_LAT_QUANTILE)) if len(lat) else 0.0
+
+    def service_us(self) -> float:
+        """The leg's service time per read: the low quantile of the per-read
+        latencies (what a read adds to its queue), as latency_us() is of the
+        latencies."""
+        k = min(self.n, len(self._per_read))
+        return float(np.quantile(self._per_read[:k], BASELINE_LAT_QUANTILE)) if k else 0.0
 
     def tput(self) -> float:
         _, tp = self._held()

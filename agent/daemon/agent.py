@@ -379,11 +379,11 @@ class Agent:
         retries = self.legmap.retries
         samples, done = self.legmap.new_samples(self._slots[fresh], self._seen[fresh].tolist())
         self.counters["seq_retries"] += self.legmap.retries - retries
-        for row, (lat, tput) in zip(fresh.tolist(), samples):
-            held = self._unfed.setdefault(self._kdevs[row], ([], []))
-            held[0].extend(lat)
-            held[1].extend(tput)
-            self.counters["samples"] += len(lat)
+        for row, sample in zip(fresh.tolist(), samples):
+            held = self._unfed.setdefault(self._kdevs[row], ([], [], []))
+            for h, values in zip(held, sample):
+                h.extend(values)
+            self.counters["samples"] += len(sample[0])
         self._seen[fresh] = done
 
     def _feed_baselines(self) -> None:
@@ -391,9 +391,9 @@ class Agent:
         once per baseline check, not per tick (numpy calls are dear under
         emulation)."""
         unfed, self._unfed = self._unfed, {}
-        for kdev, (lat, tput) in unfed.items():
+        for kdev, (lat, tput, per_read) in unfed.items():
             if kdev in self._trackers:
-                self._trackers[kdev].add(lat, tput)
+                self._trackers[kdev].add(lat, tput, per_read)
 
     def _baselines(self) -> list:
         """Each leg's baseline as its target's table uses it
@@ -426,7 +426,8 @@ class Agent:
                 continue   # no baseline yet on any leg: the module default decides
             exp = np.where(table.valid[rows], expires, 0)
             self.policy.publish(t.target_id, table.penalty_ns[rows], table.lat_edges_ns[rows],
-                                table.service_ns[rows], table.probe_after_ns, exp)
+                                table.service_ns[rows], table.probe_after_ns, exp,
+                                table.top_lat_ns[rows])
         self.policy.heartbeat(now, published_ns=now)
         self.last_published_ns = now
 
@@ -444,10 +445,12 @@ class Agent:
             t, rows = next((t, r) for t, r in self._rows if r.start <= row < r.stop)
             ob, nb = old.baselines[row], new.baselines[row]
             log.debug("%s leg %d: %d key(s) changed verdict (p_slow vs threshold %.3f): "
-                      "avoided keys %d -> %d; baseline latency %s -> %.1f us, slow read %s -> %.0f us",
+                      "avoided keys %d -> %d; baseline latency %s -> %.1f us, service per read %s -> "
+                      "%.1f us, slow read %s -> %.0f us",
                       t.name, row - rows.start, int(changed[row].sum()), th,
                       int(old.avoided(th)[row].sum()), int(new.avoided(th)[row].sum()),
                       "none" if ob is None else f"{ob.lat_us:.1f}", nb.lat_us if nb else 0.0,
+                      "none" if ob is None else f"{ob.service_us:.1f}", nb.service_us if nb else 0.0,
                       "none" if ob is None else f"{ob.slow_lat_us:.0f}", nb.slow_lat_us if nb else 0.0)
 
     # -- reload ---------------------------------------------------------------
@@ -590,7 +593,8 @@ class Agent:
             keys = {n: [abi.key_index(0, n, lb) for lb in range(abi.NUM_LAT_BUCKETS)] for n in (0, 1)}
             view.append({
                 "baseline": {"lat_us": round(base.lat_us, 1), "tput_mbps": round(base.tput, 3),
-                             "slow_lat_us": round(base.slow_lat_us, 1)},
+                             "slow_lat_us": round(base.slow_lat_us, 1),
+                             "service_us": round(base.service_us, 1)},
                 "lat_edges_us": np.round(table.lat_edges_ns[r] / 1e3, 1).tolist(),
                 # P(slow) and penalty for 4 KiB reads with 0 and 1 bios in
                 # flight, per latency bucket: the model's view of this leg

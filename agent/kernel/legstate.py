@@ -86,17 +86,22 @@ def consistent_copy(buf, rows, max_retries: int = DEFAULT_MAX_RETRIES, between=N
     return records, stable, retries
 
 
-def samples_since(completed, stable, lat_ns, nbytes, seen_completed) -> list[tuple[list, list]]:
-    """Per row (leg), the (latencies us, throughputs) of its completions
-    since a reader saw `seen_completed` of them: at most the HISTORY newest
-    the record holds; none for a row without a consistent copy. Plain Python
-    over lists: the agent runs it every tick, and under emulation each
-    numpy call on arrays this small costs ~0.1 ms."""
+def samples_since(completed, stable, lat_ns, nbytes, qlen,
+                  seen_completed) -> list[tuple[list, list, list]]:
+    """Per row (leg), the (latencies us, throughputs, per-read latencies us)
+    of its completions since a reader saw `seen_completed` of them: at most
+    the HISTORY newest the record holds; none for a row without a consistent
+    copy. A per-read latency is the latency over (the bios ahead of it at
+    queue time + 1): what one read adds to a leg's queue. Plain Python over
+    lists: the agent runs it every tick, and under emulation each numpy call
+    on arrays this small costs ~0.1 ms."""
     out = []
-    for done, ok, lats, sizes, seen in zip(completed, stable, lat_ns, nbytes, seen_completed):
+    for done, ok, lats, sizes, qs, seen in zip(completed, stable, lat_ns, nbytes, qlen,
+                                               seen_completed):
         k = min(max(int(done) - int(seen), 0), abi.HISTORY) if ok else 0
-        pairs = [(la / 1e3, b) for la, b in zip(lats[:k], sizes[:k]) if la > 0]
-        out.append(([la for la, _ in pairs], [b / la for la, b in pairs]))
+        rows = [(la / 1e3, b, q) for la, b, q in zip(lats[:k], sizes[:k], qs[:k]) if la > 0]
+        out.append(([la for la, _, _ in rows], [b / la for la, b, _ in rows],
+                    [la / (q + 1) for la, _, q in rows]))
     return out
 
 
@@ -114,7 +119,8 @@ class LegSnapshot:
     last_complete_ns: np.ndarray   # ktime_get_ns (CLOCK_MONOTONIC), 0 = never
     prev_lat_us: np.ndarray        # float [n, HISTORY], newest first
     prev_bytes: np.ndarray         # [n, HISTORY]
-    prev_qlen: np.ndarray          # [n, HISTORY]
+    prev_qlen: np.ndarray          # [n, HISTORY]: of the last queued bios
+    prev_lat_qlen: np.ndarray      # [n, HISTORY]: of the bios of prev_lat_us
     prev_tput_mbps: np.ndarray     # float [n, HISTORY]: bytes / latency_us
     stable: np.ndarray             # bool: the history copy is consistent
     retries: int                   # row copies repeated to get it
@@ -130,19 +136,20 @@ class LegSnapshot:
                    rec["inflight"].astype(np.int64), rec["issued"].astype(np.int64),
                    rec["completed"].astype(np.int64), rec["contended"].astype(np.int64),
                    rec["last_complete_ns"].astype(np.int64), lat_us, nbytes,
-                   rec["prev_qlen"].astype(np.int64), tput, stable, retries)
+                   rec["prev_qlen"].astype(np.int64), rec["prev_lat_qlen"].astype(np.int64),
+                   tput, stable, retries)
 
     def __len__(self) -> int:
         return len(self.slots)
 
-    def new_samples(self, seen_completed: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per row, the (latency us, throughput) of the completions since a
-        reader last saw `seen_completed` of them: at most the HISTORY newest
-        the record still holds; none for a row without a consistent copy."""
+    def new_samples(self, seen_completed: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+        """Per row, samples_since() as arrays: (latency us, throughput,
+        per-read latency us) of the completions since a reader last saw
+        `seen_completed` of them."""
         lat_ns = np.rint(self.prev_lat_us * 1e3).astype(np.int64).tolist()
-        return [(np.array(lat), np.array(tput)) for lat, tput in samples_since(
+        return [tuple(np.array(v) for v in row) for row in samples_since(
             self.completed.tolist(), self.stable.tolist(), lat_ns, self.prev_bytes.tolist(),
-            np.asarray(seen_completed).tolist())]
+            self.prev_lat_qlen.tolist(), np.asarray(seen_completed).tolist())]
 
     def idle_ns(self, now_ns: int) -> list[int | None]:
         """Time since each leg's newest completion (None: never completed);
@@ -288,7 +295,8 @@ class LegFeatureMap:
         self.unstable += len(stable) - int(stable.sum())
         completed = rec["completed"].tolist()
         return samples_since(completed, stable.tolist(), rec["prev_lat_ns"].tolist(),
-                             rec["prev_bytes"].tolist(), seen_completed), completed
+                             rec["prev_bytes"].tolist(), rec["prev_lat_qlen"].tolist(),
+                             seen_completed), completed
 
     def completed(self, slots) -> np.ndarray:
         """Bios completed per slot: a cheap test for "nothing new" (an

@@ -135,15 +135,18 @@ class RoutePolicy:
         return self.entries[first:first + legs]
 
     def publish(self, target: int, penalty_ns: np.ndarray, lat_edges_ns: np.ndarray,
-                service_ns: np.ndarray, probe_after_ns: int, expires_ns: int) -> None:
+                service_ns: np.ndarray, probe_after_ns: int, expires_ns: int,
+                top_lat_ns: np.ndarray | None = None) -> None:
         """Write one target's table: penalty_ns [legs, KEYS_PER_LEG], lat_edges_ns
-        [legs, NUM_LAT_BUCKETS - 1], service_ns [legs].
+        [legs, NUM_LAT_BUCKETS - 1], service_ns [legs], top_lat_ns [legs]
+        (None: 0, the top bucket's penalties as they are).
 
         Payload first, expiry last; the program may see a mix of the old and
         the new payload for an instant, which changes one read's choice at
         most, never the validity of an entry."""
         RoutePolicy._write(self._block(target, penalty_ns.shape[0]), penalty_ns, lat_edges_ns,
-                          service_ns, probe_after_ns, expires_ns)
+                          service_ns, probe_after_ns, expires_ns,
+                          0 if top_lat_ns is None else top_lat_ns)
 
     def set_leg(self, target: int, leg: int, penalty_ns=0, ttl_s: float = 1.0,
                 service_ns: int = DEFAULT_SERVICE_NS, lat_edges_ns=None,
@@ -160,8 +163,9 @@ class RoutePolicy:
 
     @staticmethod
     def _write(block, penalty_ns, lat_edges_ns, service_ns, probe_after_ns,
-               expires_ns) -> None:
+               expires_ns, top_lat_ns=0) -> None:
         block["penalty_ns"] = np.clip(penalty_ns, 0, abi.PENALTY_MAX_NS)
+        block["top_lat_ns"] = np.clip(top_lat_ns, 0, 0xFFFFFFFF)
         block["lat_edge_ns"] = np.clip(lat_edges_ns, 0, 0xFFFFFFFF)
         block["service_ns"] = np.clip(service_ns, 0, 0xFFFFFFFF)
         block["probe_after_ns"] = probe_after_ns

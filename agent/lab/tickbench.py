@@ -230,6 +230,7 @@ class SyntheticLegs:
         table["prev_lat_ns"][s] = np.rint(lat * 1e3).astype(np.uint64)
         table["prev_bytes"][s] = self.size[:, None].astype(np.uint32)
         table["prev_qlen"][s] = self.rng.integers(0, 4, (n, h), dtype=np.uint32)
+        table["prev_lat_qlen"][s] = self.rng.integers(0, 4, (n, h), dtype=np.uint32)
         table["seq"][s] += 1                     # even: done
         self.completions += new * n
 

@@ -216,6 +216,9 @@ def _boot(kernel: Kernel, guest_cmd: str, *, accel: str, timeout: float,
         cmd += ["--rwdir", str(d)]
     if accel == "tcg":
         cmd.append("--disable-kvm")
+    # A soft lockup reports every CPU's stack, not only the stuck one's (one
+    # was seen once: CPU 0 waiting for CPU 1 to answer an IPI).
+    cmd += ["--append", "softlockup_all_cpu_backtrace=1"]
     cmd += ["--exec", guest_cmd]
     env = dict(os.environ)
     # vng runs helpers (virtme-run) by name: make sure the venv's bin is on PATH.

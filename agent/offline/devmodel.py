@@ -79,7 +79,8 @@ class Leg:
     """One simulated replica: service units, in-flight I/Os, feature history.
 
     Besides the feature history (prev_qlen / prev_lat / prev_tput, newest
-    first), a leg keeps what the kernel keeps per leg for the decision
+    first; prev_lat_qlen: the queue at issue of the prev_lat I/Os, as the
+    kernel keeps it since ABI 4), a leg keeps what the kernel keeps per leg for the decision
     table's key: last_lat_ns and last_complete_ns of its newest completion
     (0 = none yet) and the count of completions retired (`completed`), all
     updated by advance() as completions retire."""
@@ -92,9 +93,11 @@ class Leg:
         self.hit_rng = np.random.default_rng(seed + 7919)
         self.free = [start_ns] * params.channels       # service unit free times
         heapq.heapify(self.free)
-        # (complete ns, lat us, tput bytes/us, lat ns), a heap by completion
-        self.inflight: list[tuple[int, float, float, int]] = []
+        # (complete ns, lat us, tput bytes/us, lat ns, queue at issue), a
+        # heap by completion
+        self.inflight: list[tuple[int, float, float, int, int]] = []
         self.prev_qlen: deque = deque([0] * KEEP, maxlen=KEEP)
+        self.prev_lat_qlen: deque = deque([0] * KEEP, maxlen=KEEP)
         self.prev_lat: deque = deque([0.0] * KEEP, maxlen=KEEP)
         self.prev_tput: deque = deque([0.0] * KEEP, maxlen=KEEP)
         # what the kernel keeps per leg for the decision table's key
@@ -133,8 +136,9 @@ class Leg:
             self.next_bg += max(self._exp_gap(), 1)
         inf = self.inflight
         while inf and inf[0][0] <= now:
-            done, lat, tput, lat_ns = heapq.heappop(inf)
+            done, lat, tput, lat_ns, q = heapq.heappop(inf)
             self.prev_lat.appendleft(lat)
+            self.prev_lat_qlen.appendleft(q)
             self.prev_tput.appendleft(tput)
             self.last_lat_ns = lat_ns
             self.last_complete_ns = done
@@ -168,7 +172,7 @@ class Leg:
         done = start + int(svc_us * 1000)
         heapq.heappush(self.free, done)
         lat_us = (done - now) / 1000.0
-        heapq.heappush(self.inflight, (done, lat_us, nbytes / lat_us, done - now))
+        heapq.heappush(self.inflight, (done, lat_us, nbytes / lat_us, done - now, q))
         if is_write:
             self.written += nbytes
             thr = p.gc_every_write_mb * 1e6
@@ -208,5 +212,5 @@ class RecordedLeg(Leg):
         i = int(np.searchsorted(t_issue, now, side="right")) - 1
         done = now + int(lat[max(i, 0)])
         lat_us = max((done - now) / 1000.0, 1e-3)
-        heapq.heappush(self.inflight, (done, lat_us, nbytes / lat_us, done - now))
+        heapq.heappush(self.inflight, (done, lat_us, nbytes / lat_us, done - now, q))
         return done, q

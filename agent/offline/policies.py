@@ -208,8 +208,10 @@ class LegBaselines:
                 continue
             self.seen[i] = leg.completed
             k = min(new, SAMPLES_PER_CHECK)
-            self.trackers[i].add([leg.prev_lat[j] for j in range(k - 1, -1, -1)],
-                                 [leg.prev_tput[j] for j in range(k - 1, -1, -1)])
+            newest = range(k - 1, -1, -1)
+            self.trackers[i].add([leg.prev_lat[j] for j in newest],
+                                 [leg.prev_tput[j] for j in newest],
+                                 [leg.prev_lat[j] / (leg.prev_lat_qlen[j] + 1) for j in newest])
             self.samples += k
         if self._last_read_ns is not None and now - self._last_read_ns < self.tick_ns:
             return
@@ -244,7 +246,7 @@ def _per_io_penalty_ns(p_slow: float, base: LegBaseline, last_lat_ns: int) -> in
     read costs - service), the slow cost being at least the leg's newest
     latency (the keyed table uses its latency bucket's representative)."""
     slow_us = max(last_lat_ns / 1000.0, base.slow_lat_us)
-    extra_ns = max(slow_us - base.lat_us, 0.0) * 1000.0
+    extra_ns = max(slow_us - base.service_us, 0.0) * 1000.0
     return int(min(max(round(float(p_slow) * extra_ns), 0), abi.PENALTY_MAX_NS))
 
 
@@ -306,7 +308,7 @@ class _PerIoPredictor(_Learned):
             n = len(legs)
             pen = np.array([[_per_io_penalty_ns(p[i], bases[i], legs[i].last_lat_ns)]
                             for i in range(n)], dtype=np.int64)
-            service = np.array([int(round(b.lat_us * 1000)) for b in bases], dtype=np.int64)
+            service = np.array([int(round(b.service_us * 1000)) for b in bases], dtype=np.int64)
             table = _OneKeyTable(np.ones(n, dtype=bool), p[:, None].astype(np.float32), pen,
                                  np.zeros((n, abi.NUM_LAT_BUCKETS - 1), dtype=np.int64),
                                  service, self.probe_after_ns, now, now, now + 1, bases)
@@ -433,7 +435,8 @@ class Table(_Learned):
                     "p_slow": [round(float(table.p_slow[i, k]), 4) for k in ks],
                     "penalty_us": [round(int(table.penalty_ns[i, k]) / 1000, 1) for k in ks]}
             legs.append({"baseline": {"lat_us": round(b.lat_us, 2), "tput": round(b.tput, 2),
-                                      "slow_lat_us": round(b.slow_lat_us, 1)},
+                                      "slow_lat_us": round(b.slow_lat_us, 1),
+                                      "service_us": round(b.service_us, 2)},
                          "borrowed_baseline": bool(self.borrowed[i]),
                          "service_us": int(table.service_ns[i]) / 1000,
                          "lat_edges_us": [round(int(e) / 1000, 1) for e in table.lat_edges_ns[i]],

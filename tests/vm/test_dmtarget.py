@@ -566,7 +566,9 @@ def test_bpf_probing(make_nullb, make_iobridge, direct_io, routing):
     tid = dmtarget.target_id(name)
     io = direct_io(f"/dev/mapper/{name}")
     routing.attach()
-    probe_after = 20_000_000
+    # 40 ms: the wait is also 32x leg 1's newest latency, which stays under
+    # the pause (100 ms) unless a read of it took over 3 ms.
+    probe_after = 40_000_000
     bursts, per_burst = 5, 40
 
     elapsed: list[int] = []
@@ -598,6 +600,38 @@ def test_bpf_probing(make_nullb, make_iobridge, direct_io, routing):
     routing.set_leg(tid, 0, penalty_ns=0, ttl_s=600, probe_after_ns=1)
     r = measure(routing, name, bursty)
     assert r.hook[1] == 0 and r.hook[0] >= n and r.stats["probes"] == 0, r
+
+
+def test_bpf_probe_waits_32x_the_legs_newest_latency(make_nullb, make_iobridge, direct_io,
+                                                      routing):
+    """A leg whose reads take 10 ms is probed at most once per 320 ms
+    (abi.PROBE_LAT_MULT x its newest latency), not once per probe_after_ns
+    (20 ms): with a pause of 100 ms before each of 8 bursts, probes every
+    probe_after_ns would be 8."""
+    slow_ns = 10_000_000
+    legs = [make_nullb(size_mb=8), make_nullb(size_mb=8, irqmode=2, completion_nsec=slow_ns)]
+    name = make_iobridge(legs)
+    tid = dmtarget.target_id(name)
+    io = direct_io(f"/dev/mapper/{name}")
+    routing.attach()
+    probe_after = 20_000_000
+    bursts, per_burst = 8, 20
+    elapsed: list[int] = []
+
+    def bursty():
+        t0 = time.monotonic_ns()
+        for b in range(bursts):
+            time.sleep(0.1)
+            io.read(per_burst, first=b * per_burst)
+        elapsed.append(time.monotonic_ns() - t0)
+
+    routing.set_leg(tid, 0, penalty_ns=0, ttl_s=600)
+    routing.set_leg(tid, 1, penalty_ns=HUGE_NS, ttl_s=600, probe_after_ns=probe_after)
+    r = measure(routing, name, bursty)
+    wait = abi.PROBE_LAT_MULT * slow_ns
+    assert r.stats["probes"] == r.hook[1] >= 1, r
+    # The first probe may come at once (leg 1 idle since before the test).
+    assert r.hook[1] <= elapsed[-1] // wait + 1 < bursts, (r, elapsed)
 
 
 def test_bpf_expired_or_silent_table_leaves_reads_to_the_default(make_nullb, make_iobridge,
@@ -642,7 +676,9 @@ def test_kernel_routing_matches_decision_route(make_nullb, make_iobridge, direct
     penalties per key make a wrong key (size or latency bucket, per-leg
     edges) or a wrong cost pick another leg; no-tie costs make the choice
     deterministic. The legs' latencies spread over the buckets by themselves
-    (two fast legs and one 20 ms leg, edges 25 us .. 64 ms)."""
+    (two fast legs and one 20 ms leg, edges 25 us .. 64 ms); the 20 ms leg's
+    edges end at 16 ms, so its reads land in the open top bucket, priced
+    beyond its top_lat_ns (17 ms) in proportion."""
     legs = [make_nullb(size_mb=8), make_nullb(size_mb=8),
             make_nullb(size_mb=8, irqmode=2, completion_nsec=20_000_000)]
     name = make_iobridge(legs)
@@ -653,12 +689,13 @@ def test_kernel_routing_matches_decision_route(make_nullb, make_iobridge, direct
     nlegs = len(legs)
     base_edges = np.array([25_000, 100_000, 400_000, 1_600_000, 6_400_000, 16_000_000,
                            64_000_000])
-    edges = np.stack([base_edges, base_edges * 2, base_edges // 2])     # per leg
+    edges = np.stack([base_edges, base_edges * 2, base_edges // 4])     # per leg
+    top_lat = np.array([0, 0, 17_000_000])
     service = np.array([100_000, 150_000, 200_000])
     # Sizes on both sides of every size-bucket boundary.
     sizes = (4096, 8192, 16384, 20480, 65536, 69632, 131072, 4096)
     compared: list[tuple] = []
-    skipped = 0
+    skipped = scaled = 0
 
     # Three tables: plain costs, the same with leg 0 failed halfway, and with
     # probing (route() and the kernel must agree on probes as well).
@@ -670,9 +707,10 @@ def test_kernel_routing_matches_decision_route(make_nullb, make_iobridge, direct
             valid=np.ones(nlegs, dtype=bool),
             p_slow=np.zeros((nlegs, abi.KEYS_PER_LEG), dtype=np.float32),
             penalty_ns=penalty, lat_edges_ns=edges, service_ns=service,
-            probe_after_ns=probe_after, computed_ns=0, valid_from_ns=0, expiry_ns=expires)
+            probe_after_ns=probe_after, computed_ns=0, valid_from_ns=0, expiry_ns=expires,
+            top_lat_ns=top_lat)
         routing.clear(tid)
-        routing.publish(tid, penalty, edges, service, probe_after, expires)
+        routing.publish(tid, penalty, edges, service, probe_after, expires, top_lat)
         hook0 = [leg.hook_routed for leg in dmtarget.status(name).legs]
         for i, nbytes in enumerate(sizes):
             if fail_leg0 and i == len(sizes) // 2:
@@ -698,8 +736,7 @@ def test_kernel_routing_matches_decision_route(make_nullb, make_iobridge, direct
             # The context carries live latencies: the timer leg's are >= 20 ms.
             assert last_lat[2] == 0 or last_lat[2] >= 20_000_000, last_lat
             assert healthy == [not (fail_leg0 and i >= len(sizes) // 2), True, True], healthy
-            costs = [(inflight[g] + 1) * int(service[g])
-                     + int(penalty[g, table.key_of(g, nbytes, inflight[g], last_lat[g])])
+            costs = [table.cost(g, nbytes, inflight[g], last_lat[g])
                      for g in range(nlegs) if healthy[g]]
             if costs.count(min(costs)) > 1:
                 skipped += 1    # an exact tie: a random choice
@@ -714,10 +751,13 @@ def test_kernel_routing_matches_decision_route(make_nullb, make_iobridge, direct
             assert delta.index(1) == want, state
             assert s1["probes"] - s0["probes"] == int(probe), state
             compared.append((want, probe))
+            scaled += healthy[2] and last_lat[2] > top_lat[2]
         if fail_leg0:
             dmtarget.message(name, "restore_leg", "0")
 
     assert len(compared) >= 16, (compared, skipped)
+    # Some choices had the 20 ms leg's penalty scaled (it had served a read).
+    assert scaled >= 1, compared
     # The comparison is not trivial: the reads went to more than one leg.
     assert len({leg for leg, _ in compared}) >= 2, compared
 

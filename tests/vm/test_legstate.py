@@ -102,10 +102,12 @@ def test_counts_are_exact_and_history_is_the_last_ios(legs, make_nullb):
     assert (s.prev_bytes[0] == 4096).all() and (s.prev_qlen[0] == 0).all()
     # The agent's lean read gives the snapshot's samples: the newest HISTORY.
     samples, done = legs.new_samples([slot], before.completed.tolist())
-    (lat, tput), = s.new_samples(before.completed)
+    (lat, tput, per_read), = s.new_samples(before.completed)
     assert done == s.completed.tolist()
     assert samples[0][0] == lat.tolist() == s.prev_lat_us[0].tolist()
     assert samples[0][1] == tput.tolist() and len(lat) == abi.HISTORY
+    # psync: nothing ahead of any of them, so a read's own latency
+    assert (s.prev_lat_qlen[0] == 0).all() and samples[0][2] == per_read.tolist() == lat.tolist()
 
 
 def test_bios_merged_into_one_request_all_complete(legs, observer, make_nullb):
@@ -142,7 +144,7 @@ def test_queue_length_history_at_iodepth_8(legs, make_nullb):
     proc = subprocess.Popen(fio_args(nullb, "randread", f"--number_ios={n}",
                                      "--ioengine=libaio", f"--iodepth={depth}"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    qlens, inflight = [], []
+    qlens, lat_qlens, inflight = [], [], []
     last_issued = None
     while proc.poll() is None:
         s = legs.read([slot])
@@ -153,6 +155,7 @@ def test_queue_length_history_at_iodepth_8(legs, make_nullb):
         issued = s.issued[0] - before.issued[0]
         if s.stable[0] and 3 <= issued and issued != last_issued:
             qlens.append(s.prev_qlen[0].copy())
+            lat_qlens.append(s.prev_lat_qlen[0].copy())
             inflight.append(s.inflight[0])
             last_issued = issued
         time.sleep(0.002)
@@ -169,6 +172,9 @@ def test_queue_length_history_at_iodepth_8(legs, make_nullb):
     # With a 1 ms device, fio keeps the queue full: most bios find others ahead.
     assert (q[:, 0] > 0).mean() > 0.5
     assert q.max() == depth - 1
+    # The same for the bios of the newest latencies (kept at completion).
+    lq = np.array(lat_qlens)
+    assert lq.max() <= depth - 1 and (lq[:, 0] > 0).mean() > 0.5, np.bincount(lq[:, 0])
 
 
 def test_reads_stay_consistent_under_concurrent_load(legs, make_nullb):
