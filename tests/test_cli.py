@@ -125,6 +125,18 @@ def test_version():
         assert declared == iobridge.__version__, "pyproject.toml and iobridge.__version__ differ"
 
 
+def test_a_reader_that_goes_away_is_no_error():
+    """`iobridge ... | head`: the pipe closes before the output is written.
+    No traceback (and no "Exception ignored" at exit), exit 141 as for a
+    writer killed by SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, "-m", "iobridge", "--version"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()         # before the interpreter has even started
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""
+
+
 def test_examples_epilog_keeps_its_lines():
     p = argparse.ArgumentParser(prog="x", description="word " * 40,
                                 **cliutil.examples(("x --a", "one"), ("x --b 2", "two")))

@@ -136,6 +136,59 @@ def test_heartbeat_goes_on_while_a_recompute_runs():
     assert wait_published(agent)
 
 
+class RecordingNotifier:
+    """Stands in for sd_notify: what the agent told systemd, in order."""
+
+    def __init__(self, watchdog_s=None):
+        self.sent, self.watchdog_s = [], watchdog_s
+
+    def __getattr__(self, name):
+        if name == "watchdog_interval_s":
+            return lambda: self.watchdog_s
+        return lambda *a: self.sent.append(name)
+
+
+def test_a_reload_checks_the_model_off_the_tick_loop(tmp_path, monkeypatch):
+    """The model check runs a test inference in a child process for up to
+    30 s: in the tick loop, the heartbeat and systemd's watchdog (10 s in
+    the unit) stopped for that long. The loop goes on ticking and pinging,
+    and the reload takes effect when the check is done."""
+    from iobridge.daemon import config
+    agent = fake_agent()
+    agent.cfg = config.Config(status_file=tmp_path / "status.json", tick_ms=20)
+    agent.notify = RecordingNotifier(watchdog_s=0.1)
+    checked = []
+
+    def slow_check(cfg):
+        time.sleep(1.0)                      # a model check under emulation
+        checked.append(time.monotonic())
+        return FixedModel([0.1]), decision.TableMaker(FixedModel([0.1]))
+
+    monkeypatch.setattr(agent, "_load_model", slow_check)
+    monkeypatch.setattr(agent, "write_status", lambda: None)     # not under test here
+    agent._reload = True                     # as SIGHUP sets it
+    t0 = time.monotonic()
+    agent.run(duration_s=1.6)
+    assert checked and agent.counters["reloads"] == 1
+    # ticks and watchdog pings went on during the check
+    pings_during = agent.notify.sent[:agent.notify.sent.index("ready", 1)].count("watchdog")
+    assert agent.counters["ticks"] >= 20 and pings_during >= 5, agent.notify.sent
+    assert agent.notify.sent[:2] == ["ready", "reloading"] and "ready" in agent.notify.sent[2:]
+    assert checked[0] - t0 >= 1.0
+
+
+def test_a_start_refused_early_stops_quietly_and_leaves_the_status_file(tmp_path, caplog):
+    """`iobridge run` as non-root: the error alone, no "agent stopped", and
+    the status file of an agent that may be running is not removed."""
+    from iobridge.daemon import config
+    status = tmp_path / "status.json"
+    status.write_text("{}")
+    agent = daemon.Agent(config.Config(status_file=status), notifier=RecordingNotifier())
+    with caplog.at_level("INFO"):
+        agent.stop()
+    assert "agent stopped" not in caplog.text and status.exists()
+
+
 def test_agent_publishes_once_baselines_exist_then_only_keeps_the_table_alive():
     agent = fake_agent()
     agent.tick()                          # no completion yet: no baseline, nothing to build

@@ -176,6 +176,8 @@ class Agent:
         self._next_check_ns = 0              # next look at the baselines (_baselines_to_build)
         self._builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recompute")
         self._pending: concurrent.futures.Future | None = None   # a recompute under way
+        self._reloading: concurrent.futures.Future | None = None  # a reload being checked
+        self._status_written = False
         self._stop = threading.Event()
         self._events: uevents.DmEvents | None = None
         self._reload = False
@@ -235,6 +237,7 @@ class Agent:
         self._stop.set()
         self.notify.stopping()
         self._builder.shutdown(wait=False, cancel_futures=True)
+        acquired = any(x is not None for x in (self.policy, self.pins, self.observer))
         if self.policy is not None:
             self.policy.detach()
             if self.policy.entries is not None:
@@ -248,11 +251,14 @@ class Agent:
         if self.observer is not None:
             self.observer.close()
             self.observer = None
-        try:
-            Path(self.cfg.status_file).unlink()
-        except OSError:
-            pass
-        log.info("agent stopped: routing left to the module default")
+        if self._status_written:      # never another agent's
+            try:
+                Path(self.cfg.status_file).unlink()
+            except OSError:
+                pass
+            self._status_written = False
+        if acquired:                  # not for a start refused before it held anything
+            log.info("agent stopped: routing left to the module default")
 
     # -- target discovery (background thread) -------------------------------
     def _discovery_loop(self) -> None:
@@ -457,10 +463,20 @@ class Agent:
     def reload(self) -> bool:
         """Re-read the config file and the model; keep both on any error."""
         self.notify.reloading()
+        return self._apply_reload(self._builder.submit(self._prepare_reload))
+
+    def _prepare_reload(self):
+        """(config, model, maker) of a reload: the model's checks run a test
+        inference in a child process (up to model.CHECK_TIMEOUT_S), off the
+        tick loop, which goes on beating the heartbeat and the watchdog."""
+        cfg = config_mod.load(self.cfg.source) if self.cfg.source else self.cfg
+        cfg = cfg.replace(**self.overrides)
+        return (cfg, *self._load_model(cfg))
+
+    def _apply_reload(self, prepared: concurrent.futures.Future) -> bool:
+        """Put a prepared reload in force (waits for it), or log why not."""
         try:
-            cfg = config_mod.load(self.cfg.source) if self.cfg.source else self.cfg
-            cfg = cfg.replace(**self.overrides)
-            model, maker = self._load_model(cfg)
+            cfg, model, maker = prepared.result()
         except IobridgeError as err:
             self.counters["reload_failures"] += 1
             log.error("reload refused, the running config and model stay in force: %s", err)
@@ -497,9 +513,13 @@ class Agent:
         self.notify.ready(f"managing {len(self._targets)} target(s)")
         next_tick = time.monotonic_ns()
         while not self._stop.is_set():
-            if self._reload:
+            if self._reload and self._reloading is None:
                 self._reload = False
-                self.reload()
+                self.notify.reloading()
+                self._reloading = self._builder.submit(self._prepare_reload)
+            if self._reloading is not None and self._reloading.done():
+                prepared, self._reloading = self._reloading, None
+                self._apply_reload(prepared)
             t0 = time.perf_counter_ns()
             try:
                 self.tick()
@@ -615,6 +635,7 @@ class Agent:
             # ~70 ms per write under emulation); `iobridge status` formats it
             tmp.write_text(json.dumps(self.status()))
             os.replace(tmp, path)
+            self._status_written = True
         except OSError as err:
             log.warning("cannot write status file %s: %s", path, err.strerror)
 
