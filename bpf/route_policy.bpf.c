@@ -14,7 +14,7 @@
  *      key  = iobridge_key_index(iobridge_size_bucket(bio_bytes),
  *                                iobridge_inflight_bucket(inflight[leg]),
  *                                iobridge_lat_bucket(lat_edge_ns,
- *                                    iobridge_key_latency(last_lat_ns[leg], last_lat_qlen[leg])))
+ *                                    iobridge_key_latency(last_lat_ns[leg], inflight[leg])))
  *      cost = (inflight[leg] + 1) * (service_ns + iobridge_key_penalty(
  *                 penalty_ns[key], top_lat_ns, latency bucket, key latency))
  *    (64-bit arithmetic; the open top bucket priced at the key latency).  The lowest cost wins; on an exact tie one of the
@@ -22,8 +22,8 @@
  *    replaces the current best with probability 1/k, bpf_get_prandom_u32).
  * 3. Probing: the first valid leg in index order with probe_after_ns != 0,
  *    nothing in flight and no completion for iobridge_probe_wait_ns(
- *    probe_after_ns, key latency) (now - last_complete_ns[leg] >= that
- *    wait: at least 32x the leg's key latency; last_complete_ns == 0
+ *    probe_after_ns, last_lat_ns[leg]) (now - last_complete_ns[leg] >= that
+ *    wait: at least 32x the leg's newest latency; last_complete_ns == 0
  *    means idle forever; a completion stamped after now is not idle) gets
  *    the read instead, unless it is already the lowest-cost choice.  It
  *    counts as routed and as a probe.
@@ -128,7 +128,7 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		if (!d || d->expires_ns <= now)
 			continue;
 		inflight = ctx->inflight[leg];
-		klat = iobridge_key_latency(ctx->last_lat_ns[leg], ctx->last_lat_qlen[leg]);
+		klat = iobridge_key_latency(ctx->last_lat_ns[leg], inflight);
 		lat_b = iobridge_lat_bucket(d->lat_edge_ns, klat);
 		key = iobridge_key_index(size_bucket, iobridge_inflight_bucket(inflight), lat_b);
 		/* Keep the bounds check visible to the verifier. */
@@ -154,7 +154,8 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		if (s->probe < 0 && d->probe_after_ns && inflight == 0) {
 			last = ctx->last_complete_ns[leg];
 			if (!last || (now >= last && now - last >=
-				      iobridge_probe_wait_ns(d->probe_after_ns, klat)))
+				      iobridge_probe_wait_ns(d->probe_after_ns,
+							     ctx->last_lat_ns[leg])))
 				s->probe = leg;
 		}
 	}

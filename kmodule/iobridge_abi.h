@@ -75,7 +75,6 @@ struct iobridge_route_ctx {
 	__u8 healthy[IOBRIDGE_MAX_LEGS];	/* 1 = may serve reads */
 	__u64 last_lat_ns[IOBRIDGE_MAX_LEGS];	/* latency of the leg's newest successful data bio, 0 = none */
 	__u64 last_complete_ns[IOBRIDGE_MAX_LEGS]; /* ktime_get_ns() of its newest completion, 0 = none */
-	__u32 last_lat_qlen[IOBRIDGE_MAX_LEGS];	/* bios ahead of that bio at submission (ABI 4) */
 };
 
 /* ------------------------------------------------------------------------
@@ -102,7 +101,7 @@ struct iobridge_route_ctx {
  * ("Feature-keyed decision table").
  *
  * Probing: a leg whose entry is valid, with no bio in flight and no
- * completion for iobridge_probe_wait_ns(probe_after_ns, its key
+ * completion for iobridge_probe_wait_ns(probe_after_ns, its newest
  * latency), gets the read (one at a time), so an avoided leg shows its
  * recovery even when the agent is slow.
  *
@@ -150,28 +149,24 @@ static inline __u32 iobridge_inflight_bucket(__u32 inflight)
 
 /*
  * The latency the key buckets: the leg's newest completion latency over
- * (the bios ahead of it when it was submitted + 1), its time per read.
- * Under a deep queue each read also waits for the ones ahead of it, which
- * the cost's in-flight term already prices: per read, a loaded but healthy
- * leg stays in the low buckets (raw, two healthy legs at QD16 flipped
- * between buckets whose penalties differ by several reads of queue, and
- * reads herded onto one leg), while a leg in a slow period stays high.
- * The queue is the one that bio met, not the one now (ABI 3 divided by the
- * bios in flight now: a leg reads had moved away from kept a latency
- * earned behind 15 others over a queue of 1, looked slow, and stayed
- * avoided; learned IOPS were 0.74x the default's at QD16 on a busy host).
+ * (bios in flight on it now + 1).  Under a deep queue each read also waits
+ * for the ones ahead of it, which the cost's in-flight term already prices:
+ * per read, a loaded but healthy leg stays in the low buckets (raw, two
+ * healthy legs at QD16 flipped between buckets whose penalties differ by
+ * several reads of queue, and reads herded onto one leg), while a leg in a
+ * slow period stays high.  With nothing in flight it is the raw latency.
  * (Also taking the time since the newest completion while bios are in
  * flight was tried: under emulation a healthy leg's completion gaps are
  * noisy, and the slow leg got more reads while slow, not fewer.)
  */
-static inline __u64 iobridge_key_latency(__u64 last_lat_ns, __u32 last_lat_qlen)
+static inline __u64 iobridge_key_latency(__u64 last_lat_ns, __u32 inflight)
 {
-	return last_lat_ns / ((__u64)last_lat_qlen + 1);
+	return last_lat_ns / ((__u64)inflight + 1);
 }
 
 /*
  * How long an avoided idle leg waits for a probe: probe_after_ns, and at
- * least IOBRIDGE_PROBE_LAT_MULT times its key latency (per read).  A probe of a
+ * least IOBRIDGE_PROBE_LAT_MULT times its newest latency.  A probe of a
  * leg still slow costs its reader about that latency; waiting that many
  * times longer keeps probes of a slow leg to about 1/32 of the time (at
  * queue depth 1 with 20 ms slow periods, probes every probe_after_ns were

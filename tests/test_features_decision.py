@@ -195,11 +195,9 @@ def test_build_is_one_batched_call_over_every_key_of_every_valid_leg():
     assert t.p_slow[0, slow_key] == pytest.approx(0.9) and t.p_slow[0, fast_key] == pytest.approx(0.01)
     assert t.key_of(0, 4096, 0, 1_200_000) == slow_key
     assert t.key_of(2, 4096, 0, 1_200_000) == abi.key_index(0, 0, 6)      # 24x 50 us
-    # The latency is taken per read: 3.5 ms of a read submitted behind 3
-    # others is 3.5 / (3 + 1) = 17.5x 50 us, whatever is in flight now.
-    assert t.key_of(2, 70_000, 3, 3_500_000, 3) == abi.key_index(3, 2, 6)
-    assert t.key_of(2, 70_000, 0, 3_500_000, 3) == abi.key_index(3, 0, 6)
-    assert t.key_of(2, 70_000, 3, 3_500_000) == abi.key_index(3, 2, abi.NUM_LAT_BUCKETS - 1)
+    # With bios in flight the latency is taken per read: 3.5 ms over 3 + 1 is 17.5x 50 us.
+    assert t.key_of(2, 70_000, 3, 3_500_000) == abi.key_index(3, 2, 6)
+    assert t.key_of(2, 70_000, 0, 3_500_000) == abi.key_index(3, 0, abi.NUM_LAT_BUCKETS - 1)
     assert t.avoided(0.5)[0, slow_key] and not t.avoided(0.5)[0, fast_key]
     with pytest.raises(ValueError):
         TableMaker(m, ttl_ns=0)
@@ -256,8 +254,7 @@ def test_route_prices_every_queued_read_of_a_slow_leg():
     t.penalty_ns[:, queued_keys] = t.penalty_ns[:, queued_keys] * 9 // 10
     hiccup, slow = 4_000_000, 20_000_000
     for queued in (1, 2, 3):
-        assert route(t, 10, 4096, [0, queued], [hiccup, slow * (queued + 1)], [1, 1],
-                     last_lat_qlen=[0, queued]) == (0, False)
+        assert route(t, 10, 4096, [0, queued], [hiccup, slow * (queued + 1)], [1, 1]) == (0, False)
     # One read at a time on each: the lower per-read estimate wins as before.
     assert route(t, 10, 4096, [0, 0], [100_000, slow], [1, 1]) == (0, False)
 
@@ -286,12 +283,9 @@ def test_route_at_depth_16_keeps_a_fast_busy_leg_over_an_idle_slow_one():
     Priced with P(slow) in full, leg 0's queue (15% each read) cost more and
     the slow leg took reads all through its slow periods (VM, QD16)."""
     t = TableMaker(QueueModel()).build(0, [BASE, BASE])
-    # leg 0's newest read waited behind 15 others
-    assert route(t, 10, 4096, [15, 0], [1_000_000, 20_000_000], [1, 1],
-                 last_lat_qlen=[15, 0]) == (0, False)
+    assert route(t, 10, 4096, [15, 0], [1_000_000, 20_000_000], [1, 1]) == (0, False)
     # both fast: the queues decide, as least in flight would
-    assert route(t, 10, 4096, [15, 0], [1_000_000, 100_000], [1, 1],
-                 last_lat_qlen=[15, 0]) == (1, False)
+    assert route(t, 10, 4096, [15, 0], [1_000_000, 100_000], [1, 1]) == (1, False)
 
 
 def test_service_per_read_is_the_low_quantile_of_latency_over_the_queue_ahead():
@@ -328,26 +322,9 @@ def test_route_at_depth_16_on_a_busy_host_keeps_the_fast_leg():
     model = QueueModel()
     slow = 21_000_000
     for inflight_slow in (0, 1, 3, 7):
-        # each leg's newest read met the queue the leg has now
         args = (4096, [15, inflight_slow], [2_000_000, slow], [1, 1])
-        kw = {"last_lat_qlen": [15, inflight_slow]}
-        assert route(TableMaker(model).build(0, [old, old]), 10, *args, **kw)[0] == 1
-        assert route(TableMaker(model).build(0, [new, new]), 10, *args, **kw) == (0, False)
-
-
-def test_route_takes_the_latency_per_read_of_the_queue_that_read_met():
-    """A leg reads moved away from: its newest read took 2 ms behind 15
-    others (125 us each, its service time), and 1 bio is in flight now.
-    Over the queue of now (ABI 3) it looked 8x slow and stayed avoided
-    (learned IOPS 0.74x the default's at QD16, busy host); over the queue
-    it met, it is as fast as it is."""
-    base = LegBaseline(2000.0, 4096 / 2000.0, 21_000.0, 125.0)
-    t = TableMaker(QueueModel()).build(0, [base, base])
-    assert t.key_of(0, 4096, 1, 2_000_000, 15) == abi.key_index(0, 1, 0)
-    assert t.key_of(0, 4096, 1, 2_000_000, 1) == abi.key_index(0, 1, 4)    # 1 ms: 8x
-    # leg 1 has 3 in flight, its newest alone and fast: leg 0 (1 in flight) wins
-    assert route(t, 10, 4096, [1, 3], [2_000_000, 125_000], [1, 1],
-                 last_lat_qlen=[15, 0]) == (0, False)
+        assert route(TableMaker(model).build(0, [old, old]), 10, *args)[0] == 1
+        assert route(TableMaker(model).build(0, [new, new]), 10, *args) == (0, False)
 
 
 def test_top_latency_bucket_is_priced_at_the_key_latency():

@@ -59,10 +59,10 @@ def inflight_bucket(inflight: int) -> int:
     return 0
 
 
-def key_latency(last_lat_ns: int, last_lat_qlen: int) -> int:
+def key_latency(last_lat_ns: int, inflight: int) -> int:
     """The latency the key buckets (iobridge_key_latency): the newest
-    completion latency over (the bios ahead of it at submission + 1)."""
-    return int(last_lat_ns) // (int(last_lat_qlen) + 1)
+    completion latency over (bios in flight + 1)."""
+    return int(last_lat_ns) // (int(inflight) + 1)
 
 
 def key_penalty(penalty_ns: int, top_lat_ns: int, lat_b: int, key_lat_ns: int) -> int:
@@ -80,7 +80,7 @@ PROBE_LAT_MULT = 32
 
 def probe_wait_ns(probe_after_ns: int, last_lat_ns: int) -> int:
     """How long an avoided idle leg waits for a probe (iobridge_probe_wait_ns):
-    probe_after_ns, and at least PROBE_LAT_MULT x its key latency."""
+    probe_after_ns, and at least PROBE_LAT_MULT x its newest latency."""
     return max(int(probe_after_ns), int(last_lat_ns) * PROBE_LAT_MULT)
 
 
@@ -119,7 +119,6 @@ class RouteCtx(ctypes.Structure):
         ("healthy", ctypes.c_uint8 * MAX_LEGS),
         ("last_lat_ns", ctypes.c_uint64 * MAX_LEGS),
         ("last_complete_ns", ctypes.c_uint64 * MAX_LEGS),
-        ("last_lat_qlen", ctypes.c_uint32 * MAX_LEGS),
     ]
 
 

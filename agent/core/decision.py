@@ -11,9 +11,9 @@ The agent daemon and the replay simulator call the same code:
 The key (kmodule/iobridge_abi.h, core/abi.py): per read and leg,
   size bucket     of the read (abi.SIZE_BUCKET_MAX_BYTES: <=4K, <=16K, <=64K, more),
   in-flight bucket of the leg's bios in flight (0, 1, 2-3, 4-7, 8-15, 16+),
-  latency bucket  of the leg's newest completion latency over (the bios
-                  ahead of it when it was submitted + 1) (abi.key_latency: a
-                  deep queue alone does not look slow), split by edges at REL_LAT_EDGES x its service
+  latency bucket  of the leg's newest completion latency over (its bios in
+                  flight + 1) (abi.key_latency: a deep queue alone does not
+                  look slow), split by edges at REL_LAT_EDGES x its service
                   time per read (LegBaseline.service_us: the low quantile of
                   latency / (bios ahead at queue time + 1), the same
                   normalisation; at queue depth 1 it is the baseline latency).
@@ -286,21 +286,18 @@ class KeyedTable:
     def __len__(self) -> int:
         return len(self.valid)
 
-    def cost(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int,
-             last_lat_qlen: int = 0) -> int:
+    def cost(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int) -> int:
         """The leg's expected completion time for this read, ns (the kernel's
         rule: (inflight + 1) x (service + the key's penalty))."""
-        lat = abi.key_latency(last_lat_ns, last_lat_qlen)
-        pen = int(self.penalty_ns[leg, self.key_of(leg, nbytes, inflight, last_lat_ns,
-                                                   last_lat_qlen)])
+        lat = abi.key_latency(last_lat_ns, inflight)
+        pen = int(self.penalty_ns[leg, self.key_of(leg, nbytes, inflight, last_lat_ns)])
         if self.top_lat_ns is not None:
             pen = abi.key_penalty(pen, int(self.top_lat_ns[leg]),
                                   abi.lat_bucket(self.lat_edges_ns[leg], lat), lat)
         return (inflight + 1) * (int(self.service_ns[leg]) + pen)
 
-    def key_of(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int,
-               last_lat_qlen: int = 0) -> int:
-        lat = abi.key_latency(last_lat_ns, last_lat_qlen)
+    def key_of(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int) -> int:
+        lat = abi.key_latency(last_lat_ns, inflight)
         return abi.key_index(abi.size_bucket(nbytes), abi.inflight_bucket(inflight),
                              abi.lat_bucket(self.lat_edges_ns[leg], lat))
 
@@ -376,13 +373,10 @@ class TableMaker:
 
 def route(table: KeyedTable | None, now_ns: int, nbytes: int, inflight: Sequence[int],
           last_lat_ns: Sequence[int], last_complete_ns: Sequence[int],
-          healthy: Sequence[bool] | None = None, rng=None,
-          last_lat_qlen: Sequence[int] | None = None) -> tuple[int, bool]:
+          healthy: Sequence[bool] | None = None, rng=None) -> tuple[int, bool]:
     """(leg, probe) for one read, or (-1, False) for the module default (see
     the module doc). `rng` (numpy Generator) breaks exact ties at random, as
-    the kernel does; without it the lowest index wins. last_lat_qlen: the
-    bios ahead of each leg's newest completion when it was submitted (None:
-    none ahead, as at queue depth 1)."""
+    the kernel does; without it the lowest index wins."""
     if table is None or not (table.valid_from_ns <= now_ns < table.expiry_ns):
         return -1, False
     best, best_cost, ties = -1, 0, 0
@@ -390,13 +384,11 @@ def route(table: KeyedTable | None, now_ns: int, nbytes: int, inflight: Sequence
     for leg in range(len(table)):
         if not table.valid[leg] or (healthy is not None and not healthy[leg]):
             continue
-        qlen = 0 if last_lat_qlen is None else last_lat_qlen[leg]
         if (probe < 0 and table.probe_after_ns and inflight[leg] == 0
                 and now_ns - last_complete_ns[leg]
-                >= abi.probe_wait_ns(table.probe_after_ns,
-                                     abi.key_latency(last_lat_ns[leg], qlen))):
+                >= abi.probe_wait_ns(table.probe_after_ns, last_lat_ns[leg])):
             probe = leg
-        cost = table.cost(leg, nbytes, inflight[leg], last_lat_ns[leg], qlen)
+        cost = table.cost(leg, nbytes, inflight[leg], last_lat_ns[leg])
         if best < 0 or cost < best_cost:
             best, best_cost, ties = leg, cost, 1
         elif cost == best_cost:

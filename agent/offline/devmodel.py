@@ -80,8 +80,7 @@ class Leg:
 
     Besides the feature history (prev_qlen / prev_lat / prev_tput, newest
     first; prev_lat_qlen: the queue at issue of the prev_lat I/Os, as the
-    kernel keeps it since ABI 4, the newest also for the decision table's
-    key), a leg keeps what the kernel keeps per leg for the decision
+    kernel keeps it since ABI 4), a leg keeps what the kernel keeps per leg for the decision
     table's key: last_lat_ns and last_complete_ns of its newest completion
     (0 = none yet) and the count of completions retired (`completed`), all
     updated by advance() as completions retire."""

@@ -237,7 +237,7 @@ class _OneKeyTable(KeyedTable):
     """A table with one key per leg (the per-I/O policies' penalty for THIS
     read), routed by the same decision.route()."""
 
-    def key_of(self, leg, nbytes, inflight, last_lat_ns, last_lat_qlen=0):
+    def key_of(self, leg, nbytes, inflight, last_lat_ns):
         return 0
 
 
@@ -275,8 +275,7 @@ class _Learned(Policy):
         self.reads += 1
         inflight = [leg.qlen for leg in legs]
         leg, probe = route(table, now, nbytes, inflight, [lg.last_lat_ns for lg in legs],
-                           [lg.last_complete_ns for lg in legs], rng=self.rng,
-                           last_lat_qlen=[lg.prev_lat_qlen[0] for lg in legs])
+                           [lg.last_complete_ns for lg in legs], rng=self.rng)
         if leg < 0:
             self.defaults += 1
             return least_inflight(inflight)
