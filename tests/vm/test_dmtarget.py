@@ -557,6 +557,18 @@ def test_bpf_inflight_rule_at_depth(make_nullb, make_iobridge, direct_io, routin
     assert total >= 1536 and r.hook[1] >= total * 0.10 and r.hook[1] < r.hook[0], r
 
 
+def burst_reads(io: DirectIO, bursts: int, per_burst: int, pause_s: float, elapsed: list):
+    """A reader for measure(): `bursts` bursts of per_burst sequential reads,
+    each after a pause of pause_s; appends the time it took (ns) to elapsed."""
+    def reads():
+        t0 = time.monotonic_ns()
+        for b in range(bursts):
+            time.sleep(pause_s)
+            io.read(per_burst, first=b * per_burst)
+        elapsed.append(time.monotonic_ns() - t0)
+    return reads
+
+
 def test_bpf_probing(make_nullb, make_iobridge, direct_io, routing):
     """An avoided leg, idle for probe_after_ns, gets the next read (a probe):
     at least one per pause longer than probe_after_ns, at most one per
@@ -572,13 +584,8 @@ def test_bpf_probing(make_nullb, make_iobridge, direct_io, routing):
     bursts, per_burst = 5, 40
 
     elapsed: list[int] = []
-
-    def bursty():
-        t0 = time.monotonic_ns()
-        for b in range(bursts):
-            time.sleep(2.5 * probe_after / 1e9)    # leg 1 idle for > probe_after
-            io.read(per_burst, first=b * per_burst)
-        elapsed.append(time.monotonic_ns() - t0)
+    # leg 1 idle for > probe_after before each burst
+    bursty = burst_reads(io, bursts, per_burst, 2.5 * probe_after / 1e9, elapsed)
 
     routing.set_leg(tid, 0, penalty_ns=0, ttl_s=600)
     routing.set_leg(tid, 1, penalty_ns=HUGE_NS, ttl_s=600, probe_after_ns=probe_after)
@@ -617,13 +624,7 @@ def test_bpf_probe_waits_32x_the_legs_newest_latency(make_nullb, make_iobridge, 
     probe_after = 20_000_000
     bursts, per_burst = 8, 20
     elapsed: list[int] = []
-
-    def bursty():
-        t0 = time.monotonic_ns()
-        for b in range(bursts):
-            time.sleep(0.1)
-            io.read(per_burst, first=b * per_burst)
-        elapsed.append(time.monotonic_ns() - t0)
+    bursty = burst_reads(io, bursts, per_burst, 0.1, elapsed)
 
     routing.set_leg(tid, 0, penalty_ns=0, ttl_s=600)
     routing.set_leg(tid, 1, penalty_ns=HUGE_NS, ttl_s=600, probe_after_ns=probe_after)
