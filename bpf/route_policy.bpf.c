@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
- * iobridge read routing policy (BCC program), ABI 4: feature-keyed table.
+ * iobridge read routing policy (BCC program), ABI 5: feature-keyed table.
  *
  * Attached as BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE to the module's
  * "iobridge_route" tracepoint.  For each read bio:
@@ -14,16 +14,17 @@
  *      key  = iobridge_key_index(iobridge_size_bucket(bio_bytes),
  *                                iobridge_inflight_bucket(inflight[leg]),
  *                                iobridge_lat_bucket(lat_edge_ns,
- *                                    iobridge_key_latency(last_lat_ns[leg], inflight[leg])))
- *      cost = (inflight[leg] + 1) * (service_ns + iobridge_key_penalty(
- *                 penalty_ns[key], top_lat_ns, latency bucket, key latency))
+ *                                    iobridge_key_latency(last_lat_ns[leg], last_lat_qlen[leg])))
+ *      cost = iobridge_leg_cost(inflight[leg], service_ns, last_lat_ns[leg], key latency,
+ *                 iobridge_key_penalty(penalty_ns[key], top_lat_ns, latency bucket,
+ *                                      key latency))
  *    (64-bit arithmetic; the open top bucket priced at the key latency).  The lowest cost wins; on an exact tie one of the
  *    tied legs uniformly at random (reservoir sampling: the k-th tied leg
  *    replaces the current best with probability 1/k, bpf_get_prandom_u32).
  * 3. Probing: the first valid leg in index order with probe_after_ns != 0,
  *    nothing in flight and no completion for iobridge_probe_wait_ns(
- *    probe_after_ns, last_lat_ns[leg]) (now - last_complete_ns[leg] >= that
- *    wait: at least 32x the leg's newest latency; last_complete_ns == 0
+ *    probe_after_ns, key latency) (now - last_complete_ns[leg] >= that
+ *    wait: at least 32x the leg's key latency; last_complete_ns == 0
  *    means idle forever; a completion stamped after now is not idle) gets
  *    the read instead, unless it is already the lowest-cost choice.  It
  *    counts as routed and as a probe.
@@ -128,17 +129,16 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		if (!d || d->expires_ns <= now)
 			continue;
 		inflight = ctx->inflight[leg];
-		klat = iobridge_key_latency(ctx->last_lat_ns[leg], inflight);
+		klat = iobridge_key_latency(ctx->last_lat_ns[leg], ctx->last_lat_qlen[leg]);
 		lat_b = iobridge_lat_bucket(d->lat_edge_ns, klat);
 		key = iobridge_key_index(size_bucket, iobridge_inflight_bucket(inflight), lat_b);
 		/* Keep the bounds check visible to the verifier. */
 		asm volatile("" : "+r"(key));
 		if (key >= IOBRIDGE_KEYS_PER_LEG)
 			continue;
-		/* Every read queued ahead costs what this one is expected to. */
-		cost = ((u64)inflight + 1) *
-		       ((u64)d->service_ns +
-			iobridge_key_penalty(d->penalty_ns[key], d->top_lat_ns, lat_b, klat));
+		cost = iobridge_leg_cost(inflight, d->service_ns, ctx->last_lat_ns[leg], klat,
+					 iobridge_key_penalty(d->penalty_ns[key], d->top_lat_ns,
+							      lat_b, klat));
 		if (s->best < 0 || cost < s->best_cost) {
 			s->best = leg;
 			s->best_cost = cost;
@@ -154,8 +154,7 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		if (s->probe < 0 && d->probe_after_ns && inflight == 0) {
 			last = ctx->last_complete_ns[leg];
 			if (!last || (now >= last && now - last >=
-				      iobridge_probe_wait_ns(d->probe_after_ns,
-							     ctx->last_lat_ns[leg])))
+				      iobridge_probe_wait_ns(d->probe_after_ns, klat)))
 				s->probe = leg;
 		}
 	}

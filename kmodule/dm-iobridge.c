@@ -66,8 +66,9 @@ struct iob_leg {
 	atomic64_t write_errors;
 	atomic64_t hook_routed;
 	atomic64_t default_routed;
-	/* Live latency state for the routing hook (ABI 3), data bios only. */
-	atomic64_t last_lat_ns;		/* newest successful bio, 0 = none */
+	/* Live latency state for the routing hook (ABI 5), data bios only. */
+	atomic64_t lat_newest;		/* newest successful bio: iob_lat_pack(), 0 = none */
+	atomic64_t lat_previous;	/* the one before it, 0 = none */
 	atomic64_t last_complete_ns;	/* newest completion (any outcome), 0 = none */
 };
 
@@ -109,6 +110,7 @@ struct iob_io {
 	u8 leg;
 	u8 tried;			/* read: legs tried so far */
 	u64 start_ns;			/* read: submitted to the current leg */
+	u32 start_qlen;			/* read: bios ahead of it on that leg then */
 	atomic_t pending;		/* write: leg clones outstanding + 1 */
 	unsigned long ok_mask;		/* write: legs that succeeded */
 	unsigned long err_mask;		/* write: legs that failed */
@@ -126,6 +128,7 @@ struct iob_wclone {
 	struct iob_io *io;
 	unsigned int leg;
 	u64 start_ns;			/* submitted to the leg */
+	u32 start_qlen;			/* bios ahead of it on the leg then */
 	struct bio bio;			/* must be last (bioset front_pad) */
 };
 
@@ -194,21 +197,57 @@ static inline bool iob_leg_readable(struct iob_leg *leg)
 	return !test_bit(IOB_LEG_FAILED, &leg->state);
 }
 
+/* Count a bio in flight on @leg; returns how many were ahead of it. */
+static inline u32 iob_leg_submitting(struct iob_leg *leg)
+{
+	return (u32)(atomic_inc_return(&leg->inflight) - 1);
+}
+
 /*
- * A data bio submitted to @leg at @start_ns completed: keep the newest
- * completion time and, if it succeeded, its latency (at least 1: 0 means
- * none), for the routing hook, then drop the leg's in-flight count.
+ * A completion's latency and the bios ahead of it at submission, in one
+ * 64-bit word so the hook reads them as a pair: latency in the high 48
+ * bits (at least 1, so 0 means none; saturating at ~78 hours), the queue in
+ * the low 16 (saturating at 65535).
+ */
+#define IOB_LAT_QLEN_BITS	16
+#define IOB_LAT_MAX		((1ULL << (64 - IOB_LAT_QLEN_BITS)) - 1)
+
+static inline u64 iob_lat_pack(u64 lat_ns, u32 qlen)
+{
+	lat_ns = clamp_t(u64, lat_ns, 1, IOB_LAT_MAX);
+	return lat_ns << IOB_LAT_QLEN_BITS | min_t(u32, qlen, U16_MAX);
+}
+
+static inline u64 iob_lat_of(u64 packed)
+{
+	return packed >> IOB_LAT_QLEN_BITS;
+}
+
+static inline u32 iob_qlen_of(u64 packed)
+{
+	return packed & U16_MAX;
+}
+
+/*
+ * A data bio submitted to @leg at @start_ns behind @start_qlen others
+ * completed: keep the newest completion time and, if it succeeded, its
+ * latency and queue as the newest (the one before becomes the previous),
+ * for the routing hook, then drop the leg's in-flight count.
  * Lock-free: concurrent completions may interleave, the last store wins.
  * The stores are ordered before the decrement (paired with the smp_rmb()
  * in iob_hook()), so the hook never sees the leg idle with the completion
  * time of an older bio, which would let it probe a leg that just answered.
  */
-static inline void iob_leg_completed(struct iob_leg *leg, u64 start_ns, bool ok)
+static inline void iob_leg_completed(struct iob_leg *leg, u64 start_ns, u32 start_qlen,
+				     bool ok)
 {
 	u64 now = ktime_get_ns();
 
 	if (ok)
-		atomic64_set(&leg->last_lat_ns, now > start_ns ? now - start_ns : 1);
+		atomic64_set(&leg->lat_previous,
+			     atomic64_xchg(&leg->lat_newest,
+					   iob_lat_pack(now > start_ns ? now - start_ns : 1,
+							start_qlen)));
 	atomic64_set(&leg->last_complete_ns, now);
 	smp_mb__before_atomic();
 	atomic_dec(&leg->inflight);
@@ -324,7 +363,14 @@ static int iob_hook(struct iob_c *ic, sector_t sector, unsigned int bytes,
 	}
 	smp_rmb();	/* pairs with iob_leg_completed() */
 	for (i = 0; i < ic->nr_legs; i++) {
-		ctx.last_lat_ns[i] = atomic64_read(&ic->legs[i].last_lat_ns);
+		u64 lat = atomic64_read(&ic->legs[i].lat_newest);
+		u64 prev = atomic64_read(&ic->legs[i].lat_previous);
+
+		if (iobridge_use_previous(iob_lat_of(lat), iob_qlen_of(lat),
+					  iob_lat_of(prev), iob_qlen_of(prev)))
+			lat = prev;
+		ctx.last_lat_ns[i] = iob_lat_of(lat);
+		ctx.last_lat_qlen[i] = iob_qlen_of(lat);
 		ctx.last_complete_ns[i] = atomic64_read(&ic->legs[i].last_complete_ns);
 	}
 
@@ -375,7 +421,7 @@ static int iob_map_read(struct iob_c *ic, struct iob_io *io, struct bio *bio)
 	io->remaining = atomic_read(&bio->__bi_remaining);
 	io->end_io = bio->bi_end_io;
 
-	atomic_inc(&leg->inflight);
+	io->start_qlen = iob_leg_submitting(leg);
 	atomic64_inc(&leg->reads);
 	io->start_ns = ktime_get_ns();
 	return DM_MAPIO_REMAPPED;
@@ -410,7 +456,7 @@ static void iob_write_endio(struct bio *clone)
 	struct iob_io *io = wc->io;
 	struct iob_leg *leg = &io->ic->legs[wc->leg];
 
-	iob_leg_completed(leg, wc->start_ns, !clone->bi_status);
+	iob_leg_completed(leg, wc->start_ns, wc->start_qlen, !clone->bi_status);
 	if (clone->bi_status) {
 		atomic64_inc(&leg->write_errors);
 		WRITE_ONCE(io->status, clone->bi_status);
@@ -454,7 +500,7 @@ static int iob_map_write(struct iob_c *ic, struct iob_io *io, struct bio *bio)
 		clone->bi_end_io = iob_write_endio;
 		clone->bi_private = wc;
 		atomic_inc(&io->pending);
-		atomic_inc(&leg->inflight);
+		wc->start_qlen = iob_leg_submitting(leg);
 		atomic64_inc(&leg->writes);
 		sent++;
 		wc->start_ns = ktime_get_ns();
@@ -520,7 +566,7 @@ static void iob_retry_work(struct work_struct *w)
 	bio->bi_status = BLK_STS_OK;
 	bio_set_dev(bio, leg->dev->bdev);
 
-	atomic_inc(&leg->inflight);
+	io->start_qlen = iob_leg_submitting(leg);
 	atomic64_inc(&leg->reads);
 	atomic64_inc(&leg->default_routed);
 	atomic64_inc(&ic->retries);
@@ -555,7 +601,7 @@ static int iob_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *error
 	}
 
 	/* Read (first try or retry): timed, and leaves the leg's in-flight count. */
-	iob_leg_completed(leg, io->start_ns, !*error);
+	iob_leg_completed(leg, io->start_ns, io->start_qlen, !*error);
 	if (!*error)
 		return DM_ENDIO_DONE;
 	if (*error == BLK_STS_AGAIN && (bio->bi_opf & REQ_NOWAIT))

@@ -17,7 +17,7 @@
 
 #include <linux/types.h>
 
-#define IOBRIDGE_ABI_VERSION		4
+#define IOBRIDGE_ABI_VERSION		5
 
 /* ------------------------------------------------------------------------
  * Limits
@@ -73,8 +73,12 @@ struct iobridge_route_ctx {
 	__s32 chosen_leg;			/* in: -1; out: leg or -1 */
 	__u32 inflight[IOBRIDGE_MAX_LEGS];	/* bios in flight per leg */
 	__u8 healthy[IOBRIDGE_MAX_LEGS];	/* 1 = may serve reads */
-	__u64 last_lat_ns[IOBRIDGE_MAX_LEGS];	/* latency of the leg's newest successful data bio, 0 = none */
+	/* The leg's recent latency: of its two newest successful data bios, the
+	 * one iobridge_use_previous() picks (0 = none yet), and the bios that
+	 * were ahead of that one at submission (ABI 5). */
+	__u64 last_lat_ns[IOBRIDGE_MAX_LEGS];
 	__u64 last_complete_ns[IOBRIDGE_MAX_LEGS]; /* ktime_get_ns() of its newest completion, 0 = none */
+	__u32 last_lat_qlen[IOBRIDGE_MAX_LEGS];
 };
 
 /* ------------------------------------------------------------------------
@@ -91,7 +95,8 @@ struct iobridge_route_ctx {
  *
  * and the leg's expected completion time
  *
- *   cost = (inflight + 1) * (service_ns + iobridge_key_penalty(penalty_ns[key], ...))
+ *   cost = iobridge_leg_cost(inflight, service_ns, newest latency, key latency,
+ *                            iobridge_key_penalty(penalty_ns[key], ...))
  *
  * and sends the read to the leg with the lowest cost (exact ties: a random
  * one of them).  penalty_ns is what the agent precomputed for the key from
@@ -101,7 +106,7 @@ struct iobridge_route_ctx {
  * ("Feature-keyed decision table").
  *
  * Probing: a leg whose entry is valid, with no bio in flight and no
- * completion for iobridge_probe_wait_ns(probe_after_ns, its newest
+ * completion for iobridge_probe_wait_ns(probe_after_ns, its key
  * latency), gets the read (one at a time), so an avoided leg shows its
  * recovery even when the agent is slow.
  *
@@ -149,24 +154,48 @@ static inline __u32 iobridge_inflight_bucket(__u32 inflight)
 
 /*
  * The latency the key buckets: the leg's newest completion latency over
- * (bios in flight on it now + 1).  Under a deep queue each read also waits
- * for the ones ahead of it, which the cost's in-flight term already prices:
- * per read, a loaded but healthy leg stays in the low buckets (raw, two
- * healthy legs at QD16 flipped between buckets whose penalties differ by
- * several reads of queue, and reads herded onto one leg), while a leg in a
- * slow period stays high.  With nothing in flight it is the raw latency.
+ * (the bios ahead of it when it was submitted + 1), its time per read.
+ * Under a deep queue each read also waits for the ones ahead of it, which
+ * the cost's in-flight term already prices: per read, a loaded but healthy
+ * leg stays in the low buckets (raw, two healthy legs at QD16 flipped
+ * between buckets whose penalties differ by several reads of queue, and
+ * reads herded onto one leg), while a leg in a slow period stays high.
+ * The queue is the one that bio met, not the one now (ABI 3 divided by the
+ * bios in flight now: a leg reads had moved away from kept a latency
+ * earned behind 15 others over a queue of 1, looked slow, and stayed
+ * avoided; learned IOPS were 0.74x the default's at QD16 on a busy host).
  * (Also taking the time since the newest completion while bios are in
  * flight was tried: under emulation a healthy leg's completion gaps are
  * noisy, and the slow leg got more reads while slow, not fewer.)
  */
-static inline __u64 iobridge_key_latency(__u64 last_lat_ns, __u32 inflight)
+static inline __u64 iobridge_key_latency(__u64 last_lat_ns, __u32 last_lat_qlen)
 {
-	return last_lat_ns / ((__u64)inflight + 1);
+	return last_lat_ns / ((__u64)last_lat_qlen + 1);
+}
+
+/*
+ * Which of a leg's two newest successful reads stands for its recent
+ * latency (since ABI 5): the one with the lower latency per read
+ * (latency / (bios ahead + 1), compared without dividing); the newest
+ * while there is no previous one (prev_lat_ns == 0).  One read the host
+ * delayed (an emulator stall) no longer makes a healthy leg look slow
+ * until its probe, 32x the stall later, with every read meanwhile on the
+ * other leg even in its slow period (1 ms legs at queue depth 1: 90 reads
+ * on the slow leg while slow, VM); a leg turning slow is seen at its second
+ * slow read.  Latencies below 2^48 ns and queues below 2^16 (the module
+ * saturates both) keep the products in 64 bits.
+ */
+static inline int iobridge_use_previous(__u64 newest_lat_ns, __u32 newest_qlen,
+					__u64 prev_lat_ns, __u32 prev_qlen)
+{
+	if (!prev_lat_ns)
+		return 0;
+	return prev_lat_ns * ((__u64)newest_qlen + 1) < newest_lat_ns * ((__u64)prev_qlen + 1);
 }
 
 /*
  * How long an avoided idle leg waits for a probe: probe_after_ns, and at
- * least IOBRIDGE_PROBE_LAT_MULT times its newest latency.  A probe of a
+ * least IOBRIDGE_PROBE_LAT_MULT times its key latency (per read).  A probe of a
  * leg still slow costs its reader about that latency; waiting that many
  * times longer keeps probes of a slow leg to about 1/32 of the time (at
  * queue depth 1 with 20 ms slow periods, probes every probe_after_ns were
@@ -179,6 +208,41 @@ static inline __u64 iobridge_probe_wait_ns(__u64 probe_after_ns, __u64 last_lat_
 	__u64 w = last_lat_ns * IOBRIDGE_PROBE_LAT_MULT;
 
 	return w > probe_after_ns ? w : probe_after_ns;
+}
+
+/*
+ * A leg's expected completion time for one more read (since ABI 5): no
+ * sooner than the reads queued ahead and this one drain, each taking the
+ * leg's time per read now (its key latency, at least the typical service
+ * time), and no sooner than its newest read took (a leg whose slow period
+ * delays every read by itself, as dm-delay or a network hop does, is as
+ * slow with one read as with eight: per read over a queue of 7, a 20 ms
+ * leg looked like 2.5 ms); plus the key's penalty once (the risk that this
+ * read meets a slow period, priced at a slow read).
+ * - The queue at the live time per read: a leg in a slow period costs its
+ *   slow time per read queued on it, so it does not take every read while
+ *   another leg's newest read is a host stall (with the penalty alone, a
+ *   leg idle after one read the host delayed cost as much as the slow leg
+ *   with 3 reads queued, and the slow leg took every read until a probe:
+ *   46-75 reads in 2 s, VM).
+ * - The penalty once, not per read queued: at queue depth 16 the shipped
+ *   model gives a healthy leg 1.5-4x its per-read time (a busy host's
+ *   jitter) a penalty of 6-10 ms; times the queue (ABI 4) that cost more
+ *   than an idle leg in a 20 ms slow period, which got the reads (VM, a
+ *   host core busy: 1.2% of reads on the slow leg, p99 1.3x the default's).
+ * Latencies are capped at 2^31 ns, so the product stays in 64 bits.
+ */
+static inline __u64 iobridge_leg_cost(__u32 inflight, __u32 service_ns, __u64 last_lat_ns,
+				      __u64 key_lat_ns, __u64 penalty_ns)
+{
+	__u64 per_read = key_lat_ns > (1ULL << 31) ? (1ULL << 31) : key_lat_ns;
+	__u64 newest = last_lat_ns > (1ULL << 31) ? (1ULL << 31) : last_lat_ns;
+	__u64 queue;
+
+	if (per_read < service_ns)
+		per_read = service_ns;
+	queue = ((__u64)inflight + 1) * per_read;
+	return (queue > newest ? queue : newest) + penalty_ns;
 }
 
 /* The number of edges at or below lat_ns (edges ascending). */

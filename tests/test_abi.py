@@ -34,6 +34,26 @@ PENALTY_CASES = (
     (4_000_000_000, 1000, TOP, 1 << 40),    # capped: latency at 2**31, result at the max
     (3, 7, TOP, 1 << 31),
 )
+def _calls(kind: str, fn: str, cases, suffixes, fmt: str = "%llu",
+           cast: str = "(unsigned long long)") -> list[str]:
+    """C lines printing `kind <case args joined by _> <fn(case)>` per case
+    (suffixes: the C literal suffix of each argument)."""
+    out = []
+    for case in cases:
+        args = "_".join(str(v) for v in case)
+        call = ", ".join(f"{v}{s}" for v, s in zip(case, suffixes))
+        out.append(f'printf("{kind} {args} {fmt}\\n", {cast}{fn}({call}));')
+    return out
+
+
+# (newest latency, its queue, previous latency, its queue)
+USE_PREVIOUS_CASES = ((1000, 0, 0, 0), (50_000_000, 0, 1_100_000, 0), (1_100_000, 0, 50_000_000, 0),
+                      (2000, 1, 1000, 0), (2000, 0, 2000, 1), (1000, 0, 1000, 0),
+                      ((1 << 48) - 1, 65535, (1 << 48) - 2, 65535))
+# (in flight, service, newest latency, key latency, penalty)
+LEG_COST_CASES = ((0, 100, 50, 50, 1000), (0, 100, 300, 300, 1000), (15, 100, 4800, 300, 1000),
+                  (0, 100, 20_000_000, 2_500_000, 0), (3, 100, 20_000_000, 20_000_000, 0),
+                  (0, 0, 0, 0, 0), (2**32 - 1, 2**32 - 1, 1 << 40, 1 << 40, 2**32 - 1))
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +86,17 @@ def c_layout(tmp_path_factory):
     for n in (0, 99, 100, 101, 399, 400, 6399, 6400, 1 << 40):
         lines.append(f'printf("lat {n} %u\\n", iobridge_lat_bucket(edges, {n}ull));')
     # (last latency, in flight)
-    for case in ((0, 0), (999, 0), (1000, 1), (20_000_000, 3), (1 << 40, 15)):
-        args = "_".join(str(v) for v in case)
-        lines.append(f'printf("keylat {args} %llu\\n", (unsigned long long)'
-                     f'iobridge_key_latency({case[0]}ull, {case[1]}u));')
+    lines += _calls("keylat", "iobridge_key_latency",
+                    ((0, 0), (999, 0), (1000, 1), (20_000_000, 3), (1 << 40, 15)), ("ull", "u"))
     # (penalty, top_lat, lat bucket, key latency)
-    for case in PENALTY_CASES:
-        args = "_".join(str(v) for v in case)
-        lines.append(f'printf("keypen {args} %llu\\n", (unsigned long long)'
-                     f'iobridge_key_penalty({case[0]}u, {case[1]}u, {case[2]}u, {case[3]}ull));')
+    lines += _calls("keypen", "iobridge_key_penalty", PENALTY_CASES, ("u", "u", "u", "ull"))
     # (probe_after, last latency)
-    for case in ((200_000_000, 0), (200_000_000, 1_000_000), (200_000_000, 20_000_000), (0, 5)):
-        args = "_".join(str(v) for v in case)
-        lines.append(f'printf("probewait {args} %llu\\n", (unsigned long long)'
-                     f'iobridge_probe_wait_ns({case[0]}ull, {case[1]}ull));')
+    lines += _calls("probewait", "iobridge_probe_wait_ns",
+                    ((200_000_000, 0), (200_000_000, 1_000_000), (200_000_000, 20_000_000), (0, 5)),
+                    ("ull", "ull"))
+    lines += _calls("useprev", "iobridge_use_previous", USE_PREVIOUS_CASES,
+                    ("ull", "u", "ull", "u"), fmt="%d", cast="")
+    lines += _calls("legcost", "iobridge_leg_cost", LEG_COST_CASES, ("u", "u", "ull", "ull", "ull"))
     lines.append('printf("key 3 5 7 %u\\n", iobridge_key_index(3, 5, 7));')
     lines.append('printf("key 1 2 3 %u\\n", iobridge_key_index(1, 2, 3));')
     lines.append("return 0; }")
@@ -136,10 +153,28 @@ def test_key_rules_match_header(c_layout):
         if kind == "keypen":
             pen, top, lat_b, lat = (int(v) for v in key.split("_"))
             assert abi.key_penalty(pen, top, lat_b, lat) == vals[0], key
+        if kind == "useprev":
+            assert int(abi.use_previous(*(int(v) for v in key.split("_")))) == vals[0], key
+        if kind == "legcost":
+            n, service, newest, lat, pen = (int(v) for v in key.split("_"))
+            assert abi.leg_cost(n, service, newest, lat, pen) == vals[0], key
         if kind == "probewait":
             after, lat = (int(v) for v in key.split("_"))
             assert abi.probe_wait_ns(after, lat) == vals[0], key
     assert sum(kind == "keypen" for kind, _ in c_layout) == len(PENALTY_CASES)
+    assert sum(kind == "legcost" for kind, _ in c_layout) == len(LEG_COST_CASES)
+    assert sum(kind == "useprev" for kind, _ in c_layout) == len(USE_PREVIOUS_CASES)
+    # a 50 ms stall after a 1.1 ms read: the 1.1 ms one; the other way round, the newest
+    assert c_layout[("useprev", "50000000_0_1100000_0")] == [1]
+    assert c_layout[("useprev", "1100000_0_50000000_0")] == [0]
+    assert c_layout[("useprev", "1000_0_0_0")] == [0]           # no previous yet
+    # Per read: the key latency, at least the service time; no less than the
+    # newest latency; the penalty once.
+    assert c_layout[("legcost", "0_100_50_50_1000")] == [1100]
+    assert c_layout[("legcost", "15_100_4800_300_1000")] == [16 * 300 + 1000]
+    assert c_layout[("legcost", "0_100_20000000_2500000_0")] == [20_000_000]
+    assert c_layout[("legcost", f"{2**32 - 1}_{2**32 - 1}_{1 << 40}_{1 << 40}_{2**32 - 1}")] == [
+        2**32 * (2**32 - 1) + 2**32 - 1]
     assert c_layout[("keypen", f"1000_6000000_{TOP}_20000000")] == [1000 * 20 // 6]
     assert c_layout[("keypen", f"4000000000_1000_{TOP}_{1 << 40}")] == [abi.PENALTY_MAX_NS]
     # "key 3 5 7 N": key "3", values [5, 7, N].

@@ -130,8 +130,11 @@ def test_slow_read_cost_is_the_median_of_several_slow_reads():
 BASE = LegBaseline(lat_us=100.0, tput=40.0, slow_lat_us=2000.0)
 
 
-def test_key_rows_cover_every_key_with_its_representatives():
-    x = D.key_rows(BASE)
+@pytest.mark.parametrize("base", [BASE, LegBaseline(400.0, 10.0, 4000.0, 100.0)])
+def test_key_rows_cover_every_key_with_its_representatives(base):
+    x = D.key_rows(base)
+    ratio = D.per_read_ratio(base)
+    assert ratio == base.service_us / base.lat_us
     assert x.shape == (abi.KEYS_PER_LEG, F.NUM_FEATURES) and x.dtype == np.float32
     assert (x[:, F.COL_IO_TYPE] == 0).all()
     for sb in range(abi.NUM_SIZE_BUCKETS):
@@ -144,11 +147,14 @@ def test_key_rows_cover_every_key_with_its_representatives():
                 assert r[F.COL_QLEN] == D.INFLIGHT_REP[fb]
                 assert abi.inflight_bucket(int(r[F.COL_QLEN])) == fb
                 assert (r[F.COLS_PREV_QLEN] == D.INFLIGHT_REP[fb]).all()
-                assert np.allclose(r[F.COLS_PREV_LAT], D.LAT_REP_REL[lb])
-                # the representative's absolute latency falls in its own bucket
-                lat_ns = int(D.LAT_REP_REL[lb] * BASE.lat_us * 1000)
-                assert abi.lat_bucket(D.lat_edges_ns(BASE), lat_ns) == lb
-                tput_rel = size / (D.LAT_REP_REL[lb] * BASE.lat_us) / BASE.tput
+                # the representative per read, back in the model's unit: x the
+                # service time x (the queue + 1), over the baseline latency
+                lat_rel = D.LAT_REP_REL[lb] * ratio * (D.INFLIGHT_REP[fb] + 1)
+                assert np.allclose(r[F.COLS_PREV_LAT], lat_rel)
+                # the representative's latency per read falls in its own bucket
+                lat_ns = int(D.LAT_REP_REL[lb] * base.service_us * 1000)
+                assert abi.lat_bucket(D.lat_edges_ns(base), lat_ns) == lb
+                tput_rel = size / (lat_rel * base.lat_us) / base.tput
                 assert np.allclose(r[F.COLS_PREV_TPUT], tput_rel, rtol=1e-5)
 
 
@@ -195,9 +201,11 @@ def test_build_is_one_batched_call_over_every_key_of_every_valid_leg():
     assert t.p_slow[0, slow_key] == pytest.approx(0.9) and t.p_slow[0, fast_key] == pytest.approx(0.01)
     assert t.key_of(0, 4096, 0, 1_200_000) == slow_key
     assert t.key_of(2, 4096, 0, 1_200_000) == abi.key_index(0, 0, 6)      # 24x 50 us
-    # With bios in flight the latency is taken per read: 3.5 ms over 3 + 1 is 17.5x 50 us.
-    assert t.key_of(2, 70_000, 3, 3_500_000) == abi.key_index(3, 2, 6)
-    assert t.key_of(2, 70_000, 0, 3_500_000) == abi.key_index(3, 0, abi.NUM_LAT_BUCKETS - 1)
+    # The latency is taken per read: 3.5 ms of a read submitted behind 3
+    # others is 3.5 / (3 + 1) = 17.5x 50 us, whatever is in flight now.
+    assert t.key_of(2, 70_000, 3, 3_500_000, 3) == abi.key_index(3, 2, 6)
+    assert t.key_of(2, 70_000, 0, 3_500_000, 3) == abi.key_index(3, 0, 6)
+    assert t.key_of(2, 70_000, 3, 3_500_000) == abi.key_index(3, 2, abi.NUM_LAT_BUCKETS - 1)
     assert t.avoided(0.5)[0, slow_key] and not t.avoided(0.5)[0, fast_key]
     with pytest.raises(ValueError):
         TableMaker(m, ttl_ns=0)
@@ -254,7 +262,8 @@ def test_route_prices_every_queued_read_of_a_slow_leg():
     t.penalty_ns[:, queued_keys] = t.penalty_ns[:, queued_keys] * 9 // 10
     hiccup, slow = 4_000_000, 20_000_000
     for queued in (1, 2, 3):
-        assert route(t, 10, 4096, [0, queued], [hiccup, slow * (queued + 1)], [1, 1]) == (0, False)
+        assert route(t, 10, 4096, [0, queued], [hiccup, slow * (queued + 1)], [1, 1],
+                     last_lat_qlen=[0, queued]) == (0, False)
     # One read at a time on each: the lower per-read estimate wins as before.
     assert route(t, 10, 4096, [0, 0], [100_000, slow], [1, 1]) == (0, False)
 
@@ -270,7 +279,9 @@ class QueueModel:
 
 
 def test_latency_risk_is_p_slow_over_the_same_key_with_a_fast_latency():
-    p = QueueModel().p_slow(D.key_rows(BASE))
+    # service time 1/12 of the baseline latency: at 8-15 reads in flight
+    # (representative 11) a row's latency is its representative
+    p = QueueModel().p_slow(D.key_rows(LegBaseline(1200.0, 4096 / 1200.0, 12_000.0, 100.0)))
     risk = D.latency_risk(p)
     fast_lat = D._KEY_LAT == 0                                 # noqa: SLF001
     assert (risk[fast_lat] == 0).all() and (risk >= 0).all()
@@ -283,9 +294,12 @@ def test_route_at_depth_16_keeps_a_fast_busy_leg_over_an_idle_slow_one():
     Priced with P(slow) in full, leg 0's queue (15% each read) cost more and
     the slow leg took reads all through its slow periods (VM, QD16)."""
     t = TableMaker(QueueModel()).build(0, [BASE, BASE])
-    assert route(t, 10, 4096, [15, 0], [1_000_000, 20_000_000], [1, 1]) == (0, False)
+    # leg 0's newest read waited behind 15 others
+    assert route(t, 10, 4096, [15, 0], [1_000_000, 20_000_000], [1, 1],
+                 last_lat_qlen=[15, 0]) == (0, False)
     # both fast: the queues decide, as least in flight would
-    assert route(t, 10, 4096, [15, 0], [1_000_000, 100_000], [1, 1]) == (1, False)
+    assert route(t, 10, 4096, [15, 0], [1_000_000, 100_000], [1, 1],
+                 last_lat_qlen=[15, 0]) == (1, False)
 
 
 def test_service_per_read_is_the_low_quantile_of_latency_over_the_queue_ahead():
@@ -322,9 +336,67 @@ def test_route_at_depth_16_on_a_busy_host_keeps_the_fast_leg():
     model = QueueModel()
     slow = 21_000_000
     for inflight_slow in (0, 1, 3, 7):
+        # each leg's newest read met the queue the leg has now
         args = (4096, [15, inflight_slow], [2_000_000, slow], [1, 1])
-        assert route(TableMaker(model).build(0, [old, old]), 10, *args)[0] == 1
-        assert route(TableMaker(model).build(0, [new, new]), 10, *args) == (0, False)
+        kw = {"last_lat_qlen": [15, inflight_slow]}
+        assert route(TableMaker(model).build(0, [new, new]), 10, *args, **kw) == (0, False)
+    # With the baseline latency as the service time, the slow leg with 7 reads
+    # queued still looks cheaper than the fast leg's 16 (2.6 ms x 8 < 2 ms x 16).
+    old_args = (4096, [15, 7], [2_000_000, slow], [1, 1])
+    assert route(TableMaker(model).build(0, [old, old]), 10, *old_args,
+                 last_lat_qlen=[15, 7]) == (1, False)
+
+
+def test_route_takes_the_latency_per_read_of_the_queue_that_read_met():
+    """A leg reads moved away from: its newest read took 2 ms behind 15
+    others (125 us each, its service time), and 1 bio is in flight now.
+    Over the queue of now (ABI 3) it looked 8x slow and stayed avoided
+    (learned IOPS 0.74x the default's at QD16, busy host); over the queue
+    it met, it is as fast as it is."""
+    base = LegBaseline(2000.0, 4096 / 2000.0, 21_000.0, 125.0)
+    t = TableMaker(QueueModel()).build(0, [base, base])
+    assert t.key_of(0, 4096, 1, 2_000_000, 15) == abi.key_index(0, 1, 0)
+    assert t.key_of(0, 4096, 1, 2_000_000, 1) == abi.key_index(0, 1, 4)    # 1 ms: 8x
+    # leg 1 has 15 in flight, its newest 2.4 ms behind 15 (150 us per read):
+    # leg 0 (1 in flight, its newest 2 ms) wins
+    assert route(t, 10, 4096, [1, 15], [2_000_000, 2_400_000], [1, 1],
+                 last_lat_qlen=[15, 15]) == (0, False)
+
+
+def test_route_at_depth_16_prices_a_jittery_fast_leg_below_an_idle_slow_one():
+    """A busy host at queue depth 16: the fast leg's newest read took 1.6x
+    or 2.6x its time per read (jitter), which the shipped model prices at
+    5.7 and 9.5 ms; the slow leg is idle, its newest read took 20 ms behind
+    7 others (2.5 ms per read, penalty 1.8 ms). Times the fast leg's 16 reads
+    (ABI 4) the penalty cost more than the slow leg, which got 1.2% of the
+    reads (VM, a host core busy); counted once, and with the slow leg no
+    cheaper than its newest read, the fast leg keeps the reads."""
+    base = LegBaseline(2000.0, 4096 / 2000.0, 21_000.0, 250.0)
+    t = TableMaker(QueueModel()).build(0, [base, base])
+    t.penalty_ns[0, abi.key_index(0, 4, 1)] = 5_700_000        # the shipped model's figures
+    t.penalty_ns[0, abi.key_index(0, 4, 2)] = 9_500_000
+    t.penalty_ns[1, abi.key_index(0, 0, 5)] = 1_800_000
+    for per_read, lat_b in ((400_000, 1), (650_000, 2)):
+        assert t.key_of(0, 4096, 15, per_read * 16, 15) == abi.key_index(0, 4, lat_b)
+        assert t.key_of(1, 4096, 0, 20_000_000, 7) == abi.key_index(0, 0, 5)
+        assert route(t, 10, 4096, [15, 0], [per_read * 16, 20_000_000], [1, 1],
+                     last_lat_qlen=[15, 7]) == (0, False)
+        # ABI 4's rule: every queued read paid the penalty
+        old = [(n + 1) * (250_000 + int(t.penalty_ns[leg, t.key_of(leg, 4096, n, lat, q)]))
+               for leg, n, lat, q in ((0, 15, per_read * 16, 15), (1, 0, 20_000_000, 7))]
+        assert old[0] > old[1]
+
+
+def test_route_prices_every_read_queued_on_a_leg_at_its_time_per_read_now():
+    """A slow leg's queue costs its slow time per read: one host stall on
+    the other leg (idle, newest read 30 ms) moves one read to the slow leg,
+    not every read."""
+    t = _table([BASE, BASE])
+    stall, slow = 30_000_000, 20_000_000
+    costs = [t.cost(1, 4096, n, slow, 0) for n in range(4)]
+    assert all(b - a >= slow for a, b in zip(costs, costs[1:]))
+    assert route(t, 10, 4096, [0, 0], [stall, slow], [1, 1]) == (1, False)
+    assert route(t, 10, 4096, [0, 1], [stall, slow], [1, 1]) == (0, False)
 
 
 def test_top_latency_bucket_is_priced_at_the_key_latency():
@@ -338,11 +410,11 @@ def test_top_latency_bucket_is_priced_at_the_key_latency():
     assert t.top_lat_ns.tolist() == [round(64 * 75.0 * 1000)] * 2
     top_key = abi.key_index(0, 0, abi.NUM_LAT_BUCKETS - 1)
     pen = int(t.penalty_ns[1, top_key])
-    assert t.cost(1, 4096, 0, 20_000_000) == 75_000 + pen * 20_000_000 // t.top_lat_ns[1]
-    assert t.cost(1, 4096, 0, int(t.top_lat_ns[1])) == 75_000 + pen
-    # leg 0 with 3 reads in flight, newest 4 ms (a host stall: 13x per read);
-    # leg 1 idle after 20 ms
-    args = (4096, [3, 0], [4_000_000, 20_000_000], [1, 1])
+    assert t.cost(1, 4096, 0, 20_000_000) == 20_000_000 + pen * 20_000_000 // t.top_lat_ns[1]
+    assert t.cost(1, 4096, 0, int(t.top_lat_ns[1])) == t.top_lat_ns[1] + pen
+    # leg 0 with 1 read in flight, newest 12 ms (a host stall); leg 1 idle
+    # after 20 ms
+    args = (4096, [1, 0], [12_000_000, 20_000_000], [1, 1])
     assert route(t, 10, *args) == (0, False)
     assert route(replace(t, top_lat_ns=None), 10, *args) == (1, False)     # unscaled
 
@@ -428,7 +500,9 @@ def test_device_model_queueing_busy_periods_and_newest_completion():
     assert leg.completed == 2 and leg.last_complete_ns == svc and leg.last_lat_ns == svc
     leg.advance(10_000_000)
     assert leg.qlen == 0 and leg.state()[2][0] == pytest.approx(2 * svc / 1000)
-    assert leg.completed == 3 and leg.last_complete_ns == 2 * svc and leg.last_lat_ns == 2 * svc
+    assert leg.completed == 3 and leg.last_complete_ns == 2 * svc
+    # of the two newest (2 svc behind 2, svc behind 1) the lower per read
+    assert leg.recent == [(2 * svc, 2), (svc, 1)] and (leg.last_lat_ns, leg.last_lat_qlen) == (svc, 1)
     leg.submit(10_000_000, 1_000_000, True)    # 1 MB written: GC for 5 ms
     d, _ = leg.submit(10_000_001, 4096, False)
     assert d == 15_000_000 + svc               # read waited for the busy period
@@ -451,7 +525,7 @@ def test_offline_features_match_the_simulators_online_state():
         def choose(self, now, nbytes, legs):
             leg = super().choose(now, nbytes, legs)
             lg = legs[leg]
-            seen.append((now, leg, lg.state(), lg.last_lat_ns, lg.completed))
+            seen.append((now, leg, lg.state(), lg.recent[0][0], lg.completed))
             return leg
 
     rec = simulate(tr, 2, Spy(), params, seed=1, record=True).records

@@ -36,6 +36,7 @@ class FakeLeg:
         self.prev_lat = [0.0] * 4
         self.prev_tput = [0.0] * 4
         self.last_lat_ns = 0
+        self.last_lat_qlen = 0
         self.last_complete_ns = 0
         self.completed = 0
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 
 # Bump together with IOBRIDGE_ABI_VERSION in kmodule/iobridge_abi.h.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 MAX_LEGS = 8
 MAX_TARGETS = 64
@@ -59,10 +59,19 @@ def inflight_bucket(inflight: int) -> int:
     return 0
 
 
-def key_latency(last_lat_ns: int, inflight: int) -> int:
+def key_latency(last_lat_ns: int, last_lat_qlen: int) -> int:
     """The latency the key buckets (iobridge_key_latency): the newest
-    completion latency over (bios in flight + 1)."""
-    return int(last_lat_ns) // (int(inflight) + 1)
+    completion latency over (the bios ahead of it at submission + 1)."""
+    return int(last_lat_ns) // (int(last_lat_qlen) + 1)
+
+
+def use_previous(newest_lat_ns: int, newest_qlen: int, prev_lat_ns: int, prev_qlen: int) -> bool:
+    """Which of a leg's two newest reads stands for its recent latency
+    (iobridge_use_previous): the previous one when its latency per read is
+    lower; the newest while there is no previous (0)."""
+    if not prev_lat_ns:
+        return False
+    return int(prev_lat_ns) * (int(newest_qlen) + 1) < int(newest_lat_ns) * (int(prev_qlen) + 1)
 
 
 def key_penalty(penalty_ns: int, top_lat_ns: int, lat_b: int, key_lat_ns: int) -> int:
@@ -75,12 +84,23 @@ def key_penalty(penalty_ns: int, top_lat_ns: int, lat_b: int, key_lat_ns: int) -
                PENALTY_MAX_NS)
 
 
+def leg_cost(inflight: int, service_ns: int, last_lat_ns: int, key_lat_ns: int,
+             penalty_ns: int) -> int:
+    """A leg's expected completion time for one more read (iobridge_leg_cost):
+    the larger of (inflight + 1) x its time per read now (the key latency, at
+    least service_ns) and its newest latency (each capped at 2**31 ns), plus
+    the key's penalty once."""
+    per_read = max(min(int(key_lat_ns), 1 << 31), int(service_ns))
+    newest = min(int(last_lat_ns), 1 << 31)
+    return max((int(inflight) + 1) * per_read, newest) + int(penalty_ns)
+
+
 PROBE_LAT_MULT = 32
 
 
 def probe_wait_ns(probe_after_ns: int, last_lat_ns: int) -> int:
     """How long an avoided idle leg waits for a probe (iobridge_probe_wait_ns):
-    probe_after_ns, and at least PROBE_LAT_MULT x its newest latency."""
+    probe_after_ns, and at least PROBE_LAT_MULT x its key latency."""
     return max(int(probe_after_ns), int(last_lat_ns) * PROBE_LAT_MULT)
 
 
@@ -119,6 +139,7 @@ class RouteCtx(ctypes.Structure):
         ("healthy", ctypes.c_uint8 * MAX_LEGS),
         ("last_lat_ns", ctypes.c_uint64 * MAX_LEGS),
         ("last_complete_ns", ctypes.c_uint64 * MAX_LEGS),
+        ("last_lat_qlen", ctypes.c_uint32 * MAX_LEGS),
     ]
 
 

@@ -11,49 +11,55 @@ The agent daemon and the replay simulator call the same code:
 The key (kmodule/iobridge_abi.h, core/abi.py): per read and leg,
   size bucket     of the read (abi.SIZE_BUCKET_MAX_BYTES: <=4K, <=16K, <=64K, more),
   in-flight bucket of the leg's bios in flight (0, 1, 2-3, 4-7, 8-15, 16+),
-  latency bucket  of the leg's newest completion latency over (its bios in
-                  flight + 1) (abi.key_latency: a deep queue alone does not
-                  look slow), split by edges at REL_LAT_EDGES x its service
+  latency bucket  of the leg's recent latency (of its two newest reads, the
+                  lower per read: abi.use_previous) over (the bios
+                  ahead of it when it was submitted + 1) (abi.key_latency: a
+                  deep queue alone does not look slow), split by edges at REL_LAT_EDGES x its service
                   time per read (LegBaseline.service_us: the low quantile of
                   latency / (bios ahead at queue time + 1), the same
                   normalisation; at queue depth 1 it is the baseline latency).
 The edges sit where the model's inputs matter: below 1.5x baseline a read
 is plainly fast; the labels of the shipped model call a period slow from
 about 10-20x; 32x and more is deep inside a slow period. The model's rows
-put the bucket's representative at that many times the baseline latency:
-exact at queue depth 1, and at a deep queue the latency the key divides by
-the queue it has.
+put the bucket's representative back in the model's unit: that many times
+the service time, times (the in-flight representative + 1), over the
+baseline latency (key_rows).
 
 build() runs the model at most ONCE (one batched ONNX call), over every key
 of every leg whose rows it has not evaluated yet. A row is a read of the
 bucket's representative size (BUCKET_SIZE_BYTES) on a leg whose current
 and previous queue lengths are the in-flight bucket's representative
 (INFLIGHT_REP) and whose last three latencies are the latency bucket's
-representative (LAT_REP_REL x baseline, a steady state), with throughputs
-derived from them; the rows depend on the baselines only through
-bytes_per_read (key_rows), so P(slow) is kept per point of that grid. The baselines (features.BaselineTracker)
+representative (a steady state), with throughputs derived from them; the
+rows depend on the baselines only through bytes_per_read and
+per_read_ratio (key_rows), so P(slow) is kept per point of that grid
+(grid_point). The baselines (features.BaselineTracker)
 are the slow-moving inputs; the fast ones are in the key, so the table
 stays right between recomputes.
 
 route() is the reference semantics of bpf/route_policy.bpf.c for one read:
 for each healthy leg with a valid table, the expected completion time
 
-    cost = (inflight + 1) * (service_ns + penalty_ns[key])
+    cost = max((inflight + 1) * max(service_ns, key latency), newest latency)
+           + penalty_ns[key]
 
-(in the open top latency bucket the penalty grows with the key latency
-beyond the latency it was priced at: abi.key_penalty), where service_ns is the leg's service time per read and penalty_ns = the
-latency's risk (latency_risk: P(slow | key) over P(slow) at the same key
-with a fast newest latency) x (what a slow read costs on the leg -
-service_ns): each read queued
-ahead costs what this one is expected to (in a slow period every read is
-slow, not only the next). With the penalty outside the product, a leg idle
-after one read delayed by the host (its newest latency as high as a slow
-leg's) cost as much as the slow leg with 3 reads queued, and the slow leg
-got every read until the idle leg's probe (46-75 reads in 2 s, VM). The lowest cost
+(abi.leg_cost; in the open top latency bucket the penalty grows with the
+key latency beyond the latency it was priced at: abi.key_penalty), where
+service_ns is the leg's typical service time per read, the key latency its
+time per read now (the newest read's latency over the queue it met), and
+penalty_ns = the latency's risk (latency_risk: P(slow | key) over P(slow)
+at the same key with a fast newest latency) x (what a slow read costs on
+the leg - service_ns). Every read queued ahead costs the leg's time per
+read now: with the penalty alone, a leg idle after one read delayed by the
+host (its newest latency as high as a slow leg's) cost as much as the slow
+leg with 3 reads queued, and the slow leg got every read until the idle
+leg's probe (46-75 reads in 2 s, VM). The penalty counts once: times the
+queue, a healthy leg's jitter at queue depth 16 (a penalty of 6-10 ms from
+the shipped model) cost more than an idle leg in a slow period. The lowest cost
 wins (exact ties: a random one). A leg with no bio in flight and no
 completion for probe_after_ns is probed instead (one read), so an avoided
 leg shows its recovery without the agent (abi.probe_wait_ns: the wait is
-at least 32x the leg's newest latency, so a leg still slow costs little in
+at least 32x the leg's key latency, so a leg still slow costs little in
 probes). With no valid table (agent
 stopped or stalled past the expiry) route() returns -1: the module's
 built-in default (least in flight) decides.
@@ -92,6 +98,9 @@ SLOW_READ_REL = 8.0
 # kept: a leg that gets faster or slower needs new edges and penalties, not
 # a new inference (under emulation on a loaded host one took 0.3-0.7 s).
 BYTES_GRID_STEPS = 16
+# ... and of the leg's service time over its baseline latency
+# (per_read_ratio), 8 points per octave (9% apart).
+RATIO_GRID_STEPS = 8
 MAX_CACHED_POINTS = 64
 SLOW_READ_MIN_COUNT = 8
 SLOW_LAT_FLOOR_REL = 10.0
@@ -206,20 +215,54 @@ def bytes_grid_point(nbytes: float) -> float:
     return float(2.0 ** (round(np.log2(nbytes) * BYTES_GRID_STEPS) / BYTES_GRID_STEPS))
 
 
-def key_rows(base: LegBaseline | float) -> np.ndarray:
-    """Model inputs [KEYS_PER_LEG, NUM_FEATURES] for every key of one leg
-    (a LegBaseline, or its bytes_per_read() directly).
+def per_read_ratio(base: LegBaseline) -> float:
+    """The leg's service time per read over its baseline latency (1 at queue
+    depth 1; at a deep queue each read's latency counts the queue ahead)."""
+    return min(base.service_us / base.lat_us, 1.0) if base.lat_us > 0 else 1.0
 
-    Every input is relative to the baseline except the throughput ratio,
-    size / (lat_rel x baseline latency) / baseline throughput, which needs
-    only the product of the two baselines: so a leg's rows, and what the
-    model says about them, change when that product does, not when the
-    leg merely gets faster or slower."""
-    nbytes = bytes_per_read(base) if isinstance(base, LegBaseline) else float(base)
+
+def ratio_grid_point(ratio: float) -> float:
+    """per_read_ratio() rounded to its grid (RATIO_GRID_STEPS per octave)."""
+    if ratio <= 0:
+        return 1.0
+    return float(min(2.0 ** (round(np.log2(ratio) * RATIO_GRID_STEPS) / RATIO_GRID_STEPS), 1.0))
+
+
+def grid_point(base: LegBaseline) -> tuple[float, float]:
+    """The point of the grid the model is evaluated on for this leg."""
+    return bytes_grid_point(bytes_per_read(base)), ratio_grid_point(per_read_ratio(base))
+
+
+def key_rows(base: LegBaseline | tuple[float, float] | float) -> np.ndarray:
+    """Model inputs [KEYS_PER_LEG, NUM_FEATURES] for every key of one leg
+    (a LegBaseline; or its grid_point(); or its bytes_per_read(), with a
+    service time equal to the baseline latency).
+
+    A key's latency is per read: the newest read's latency over (the bios
+    ahead of it + 1), bucketed in units of the service time per read. The
+    model's latency inputs are raw latencies relative to the baseline
+    latency, so a row's latency is the bucket's representative x the
+    service time x (the in-flight representative + 1), over the baseline
+    latency (per_read_ratio x that). (Before, rows put it at the
+    representative x the baseline latency: at queue depth 4, where the
+    service time is half the baseline latency, an idle leg's ordinary read
+    read as twice the baseline to the model, cost 4 reads of penalty, and
+    the other leg took 85% of the reads, VM.) Every input is relative to the
+    baseline except the throughput ratio, size / (row latency x baseline
+    latency) / baseline throughput, which needs only the product of the two
+    baselines: so a leg's rows, and what the model says about them, change
+    when that product or the ratio does, not when the leg merely gets faster
+    or slower."""
+    if isinstance(base, LegBaseline):
+        nbytes, ratio = bytes_per_read(base), per_read_ratio(base)
+    elif isinstance(base, tuple):
+        nbytes, ratio = base
+    else:
+        nbytes, ratio = float(base), 1.0
     x = np.zeros((abi.KEYS_PER_LEG, F.NUM_FEATURES), dtype=np.float32)
     size = np.array(BUCKET_SIZE_BYTES, dtype=np.float64)[_KEY_SIZE]
     qlen = np.array(INFLIGHT_REP, dtype=np.float64)[_KEY_INFLIGHT]
-    lat_rel = np.array(LAT_REP_REL)[_KEY_LAT]
+    lat_rel = np.array(LAT_REP_REL)[_KEY_LAT] * ratio * (qlen + 1)
     # throughput of such a read, over the leg's baseline throughput
     tput_rel = F.relative(size / lat_rel, nbytes)
     x[:, F.COL_IO_TYPE] = 0.0
@@ -286,18 +329,22 @@ class KeyedTable:
     def __len__(self) -> int:
         return len(self.valid)
 
-    def cost(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int) -> int:
+    def cost(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int,
+             last_lat_qlen: int = 0) -> int:
         """The leg's expected completion time for this read, ns (the kernel's
-        rule: (inflight + 1) x (service + the key's penalty))."""
-        lat = abi.key_latency(last_lat_ns, inflight)
-        pen = int(self.penalty_ns[leg, self.key_of(leg, nbytes, inflight, last_lat_ns)])
+        rule, abi.leg_cost: (inflight + 1) x its time per read now + the
+        key's penalty)."""
+        lat = abi.key_latency(last_lat_ns, last_lat_qlen)
+        pen = int(self.penalty_ns[leg, self.key_of(leg, nbytes, inflight, last_lat_ns,
+                                                   last_lat_qlen)])
         if self.top_lat_ns is not None:
             pen = abi.key_penalty(pen, int(self.top_lat_ns[leg]),
                                   abi.lat_bucket(self.lat_edges_ns[leg], lat), lat)
-        return (inflight + 1) * (int(self.service_ns[leg]) + pen)
+        return abi.leg_cost(inflight, int(self.service_ns[leg]), last_lat_ns, lat, pen)
 
-    def key_of(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int) -> int:
-        lat = abi.key_latency(last_lat_ns, inflight)
+    def key_of(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int,
+               last_lat_qlen: int = 0) -> int:
+        lat = abi.key_latency(last_lat_ns, last_lat_qlen)
         return abi.key_index(abi.size_bucket(nbytes), abi.inflight_bucket(inflight),
                              abi.lat_bucket(self.lat_edges_ns[leg], lat))
 
@@ -324,11 +371,11 @@ class TableMaker:
         self.threshold = float(model.threshold if threshold is None else threshold)
         self.probe_after_ns = int(probe_after_ns)
         self.calls = 0              # batched inferences run
-        # P(slow) per key, by bytes_grid_point: the model is run only for a
+        # P(slow) per key, by grid_point: the model is run only for a
         # point not seen yet (a new model gets a new TableMaker).
-        self._p_slow: dict[float, np.ndarray] = {}
+        self._p_slow: dict[tuple[float, float], np.ndarray] = {}
 
-    def _infer(self, points: Sequence[float]) -> None:
+    def _infer(self, points: Sequence[tuple[float, float]]) -> None:
         """Run the model once over every key of the points not cached yet."""
         todo = list(dict.fromkeys(pt for pt in points if pt not in self._p_slow))
         if not todo:
@@ -354,7 +401,7 @@ class TableMaker:
         top = np.zeros(n, dtype=np.int64)
         idx = np.flatnonzero(valid)
         if len(idx):
-            points = [bytes_grid_point(bytes_per_read(baselines[i])) for i in idx]
+            points = [grid_point(baselines[i]) for i in idx]
             self._infer(points)
             p[idx] = np.stack([self._p_slow[point] for point in points])
             # All legs at once (numpy over [legs, keys]): per leg, this was
@@ -373,10 +420,13 @@ class TableMaker:
 
 def route(table: KeyedTable | None, now_ns: int, nbytes: int, inflight: Sequence[int],
           last_lat_ns: Sequence[int], last_complete_ns: Sequence[int],
-          healthy: Sequence[bool] | None = None, rng=None) -> tuple[int, bool]:
+          healthy: Sequence[bool] | None = None, rng=None,
+          last_lat_qlen: Sequence[int] | None = None) -> tuple[int, bool]:
     """(leg, probe) for one read, or (-1, False) for the module default (see
     the module doc). `rng` (numpy Generator) breaks exact ties at random, as
-    the kernel does; without it the lowest index wins."""
+    the kernel does; without it the lowest index wins. last_lat_qlen: the
+    bios ahead of each leg's newest completion when it was submitted (None:
+    none ahead, as at queue depth 1)."""
     if table is None or not (table.valid_from_ns <= now_ns < table.expiry_ns):
         return -1, False
     best, best_cost, ties = -1, 0, 0
@@ -384,11 +434,13 @@ def route(table: KeyedTable | None, now_ns: int, nbytes: int, inflight: Sequence
     for leg in range(len(table)):
         if not table.valid[leg] or (healthy is not None and not healthy[leg]):
             continue
+        qlen = 0 if last_lat_qlen is None else last_lat_qlen[leg]
         if (probe < 0 and table.probe_after_ns and inflight[leg] == 0
                 and now_ns - last_complete_ns[leg]
-                >= abi.probe_wait_ns(table.probe_after_ns, last_lat_ns[leg])):
+                >= abi.probe_wait_ns(table.probe_after_ns,
+                                     abi.key_latency(last_lat_ns[leg], qlen))):
             probe = leg
-        cost = table.cost(leg, nbytes, inflight[leg], last_lat_ns[leg])
+        cost = table.cost(leg, nbytes, inflight[leg], last_lat_ns[leg], qlen)
         if best < 0 or cost < best_cost:
             best, best_cost, ties = leg, cost, 1
         elif cost == best_cost:

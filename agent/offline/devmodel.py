@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..core import abi
+
 
 @dataclass(frozen=True)
 class DeviceParams:
@@ -81,7 +83,8 @@ class Leg:
     Besides the feature history (prev_qlen / prev_lat / prev_tput, newest
     first; prev_lat_qlen: the queue at issue of the prev_lat I/Os, as the
     kernel keeps it since ABI 4), a leg keeps what the kernel keeps per leg for the decision
-    table's key: last_lat_ns and last_complete_ns of its newest completion
+    table's key: last_lat_ns and last_lat_qlen (of its two newest completions,
+    the one abi.use_previous picks), last_complete_ns of its newest completion
     (0 = none yet) and the count of completions retired (`completed`), all
     updated by advance() as completions retire."""
 
@@ -100,9 +103,10 @@ class Leg:
         self.prev_lat_qlen: deque = deque([0] * KEEP, maxlen=KEEP)
         self.prev_lat: deque = deque([0.0] * KEEP, maxlen=KEEP)
         self.prev_tput: deque = deque([0.0] * KEEP, maxlen=KEEP)
-        # what the kernel keeps per leg for the decision table's key
-        self.last_lat_ns = 0          # latency of the newest completion
-        self.last_complete_ns = 0     # its completion time (0 = none yet)
+        # what the kernel keeps per leg for the decision table's key: the two
+        # newest completions' (latency ns, queue at issue), newest first
+        self.recent: list[tuple[int, int]] = [(0, 0), (0, 0)]
+        self.last_complete_ns = 0     # the newest completion's time (0 = none yet)
         self.completed = 0            # completions retired so far
         self.written = 0.0
         self.busy: list[tuple[int, int]] = []          # recent busy periods
@@ -140,10 +144,24 @@ class Leg:
             self.prev_lat.appendleft(lat)
             self.prev_lat_qlen.appendleft(q)
             self.prev_tput.appendleft(tput)
-            self.last_lat_ns = lat_ns
+            self.recent = [(lat_ns, q), self.recent[0]]
             self.last_complete_ns = done
             self.completed += 1
         self.now = now
+
+    def _recent(self) -> tuple[int, int]:
+        """(latency ns, queue at issue) the kernel hands the routing for
+        this leg: of the two newest completions, abi.use_previous's pick."""
+        (lat, q), (plat, pq) = self.recent
+        return (plat, pq) if abi.use_previous(lat, q, plat, pq) else (lat, q)
+
+    @property
+    def last_lat_ns(self) -> int:
+        return self._recent()[0]
+
+    @property
+    def last_lat_qlen(self) -> int:
+        return self._recent()[1]
 
     @property
     def qlen(self) -> int:

@@ -30,7 +30,8 @@ advanced to `now_ns`.
 The learned policies share one routing rule, decision.route()'s (the
 kernel program's): per leg the expected completion time
 
-    cost = (inflight + 1) * (service_ns + penalty_ns)
+    cost = max((inflight + 1) * max(service_ns, key latency), newest latency)
+           + penalty_ns   (abi.leg_cost)
 
 lowest cost wins (exact ties at random, seeded), and an idle leg with no
 completion for probe_after_ns gets the read as a probe; no usable state
@@ -237,7 +238,7 @@ class _OneKeyTable(KeyedTable):
     """A table with one key per leg (the per-I/O policies' penalty for THIS
     read), routed by the same decision.route()."""
 
-    def key_of(self, leg, nbytes, inflight, last_lat_ns):
+    def key_of(self, leg, nbytes, inflight, last_lat_ns, last_lat_qlen=0):
         return 0
 
 
@@ -275,7 +276,8 @@ class _Learned(Policy):
         self.reads += 1
         inflight = [leg.qlen for leg in legs]
         leg, probe = route(table, now, nbytes, inflight, [lg.last_lat_ns for lg in legs],
-                           [lg.last_complete_ns for lg in legs], rng=self.rng)
+                           [lg.last_complete_ns for lg in legs], rng=self.rng,
+                           last_lat_qlen=[lg.last_lat_qlen for lg in legs])
         if leg < 0:
             self.defaults += 1
             return least_inflight(inflight)

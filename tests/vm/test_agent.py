@@ -8,9 +8,9 @@ one agent (the module-scoped `comparison` fixture).
 
 The comparisons' margins are chosen to hold on a machine twice as slow, or
 with a busy host core, and to fail for a learned policy that does nothing:
-such a policy routes like the module default, so its p99 and its reads on
-the slow leg while slow come out at about 1x the default's, not under the
-bounds below.
+such a policy routes like the module default, so its reads on the slow leg
+while slow (and its p99 at queue depth 1) come out at about 1x the
+default's, not under the bounds below.
 """
 
 from __future__ import annotations
@@ -46,11 +46,12 @@ COMPARE_RUNTIME_S = 10
 COMPARE_SEED = 11
 COMPARE_PLAN = (("fast", 1), ("fast", 16), ("slowdev", 1))
 # Bounds, learned against the module default, same seeded slow periods.
-# At QD16 the p99 ratio was 0.67 and 0.84 in two quiet runs of the same
-# code under emulation (the tail there is mostly queueing): its bound only
-# says "not worse", and the slow-leg reads (0.03-0.23x the default's there)
-# carry the proof that the table acts.
-P99_BOUND = {1: 0.6, 16: 0.95}        # learned p99 under this x the default's
+# At QD16 the p99 bound only says "not worse", and the slow-leg reads carry
+# the proof that the table acts: with a host core busy the learned run's
+# slow-leg reads were 0.13% of its reads (default 3.4%), yet its p99 was
+# 0.96x the default's (34.3 against 35.9 ms), above the 20 ms slow reads:
+# that tail is host stalls, which both runs meet (quiet: 0.34-0.48x).
+P99_BOUND = {1: 0.6, 16: 1.0}         # learned p99 under this x the default's
 SLOW_READS_BOUND = 0.5                # share of the reads while slow that the slow leg served
 MIN_ROUTED_FRACTION = 0.95            # reads the table routed while the agent ran (after warm-up)
 

@@ -494,9 +494,12 @@ def test_bpf_routing_follows_live_latency(make_nullb, make_dm_delay, make_iobrid
     name = make_iobridge([make_nullb(size_mb=8), delay])
     tid = dmtarget.target_id(name)
     io = direct_io(f"/dev/mapper/{name}")
+    # A service time of 1 s, above either leg's latency: the per-read term
+    # ties (the cost rule takes the larger of the two), only the penalty
+    # of the latency bucket tells the legs apart.
     for leg in (0, 1):
         routing.set_leg(tid, leg, penalty_ns=by_lat([0] + [HUGE_NS] * 7), ttl_s=600,
-                        lat_edges_ns=[edge_ns] + [MAX_EDGE] * 6)
+                        lat_edges_ns=[edge_ns] + [MAX_EDGE] * 6, service_ns=1_000_000_000)
     routing.attach()
     routing.attach(b"iobridge_test_peek")
 
@@ -505,17 +508,19 @@ def test_bpf_routing_follows_live_latency(make_nullb, make_dm_delay, make_iobrid
     r = measure(routing, name, lambda: io.read(200))
     assert min(r.hook) >= 20 and sum(r.hook) >= 200, r
 
-    # Leg 1 slow: one write gives it its newest latency (>= 600 ms, bucket 1):
-    # reads avoid it. Leg 0 crossing the edge itself (a TCG stall of 200 ms)
-    # would make one tie, hence the margin of a few reads.
+    # Leg 1 slow: two writes give it two slow latencies (>= 600 ms, bucket 1;
+    # the routing takes the lower per read of a leg's two newest): reads
+    # avoid it. Leg 0 crossing the edge itself (two TCG stalls of 200 ms in
+    # a row) would make one tie, hence the margin of a few reads.
     set_delay(slow_ms)
     io.write(1)
+    io.write(3)
     r = measure(routing, name, lambda: io.read(100))
     ctx = peek_ctx(routing)
     assert ctx.last_lat_ns[1] >= slow_ms * 1_000_000 * 0.9, (r, list(ctx.last_lat_ns[:2]))
     assert r.hook[1] <= 3 and r.hook[0] >= 97, (r, list(ctx.last_lat_ns[:2]))
 
-    # Leg 1 fast again: one write refreshes its latency and it serves reads again.
+    # Leg 1 fast again: one fast write is enough (the lower of its two newest).
     set_delay(0)
     io.write(2)
     r = measure(routing, name, lambda: io.read(200))
@@ -733,18 +738,20 @@ def test_kernel_routing_matches_decision_route(make_nullb, make_iobridge, direct
             inflight = list(ctx.inflight[:nlegs])
             last_lat = list(ctx.last_lat_ns[:nlegs])
             last_done = list(ctx.last_complete_ns[:nlegs])
+            last_qlen = list(ctx.last_lat_qlen[:nlegs])
             healthy = [bool(h) for h in ctx.healthy[:nlegs]]
             # The context carries live latencies: the timer leg's are >= 20 ms.
             assert last_lat[2] == 0 or last_lat[2] >= 20_000_000, last_lat
             assert healthy == [not (fail_leg0 and i >= len(sizes) // 2), True, True], healthy
-            costs = [table.cost(g, nbytes, inflight[g], last_lat[g])
+            costs = [table.cost(g, nbytes, inflight[g], last_lat[g], last_qlen[g])
                      for g in range(nlegs) if healthy[g]]
             if costs.count(min(costs)) > 1:
                 skipped += 1    # an exact tie: a random choice
                 continue
             want, probe = decision.route(table, ctx.now_ns, nbytes, inflight, last_lat,
-                                         last_done, healthy=healthy)
+                                         last_done, healthy=healthy, last_lat_qlen=last_qlen)
             state = dict(seed=seed, nbytes=nbytes, inflight=inflight, last_lat=last_lat,
+                         last_qlen=last_qlen,
                          since_done=[ctx.now_ns - d for d in last_done], healthy=healthy,
                          costs=costs, route=(want, probe), kernel=delta,
                          probes=s1["probes"] - s0["probes"])
@@ -759,8 +766,25 @@ def test_kernel_routing_matches_decision_route(make_nullb, make_iobridge, direct
     assert len(compared) >= 16, (compared, skipped)
     # Some choices had the 20 ms leg's penalty scaled (it had served a read).
     assert scaled >= 1, compared
+
     # The comparison is not trivial: the reads went to more than one leg.
     assert len({leg for leg, _ in compared}) >= 2, compared
+
+
+def test_hook_context_has_the_queue_each_legs_newest_read_met(make_nullb, make_iobridge, routing):
+    """last_lat_qlen: the bios ahead of each leg's newest completed read when
+    the module submitted it: with 8 in flight over two 1 ms legs (the
+    module default spreads them), some, never 8 or more. (One read at a
+    time gives 0: test_kernel_routing_matches_decision_route.)"""
+    legs = [make_nullb(size_mb=8, irqmode=2, completion_nsec=1_000_000) for _ in range(2)]
+    name = make_iobridge(legs)
+    routing.attach(b"iobridge_test_peek")
+    qlens = []
+    for _ in range(3):
+        fio("--name=qd8", f"--filename=/dev/mapper/{name}", "--direct=1", "--ioengine=libaio",
+            "--iodepth=8", "--rw=randread", "--bs=4k", "--io_size=1M", "--randrepeat=0")
+        qlens.append(max(peek_ctx(routing).last_lat_qlen[:2]))
+    assert 0 < max(qlens) < 8, qlens
 
 
 def test_invalid_choice_from_program_is_ignored(make_nullb, make_iobridge, routing):
