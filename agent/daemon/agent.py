@@ -153,6 +153,7 @@ class Agent:
         self.legmap = None
         self.policy = None
         self.pins = None
+        self.metrics = None                  # metrics.MetricsServer while serving
         self.times = PhaseTimes()
         self.counters = {"ticks": 0, "overruns": 0, "recomputes": 0, "decision_changes": 0,
                          "tick_errors": 0, "reloads": 0, "reload_failures": 0,
@@ -205,6 +206,12 @@ class Agent:
         log.info("model %s (threshold %.4f, sha256 %s)", cfg.model, self.maker.threshold,
                  self.model.sha256[:12])
         self._targets = discover(cfg.targets)  # first listing in line: errors stop the start
+        if cfg.metrics_listen:
+            # Before anything is attached: a port in use stops the start clean.
+            from .metrics import MetricsServer  # noqa: PLC0415
+            server = MetricsServer(cfg.metrics_listen)
+            server.start(self)
+            self.metrics = server
         self.notify.status("compiling BPF programs")
         self.observer = BlockObserver(probe="auto").open()
         self.legmap = self.observer.leg_features()
@@ -238,6 +245,9 @@ class Agent:
         self.notify.stopping()
         self._builder.shutdown(wait=False, cancel_futures=True)
         acquired = any(x is not None for x in (self.policy, self.pins, self.observer))
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self.policy is not None:
             self.policy.detach()
             if self.policy.entries is not None:
@@ -482,9 +492,11 @@ class Agent:
             log.error("reload refused, the running config and model stay in force: %s", err)
             self.notify.ready(f"reload refused: {err}")
             return False
-        if cfg.shadow != self.cfg.shadow or cfg.pin_dir != self.cfg.pin_dir:
-            log.warning("shadow and pin_dir take effect at restart only")
-            cfg = dataclasses.replace(cfg, shadow=self.cfg.shadow, pin_dir=self.cfg.pin_dir)
+        if (cfg.shadow, cfg.pin_dir, cfg.metrics_listen) != (
+                self.cfg.shadow, self.cfg.pin_dir, self.cfg.metrics_listen):
+            log.warning("shadow, pin_dir and metrics_listen take effect at restart only")
+            cfg = dataclasses.replace(cfg, shadow=self.cfg.shadow, pin_dir=self.cfg.pin_dir,
+                                      metrics_listen=self.cfg.metrics_listen)
         self.cfg, self.model, self.maker = cfg, model, maker
         self._dirty = True            # the new model (or probing, expiry) fills the table
         self._pending = None          # a recompute with the old model is dropped
@@ -550,6 +562,17 @@ class Agent:
                     next_tick = time.monotonic_ns()   # far behind: don't burst to catch up
 
     # -- status -------------------------------------------------------------------
+    def target_statuses(self) -> list[tuple[str, dmtarget.TargetStatus]]:
+        """(name, module status) of each target now managed (by ioctl; a
+        target removed since the listing is left out). For the metrics."""
+        out = []
+        for t in self._targets:
+            try:
+                out.append((t.name, dmtarget.status(t.name)))
+            except IobridgeError:
+                continue
+        return out
+
     def status(self) -> dict:
         now = clock.now_ns()
         table = self._table
@@ -647,7 +670,8 @@ class Agent:
 def cmd_run(args) -> int:
     overrides = {"model": Path(args.model).resolve() if args.model else None,
                  "tick_ms": args.tick_ms, "shadow": True if args.shadow else None,
-                 "status_file": Path(args.status_file) if args.status_file else None}
+                 "status_file": Path(args.status_file) if args.status_file else None,
+                 "metrics_listen": args.metrics_listen}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = config_mod.load(args.config).replace(**overrides)
     if args.verbose == 0:
@@ -834,6 +858,17 @@ def cmd_status(args) -> int:
     return STATUS_RUNNING if st["agent_alive"] else STATUS_NOT_RUNNING
 
 
+def _metrics_listen(text: str) -> str:
+    """argparse type of --metrics-listen: a usage error naming the problem."""
+    import argparse  # noqa: PLC0415
+    from .metrics import parse_listen  # noqa: PLC0415
+    try:
+        parse_listen(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def register_cli(sub) -> None:
     p = sub.add_parser("run", help="run the admission agent (foreground; systemd Type=notify)",
                        description="Load the observer and routing programs; keep each leg's "
@@ -849,6 +884,8 @@ def register_cli(sub) -> None:
                            ("sudo iobridge -v run --shadow", "decide and log, publish nothing"),
                            ("sudo iobridge run --model m.onnx --duration 60",
                             "another model, for one minute"),
+                           ("sudo iobridge run --metrics-listen 127.0.0.1:9464",
+                            "with Prometheus metrics at http://127.0.0.1:9464/metrics"),
                            ("sudo systemctl reload iobridge", "SIGHUP: reload config and model")))
     p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults; "
                                                "keys in agent/config.py)")
@@ -858,6 +895,9 @@ def register_cli(sub) -> None:
     p.add_argument("--shadow", action="store_true", help="compute and log decisions, publish nothing")
     p.add_argument("--status-file", help="where to write the status JSON (overrides agent.status_file)")
     p.add_argument("--duration", type=cliutil.seconds, help="stop cleanly after this many seconds")
+    p.add_argument("--metrics-listen", metavar="ADDR:PORT", type=_metrics_listen,
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. "
+                        "127.0.0.1:9464 (overrides agent.metrics_listen; default: off)")
     p.set_defaults(func=cmd_run)
 
     s = sub.add_parser("status", help="show the running agent: targets, legs, model, table age, counters",

@@ -14,6 +14,8 @@
     status_file = "/run/iobridge/status.json"
     pin_dir = "/sys/fs/bpf/iobridge"
     log_level = "info"         # debug logs every decision change with its reason
+    metrics_listen = ""        # Prometheus metrics on ADDR:PORT (e.g. "127.0.0.1:9464",
+                               # IPv6 as "[::1]:9464"); "" = off (the default)
 
     [admission]
     model = "models/admission-default.onnx"  # relative paths: to the config file
@@ -38,6 +40,7 @@ from ..core import resources
 from ..core.clock import TICK_MS_MAX, TICK_MS_MIN
 from ..core.decision import AGENT_PROBE_AFTER_MS, AGENT_RECOMPUTE_MS, AGENT_TICK_MS
 from ..core.errors import IobridgeError
+from . import metrics
 
 DEFAULT_MODEL = resources.data_dir("models") / "admission-default.onnx"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -58,6 +61,7 @@ class Config:
     status_file: Path = Path("/run/iobridge/status.json")
     pin_dir: Path = Path("/sys/fs/bpf/iobridge")
     log_level: str = "info"
+    metrics_listen: str = ""
     model: Path = DEFAULT_MODEL
     threshold: float | None = None
     probe_after_ms: float | None = AGENT_PROBE_AFTER_MS
@@ -96,6 +100,16 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _listen(v) -> bool:
+    if v == "":
+        return True
+    try:
+        metrics.parse_listen(v)
+    except ValueError:
+        return False
+    return True
+
+
 # key -> (section, check, what it must be); check(value) -> bool
 _KEYS = {
     "tick_ms": ("agent", lambda v: _number(v) and TICK_MS_MIN <= v <= TICK_MS_MAX,
@@ -111,6 +125,8 @@ _KEYS = {
     "pin_dir": ("agent", lambda v: isinstance(v, (str, Path)) and str(v).startswith("/sys/fs/bpf/"),
                 "a directory under /sys/fs/bpf/"),
     "log_level": ("agent", lambda v: v in LOG_LEVELS, f"one of {', '.join(LOG_LEVELS)}"),
+    "metrics_listen": ("agent", _listen, '"" (off) or ADDR:PORT with an IP address or localhost, '
+                       f'e.g. "{metrics.EXAMPLE}" (IPv6 in brackets: "[::1]:9464")'),
     "model": ("admission", lambda v: isinstance(v, (str, Path)) and str(v).endswith(".onnx"),
               "the path of an .onnx file"),
     "threshold": ("admission", lambda v: v is None or (_number(v) and 0 < v < 1), "a number in (0, 1)"),

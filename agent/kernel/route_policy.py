@@ -206,6 +206,17 @@ class RoutePolicy:
         return {"calls": routed + fallback, "routed": routed, "default": fallback,
                 "silent": silent, "probes": probes}
 
+    def decision_age_hist(self) -> np.ndarray:
+        """The table's age at each routing it decided (log-linear ns slots,
+        core/histogram.py), summed over CPUs."""
+        out = np.zeros(abi.LAT_SLOTS, dtype=np.uint64)
+        if self.bpf is None:
+            return out
+        table = self.bpf[AGE_MAP.encode()]
+        for slot in range(abi.LAT_SLOTS):
+            out[slot] = sum(int(v) for v in table[ctypes.c_int(slot)])
+        return out
+
     def map_fds(self) -> dict[str, int]:
         """File descriptors of the maps worth pinning (name -> fd)."""
         return {name: self.bpf[name.encode()].map_fd

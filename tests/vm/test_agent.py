@@ -218,6 +218,87 @@ def test_learned_policy_transfers_to_10x_slower_legs_at_qd1(comparison):
     check_learned_beats_default(comparison, "slowdev", 1)
 
 
+# ------------------------------------------------------------------ metrics
+
+def _scrape(port: int) -> dict[str, float]:
+    """The endpoint's samples: 'name{labels}' -> value (label order as served)."""
+    import urllib.request  # noqa: PLC0415
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def _free_port() -> int:
+    import socket  # noqa: PLC0415
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(900)   # an agent start: BCC under TCG, slower on a busy host
+def test_metrics_endpoint_counts_what_dmsetup_status_counts(replicas, agents):
+    """Prometheus metrics over loopback: a port in use stops the start with
+    nothing attached; a running agent's counters equal the module's
+    (`dmsetup status`) at a quiescent moment; the endpoint goes with it."""
+    import socket  # noqa: PLC0415
+    # (a routing program another test of this session holds may still be
+    # going away: compare with what was there before)
+    attached = route_programs_attached()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = iobridge("run", "--metrics-listen", f"127.0.0.1:{port}", "--duration", "5")
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert route_programs_attached() == attached and not PIN_DIR.exists()
+
+    port = _free_port()
+    agent = agents("--metrics-listen", f"127.0.0.1:{port}")
+    warm_up(agent.status, replicas, timeout_s=60)
+    window(replicas, 1.0)
+    name = replicas.name
+    # Quiescent: two scrapes with the module's status between them agree
+    # (udev may still read the device just after fio).
+    for _ in range(10):
+        before = _scrape(port)
+        st = dmtarget.status(name)
+        after = _scrape(port)
+        if before == after:
+            break
+        time.sleep(1)
+    assert before == after, "the counters did not settle"
+    m = after
+    for i, leg in enumerate(st.legs):
+        lab = f'{{dev="{leg.dev}",leg="{i}",target="{name}"}}'
+        assert m[f"iobridge_reads_routed_by_table_total{lab}"] == leg.hook_routed
+        assert m[f"iobridge_reads_routed_by_default_total{lab}"] == leg.default_routed
+        assert m[f"iobridge_leg_reads_total{lab}"] == leg.reads
+        assert m[f"iobridge_leg_writes_total{lab}"] == leg.writes
+        assert m[f"iobridge_leg_healthy{lab}"] == 1
+    assert sum(leg.hook_routed for leg in st.legs) > 0
+    s = agent.status()
+    assert m["iobridge_up"] == 1
+    assert [k for k in m if k.startswith("iobridge_model_info{") and s["model"]["sha256"] in k]
+    # The program's counters (all targets: only this one here) and its
+    # decision-age histogram, one count per routing it decided.
+    routed = m["iobridge_route_routed_total"]
+    assert routed >= sum(leg.hook_routed for leg in st.legs) > 0
+    assert m['iobridge_decision_age_seconds_bucket{le="+Inf"}'] == routed
+    assert m["iobridge_decision_age_seconds_count"] == routed
+    assert m["iobridge_agent_recomputes_total"] >= 1
+    assert m['iobridge_recompute_seconds_bucket{le="+Inf"}'] >= 1
+    print(json.dumps({k: v for k, v in m.items() if "bucket" not in k}, indent=1))
+    assert agent.stop() == 0
+    with pytest.raises(OSError):
+        _scrape(port)
+
+
 # ------------------------------------------------------------------ fail-safe
 
 @pytest.mark.timeout(900)   # agent start(s): BCC under TCG, slower on a busy host
