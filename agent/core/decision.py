@@ -233,10 +233,9 @@ def grid_point(base: LegBaseline) -> tuple[float, float]:
     return bytes_grid_point(bytes_per_read(base)), ratio_grid_point(per_read_ratio(base))
 
 
-def key_rows(base: LegBaseline | tuple[float, float] | float) -> np.ndarray:
+def key_rows(base: LegBaseline | tuple[float, float]) -> np.ndarray:
     """Model inputs [KEYS_PER_LEG, NUM_FEATURES] for every key of one leg
-    (a LegBaseline; or its grid_point(); or its bytes_per_read(), with a
-    service time equal to the baseline latency).
+    (a LegBaseline, or its grid_point()).
 
     A key's latency is per read: the newest read's latency over (the bios
     ahead of it + 1), bucketed in units of the service time per read. The
@@ -253,12 +252,8 @@ def key_rows(base: LegBaseline | tuple[float, float] | float) -> np.ndarray:
     baselines: so a leg's rows, and what the model says about them, change
     when that product or the ratio does, not when the leg merely gets faster
     or slower."""
-    if isinstance(base, LegBaseline):
-        nbytes, ratio = bytes_per_read(base), per_read_ratio(base)
-    elif isinstance(base, tuple):
-        nbytes, ratio = base
-    else:
-        nbytes, ratio = float(base), 1.0
+    nbytes, ratio = ((bytes_per_read(base), per_read_ratio(base)) if isinstance(base, LegBaseline)
+                     else base)
     x = np.zeros((abi.KEYS_PER_LEG, F.NUM_FEATURES), dtype=np.float32)
     size = np.array(BUCKET_SIZE_BYTES, dtype=np.float64)[_KEY_SIZE]
     qlen = np.array(INFLIGHT_REP, dtype=np.float64)[_KEY_INFLIGHT]

@@ -34,7 +34,8 @@ def slot_bounds(slot: int) -> tuple[int, int]:
     return low, low + width
 
 
-_BOUNDS = np.array([slot_bounds(s) for s in range(SLOTS)], dtype=np.float64)
+# [SLOTS, 2]: each slot's [low, high) (percentiles; metrics' bucket folding)
+SLOT_BOUNDS = np.array([slot_bounds(s) for s in range(SLOTS)], dtype=np.float64)
 
 
 def percentiles(hist, qs) -> list[float | None]:
@@ -60,7 +61,7 @@ def percentiles(hist, qs) -> list[float | None]:
             slot += 1
         before = cum[slot] - counts[slot]
         frac = (rank - before) / counts[slot] if counts[slot] else 0.0
-        low, high = _BOUNDS[slot]
+        low, high = SLOT_BOUNDS[slot]
         out.append(float(low + (high - low) * min(max(frac, 0.0), 1.0)))
     return out
 

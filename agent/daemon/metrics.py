@@ -36,8 +36,6 @@ log = logging.getLogger("iobridge.metrics")
 EXAMPLE = "127.0.0.1:9464"
 # 2^10 .. 2^36 ns in steps of 4x: upper bounds that slot boundaries fall on.
 BUCKET_BOUNDS_NS = tuple(1 << k for k in range(10, 37, 2))
-_SLOT_LOWS, _SLOT_HIGHS = (np.array(b, dtype=np.float64) for b in
-                           zip(*(histogram.slot_bounds(s) for s in range(histogram.SLOTS))))
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -74,7 +72,7 @@ def prometheus_buckets(hist) -> tuple[list[tuple[str, float]], float]:
     """A log-linear slot histogram (ns) as Prometheus buckets in seconds:
     ([(le, cumulative count), ..., ("+Inf", total)], sum in seconds)."""
     counts = np.asarray(hist, dtype=np.float64)
-    lows, highs = _SLOT_LOWS, _SLOT_HIGHS
+    lows, highs = histogram.SLOT_BOUNDS[:, 0], histogram.SLOT_BOUNDS[:, 1]
     cum = np.cumsum(counts)
     out = []
     for bound in BUCKET_BOUNDS_NS:
