@@ -538,7 +538,11 @@ def test_bpf_inflight_rule_at_depth(make_nullb, make_iobridge, direct_io, routin
     tid = dmtarget.target_id(name)
     io = direct_io(dev)
     routing.attach()
-    service = 100_000
+    # A service time well above the legs' latency (2 ms, more under a
+    # loaded emulator): the cost rule takes the larger of the queue term
+    # and the recent latency, so only then is the queue term (and the
+    # penalty) what decides, not one leg's latency jitter (since ABI 5).
+    service = 20_000_000
 
     def fio_qd16():
         fio("--name=depth", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
