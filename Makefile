@@ -7,30 +7,36 @@ IOB     := .venv/bin/iobridge
 
 help:
 	@echo "make demo    set up, boot the VM, run the default workload and print the result"
-	@echo "make test    set up, run the host unit tests and the VM tests (one pytest run)"
+	@echo "make test    set up, run the host unit tests and the VM tests on every VM kernel"
+	@echo "             (one pytest run; KERNELS='6.12.118+deb12-amd64' narrows the kernels)"
 	@echo "make unit    host unit tests only (no root, no VM)"
-	@echo "make vmtest  the kernel-facing tests only, in one VM boot"
-	@echo "make module  build kmodule/ against the VM kernel's headers"
-	@echo "make setup   install packages, the VM kernel and the venv (idempotent)"
+	@echo "make vmtest  the kernel-facing tests only, one VM boot per kernel (KERNELS= as above)"
+	@echo "make module  build kmodule/ against each VM kernel's headers"
+	@echo "make setup   install packages, the VM kernels and the venv (idempotent)"
+	@echo "make demo    on the default kernel (6.1); KERNEL=RELEASE for another"
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup module
-	$(IOB) vm run --timeout 900 -- bash vm/demo.sh
+	$(IOB) vm run --timeout 900 $(if $(KERNEL),--kernel $(KERNEL)) -- bash vm/demo.sh
 
 # pytest exits 5 when it collected no test: that is a failure here.
+# The VM tests run once per kernel in vm/kernel-release (tests/conftest.py),
+# or per kernel in KERNELS (space-separated releases).
 test: setup module
-	@$(PYTEST) -v -p no:cacheprovider; rc=$$?; \
+	@IOBRIDGE_KERNELS="$(KERNELS)" $(PYTEST) -v -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 unit: setup
 	@$(PYTEST) -v -m "not vm" -p no:cacheprovider; rc=$$?; [ $$rc -ne 5 ] || rc=1; exit $$rc
 
 vmtest: setup module
-	$(IOB) vm test
+	@IOBRIDGE_KERNELS="$(KERNELS)" $(PYTEST) -v -m vm -p no:cacheprovider; rc=$$?; \
+	[ $$rc -ne 5 ] || rc=1; exit $$rc
 
-# Built on the host against the VM kernel's headers; loaded only inside the VM.
+# Built on the host against each VM kernel's headers (kmodule/build/RELEASE/);
+# loaded only inside the VM.
 module: setup
 	@$(MAKE) -s -C kmodule
 

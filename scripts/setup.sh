@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time (idempotent) setup on Debian 12: system packages, the VM's Debian
-# 6.1 kernel image and headers, and the project's venv. A second run only
-# checks, and takes a few seconds.
+# kernel images and headers (the 6.1 and 6.12 lines), and the project's venv.
+# A second run only checks, and takes a few seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,39 +40,61 @@ apt_update() {
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 available() { apt_update; [ -n "$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ && $2 != "(none)"')" ]; }
 
-# --- the VM kernel: pinned in vm/kernel-release ----------------------------
-release=$(awk 'NF {print $1; exit}' vm/kernel-release)
-image="linux-image-${release}-unsigned"
-headers="linux-headers-${release}"
-if ! installed "$image" || ! installed "$headers"; then
-  if ! available "$image" || ! available "$headers"; then
-    # The archive drops old ABIs after security updates: take the newest 6.1.
-    newest=$(apt-cache search --names-only '^linux-headers-6\.1\.0-[0-9]+-amd64$' \
-             | awk '{print $1}' | sed 's/linux-headers-//' | sort -V | tail -n1)
-    [ -n "$newest" ] || die "no Debian 6.1 kernel package in the apt sources (is bookworm in sources.list?)"
-    say "warning: pinned kernel $release is no longer in the archive; using $newest (recorded in vm/kernel-release.local; update vm/kernel-release)"
-    release=$newest; image="linux-image-${release}-unsigned"; headers="linux-headers-${release}"
-    echo "$release" > vm/kernel-release.local
+# --- the VM kernels: pinned in vm/kernel-release, one per line --------------
+# For each pinned release: install it, or, when the archive has dropped that
+# ABI after security updates, the newest of the same line (6.1.0-N-amd64, or
+# 6.12.N+deb12-amd64), recorded with the others in vm/kernel-release.local.
+line_pattern() {   # the apt name pattern of a release's line
+  case "$1" in
+    6.1.0-*-amd64) echo '^linux-headers-6\.1\.0-[0-9]+-amd64$' ;;
+    6.12.*+deb12-amd64) echo '^linux-headers-6\.12\.[0-9]+\+deb12-amd64$' ;;
+    *) die "vm/kernel-release: $1 is not a Debian 12 6.1 or 6.12 amd64 release" ;;
+  esac
+}
+pinned=$(sed 's/#.*//' vm/kernel-release | awk 'NF {print $1}')
+[ -n "$pinned" ] || die "vm/kernel-release names no kernel release"
+releases=(); fell_back=
+for release in $pinned; do
+  pattern=$(line_pattern "$release")
+  if ! installed "linux-image-${release}-unsigned" || ! installed "linux-headers-${release}"; then
+    if ! available "linux-image-${release}-unsigned" || ! available "linux-headers-${release}"; then
+      newest=$(apt-cache search --names-only "$pattern" | awk '{print $1}' \
+               | sed 's/linux-headers-//' | sort -V | tail -n1)
+      [ -n "$newest" ] || die "no Debian kernel package of ${release}'s line in the apt sources (is bookworm in sources.list?)"
+      say "warning: pinned kernel $release is no longer in the archive; using $newest (recorded in vm/kernel-release.local; update vm/kernel-release)"
+      release=$newest; fell_back=1
+    fi
   fi
+  releases+=("$release")
+done
+if [ -n "$fell_back" ]; then
+  printf '%s\n' "${releases[@]}" > vm/kernel-release.local
 else
-  rm -f vm/kernel-release.local   # the pinned kernel is installed: use it
+  rm -f vm/kernel-release.local   # the pinned kernels are installed: use them
 fi
 
 missing=()
-for p in "${PACKAGES[@]}" "$image" "$headers"; do
+for p in "${PACKAGES[@]}"; do
   installed "$p" || missing+=("$p")
+done
+for release in "${releases[@]}"; do
+  for p in "linux-image-${release}-unsigned" "linux-headers-${release}"; do
+    installed "$p" || missing+=("$p")
+  done
 done
 if [ ${#missing[@]} -gt 0 ]; then
   apt_update
   say "installing ${missing[*]}"
-  # The VM kernel is installed on this host only so that virtme-ng can boot
-  # it (/boot, /lib/modules); it does not become the host's boot default
-  # unless a bootloader is configured to pick it.
+  # The VM kernels are installed on this host only so that virtme-ng can boot
+  # them (/boot, /lib/modules); they do not become the host's boot default
+  # unless a bootloader is configured to pick one.
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" \
     >/tmp/iobridge-apt.log 2>&1 || { tail -20 /tmp/iobridge-apt.log >&2; die "apt-get install failed (log: /tmp/iobridge-apt.log)"; }
 fi
-[ -e "/boot/vmlinuz-$release" ] || die "/boot/vmlinuz-$release is missing after installing $image"
-[ -e "/lib/modules/$release/build/Makefile" ] || die "headers for $release missing after installing $headers"
+for release in "${releases[@]}"; do
+  [ -e "/boot/vmlinuz-$release" ] || die "/boot/vmlinuz-$release is missing after installing linux-image-${release}-unsigned"
+  [ -e "/lib/modules/$release/build/Makefile" ] || die "headers for $release missing after installing linux-headers-${release}"
+done
 
 # --- the venv ----------------------------------------------------------------
 # Made from Debian's python3 with --system-site-packages so that BCC
@@ -92,4 +114,4 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "$want" > "$stamp"
 fi
 .venv/bin/python -c 'import bcc' 2>/dev/null || die "BCC does not import in .venv (python3-bpfcc installed for another Python?)"
-say "ready: kernel $release, $(.venv/bin/python --version), $(.venv/bin/vng --version 2>/dev/null)"
+say "ready: kernels ${releases[*]}, $(.venv/bin/python --version), $(.venv/bin/vng --version 2>/dev/null)"

@@ -1,10 +1,13 @@
 """Host side of the test suite.
 
 Tests marked `vm` (everything under tests/vm) need a real kernel. On the host
-each of them is replaced by a proxy item; the first proxy to run boots the
-test VM once, runs all selected VM tests inside it (iobridge.lab.vm.run_tests),
-and every proxy then reports its own test's outcome from inside the VM. So a
-single `pytest` run shows host and VM tests alike, one line each.
+each of them is replaced by one proxy item per VM kernel (every release in
+vm/kernel-release: Debian 12's 6.1 and 6.12 lines; $IOBRIDGE_KERNELS, space-
+or comma-separated, narrows the list, as does $IOBRIDGE_KERNEL). The first
+proxy of a kernel boots the test VM on it once and runs all selected VM
+tests inside (iobridge.lab.vm.run_tests); every proxy then reports its own
+test's outcome on its kernel. So a single `pytest` run shows host and VM
+tests alike, one line per test and kernel ("test_x[6.12.118+deb12-amd64]").
 Inside the VM (IOBRIDGE_IN_VM=1) the real tests run instead.
 """
 
@@ -21,24 +24,37 @@ class VmTestFailure(Exception):
     pass
 
 
+def vm_kernels() -> list[str]:
+    """The kernels the VM tests run on, from the environment or vm/kernel-release."""
+    from iobridge.lab import vm
+    chosen = os.environ.get("IOBRIDGE_KERNELS") or os.environ.get("IOBRIDGE_KERNEL") or ""
+    return chosen.replace(",", " ").split() or vm.kernel_releases()
+
+
 class VmProxyItem(pytest.Item):
-    """Stands on the host for one test that runs inside the VM."""
+    """Stands on the host for one test that runs inside the VM on one kernel."""
+
+    def __init__(self, *, guest_nodeid: str, kernel: str, **kw):
+        super().__init__(**kw)
+        self.guest_nodeid = guest_nodeid     # the test's id inside the guest
+        self.kernel = kernel
 
     def runtest(self):
-        outcome = _vm_outcomes(self.session).get(self.nodeid)
+        outcome = _vm_outcomes(self.session, self.kernel).get(self.guest_nodeid)
         if outcome is None:
-            suite = self.session.iobridge_vm_suite
+            suite = self.session.iobridge_vm_suites[self.kernel]
             tail = "\n".join(suite.vm.tail[-25:]) if suite.vm else ""
             why = {"boot": "the guest never finished booting",
                    "panic": "the guest kernel panicked while booting",
                    "timeout": "the VM was killed at its time bound"}.get(
                        suite.vm.why, "the VM run ended without reporting it")
-            raise VmTestFailure(f"{self.nodeid}: no outcome from the VM ({why}); "
+            raise VmTestFailure(f"{self.nodeid}: no outcome from the VM on {self.kernel} ({why}); "
                                 f"console log {suite.log_path}; last console lines:\n{tail}")
         if outcome.outcome == "skipped":
             pytest.skip(f"skipped inside the VM: {outcome.longrepr}")
         if outcome.outcome != "passed":
-            raise VmTestFailure(f"{outcome.outcome} inside the VM:\n{outcome.longrepr}")
+            raise VmTestFailure(f"{outcome.outcome} inside the VM on {self.kernel}:\n"
+                                f"{outcome.longrepr}")
 
     def repr_failure(self, excinfo):
         if isinstance(excinfo.value, VmTestFailure):
@@ -49,12 +65,14 @@ class VmProxyItem(pytest.Item):
         return self.path, None, f"[vm] {self.name}"
 
 
-def _vm_outcomes(session):
-    if not hasattr(session, "iobridge_vm_suite"):
+def _vm_outcomes(session, kernel: str):
+    suites = session.__dict__.setdefault("iobridge_vm_suites", {})
+    if kernel not in suites:
         from iobridge.lab import vm
         from iobridge.core.errors import IobridgeError
 
-        nodeids = [item.nodeid for item in session.items if isinstance(item, VmProxyItem)]
+        nodeids = [item.guest_nodeid for item in session.items
+                   if isinstance(item, VmProxyItem) and item.kernel == kernel]
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         capture = session.config.pluginmanager.get_plugin("capturemanager")
 
@@ -63,27 +81,39 @@ def _vm_outcomes(session):
                 with capture.global_and_fixture_disabled():
                     reporter.write_line(text)
 
-        say(f"\nbooting the test VM for {len(nodeids)} kernel-facing tests "
+        say(f"\nbooting the test VM on kernel {kernel} for {len(nodeids)} kernel-facing tests "
             "(the guest's console goes to a log file)...")
         try:
-            session.iobridge_vm_suite = vm.run_tests(nodeids, quiet=True)
+            suites[kernel] = vm.run_tests(nodeids, quiet=True, kernel=kernel)
         except IobridgeError as err:
-            raise VmTestFailure(f"could not run the VM tests: {err}") from None
-        suite = session.iobridge_vm_suite
+            raise VmTestFailure(f"could not run the VM tests on {kernel}: {err}") from None
+        suite = suites[kernel]
         first = suite.boot_to_first_test_s
-        say(f"VM run finished in {suite.vm.seconds:.1f}s (boot to pytest start {first:.1f}s); "
-            f"console log {suite.log_path}" if first is not None else
-            f"VM run finished in {suite.vm.seconds:.1f}s without starting pytest; "
+        say(f"VM run on {kernel} finished in {suite.vm.seconds:.1f}s (boot to pytest start "
+            f"{first:.1f}s); console log {suite.log_path}" if first is not None else
+            f"VM run on {kernel} finished in {suite.vm.seconds:.1f}s without starting pytest; "
             f"console log {suite.log_path}")
-    return session.iobridge_vm_suite.outcomes
+    return suites[kernel].outcomes
+
+
+def _proxy_name(name: str, kernel: str) -> str:
+    """test_x -> test_x[KERNEL]; test_x[param] -> test_x[param-KERNEL]."""
+    return f"{name[:-1]}-{kernel}]" if name.endswith("]") else f"{name}[{kernel}]"
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
     if IN_VM:
         return
-    for i, item in enumerate(items):
-        if item.get_closest_marker("vm") is not None:
-            proxy = VmProxyItem.from_parent(item.parent, name=item.name)
+    host = [item for item in items if item.get_closest_marker("vm") is None]
+    guest = [item for item in items if item.get_closest_marker("vm") is not None]
+    if not guest:
+        return
+    proxies = []
+    for kernel in vm_kernels():      # each kernel's tests together: one VM boot each
+        for item in guest:
+            proxy = VmProxyItem.from_parent(item.parent, name=_proxy_name(item.name, kernel),
+                                            guest_nodeid=item.nodeid, kernel=kernel)
             proxy.add_marker(pytest.mark.vm)
-            items[i] = proxy
+            proxies.append(proxy)
+    items[:] = host + proxies

@@ -69,8 +69,21 @@ def test_missing_vm_kernel_names_the_packages():
     assert "make setup" in text
 
 
-def test_pinned_release_is_a_debian_6_1_kernel():
-    assert vm.pinned_release().startswith("6.1.0-") and vm.pinned_release().endswith("-amd64")
+def test_the_pinned_kernels_are_debian_12s_two_lines_6_1_first():
+    releases = vm.kernel_releases()
+    assert len(releases) == 2, releases
+    assert releases[0].startswith("6.1.0-") and releases[0].endswith("-amd64")
+    assert releases[1].startswith("6.12.") and releases[1].endswith("+deb12-amd64")
+    assert vm.pinned_release() == releases[0]
+
+
+def test_kernel_releases_skip_comments_and_blank_lines(tmp_path):
+    (tmp_path / "kernel-release").write_text("# the VM kernels\n\n6.1.0-56-amd64   # 6.1\n"
+                                             "6.12.118+deb12-amd64\n")
+    assert vm.kernel_releases(tmp_path) == ["6.1.0-56-amd64", "6.12.118+deb12-amd64"]
+    (tmp_path / "kernel-release").write_text("# nothing\n")
+    with pytest.raises(IobridgeError, match="names no kernel release"):
+        vm.kernel_releases(tmp_path)
 
 
 def test_observe_arguments_parse_with_documented_defaults():
@@ -113,5 +126,6 @@ def test_guest_command_stays_off_the_kernel_command_line(tmp_path):
 def test_a_fallback_kernel_recorded_by_setup_wins_over_the_pin(tmp_path):
     (tmp_path / "kernel-release").write_text("6.1.0-56-amd64\n")
     assert vm.pinned_release(tmp_path) == "6.1.0-56-amd64"
-    (tmp_path / "kernel-release.local").write_text("6.1.0-60-amd64\n")
+    (tmp_path / "kernel-release.local").write_text("6.1.0-60-amd64\n6.12.120+deb12-amd64\n")
     assert vm.pinned_release(tmp_path) == "6.1.0-60-amd64"
+    assert vm.kernel_releases(tmp_path) == ["6.1.0-60-amd64", "6.12.120+deb12-amd64"]

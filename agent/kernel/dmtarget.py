@@ -91,7 +91,8 @@ def check_module_version() -> None:
     found = module_version()
     if found is None:
         raise IobridgeError(f"kernel module {abi.MODULE_NAME} is not loaded",
-                            "build it with 'make -C kmodule' and insmod kmodule/dm-iobridge.ko")
+                            "build it with 'make -C kmodule RELEASES=$(uname -r)' and insmod "
+                            "kmodule/build/$(uname -r)/dm-iobridge.ko")
     if found != abi.ABI_VERSION:
         raise IobridgeError(
             f"ABI mismatch: module {abi.MODULE_NAME} has layout version {found}, "

@@ -24,15 +24,24 @@ def sh(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def module_ko(release: str | None = None) -> Path:
+    """The module built for `release` (default: the running kernel's),
+    rebuilt first if missing or older than its sources. kmodule/Makefile
+    builds one object per kernel, in kmodule/build/RELEASE/."""
+    release = release or os.uname().release
+    kdir = resources.require_checkout("loading the module") / "kmodule"
+    ko = kdir / "build" / release / "dm-iobridge.ko"
+    sources = [kdir / "Kbuild", *kdir.glob("*.[ch]")]
+    if not ko.exists() or any(s.stat().st_mtime > ko.stat().st_mtime for s in sources):
+        sh(["make", "-s", "-C", str(kdir), f"RELEASES={release}"])
+    return ko
+
+
 def ensure_module() -> None:
     """Load dm_mod and the iobridge module (building it if needed)."""
     sh(["modprobe", "dm_mod"])
     if not Path(f"/sys/module/{abi.MODULE_NAME}").exists():
-        kdir = resources.require_checkout("loading the module") / "kmodule"
-        ko = kdir / "dm-iobridge.ko"
-        if not ko.exists():
-            sh(["make", "-C", str(kdir)])
-        sh(["insmod", str(ko)])
+        sh(["insmod", str(module_ko())])
     dmtarget.check_module_version()
 
 

@@ -1,9 +1,11 @@
-"""The test VM: boots a Debian 6.1 kernel with virtme-ng over the host's root
+"""The test VM: boots a Debian 12 kernel with virtme-ng over the host's root
 filesystem and runs commands (or the kernel-facing tests) in it as root.
 
-The kernel release is pinned in vm/kernel-release (make setup installs that
-package, or records a newer 6.1 in vm/kernel-release.local when the archive
-no longer has it). KVM is used only when a probe shows that a guest really boots under
+The supported kernels are pinned in vm/kernel-release, one release per line
+(Debian 12's 6.1 line first: the default; then its 6.12 line). make setup
+installs them, or, when the archive no longer has a pinned ABI, the newest
+of the same line, and records the releases it chose in
+vm/kernel-release.local. KVM is used only when a probe shows that a guest really boots under
 it (on nested setups /dev/kvm can exist while guests hang); otherwise QEMU
 runs under TCG.
 """
@@ -59,17 +61,27 @@ class Kernel:
         return Path("/lib/modules") / self.release
 
 
-def pinned_release(vm_dir: Path = VM_DIR) -> str:
-    """The VM kernel release: vm/kernel-release, unless make setup had to
-    fall back to a newer 6.1 ABI (the archive dropped the pinned one) and
-    recorded it in vm/kernel-release.local."""
+def kernel_releases(vm_dir: Path = VM_DIR) -> list[str]:
+    """The supported VM kernel releases, the default first: the lines of
+    vm/kernel-release (after '#' comments), unless make setup had to fall
+    back to newer ABIs (the archive dropped a pinned one) and recorded its
+    choice in vm/kernel-release.local."""
     local = vm_dir / "kernel-release.local"
     source = local if local.exists() else vm_dir / "kernel-release"
-    return source.read_text().split()[0]
+    releases = [line.split("#", 1)[0].strip() for line in source.read_text().splitlines()]
+    releases = [r for r in releases if r]
+    if not releases:
+        raise IobridgeError(f"{source} names no kernel release", "run `make setup`")
+    return releases
+
+
+def pinned_release(vm_dir: Path = VM_DIR) -> str:
+    """The default VM kernel release (Debian 12's 6.1 line)."""
+    return kernel_releases(vm_dir)[0]
 
 
 def find_kernel(release: str | None = None) -> Kernel:
-    """The kernel to boot: $IOBRIDGE_KERNEL, else the pinned release.
+    """The kernel to boot: `release`, else $IOBRIDGE_KERNEL, else the default.
 
     Raises a clear error naming the package to install when it is missing.
     """
@@ -84,7 +96,8 @@ def find_kernel(release: str | None = None) -> Kernel:
     if missing:
         raise IobridgeError(
             f"VM kernel {release} is not installed: missing {', '.join(missing)}",
-            "run `make setup`, or set IOBRIDGE_KERNEL to an installed 6.1 release")
+            f"run `make setup`, or choose one of {', '.join(kernel_releases())} "
+            "(--kernel, or IOBRIDGE_KERNEL)")
     return kernel
 
 
@@ -272,20 +285,22 @@ def _write_guest_script(command: list[str], shared: Path) -> str:
 def run(command: list[str], *, timeout: float = DEFAULT_TIMEOUT_S, accel: str = "auto",
         memory: str = DEFAULT_MEMORY, cpus: int = DEFAULT_CPUS, capture: bool = False,
         quiet: bool = False, shared: Path | None = None,
-        log_path: Path | None = None, raise_on_timeout: bool = True) -> VmResult:
+        log_path: Path | None = None, raise_on_timeout: bool = True,
+        kernel: str | None = None) -> VmResult:
     """Run `command` as root in a fresh VM; returns its exit status and output.
 
     The guest's working directory is the repository, with the venv's bin
     first on PATH and IOBRIDGE_IN_VM=1 set (vm/guest-prelude.sh). `shared`
     is a host directory the guest can write too (a temporary one if None).
+    `kernel` is the release to boot (find_kernel() chooses when None).
     """
     if not command:
         raise UsageError("no command given", "usage: iobridge vm run -- CMD [ARGS...]")
-    kernel = find_kernel()
-    accel = choose_accel(kernel, accel)
+    booted = find_kernel(kernel)
+    accel = choose_accel(booted, accel)
     with tempfile.TemporaryDirectory(prefix="iobridge-vm-") as tmp:
         shared = shared or Path(tmp)
-        result = _boot(kernel, _write_guest_script(command, shared), accel=accel,
+        result = _boot(booted, _write_guest_script(command, shared), accel=accel,
                        timeout=timeout, memory=memory, cpus=cpus, capture=capture, quiet=quiet,
                        rwdirs=(shared,), log_path=log_path)
     if result.timed_out and raise_on_timeout:
@@ -313,10 +328,12 @@ class SuiteResult:
     vm: VmResult
     boot_to_first_test_s: float | None
     log_path: Path
+    kernel: str
 
 
 def run_tests(pytest_args: list[str], *, timeout: float = DEFAULT_TEST_TIMEOUT_S,
-              accel: str = "auto", quiet: bool = False) -> SuiteResult:
+              accel: str = "auto", quiet: bool = False,
+              kernel: str | None = None) -> SuiteResult:
     """Run the `vm`-marked tests in one VM boot and collect each test's outcome.
 
     Inside the guest, pytest loads tests/vm_report.py, which writes one JSON
@@ -325,19 +342,21 @@ def run_tests(pytest_args: list[str], *, timeout: float = DEFAULT_TEST_TIMEOUT_S
     together with the last console lines. The shared directory also holds
     the checkout's wheel installed in a fresh venv, made here on the host
     for the install test (installed.prepare_for_vm; a few seconds here,
-    minutes under emulation).
+    minutes under emulation). `kernel` is the release to boot.
     """
+    release = find_kernel(kernel).release
     results_dir = Path(tempfile.mkdtemp(prefix="iobridge-vm-"))
     results = results_dir / "results.jsonl"
     log_path = results_dir / "console.log"
     venv_var = installed.prepare_for_vm(results_dir)
     started = time.time()
-    env_args = ["env", f"IOBRIDGE_VM_RESULTS={results}", venv_var]
+    # IOBRIDGE_KERNEL tells the guest's tests which kernel was meant to boot.
+    env_args = ["env", f"IOBRIDGE_VM_RESULTS={results}", f"IOBRIDGE_KERNEL={release}", venv_var]
     cmd = env_args + ["python", "-m", "pytest", "-p", "tests.vm_report", "-m", "vm",
                       "-p", "no:cacheprovider", "-o", "addopts=", "-rA",
                       f"--timeout={PER_TEST_TIMEOUT_S}", *pytest_args]
     vm = run(cmd, timeout=timeout, accel=accel, quiet=quiet, shared=results_dir,
-             log_path=log_path, raise_on_timeout=False)
+             log_path=log_path, raise_on_timeout=False, kernel=release)
     outcomes: dict[str, TestOutcome] = {}
     first = None
     if results.exists():
@@ -349,7 +368,7 @@ def run_tests(pytest_args: list[str], *, timeout: float = DEFAULT_TEST_TIMEOUT_S
             if "nodeid" in rec:
                 outcomes[rec["nodeid"]] = TestOutcome(rec["nodeid"], rec["outcome"],
                                                       rec["seconds"], rec.get("longrepr", ""))
-    return SuiteResult(outcomes, vm, first, log_path)
+    return SuiteResult(outcomes, vm, first, log_path, release)
 
 
 # ----------------------------------------------------------------- CLI
@@ -364,7 +383,7 @@ def _cmd_run(args) -> int:
         if not shared.is_dir():
             raise UsageError(f"--share {args.share}: not a directory")
     result = run(command, timeout=args.timeout, accel=args.accel, memory=args.memory,
-                 cpus=args.cpus, shared=shared)
+                 cpus=args.cpus, shared=shared, kernel=args.kernel)
     return result.returncode
 
 
@@ -372,11 +391,11 @@ def _cmd_test(args) -> int:
     extra = list(args.pytest_args)
     if extra and extra[0] == "--":
         extra = extra[1:]
-    suite = run_tests(extra, timeout=args.timeout, accel=args.accel)
+    suite = run_tests(extra, timeout=args.timeout, accel=args.accel, kernel=args.kernel)
     counts = collections.Counter(o.outcome for o in suite.outcomes.values())
     if suite.boot_to_first_test_s is not None:
-        print(f"iobridge vm test: boot to pytest start {suite.boot_to_first_test_s:.1f}s, "
-              f"whole run {suite.vm.seconds:.1f}s")
+        print(f"iobridge vm test: kernel {suite.kernel}, boot to pytest start "
+              f"{suite.boot_to_first_test_s:.1f}s, whole run {suite.vm.seconds:.1f}s")
     if suite.vm.timed_out:
         print(f"iobridge vm test: the VM was killed ({suite.vm.why}); last console "
               "lines:\n" + "\n".join(suite.vm.tail[-20:]), file=sys.stderr)
@@ -389,10 +408,10 @@ def _cmd_test(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    kernel = find_kernel()
+    kernel = find_kernel(args.kernel)
     info = {"kernel": kernel.release, "image": str(kernel.image),
             "headers": str(kernel.modules_dir / "build"), "vng": str(find_vng()),
-            "accel": choose_accel(kernel, args.accel)}
+            "accel": choose_accel(kernel, args.accel), "supported_kernels": kernel_releases()}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -400,13 +419,15 @@ def _cmd_info(args) -> int:
     print(f"headers: {info['headers']}")
     print(f"vng:     {info['vng']}")
     print(f"accel:   {info['accel']}")
+    print(f"supported kernels (make test runs each): {', '.join(info['supported_kernels'])}")
     return 0
 
 
 def register_cli(sub) -> None:
     p = sub.add_parser("vm", help="boot the test VM, run commands or the kernel-facing tests",
-                       description="The test VM boots the pinned Debian 6.1 kernel "
-                       "(vm/kernel-release) with virtme-ng over this machine's root filesystem; "
+                       description="The test VM boots a pinned Debian 12 kernel "
+                       "(vm/kernel-release: the 6.1 line by default, or the 6.12 line with "
+                       "--kernel) with virtme-ng over this machine's root filesystem; "
                        "the repository is writable inside, everything else is a copy-on-write "
                        "overlay. Commands run as root.",
                        **cliutil.examples(
@@ -423,6 +444,9 @@ def register_cli(sub) -> None:
         sp.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"],
                         help="auto uses KVM only if a probe boot succeeded on this host "
                         "(cached); env IOBRIDGE_VM_ACCEL overrides auto")
+        sp.add_argument("--kernel", metavar="RELEASE", default=None,
+                        help="the kernel release to boot, one of vm/kernel-release's "
+                        "(default: $IOBRIDGE_KERNEL, else the first, Debian's 6.1)")
 
     r = vsub.add_parser("run", help="run a command as root in a fresh VM; exits with its status",
                         description="Boots the VM, runs the command after -- as root in the "
@@ -450,6 +474,8 @@ def register_cli(sub) -> None:
                         **cliutil.examples(
                             ("iobridge vm test", "every vm-marked test in one boot"),
                             ("iobridge vm test -- -k install", "only tests matching 'install'"),
+                            ("iobridge vm test --kernel 6.12.118+deb12-amd64",
+                             "on the 6.12 line's kernel (make test runs every supported one)"),
                             ("iobridge vm test --accel tcg -- -x",
                              "emulated CPU; stop at the first failure")))
     common(t, DEFAULT_TEST_TIMEOUT_S)
@@ -461,6 +487,10 @@ def register_cli(sub) -> None:
                         **cliutil.examples(
                             ("iobridge vm info", "what the next VM boot will use"),
                             ("iobridge vm info --accel tcg", "the same, without KVM"),
-                            ("iobridge vm info --json", "as JSON")))
+                            ("iobridge vm info --json", "as JSON"),
+                            ("iobridge vm info --kernel 6.12.118+deb12-amd64",
+                             "the 6.12 line's kernel")))
     i.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    i.add_argument("--kernel", metavar="RELEASE", default=None,
+                   help="describe this kernel release instead of the default")
     i.set_defaults(func=_cmd_info)

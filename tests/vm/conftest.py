@@ -286,12 +286,6 @@ def rmmod(check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def iobridge_module():
     """Build (if needed) and load the module; unload it at the end."""
-    from iobridge.core import resources
-    kdir = resources.require_checkout("the VM tests") / "kmodule"
-    ko = kdir / "dm-iobridge.ko"
-    sources = list(kdir.glob("*.[ch]"))
-    if not ko.exists() or any(s.stat().st_mtime > ko.stat().st_mtime for s in sources):
-        run(["make", "-C", str(kdir)])
     insmod()
     yield
     if module_loaded():

@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 from conftest import KERNEL_TROUBLE, run
 
-from iobridge.core import abi, resources
+from iobridge.core import abi
 from iobridge.core import features as F
 from iobridge.daemon.config import DEFAULT_MODEL, Config
 from iobridge.kernel import dmtarget
-from iobridge.lab import workload
+from iobridge.lab import testbed, workload
 from iobridge.lab.experiment import (AgentProcess, ReplicaSet, agent_paused, route_stats,
                                      routed_fraction, run_policy, slow_read_share, table_ready,
                                      warm_up)
@@ -550,5 +550,5 @@ def test_bad_model_config_permission_and_missing_module(iobridge_module, tmp_pat
         proc = iobridge("run")
         assert proc.returncode != 0 and f"kernel module {abi.MODULE_NAME} is not loaded" in proc.stderr
     finally:
-        run(["insmod", str(resources.data_dir("kmodule") / "dm-iobridge.ko")])
+        run(["insmod", str(testbed.module_ko())])
     assert not PIN_DIR.exists() and route_programs_attached() == []
