@@ -126,7 +126,8 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 			continue;
 		idx = iobridge_leg_index(target, leg);
 		d = iobridge_decisions.lookup(&idx);
-		if (!d || d->expires_ns <= now)
+		/* Made for another device that held this id: not ours. */
+		if (!d || d->expires_ns <= now || d->target_incarnation != ctx->target_incarnation)
 			continue;
 		inflight = ctx->inflight[leg];
 		klat = iobridge_key_latency(ctx->last_lat_ns[leg], ctx->last_lat_qlen[leg]);

@@ -77,6 +77,7 @@ struct iob_c {
 	struct list_head list;		/* in iob_registry */
 	struct mapped_device *md;
 	u64 gen;			/* load order among tables */
+	u32 incarnation;		/* the device's, kept across reloads: ABI 6 */
 	bool registered;
 	bool inherited;			/* leg state taken over at first resume */
 	struct workqueue_struct *wq;
@@ -163,7 +164,9 @@ static int iob_register(struct iob_c *ic)
 	older = iob_find_older_locked(ic);
 	if (older) {
 		id = older->id;
+		ic->incarnation = older->incarnation;
 	} else {
+		ic->incarnation = (u32)ic->gen;
 		for (i = 0; i < IOBRIDGE_MAX_TARGETS; i++) {
 			if (!iob_id_refs[i]) {
 				id = i;
@@ -351,6 +354,7 @@ static int iob_hook(struct iob_c *ic, sector_t sector, unsigned int bytes,
 	memset(&ctx, 0, sizeof(ctx));
 	ctx.abi_version = IOBRIDGE_ABI_VERSION;
 	ctx.target_id = ic->id;
+	ctx.target_incarnation = ic->incarnation;
 	ctx.nr_legs = ic->nr_legs;
 	ctx.bio_bytes = bytes;
 	ctx.sector = sector;
@@ -885,7 +889,8 @@ static void iob_status(struct dm_target *ti, status_type_t type,
 
 	switch (type) {
 	case STATUSTYPE_INFO:
-		DMEMIT("%u %s %u ", ic->id, iob_policy_names[READ_ONCE(ic->policy)], ic->nr_legs);
+		DMEMIT("%u %u %s %u ", ic->id, ic->incarnation,
+		       iob_policy_names[READ_ONCE(ic->policy)], ic->nr_legs);
 		for (i = 0; i < ic->nr_legs; i++)
 			DMEMIT("%c", iob_leg_state_char(&ic->legs[i]));
 		DMEMIT(" %llu %llu %llu %llu",

@@ -17,7 +17,7 @@
 
 #include <linux/types.h>
 
-#define IOBRIDGE_ABI_VERSION		5
+#define IOBRIDGE_ABI_VERSION		6
 
 /* ------------------------------------------------------------------------
  * Limits
@@ -79,6 +79,12 @@ struct iobridge_route_ctx {
 	__u64 last_lat_ns[IOBRIDGE_MAX_LEGS];
 	__u64 last_complete_ns[IOBRIDGE_MAX_LEGS]; /* ktime_get_ns() of its newest completion, 0 = none */
 	__u32 last_lat_qlen[IOBRIDGE_MAX_LEGS];
+	/* Which device holds target_id now (since ABI 6): a number the module
+	 * gives each new device, kept across table reloads of it.  A removed
+	 * target's id is reused by the next one created, maybe before the agent
+	 * has seen either; its decisions name the incarnation they were made
+	 * for, so the new device never routes by the old one's entries. */
+	__u32 target_incarnation;
 };
 
 /* ------------------------------------------------------------------------
@@ -111,7 +117,8 @@ struct iobridge_route_ctx {
  * recovery even when the agent is slow.
  *
  * An entry is valid while expires_ns > now (CLOCK_MONOTONIC ns, i.e.
- * ktime_get_ns()); expires_ns == 0 is empty.  The agent writes everything
+ * ktime_get_ns()) and its target_incarnation is the context's (the device
+ * that holds the id now); expires_ns == 0 is empty.  The agent writes everything
  * else first and expires_ns last; legs without a valid entry are left out,
  * and with no valid entry at all the module default decides.
  * ------------------------------------------------------------------------ */
@@ -127,7 +134,7 @@ struct iobridge_leg_decisions {
 	__u32 service_ns;			/* per read: latency / (bios ahead + 1), typical */
 	__u32 lat_edge_ns[IOBRIDGE_NUM_LAT_BUCKETS - 1];	/* ascending */
 	__u32 top_lat_ns;			/* latency the top bucket is priced at, 0 = as is */
-	__u32 pad;
+	__u32 target_incarnation;		/* valid only for this incarnation (ABI 6) */
 	__u32 penalty_ns[IOBRIDGE_KEYS_PER_LEG];	/* by iobridge_key_index() */
 };
 

@@ -14,6 +14,7 @@ import pytest
 from iobridge import cli
 from iobridge.core import abi
 from iobridge.lab import bench, tickbench
+from iobridge.kernel import dmtarget
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +66,10 @@ def test_the_stand_ins_are_written_and_read_by_the_real_code():
     policy = tickbench.memory_policy()
     pen = np.full((2, abi.KEYS_PER_LEG), 1234, dtype=np.int64)
     edges = np.tile(np.arange(1, abi.NUM_LAT_BUCKETS, dtype=np.int64) * 1000, (2, 1))
-    policy.publish(5, pen, edges, np.array([100_000, 90_000]), 0, 777)
+    policy.publish(dmtarget.TargetRef(5, 41), pen, edges, np.array([100_000, 90_000]), 0, 777)
     block = policy.entries[abi.leg_index(5, 0):abi.leg_index(5, 0) + 2]
     assert block["expires_ns"].tolist() == [777, 777] and (block["penalty_ns"] == 1234).all()
+    assert block["target_incarnation"].tolist() == [41, 41]
     policy.heartbeat(42)
     assert policy.agent.heartbeat_ns == 42 and policy.agent.ticks == 1
     policy.close()

@@ -19,11 +19,12 @@ def test_status_lines_give_ids_legs_and_kernel_devs():
     from iobridge.kernel.dmioctl import TargetLine
     mirror = daemon.target_of("mirror", [TargetLine(
         0, 204800, "iobridge",
-        "3 least_inflight 2 AF 0 0 0 0 251:0 10 5 0 0 1 7 3 251:16 4 5 0 0 0 0 4")])
+        "3 8 least_inflight 2 AF 0 0 0 0 251:0 10 5 0 0 1 7 3 251:16 4 5 0 0 0 0 4")])
     assert mirror.name == "mirror" and mirror.target_id == 3 and mirror.legs == ("251:0", "251:16")
+    assert mirror.incarnation == 8
     assert mirror.kdevs == ((251 << 20) | 0, (251 << 20) | 16)
     other = daemon.target_of("other", [TargetLine(
-        0, 2048, "iobridge", "0 round_robin 3 AAA 1 2 3 4 7:0 0 0 0 0 0 0 0 "
+        0, 2048, "iobridge", "0 5 round_robin 3 AAA 1 2 3 4 7:0 0 0 0 0 0 0 0 "
         "7:1 0 0 0 0 0 0 0 7:2 0 0 0 0 0 0 0")])
     assert len(other.kdevs) == 3
     # not a target iobridge manages: another type, several lines, no table
@@ -103,7 +104,7 @@ def fake_agent(n_legs=2, recompute_ms=1.0):
     agent.maker = decision.TableMaker(FixedModel([0.9]), probe_after_ns=cfg.probe_after_ns)
     agent.legmap, agent.policy = FakeLegMap(n_legs), FakePolicy()
     kdevs = tuple((251 << 20) | i for i in range(n_legs))
-    agent._targets = [daemon.Target("mirror", 3, tuple(f"251:{i}" for i in range(n_legs)), kdevs)]
+    agent._targets = [daemon.Target("mirror", 3, 1, tuple(f"251:{i}" for i in range(n_legs)), kdevs)]
     return agent
 
 
@@ -201,7 +202,7 @@ def test_agent_publishes_once_baselines_exist_then_only_keeps_the_table_alive():
     n = agent.counters["recomputes"]
     assert published, "a table is published once every leg has a baseline"
     target, penalty, service, expires = agent.policy.published[-1]
-    assert target == 3 and penalty.shape == (2, abi.KEYS_PER_LEG)
+    assert target == (3, 1) and penalty.shape == (2, abi.KEYS_PER_LEG)
     assert service.tolist() == [100_000, 100_000] and (expires > 0).all()
     for _ in range(5):                    # same latencies: the baseline holds, no recompute
         agent.legmap.done += 3

@@ -5,14 +5,14 @@ import pytest
 from iobridge.kernel import dmtarget
 from iobridge.core.errors import UsageError
 
-STATUS = ("0 32768 iobridge 3 least_inflight 2 AF 4 0 1 2 "
+STATUS = ("0 32768 iobridge 3 17 least_inflight 2 AF 4 0 1 2 "
           "253:0 100 50 0 0 1 90 10 "
           "254:0 7 49 4 1 0 0 7")
 
 
 def test_parse_status():
     st = dmtarget.parse_status(STATUS)
-    assert (st.target_id, st.policy, st.health) == (3, "least_inflight", "AF")
+    assert (st.target_id, st.incarnation, st.policy, st.health) == (3, 17, "least_inflight", "AF")
     assert (st.retries, st.read_failures, st.write_failures, st.hook_rejected) == (4, 0, 1, 2)
     assert [leg.dev for leg in st.legs] == ["253:0", "254:0"]
     assert st.legs[0].healthy and not st.legs[1].healthy
@@ -23,7 +23,10 @@ def test_parse_status():
 
 def test_parse_status_rejects_garbage():
     with pytest.raises(dmtarget.IobridgeError):
-        dmtarget.parse_status("0 8 iobridge 0 least_inflight 2 AA 0 0")
+        dmtarget.parse_status("0 8 iobridge 0 1 least_inflight 2 AA 0 0")
+    with pytest.raises(dmtarget.IobridgeError):   # an ABI 5 line: no incarnation
+        dmtarget.parse_status("0 8 iobridge 0 least_inflight 2 AA 0 0 0 0 "
+                              "253:0 1 1 0 0 0 0 1 254:0 1 1 0 0 0 0 1")
 
 
 def test_table_line():

@@ -74,7 +74,7 @@ def _agent():
     return types.SimpleNamespace(
         cfg=types.SimpleNamespace(model="/m/a.onnx"), model=types.SimpleNamespace(sha256="ab" * 32),
         maker=types.SimpleNamespace(threshold=0.08), policy=policy, counters=counters, times=times,
-        target_statuses=lambda: [("iob_t", TargetStatus(3, "learned", "AD", 0, 0, 0, 0, legs))])
+        target_statuses=lambda: [("iob_t", TargetStatus(3, 9, "learned", "AD", 0, 0, 0, 0, legs))])
 
 
 def test_scrape_over_loopback_shows_every_family_with_its_labels():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 
 # Bump together with IOBRIDGE_ABI_VERSION in kmodule/iobridge_abi.h.
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 MAX_LEGS = 8
 MAX_TARGETS = 64
@@ -140,6 +140,7 @@ class RouteCtx(ctypes.Structure):
         ("last_lat_ns", ctypes.c_uint64 * MAX_LEGS),
         ("last_complete_ns", ctypes.c_uint64 * MAX_LEGS),
         ("last_lat_qlen", ctypes.c_uint32 * MAX_LEGS),
+        ("target_incarnation", ctypes.c_uint32),
     ]
 
 
@@ -152,7 +153,7 @@ class LegDecisions(ctypes.Structure):
         ("service_ns", ctypes.c_uint32),
         ("lat_edge_ns", ctypes.c_uint32 * (NUM_LAT_BUCKETS - 1)),
         ("top_lat_ns", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("target_incarnation", ctypes.c_uint32),
         ("penalty_ns", ctypes.c_uint32 * KEYS_PER_LEG),
     ]
 

@@ -82,9 +82,11 @@ BASELINE_MOVE = decision.BASELINE_MOVE
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One iobridge target as discovered: its id and leg devices in order."""
+    """One iobridge target as discovered: its id, the incarnation its
+    decision entries must name, and its leg devices in order."""
     name: str
     target_id: int
+    incarnation: int
     legs: tuple[str, ...]        # "major:minor", leg order
     kdevs: tuple[int, ...]       # kernel dev_t of each leg
 
@@ -100,7 +102,8 @@ def target_of(name: str, lines: list[dmioctl.TargetLine]) -> Target | None:
     for leg in st.legs:
         major, minor = (int(x) for x in leg.dev.split(":"))
         kdevs.append(blockdev.kdev(major, minor))
-    return Target(name, st.target_id, tuple(leg.dev for leg in st.legs), tuple(kdevs))
+    return Target(name, st.target_id, st.incarnation, tuple(leg.dev for leg in st.legs),
+                  tuple(kdevs))
 
 
 def discover(names: tuple[str, ...] = ()) -> list[Target]:
@@ -314,10 +317,16 @@ class Agent:
                 if name not in new:
                     self.counters["targets_removed"] += 1
                     log.warning("target %s (id %d) is gone: its entries are cleared", name, t.target_id)
+                else:
+                    n = new[name]
+                    log.info("target %s changed (id %d incarnation %d -> id %d incarnation %d, "
+                             "legs %s): its entries are cleared and its table rebuilt", name,
+                             t.target_id, t.incarnation, n.target_id, n.incarnation, " ".join(n.legs))
         for name, t in new.items():
             if name not in old:
                 self.counters["targets_added"] += 1
-                log.info("managing target %s (id %d) with legs %s", name, t.target_id, " ".join(t.legs))
+                log.info("managing target %s (id %d, incarnation %d) with legs %s", name,
+                         t.target_id, t.incarnation, " ".join(t.legs))
         kdevs = [d for t in targets for d in t.kdevs]
         slot_of = self.legmap.assign(sorted(set(kdevs)))
         self._slots = np.array([slot_of[d] for d in kdevs], dtype=np.int64)
@@ -441,7 +450,8 @@ class Agent:
             if not table.valid[rows].any():
                 continue   # no baseline yet on any leg: the module default decides
             exp = np.where(table.valid[rows], expires, 0)
-            self.policy.publish(t.target_id, table.penalty_ns[rows], table.lat_edges_ns[rows],
+            self.policy.publish(dmtarget.TargetRef(t.target_id, t.incarnation),
+                                table.penalty_ns[rows], table.lat_edges_ns[rows],
                                 table.service_ns[rows], table.probe_after_ns, exp,
                                 table.top_lat_ns[rows])
         self.policy.heartbeat(now, published_ns=now)
@@ -594,7 +604,8 @@ class Agent:
                         "inflight": int(live.inflight[r]),
                         "prev_lat_us": np.round(live.prev_lat_us[r], 1).tolist(),
                         "idle_ms": None if idle[r] is None else round(idle[r] / 1e6, 1)}})
-            targets.append({"name": t.name, "target_id": t.target_id, "legs": legs})
+            targets.append({"name": t.name, "target_id": t.target_id,
+                            "incarnation": t.incarnation, "legs": legs})
         return {
             "pid": os.getpid(), "pid_create_time": _own_create_time(),
             "abi_version": abi.ABI_VERSION,
@@ -827,7 +838,8 @@ def format_status(st: dict) -> str:
     if not st["targets"]:
         lines.append("no iobridge targets")
     for t in st["targets"]:
-        lines.append(f"target {t['name']} (id {t['target_id']})")
+        lines.append(f"target {t['name']} (id {t['target_id']}, incarnation "
+                     f"{t.get('incarnation', '?')})")
         for i, leg in enumerate(t["legs"]):
             b = leg.get("baseline")
             if b is None:

@@ -17,6 +17,7 @@ import dataclasses
 import os
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 from ..core import abi
 from ..core.errors import IobridgeError, UsageError
@@ -47,6 +48,7 @@ class LegStatus:
 @dataclasses.dataclass
 class TargetStatus:
     target_id: int
+    incarnation: int     # the device holding target_id (decision entries name it)
     policy: str
     health: str
     retries: int
@@ -169,17 +171,18 @@ def parse_status(line: str) -> TargetStatus:
     if abi.TARGET_TYPE in words[:3]:
         words = words[words.index(abi.TARGET_TYPE) + 1:]
     try:
-        tid, policy, nlegs, health = int(words[0]), words[1], int(words[2]), words[3]
-        retries, rfail, wfail, rejected = (int(w) for w in words[4:8])
+        tid, incarnation, policy = int(words[0]), int(words[1]), words[2]
+        nlegs, health = int(words[3]), words[4]
+        retries, rfail, wfail, rejected = (int(w) for w in words[5:9])
         legs = []
-        rest = words[8:]
+        rest = words[9:]
         per = 1 + len(LEG_FIELDS)
         for i in range(nlegs):
             chunk = rest[i * per:(i + 1) * per]
             legs.append(LegStatus(chunk[0], health[i], *(int(v) for v in chunk[1:])))
     except (IndexError, ValueError) as err:
         raise IobridgeError(f"cannot parse iobridge status line {line!r}") from err
-    return TargetStatus(tid, policy, health, retries, rfail, wfail, rejected, legs)
+    return TargetStatus(tid, incarnation, policy, health, retries, rfail, wfail, rejected, legs)
 
 
 def iobridge_line(lines: list[dmioctl.TargetLine]) -> dmioctl.TargetLine | None:
@@ -209,3 +212,15 @@ def table(name: str) -> str:
 def target_id(name: str) -> int:
     """The id the decision table is indexed with."""
     return status(name).target_id
+
+
+class TargetRef(NamedTuple):
+    """What decision entries are written for: the id that indexes them and
+    the incarnation (the device holding that id now) they are valid for."""
+    id: int
+    incarnation: int
+
+
+def target_ref(name: str) -> TargetRef:
+    st = status(name)
+    return TargetRef(st.target_id, st.incarnation)

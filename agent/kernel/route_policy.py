@@ -10,8 +10,9 @@ kmodule/iobridge_abi.h and core/decision.py (route()).
 
     with RoutePolicy() as policy:
         policy.attach()
-        policy.set_leg(target_id, 0, penalty_ns=0, ttl_s=1.0)
-        policy.set_leg(target_id, 1, penalty_ns=10_000_000, ttl_s=1.0)   # avoid leg 1
+        target = dmtarget.target_ref("mirror")
+        policy.set_leg(target, 0, penalty_ns=0, ttl_s=1.0)
+        policy.set_leg(target, 1, penalty_ns=10_000_000, ttl_s=1.0)   # avoid leg 1
 """
 
 from __future__ import annotations
@@ -134,21 +135,23 @@ class RoutePolicy:
         first = abi.leg_index(target, 0)
         return self.entries[first:first + legs]
 
-    def publish(self, target: int, penalty_ns: np.ndarray, lat_edges_ns: np.ndarray,
-                service_ns: np.ndarray, probe_after_ns: int, expires_ns: int,
-                top_lat_ns: np.ndarray | None = None) -> None:
+    def publish(self, target: dmtarget.TargetRef, penalty_ns: np.ndarray,
+                lat_edges_ns: np.ndarray, service_ns: np.ndarray, probe_after_ns: int,
+                expires_ns: int, top_lat_ns: np.ndarray | None = None) -> None:
         """Write one target's table: penalty_ns [legs, KEYS_PER_LEG], lat_edges_ns
         [legs, NUM_LAT_BUCKETS - 1], service_ns [legs], top_lat_ns [legs]
-        (None: 0, the top bucket's penalties as they are).
+        (None: 0, the top bucket's penalties as they are), valid for the
+        device of target.incarnation only.
 
         Payload first, expiry last; the program may see a mix of the old and
         the new payload for an instant, which changes one read's choice at
         most, never the validity of an entry."""
-        RoutePolicy._write(self._block(target, penalty_ns.shape[0]), penalty_ns, lat_edges_ns,
-                          service_ns, probe_after_ns, expires_ns,
+        RoutePolicy._write(self._block(target.id, penalty_ns.shape[0]), target.incarnation,
+                          penalty_ns,
+                          lat_edges_ns, service_ns, probe_after_ns, expires_ns,
                           0 if top_lat_ns is None else top_lat_ns)
 
-    def set_leg(self, target: int, leg: int, penalty_ns=0, ttl_s: float = 1.0,
+    def set_leg(self, target: dmtarget.TargetRef, leg: int, penalty_ns=0, ttl_s: float = 1.0,
                 service_ns: int = DEFAULT_SERVICE_NS, lat_edges_ns=None,
                 probe_after_ns: int = 0) -> None:
         """Write one leg's entry by hand (tests, benchmarks): `penalty_ns` a
@@ -156,14 +159,15 @@ class RoutePolicy:
         pen = np.broadcast_to(np.asarray(penalty_ns, dtype=np.int64), (abi.KEYS_PER_LEG,))
         edges = (np.full(abi.NUM_LAT_BUCKETS - 1, 0xFFFFFFFF) if lat_edges_ns is None
                  else np.asarray(lat_edges_ns))
-        entry = self._block(target)[leg:leg + 1]
+        entry = self._block(target.id)[leg:leg + 1]
         entry["expires_ns"] = 0
-        RoutePolicy._write(entry, pen[None, :], edges[None, :], np.array([service_ns]),
-                          probe_after_ns, now_ns() + int(ttl_s * 1e9))
+        RoutePolicy._write(entry, target.incarnation, pen[None, :], edges[None, :],
+                          np.array([service_ns]), probe_after_ns, now_ns() + int(ttl_s * 1e9))
 
     @staticmethod
-    def _write(block, penalty_ns, lat_edges_ns, service_ns, probe_after_ns,
+    def _write(block, incarnation, penalty_ns, lat_edges_ns, service_ns, probe_after_ns,
                expires_ns, top_lat_ns=0) -> None:
+        block["target_incarnation"] = incarnation
         block["penalty_ns"] = np.clip(penalty_ns, 0, abi.PENALTY_MAX_NS)
         block["top_lat_ns"] = np.clip(top_lat_ns, 0, 0xFFFFFFFF)
         block["lat_edge_ns"] = np.clip(lat_edges_ns, 0, 0xFFFFFFFF)

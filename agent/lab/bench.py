@@ -83,7 +83,7 @@ def hook_run_in_vm(args) -> dict:
         dmtarget.create(target, devs[1:], size)
         created_dm.append(target)
         testbed.sh(["udevadm", "settle"], check=False)
-        tid = dmtarget.target_id(target)
+        tid = dmtarget.target_ref(target)
 
         policy = RoutePolicy().load()
         t0 = time.monotonic()

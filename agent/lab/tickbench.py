@@ -345,7 +345,7 @@ class _Setup:
         self.agent.policy = memory_policy()
         self.agent.policy.heartbeat(clock.now_ns(), 0, cfg.max_silence_ns)
         kdevs = tuple((259 << 20) | i for i in range(n_legs))
-        self.agent._targets = [daemon.Target(f"bench{n_legs}", TARGET_ID,
+        self.agent._targets = [daemon.Target(f"bench{n_legs}", TARGET_ID, 1,
                                              tuple(f"259:{i}" for i in range(n_legs)), kdevs)]
         slots = self.agent.legmap.assign(kdevs)
         self.agent.legs = SyntheticLegs(self.agent.legmap, [slots[d] for d in kdevs],

@@ -369,6 +369,48 @@ def test_sigstopped_agent_table_follows_the_legs_live_state(replicas, agents, tm
     assert agent.stop() == 0
 
 
+def test_a_target_reusing_a_removed_ones_id_never_routes_by_its_entries(replicas, agents,
+                                                                        tmp_path):
+    """A removed target's id goes to the next target created, which the agent
+    may not have seen yet: the entries name the incarnation (the device) they
+    were made for, so the new target's reads go to the module default until
+    the agent publishes for it. The agent is stopped across the swap, so its
+    reaction time is unbounded here, the hardest case of "within 100 ms";
+    its entries stay valid and its heartbeat counts as fresh all along
+    (60 s), so only the incarnation keeps them from the new device."""
+    cfg = tmp_path / "long-ttl.toml"
+    cfg.write_text("[agent]\ntick_ms = 60\nttl_ticks = 1000\nmax_silence_ms = 60000\n")
+    agent = agents("--config", str(cfg))
+    warm_up(agent.status, replicas, timeout_s=60)
+    old = dmtarget.target_ref(replicas.name)
+    before = window(replicas, 1.0)
+    assert before["hook"] > 0 and before["default"] == 0, before   # the table routes
+    table = dmtarget.table(replicas.name)
+    agent.send(signal.SIGSTOP)
+    try:
+        # The same name over the same legs: only the incarnation differs.
+        dmtarget.remove(replicas.name)
+        run(["dmsetup", "create", replicas.name, "--table", table])
+        new = dmtarget.target_ref(replicas.name)
+        swapped = window(replicas, 1.0)
+    finally:
+        agent.send(signal.SIGCONT)
+    print(json.dumps({"old": old, "new": new, "before": before, "swapped": swapped}))
+    assert new.id == old.id and new.incarnation != old.incarnation, (old, new)
+    # The program ran with a live-looking agent and valid entries for that id,
+    # and left every read to the default.
+    assert swapped["hook"] == 0 and swapped["silent"] == 0 and swapped["default"] > 0, swapped
+    # Once the agent sees the new device, it publishes for it and routes again.
+    agent.wait_status(lambda st: [t["incarnation"] for t in st["targets"]] == [new.incarnation],
+                      timeout_s=60)
+    deadline = time.monotonic() + 60
+    while (w := window(replicas, 0.5))["hook"] == 0:
+        assert time.monotonic() < deadline, ("the agent never published for the new target", w)
+    after = window(replicas, 1.0)
+    assert after["hook"] > 0 and after["default"] == 0, after
+    assert agent.stop() == 0
+
+
 @pytest.mark.timeout(1200)   # agent start(s): BCC under TCG, slower on a busy host
 def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents, tmp_path):
     fio = subprocess.Popen(["fio", "--name=bg", f"--filename={replicas.dev}", "--rw=randread",

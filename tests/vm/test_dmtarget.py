@@ -426,7 +426,7 @@ def peek_ctx(routing: RoutePolicy) -> abi.RouteCtx:
 def test_bpf_routing_follows_penalties(make_nullb, make_iobridge, direct_io, routing):
     legs = [make_nullb(size_mb=8), make_nullb(size_mb=8)]
     name = make_iobridge(legs)
-    tid = dmtarget.target_id(name)
+    tid = dmtarget.target_ref(name)
     io = direct_io(f"/dev/mapper/{name}")
     routing.attach()
     n = 300
@@ -492,7 +492,7 @@ def test_bpf_routing_follows_live_latency(make_nullb, make_dm_delay, make_iobrid
         reload(delay_name, f"0 {sectors_of(base)} delay {base} 0 {ms} {base} 0 {ms}")
 
     name = make_iobridge([make_nullb(size_mb=8), delay])
-    tid = dmtarget.target_id(name)
+    tid = dmtarget.target_ref(name)
     io = direct_io(f"/dev/mapper/{name}")
     # A service time of 1 s, above either leg's latency: the per-read term
     # ties (the cost rule takes the larger of the two), only the penalty
@@ -535,7 +535,7 @@ def test_bpf_inflight_rule_at_depth(make_nullb, make_iobridge, direct_io, routin
     legs = [make_nullb(size_mb=16, irqmode=2, completion_nsec=2_000_000) for _ in range(2)]
     name = make_iobridge(legs)
     dev = f"/dev/mapper/{name}"
-    tid = dmtarget.target_id(name)
+    tid = dmtarget.target_ref(name)
     io = direct_io(dev)
     routing.attach()
     # A service time well above the legs' latency (2 ms, more under a
@@ -584,7 +584,7 @@ def test_bpf_probing(make_nullb, make_iobridge, direct_io, routing):
     probe_after_ns elapsed. No probes with probe_after_ns = 0."""
     legs = [make_nullb(size_mb=8), make_nullb(size_mb=8)]
     name = make_iobridge(legs)
-    tid = dmtarget.target_id(name)
+    tid = dmtarget.target_ref(name)
     io = direct_io(f"/dev/mapper/{name}")
     routing.attach()
     # 40 ms: the wait is also 32x leg 1's newest latency, which stays under
@@ -627,7 +627,7 @@ def test_bpf_probe_waits_32x_the_legs_newest_latency(make_nullb, make_iobridge, 
     slow_ns = 10_000_000
     legs = [make_nullb(size_mb=8), make_nullb(size_mb=8, irqmode=2, completion_nsec=slow_ns)]
     name = make_iobridge(legs)
-    tid = dmtarget.target_id(name)
+    tid = dmtarget.target_ref(name)
     io = direct_io(f"/dev/mapper/{name}")
     routing.attach()
     probe_after = 20_000_000
@@ -648,7 +648,7 @@ def test_bpf_expired_or_silent_table_leaves_reads_to_the_default(make_nullb, mak
                                                                  direct_io, routing):
     legs = [make_nullb(size_mb=8), make_nullb(size_mb=8)]
     name = make_iobridge(legs)
-    tid = dmtarget.target_id(name)
+    tid = dmtarget.target_ref(name)
     io = direct_io(f"/dev/mapper/{name}")
     routing.attach()
     n = 200
@@ -692,7 +692,7 @@ def test_kernel_routing_matches_decision_route(make_nullb, make_iobridge, direct
     legs = [make_nullb(size_mb=8), make_nullb(size_mb=8),
             make_nullb(size_mb=8, irqmode=2, completion_nsec=20_000_000)]
     name = make_iobridge(legs)
-    tid = dmtarget.target_id(name)
+    tid = dmtarget.target_ref(name)
     io = direct_io(f"/dev/mapper/{name}")
     routing.attach()
     routing.attach(b"iobridge_test_peek")
@@ -719,7 +719,7 @@ def test_kernel_routing_matches_decision_route(make_nullb, make_iobridge, direct
             penalty_ns=penalty, lat_edges_ns=edges, service_ns=service,
             probe_after_ns=probe_after, computed_ns=0, valid_from_ns=0, expiry_ns=expires,
             top_lat_ns=top_lat)
-        routing.clear(tid)
+        routing.clear(tid.id)
         routing.publish(tid, penalty, edges, service, probe_after, expires, top_lat)
         hook0 = [leg.hook_routed for leg in dmtarget.status(name).legs]
         for i, nbytes in enumerate(sizes):
@@ -737,7 +737,7 @@ def test_kernel_routing_matches_decision_route(make_nullb, make_iobridge, direct
             if s1["calls"] - s0["calls"] != 1 or ctx.sector != offset // 512:
                 skipped += 1    # another read (udev?) went through the hook meanwhile
                 continue
-            assert ctx.bio_bytes == nbytes and ctx.target_id == tid and ctx.nr_legs == nlegs
+            assert ctx.bio_bytes == nbytes and ctx.target_id == tid.id and ctx.nr_legs == nlegs
             assert ctx.abi_version == abi.ABI_VERSION
             inflight = list(ctx.inflight[:nlegs])
             last_lat = list(ctx.last_lat_ns[:nlegs])
@@ -831,7 +831,7 @@ def test_integrity_under_routing_flips(make_nullb, make_iobridge, routing):
     legs = [make_nullb(size_mb=size_mb), make_nullb(size_mb=size_mb)]
     name = make_iobridge(legs)
     dev = f"/dev/mapper/{name}"
-    tid = dmtarget.target_id(name)
+    tid = dmtarget.target_ref(name)
     routing.attach()
     stop = threading.Event()
     flips = [0]
@@ -999,10 +999,10 @@ def test_write_failure_semantics(make_nullb, make_dm, make_iobridge):
     assert run(["dmsetup", "message", name, "0", "restore_leg", "1"], check=False).returncode != 0
     assert "missed writes" in dmesg_tail(since)
     # A table reload keeps the target id and the stale leg stale.
-    tid = dmtarget.target_id(name)
+    tid = dmtarget.target_ref(name)
     reload(name, dmtarget.table(name))
     st = dmtarget.status(name)
-    assert st.health == "AS" and st.target_id == tid, st
+    assert st.health == "AS" and st.target_id == tid.id, st
 
     # Resync (copy leg 0 onto the repaired leg 1), then restore.
     reload(flaky_name, flakey_table(base[1], up=3600, down=1))
