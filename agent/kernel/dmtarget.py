@@ -2,13 +2,14 @@
 
 Status line of the target (`dmsetup status NAME`, after "START LEN iobridge"):
 
-    <target_id> <policy> <nr_legs> <health> <retries> <read_failures>
-    <write_failures> <hook_rejected>
+    <target_id> <incarnation> <policy> <nr_legs> <health> <retries>
+    <read_failures> <write_failures> <hook_rejected>
     then per leg: <dev> <reads> <writes> <read_errors> <write_errors>
                   <inflight> <hook_routed> <default_routed>
 
 health has one character per leg: A healthy, F failed (no reads),
-S failed and stale (missed a write; no I/O at all).
+S failed and stale (missed a write; no I/O at all). incarnation names the
+device holding target_id (decision entries are valid for it only).
 """
 
 from __future__ import annotations
