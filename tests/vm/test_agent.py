@@ -415,7 +415,10 @@ def test_a_target_reusing_a_removed_ones_id_never_routes_by_its_entries(replicas
 def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents, tmp_path):
     fio = subprocess.Popen(["fio", "--name=bg", f"--filename={replicas.dev}", "--rw=randread",
                             "--bs=4k", "--direct=1", "--ioengine=libaio", "--iodepth=4",
-                            "--time_based", "--runtime=600", "--output-format=json"],
+                            # Ended by SIGINT below. Longer than the test may take: with
+                            # a busy host the two agent starts took most of 600 s, fio
+                            # ended first, and the restarted agent saw no reads.
+                            "--time_based", "--runtime=3600", "--output-format=json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Short limits, so the stall below outlasts both within a second.
     cfg = tmp_path / "short-limits.toml"

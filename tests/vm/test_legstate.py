@@ -18,6 +18,8 @@ from iobridge.kernel.observer import BlockObserver
 
 pytestmark = pytest.mark.vm
 
+DEBIAN_JIFFY_US = 4_000      # Debian's kernels: CONFIG_HZ=250
+
 
 def fio_args(dev: str, rw: str, *extra: str) -> list[str]:
     return ["fio", "--name=legs", f"--filename={dev}", f"--rw={rw}", "--bs=4k", "--direct=1",
@@ -70,7 +72,11 @@ def test_dm_delay_leg_is_timed_at_bio_level_apart_from_the_nullb_below(legs, mak
     assert (s.issued - before.issued).tolist() == [n, n]
     assert (s.completed - before.completed).tolist() == [n, n]
     assert s.inflight.tolist() == [0, 0]
-    assert (s.prev_lat_us[0] >= 20_000).all()
+    # The 20 ms delay, less at most one jiffy: dm-delay since 6.8 times short
+    # delays with a kthread that compares jiffies, so a read may leave up to a
+    # jiffy early (4 ms at Debian's HZ=250; 19.1-19.3 ms seen on 6.12), where
+    # 6.1's timer never fired early.
+    assert (s.prev_lat_us[0] >= 20_000 - DEBIAN_JIFFY_US).all()
     # From queue to completion inside the kernel: within what fio measured.
     assert (s.prev_lat_us[0] <= job["read"]["clat_ns"]["max"] / 1e3).all()
     # The clone reaches the null_blk only after the delay: its own time is short.
