@@ -108,13 +108,14 @@ def test_cli_json_and_plot(tmp_path, cloudphysics, capsys):
     assert "exists" in capsys.readouterr().err and png.read_bytes() == before
     assert cli.main(base + ["--force"]) == 0
     assert "primary" in capsys.readouterr().out and png.stat().st_size > 10_000
-    # A plot that cannot be written (unknown image format) loses neither the
-    # report, printed first, nor leaves a file behind.
+    # An image format matplotlib cannot write is refused before the replay
+    # runs (as a bad path is), and leaves no file behind.
     bad = tmp_path / "cdf.nope"
     assert cli.main(["replay", "-q", "--trace", str(src), "--policy", "primary",
                      "--plot", str(bad)]) == 2
     out, err = capsys.readouterr()
-    assert "primary" in out and f"cannot write {bad}" in err and not bad.exists()
+    assert out == "" and f"cannot write {bad}: no image format .nope" in err
+    assert not bad.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cdf.png", "cp.parquet"]
 
 
