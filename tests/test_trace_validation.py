@@ -212,6 +212,20 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, capsys)
 GOOD_CSV = CSV_HEAD + "1,0,28,4096,10\n1,0,2a,512,11\n1,1,28,8192,12\n"
 
 
+@pytest.mark.parametrize("content, extra, what", [
+    (CSV_HEAD + "1,0,12,4096,10\n", [], "no reads, writes, trims or flushes to export "
+     "(1 records: {'other': 1})"),
+    (CSV_HEAD + "1,0,2a,4096,10\n", ["--reads-only"], "no reads to export"),
+])
+def test_export_of_nothing_is_refused(content, extra, what, tmp_path, capsys):
+    """An iolog without I/O replays nothing, and `trace import` refuses it."""
+    src = tmp_path / "cp.csv"
+    _write(src, content)
+    assert cli.main(_argv("export", src, tmp_path) + extra) == 1
+    _one_error_line(capsys.readouterr().err, f"{src}: {what}")
+    assert sorted(os.listdir(tmp_path)) == ["cp.csv"]
+
+
 def test_every_zstd_frame_is_read(tmp_path):
     """Concatenated frames (what `zstd -d` and `cat a.zst b.zst` give) are one trace."""
     src = tmp_path / "x.lis.zst"

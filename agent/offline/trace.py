@@ -782,8 +782,9 @@ def export_fio_iolog(trace: Trace, out, filename: str, version: int = 3,
     v3 carries issue times (microseconds since the first I/O). The trace is
     validated first (validate_columns: every offset and size one a device
     can take); `source` names it in errors (default: its meta's source).
-    The file is written atomically (atomic_output). Returns the number of
-    I/O lines written.
+    A trace with nothing to export (no I/O fio replays, or no reads with
+    `reads_only`) is refused. The file is written atomically (atomic_output).
+    Returns the number of I/O lines written.
     """
     if version not in (2, 3):
         raise UsageError(f"fio iolog version {version} not supported", "use 2 or 3")
@@ -795,6 +796,10 @@ def export_fio_iolog(trace: Trace, out, filename: str, version: int = 3,
     op = t["op"]
     mask = np.isin(op, [OP_READ] if reads_only else list(keep))
     t = t.take(np.flatnonzero(mask))
+    if not len(t):      # an iolog without I/O replays nothing (and import refuses it)
+        what = "reads" if reads_only else "reads, writes, trims or flushes"
+        raise IobridgeError(f"{source}: no {what} to export "
+                            f"({len(trace)} records: {describe(trace)['ops']})")
     ts_us = (t["issue_ns"] - (t["issue_ns"][0] if len(t) else 0)) // 1000
     names = [keep[int(o)] for o in t["op"]]
     off = t["sector"] * 512      # validated: sector * 512 + bytes <= MAX_END_BYTE
