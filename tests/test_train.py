@@ -152,3 +152,13 @@ def test_train_with_every_io_labelled_slow_is_one_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "every I/O of the training part is labelled slow" in err[0]
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_train_on_a_trace_too_short_to_split_is_one_error(tmp_path, capsys):
+    """One I/O: the training part is empty (it was reported as 'I/Os without latency')."""
+    src = tmp_path / "one.csv"
+    src.write_text("version,time,op,size,lbn\n1,0,28,4096,8\n")
+    assert cli.main(["train", "-q", "--trace", str(src), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"iobridge: error: {src}: too short to split by time: the earlier 0.7 of its time span "
+        "holds 0 of its 1 I/Os (use a longer trace)"]

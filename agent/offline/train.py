@@ -376,6 +376,10 @@ def train_admission(trace_paths: list[str], out: str, *, legs: int = 2, kind: st
                                 f"({len(tr)} records: {describe(tr)['ops']})")
         split = time_split(rec["issue_ns"], train_fraction)
         early = rec["issue_ns"] < split
+        if early.all() or not early.any():
+            raise IobridgeError(f"{path}: too short to split by time: the earlier "
+                                f"{train_fraction:g} of its time span holds {int(early.sum())} "
+                                f"of its {len(rec)} I/Os", "use a longer trace")
         train_recs.append(rec.take(np.flatnonzero(early)))
         test_recs.append(rec.take(np.flatnonzero(~early)))
         p = Path(path)
