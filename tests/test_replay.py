@@ -201,3 +201,16 @@ def test_cli_no_slow_io_exits_0_with_reasons_in_text_and_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "heimdall: not trained: the training part has no slow I/Os" in out
     assert "replayed as leastinflight" in out and "primary" in out
+
+
+def test_a_held_back_part_without_reads_is_one_error(tmp_path, capsys):
+    """Reads only early in the trace: no policy has anything to report (the
+    text report was a KeyError traceback)."""
+    src = tmp_path / "t.csv"
+    src.write_text("version,time,op,size,lbn\n" + "".join(
+        f"1,{i},{'28' if i < 50 else '2a'},4096,{i}\n" for i in range(100)))
+    assert cli.main(["replay", "-q", "--trace", str(src), "--policy", "primary"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "iobridge: error: the held-back part of the trace (from 49500000000 ns, the later 0.5 "
+        "of its time span) has no reads to replay (use a longer trace, or a smaller "
+        "--train-fraction)"]

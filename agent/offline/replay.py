@@ -114,6 +114,10 @@ def run_replay(trace: Trace, nlegs: int, policy_names: list[str], *,
     split = time_split(tr["issue_ns"], train_fraction)
     train_part = tr.take(np.flatnonzero(tr["issue_ns"] < split))
     eval_part = tr.take(np.flatnonzero(tr["issue_ns"] >= split))
+    if not (eval_part["op"] == OP_READ).any():     # every policy would report nothing
+        raise IobridgeError(f"the held-back part of the trace (from {split} ns, the later "
+                            f"{1 - train_fraction:g} of its time span) has no reads to replay",
+                            "use a longer trace, or a smaller --train-fraction")
     report: dict = {
         "trace": tr.meta.get("source", "?"), "legs": nlegs, "seed": seed,
         "latency_source": "recorded per-leg latencies" if timelines else "device model",
