@@ -8,6 +8,7 @@ and sets `func` (called with the parsed args, returns an exit status).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -52,16 +53,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class StdoutError(Exception):
+    """Standard output could not be written (a full disk, /dev/full, a closed
+    descriptor): raised by _CheckedStdout for the OSError, so that no
+    command's `except OSError` takes it for a problem with its own files."""
+
+    def __init__(self, err: OSError):
+        super().__init__(err.strerror or str(err))
+
+
+class _CheckedStdout:
+    """sys.stdout while a command runs: a failed write or flush raises
+    StdoutError (one error line, exit 1) instead of an OSError traceback; a
+    reader gone away stays BrokenPipeError (exit 141, nothing said)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        if self._stream is None:         # started with stdout closed (`>&-`)
+            raise StdoutError(OSError(errno.EBADF, "it is closed"))
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutError(e) from None
+
+    def flush(self):
+        if self._stream is None:
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutError(e) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _silence_stdout(stream) -> None:
+    """stdout to /dev/null, so the interpreter's last flush cannot fail again."""
+    if stream is not None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
+    stdout = sys.stdout
+    sys.stdout = _CheckedStdout(stdout)
     try:
-        return _main(argv)
+        rc = _main(argv)
+        sys.stdout.flush()
+        return rc
     except BrokenPipeError:
         # The reader went away (`iobridge trace info | head`): nothing to say.
-        # stdout goes to /dev/null so the interpreter's last flush cannot
-        # fail again; 141 = 128 + SIGPIPE, what a shell reports for a pipe
-        # writer killed by it.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # 141 = 128 + SIGPIPE, what a shell reports for a pipe writer killed by it.
+        _silence_stdout(stdout)
         return 141
+    except StdoutError as e:
+        print(f"iobridge: error: cannot write the output to standard output: {e}",
+              file=sys.stderr)
+        _silence_stdout(stdout)
+        return 1
+    finally:
+        sys.stdout = stdout
 
 
 def _main(argv: list[str] | None) -> int:

@@ -9,6 +9,7 @@ release pyproject.toml declares.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -135,6 +136,40 @@ def test_a_reader_that_goes_away_is_no_error():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert err == ""
+
+
+@pytest.mark.parametrize("stdout", ["/dev/full", "closed"])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["status", "--json"]])
+def test_output_that_cannot_be_written_is_one_error_line(stdout, argv, tmp_path):
+    """stdout on a full disk (/dev/full) or closed (`>&-`): exit 1 and one
+    error line, no traceback (and no "Exception ignored" at exit)."""
+    status = tmp_path / "status.json"
+    status.write_text('{"pid": 1, "written_ns": 0, "tick_ms": 250, "max_silence_ms": 0}')
+    argv = [*argv, "--status-file", str(status)] if argv[0] == "status" else argv
+    out = open(stdout, "wb") if stdout != "closed" else None
+    try:
+        proc = subprocess.run([sys.executable, "-m", "iobridge", *argv], stdout=out,
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              **({} if out else {"pass_fds": ()}),
+                              preexec_fn=None if out else (lambda: os.close(1)))
+    finally:
+        if out:
+            out.close()
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "iobridge: error: cannot write the output to standard output: "
+        + ("No space left on device" if out else "it is closed")]
+
+
+@pytest.mark.parametrize("argv", [
+    ["replay", "--trace", "t.parquet", "--plot", ""],
+    ["bench", "tick", "--output", ""],
+])
+def test_an_empty_output_file_name_is_a_usage_error(argv, capsys):
+    """`--plot ""` is a name the user gave, not "no plot": refused before the work."""
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "iobridge: error: the output file name is empty (give a file name to write)"]
 
 
 def test_examples_epilog_keeps_its_lines():

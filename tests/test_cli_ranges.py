@@ -196,6 +196,19 @@ def test_replay_refuses_more_background_busy_periods_than_it_can_simulate(tmp_pa
     assert len(err) == 1 and err[0].startswith("iobridge: error: the replay spans") and "--bg-per-s" in err[0]
 
 
+def test_replay_speed_that_would_wrap_the_issue_times_is_refused(tmp_path, capsys):
+    """--speed 0.01 divides issue times by 0.01: near 2**62 ns that passes
+    int64 and would wrap to negative times, not slow the trace down."""
+    path = tmp_path / "late.parquet"
+    issue = np.array([2**62, 2**62 + 10**9], dtype=np.int64)
+    write_trace(path, Trace(_normalise_batch({"issue_ns": issue, "bytes": np.full(2, 4096),
+                                              "op": np.zeros(2)}), {"source": "late"}))
+    assert cli.main(["replay", "-q", "--trace", str(path), "--speed", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iobridge: error: --speed 0.01: the trace's last "
+                                               "issue time") and "int64" in err[0]
+
+
 def test_replay_legs_api_check_matches_the_option():
     with pytest.raises(R.UsageError, match="2 to 8 legs"):
         R.run_replay(Trace(_normalise_batch({"issue_ns": np.zeros(1, dtype=np.int64),

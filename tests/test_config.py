@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from iobridge.daemon import config
@@ -48,10 +50,19 @@ def test_file_values_and_relative_model_path(tmp_path):
     ("[admission]\ntargets = \"mirror\"\n", r"admission\.targets = 'mirror' is invalid: it must be a list"),
     ("[agent\ntick_ms = 1\n", r"not valid TOML"),
     ("agent = 3\n", r"agent must be a table"),
+    ("a = " + "[" * 100_000 + "]" * 100_000 + "\n", r"not valid TOML: maximum recursion depth"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         config.load(write(tmp_path, text))
+
+
+def test_a_config_path_that_is_no_regular_file_is_refused_at_once(tmp_path):
+    """A FIFO would block the read until a writer comes."""
+    fifo = tmp_path / "iobridge.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file: a FIFO"):
+        config.load(fifo)
 
 
 def test_missing_file(tmp_path):

@@ -6,6 +6,7 @@ not at all. Every refusal is one line on stderr, no traceback."""
 import errno
 import hashlib
 import json
+import os
 import shutil
 import time
 
@@ -186,6 +187,34 @@ def test_wrongly_typed_card_field_is_refused(tmp_path, capsys, field, value, mes
     dst = write_model(tmp_path, SHIPPED_MODEL.read_bytes(), **{field: value})
     err = refused(capsys, ["model", "check", str(dst)])
     assert f"card {card_path(dst)}: {message}" in err
+
+
+@pytest.mark.parametrize("field, value", [
+    ("evaluation", {"roc_auc": float("nan")}), ("decision_threshold", float("inf")),
+    ("training_time_s", float("-inf"))])
+def test_non_finite_card_numbers_are_refused(tmp_path, capsys, field, value):
+    """JSON's NaN and Infinity (and 1e400, which parses as inf) are not numbers a card holds."""
+    dst = write_model(tmp_path, SHIPPED_MODEL.read_bytes(), **{field: value})
+    err = refused(capsys, ["model", "check", str(dst)])
+    assert "found a non-finite number" in err
+
+
+def test_card_nested_too_deeply_is_one_line(tmp_path, capsys):
+    dst = write_model(tmp_path, SHIPPED_MODEL.read_bytes())
+    card_path(dst).write_text("[" * 100_000 + "]" * 100_000)
+    err = refused(capsys, ["model", "check", str(dst)])
+    assert f"card {card_path(dst)}: not valid JSON: nested too deeply to parse" in err
+
+
+@pytest.mark.parametrize("which", ["model", "card"])
+def test_a_fifo_for_model_or_card_is_refused_at_once(tmp_path, capsys, which):
+    """Opening a FIFO blocks until a writer comes: it is refused, not read."""
+    dst = write_model(tmp_path, SHIPPED_MODEL.read_bytes())
+    fifo = dst if which == "model" else card_path(dst)
+    fifo.unlink()
+    os.mkfifo(fifo)
+    err = refused(capsys, ["model", "bench", str(dst), "--runs", "1"])
+    assert "not a regular file: a FIFO (named pipe)" in err
 
 
 def test_card_of_another_model_is_refused(tmp_path, capsys):

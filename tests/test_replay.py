@@ -108,13 +108,14 @@ def test_cli_json_and_plot(tmp_path, cloudphysics, capsys):
     assert "exists" in capsys.readouterr().err and png.read_bytes() == before
     assert cli.main(base + ["--force"]) == 0
     assert "primary" in capsys.readouterr().out and png.stat().st_size > 10_000
-    # A plot that cannot be written (unknown image format) loses neither the
-    # report, printed first, nor leaves a file behind.
+    # An image format matplotlib cannot write is refused before the replay
+    # runs (as a bad path is), and leaves no file behind.
     bad = tmp_path / "cdf.nope"
     assert cli.main(["replay", "-q", "--trace", str(src), "--policy", "primary",
                      "--plot", str(bad)]) == 2
     out, err = capsys.readouterr()
-    assert "primary" in out and f"cannot write {bad}" in err and not bad.exists()
+    assert out == "" and f"cannot write {bad}: no image format .nope" in err
+    assert not bad.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cdf.png", "cp.parquet"]
 
 
@@ -200,3 +201,16 @@ def test_cli_no_slow_io_exits_0_with_reasons_in_text_and_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "heimdall: not trained: the training part has no slow I/Os" in out
     assert "replayed as leastinflight" in out and "primary" in out
+
+
+def test_a_held_back_part_without_reads_is_one_error(tmp_path, capsys):
+    """Reads only early in the trace: no policy has anything to report (the
+    text report was a KeyError traceback)."""
+    src = tmp_path / "t.csv"
+    src.write_text("version,time,op,size,lbn\n" + "".join(
+        f"1,{i},{'28' if i < 50 else '2a'},4096,{i}\n" for i in range(100)))
+    assert cli.main(["replay", "-q", "--trace", str(src), "--policy", "primary"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "iobridge: error: the held-back part of the trace (from 49500000000 ns, the later 0.5 "
+        "of its time span) has no reads to replay (use a longer trace, or a smaller "
+        "--train-fraction)"]

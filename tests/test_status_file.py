@@ -11,6 +11,7 @@ naming the file (exit 4).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -160,6 +161,36 @@ def test_a_status_missing_report_fields_is_malformed_in_text_form(tmp_path, caps
     assert err.startswith(f"iobridge: error: {path}: not an agent status file: missing or malformed")
     rc, out, _ = _status_cli(capsys, path, "--json")
     assert rc == 0 and json.loads(out)["agent_alive"]
+
+
+def test_a_stale_status_missing_report_fields_is_not_running_in_both_forms(tmp_path, capsys):
+    """A stale file is "not running" (exit 3) with and without --json, however
+    much of it is left: the text report falls back to its first line."""
+    path = _write(tmp_path, _status(pid=1, pid_create_time=None,
+                                    written_ns=clock.now_ns() - HOUR_NS))
+    rc, out, err = _status_cli(capsys, path)
+    assert rc == 3 and err == "" and out.startswith("agent pid 1 NOT RUNNING (stale status: ")
+    assert len(out.strip().splitlines()) == 1
+    rc, out, _ = _status_cli(capsys, path, "--json")
+    assert rc == 3 and json.loads(out)["agent_alive"] is False
+
+
+@pytest.mark.parametrize("make", ["fifo", "dev-zero", "deep-json"])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_status_path_that_is_no_status_file_is_one_line_at_once(make, as_json, tmp_path,
+                                                                 capsys):
+    """A FIFO would block the read, /dev/zero never ends, JSON nested 100,000
+    deep overflows the parser's stack: each is exit 4 and one error line."""
+    if make == "fifo":
+        path = str(tmp_path / "status.json")
+        os.mkfifo(path)
+        what = "not a regular file: a FIFO (named pipe)"
+    elif make == "dev-zero":
+        path, what = "/dev/zero", "not a regular file: a character device"
+    else:
+        path, what = _write(tmp_path, "[" * 100_000 + "]" * 100_000), "nested too deeply"
+    rc, out, err = _status_cli(capsys, path, *(["--json"] if as_json else []))
+    assert rc == 4 and out == "" and len(err.strip().splitlines()) == 1 and what in err
 
 
 def test_unreadable_status_file(tmp_path, capsys):

@@ -38,8 +38,14 @@ FIO3 = "fio version 3 iolog\n"
 FIO2 = "fio version 2 iolog\n"
 
 
-def parquet_bytes(**over) -> bytes:
-    """A 3-row iobridge Parquet trace, columns replaced by `over` (pyarrow arrays)."""
+def zstd_bytes(data: bytes) -> bytes:
+    import zstandard
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def parquet_bytes(_meta=None, **over) -> bytes:
+    """A 3-row iobridge Parquet trace, columns replaced by `over` (pyarrow arrays),
+    the file metadata by `_meta`."""
     n = 3
     cols = {"issue_ns": pa.array([0, 10, 20], pa.int64()),
             "complete_ns": pa.array([-1] * n, pa.int64()),
@@ -52,7 +58,7 @@ def parquet_bytes(**over) -> bytes:
             "leg": pa.array([-1] * n, pa.int16())}
     cols.update(over)
     table = pa.table(cols).replace_schema_metadata(
-        {b"iobridge.trace_format": b"1", b"iobridge.meta": b"{}"})
+        _meta or {b"iobridge.trace_format": b"1", b"iobridge.meta": b"{}"})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
@@ -136,6 +142,22 @@ BAD_INPUT = [
      "import", "x.lis line 2: expected 4 non-negative integers"),
     ("csv-bom-then-garbage", "cp.csv", b"\xef\xbb\xbf" + b"time,op\n1,2\n",
      "import", "cp.csv line 1: expected header"),
+    # fields counted per line, not over the file: 3 + 5 fields are not two records
+    ("arc-3-then-5-fields", "x.lis", "1 8 0\n0 1 8 0 0\n",
+     "info", "x.lis line 1: expected 4 non-negative integers"),
+    # bytes after the last zstd frame are an error, not dropped
+    ("arc-zst-trailing-garbage", "x.lis.zst", zstd_bytes(b"1 8 0 0\n") + b"garbage",
+     "import", "x.lis.zst: bytes after the zstd frame ending at byte"),
+    # an iolog offset is in bytes, a trace's in sectors: refused, never rounded
+    ("fio-unaligned-offset", "j.iolog", FIO3 + "5 /dev/x read 1000 4096\n",
+     "export", "j.iolog line 2: field 'offset' = 1000 is not a multiple of 512"),
+    # a file opened and not closed: a truncated log (a cut at a line boundary)
+    ("fio-truncated-no-close", "j.iolog", FIO3 + "0 /dev/x add\n0 /dev/x open\n"
+     "5 /dev/x read 0 4096\n", "info",
+     "j.iolog: ends with /dev/x still open (line 3 opens it, no 'close' follows)"),
+    ("pq-meta-nested-too-deeply", "t.parquet", parquet_bytes(
+        _meta={b"iobridge.trace_format": b"1", b"iobridge.meta": b"[" * 100000 + b"]" * 100000}),
+     "info", "metadata 'iobridge.meta' is not JSON (nested too deeply to parse)"),
 ]
 
 
@@ -188,6 +210,63 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, capsys)
 
 
 GOOD_CSV = CSV_HEAD + "1,0,28,4096,10\n1,0,2a,512,11\n1,1,28,8192,12\n"
+
+
+@pytest.mark.parametrize("content, extra, what", [
+    (CSV_HEAD + "1,0,12,4096,10\n", [], "no reads, writes, trims or flushes to export "
+     "(1 records: {'other': 1})"),
+    (CSV_HEAD + "1,0,2a,4096,10\n", ["--reads-only"], "no reads to export"),
+])
+def test_export_of_nothing_is_refused(content, extra, what, tmp_path, capsys):
+    """An iolog without I/O replays nothing, and `trace import` refuses it."""
+    src = tmp_path / "cp.csv"
+    _write(src, content)
+    assert cli.main(_argv("export", src, tmp_path) + extra) == 1
+    _one_error_line(capsys.readouterr().err, f"{src}: {what}")
+    assert sorted(os.listdir(tmp_path)) == ["cp.csv"]
+
+
+def test_every_zstd_frame_is_read(tmp_path):
+    """Concatenated frames (what `zstd -d` and `cat a.zst b.zst` give) are one trace."""
+    src = tmp_path / "x.lis.zst"
+    src.write_bytes(zstd_bytes(b"1 8 0 0\n") + zstd_bytes(b"9 8 0 1\n100 16 0 2\n"))
+    tr = T.load_any(src)
+    assert tr["sector"].tolist() == [1, 9, 100]
+
+
+@pytest.mark.parametrize("verb", ["import", "export", "info"])
+def test_a_trace_input_that_is_not_a_regular_file_is_refused_at_once(verb, tmp_path):
+    """A FIFO (even without a telling name, when the format is guessed from the
+    contents) is refused, not opened: opening it would block for ever."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    r = subprocess.run([sys.executable, "-m", "iobridge.cli",
+                        *_argv(verb, fifo, tmp_path / "out")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == \
+        f"iobridge: error: {fifo}: not a regular file (give a trace file)"
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    """Names from the command line may hold undecodable bytes: an output file
+    with one is written and read back; an iolog --filename, which goes into
+    a UTF-8 text file, is a usage error. (A process: its stderr escapes
+    what pytest's capture would refuse to print.)"""
+    def iobridge(*argv):
+        return subprocess.run([sys.executable, "-m", "iobridge.cli", *argv],
+                              capture_output=True, text=True, timeout=60)
+    src = tmp_path / "cp.csv"
+    _write(src, GOOD_CSV)
+    out = tmp_path / os.fsdecode(b"\xff.parquet")
+    r = iobridge("trace", "import", str(src), "-o", str(out))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(T.read_trace(out)) == 3
+    r = iobridge("trace", "export", str(out), "-o", str(tmp_path / "x.iolog"),
+                 "--filename", os.fsdecode(b"/dev/\xff"))
+    assert r.returncode == 2
+    _one_error_line(r.stderr, "is not UTF-8 text")
+    assert not (tmp_path / "x.iolog").exists()
 
 
 def _good_inputs(d: Path) -> dict[str, Path]:
@@ -509,8 +588,9 @@ def test_arc_sizes_are_exact_or_refused(nblocks, start):
 
 
 @PROPS
-@given(offset=st.integers(-2**64, 2**70), length=st.integers(-2**40, 2**40),
-       ts=st.integers(-2**70, 2**70))
+@given(offset=st.one_of(st.integers(-2**64, 2**70),
+                       st.integers(-2**55, 2**62).map(lambda k: k * 512)),   # sector-aligned
+       length=st.integers(-2**40, 2**40), ts=st.integers(-2**70, 2**70))
 def test_fio_import_is_exact_or_refused(offset, length, ts):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "j.iolog"
@@ -520,9 +600,10 @@ def test_fio_import_is_exact_or_refused(offset, length, ts):
         except IobridgeError as e:
             assert "j.iolog line 3: " in str(e)
             assert (min(offset, length, ts) < 0 or length == 0 or length > T.MAX_IO_BYTES
-                    or ts * 1000 > T.INT64_MAX or offset // 512 * 512 + length > T.MAX_END_BYTE)
-        else:
-            assert tr["sector"].tolist() == [offset // 512]
+                    or ts * 1000 > T.INT64_MAX or offset % 512
+                    or offset + length > T.MAX_END_BYTE)
+        else:      # exact: an offset is never rounded to a sector
+            assert tr["sector"].tolist() == [offset // 512] and offset % 512 == 0
             assert tr["bytes"].tolist() == [length]
             assert tr["issue_ns"].tolist() == [ts * 1000]
 

@@ -129,3 +129,36 @@ def test_train_rejects_two_latency_thresholds(tmp_path, capsys):
                   "--out", str(tmp_path / "m.onnx"), "--lat-threshold-rel", "0.5"])
     assert exc.value.code == 2
     assert "--lat-threshold-rel: must be a number more than 1" in capsys.readouterr().err
+
+
+def test_train_on_a_trace_without_reads_or_writes_is_one_error(tmp_path, capsys):
+    """Only "other" operations: nothing to simulate or learn from."""
+    src = tmp_path / "other.csv"
+    src.write_text("version,time,op,size,lbn\n" + "".join(f"1,{i},12,4096,{i}\n" for i in range(50)))
+    assert cli.main(["train", "-q", "--trace", str(src), "--out", str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"iobridge: error: {src}: no reads or writes to learn from "
+                   "(50 records: {'other': 50})"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.csv"]
+
+
+def test_train_with_every_io_labelled_slow_is_one_error(tmp_path, capsys):
+    """A latency threshold below every latency makes one class: nothing to learn
+    (the classifier would have one output column, not the two a model needs)."""
+    src = tmp_path / "r.parquet"
+    write_trace(src, recorded_qd1("nvme", 100.0, 20.0)[0])
+    assert cli.main(["train", "-q", "--trace", str(src), "--out", str(tmp_path / "m.onnx"),
+                     "--max-epochs", "1", "--lat-threshold-us", "0.5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "every I/O of the training part is labelled slow" in err[0]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_train_on_a_trace_too_short_to_split_is_one_error(tmp_path, capsys):
+    """One I/O: the training part is empty (it was reported as 'I/Os without latency')."""
+    src = tmp_path / "one.csv"
+    src.write_text("version,time,op,size,lbn\n1,0,28,4096,8\n")
+    assert cli.main(["train", "-q", "--trace", str(src), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"iobridge: error: {src}: too short to split by time: the earlier 0.7 of its time span "
+        "holds 0 of its 1 I/Os (use a longer trace)"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 from . import cliutil
 from . import features as F
 from .errors import IobridgeError
+from .infiles import json_loads, read_input
 
 CARD_VERSION = 2
 CARD_SUFFIX = ".card.json"
@@ -116,8 +118,8 @@ def _json_type(v) -> str:
         return "a boolean"
     if isinstance(v, int):
         return _INT
-    if isinstance(v, float):
-        return _NUM
+    if isinstance(v, float):      # JSON's NaN, Infinity and 1e400 are not numbers a card uses
+        return _NUM if math.isfinite(v) else "a non-finite number"
     if isinstance(v, str):
         return _STR
     if isinstance(v, list):
@@ -147,8 +149,8 @@ def read_card(path) -> dict:
         raise ModelCheckError(f"{path}: model card {cp} is missing",
                               "every model needs its card next to it")
     try:
-        text = cp.read_bytes().decode("utf-8")
-        card = json.loads(text)
+        text = read_input(cp).decode("utf-8")
+        card = json_loads(text)
     except OSError as e:
         raise ModelCheckError(f"card {cp}: cannot read it: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
@@ -362,7 +364,7 @@ def _check(path, card, raw, timeout_s):
         if not path.exists() and not path.is_symlink():
             raise ModelCheckError(f"{path}: no such file")
         try:
-            raw = path.read_bytes()
+            raw = read_input(path)
         except OSError as e:
             raise ModelCheckError(f"{path}: cannot read the model: {e.strerror or e}") from None
     try:

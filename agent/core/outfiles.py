@@ -66,6 +66,8 @@ def check_output(out, force: bool = False, sources=()) -> Path:
     directory, one of `sources` (the input), or an existing file without
     `force`; its directory must exist and be writable. Returns the path to
     write (a symlink's target, so the link survives)."""
+    if not str(out):
+        raise UsageError("the output file name is empty", "give a file name to write")
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"{out} is a directory", "give a file name to write")

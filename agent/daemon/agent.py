@@ -58,6 +58,7 @@ import psutil
 from ..core import abi, cliutil, clock, decision, histogram
 from ..core import features as F
 from ..core.errors import IobridgeError, UsageError
+from ..core.infiles import json_loads, read_input
 from ..kernel import blockdev, bpf, dmioctl, dmtarget, system, uevents
 from . import config as config_mod
 
@@ -781,7 +782,7 @@ def read_status(path: Path) -> dict:
     Raises AgentNotRunning without a file, StatusFileError for a file that
     cannot be read or is not an agent's status (bad JSON, missing fields)."""
     try:
-        text = Path(path).read_text()
+        text = read_input(path).decode()
     except FileNotFoundError:
         raise AgentNotRunning(f"no agent status at {path}: the agent is not running",
                               "start it with `iobridge run` or `systemctl start iobridge`") from None
@@ -789,7 +790,7 @@ def read_status(path: Path) -> dict:
         why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise StatusFileError(f"cannot read the agent status {path}: {why}") from None
     try:
-        st = json.loads(text)
+        st = json_loads(text)
     except ValueError as err:
         raise StatusFileError(f"{path}: not an agent status file: malformed JSON ({err})") from None
     if not isinstance(st, dict):
@@ -810,11 +811,15 @@ def read_status(path: Path) -> dict:
     return st
 
 
-def format_status(st: dict) -> str:
+def _state_line(st: dict) -> str:
+    """The report's first line: the pid, running or not (and why), the file's age."""
     state = "running" if st["agent_alive"] else \
         f"NOT RUNNING (stale status: {st.get('stale_reason', 'the agent is gone')})"
-    lines = [f"agent pid {st['pid']} {state}"
-             f", status written {st['status_age_s']} s ago",
+    return f"agent pid {st['pid']} {state}, status written {st['status_age_s']} s ago"
+
+
+def format_status(st: dict) -> str:
+    lines = [_state_line(st),
              f"model {st['model']['path']} (threshold {st['model']['threshold']:.4f}, "
              f"sha256 {st['model']['sha256'][:12]})",
              f"mode {'shadow (not publishing)' if st['shadow'] else 'publishing'}, tick {st['tick_ms']} ms, "
@@ -857,6 +862,9 @@ def format_status(st: dict) -> str:
 
 
 def cmd_status(args) -> int:
+    """--json prints what the file holds; the text report needs the fields it
+    shows: a live agent's file without them is malformed (exit 4), a stale
+    one is "not running" (exit 3, its first line) however much is left."""
     st = read_status(args.status_file)
     if args.json:
         text = json.dumps(st, indent=1)
@@ -864,8 +872,10 @@ def cmd_status(args) -> int:
         try:
             text = format_status(st)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
-            raise StatusFileError(f"{args.status_file}: not an agent status file: "
-                                  f"missing or malformed field {err}") from None
+            if st["agent_alive"]:
+                raise StatusFileError(f"{args.status_file}: not an agent status file: "
+                                      f"missing or malformed field {err}") from None
+            text = _state_line(st)
     print(text)
     return STATUS_RUNNING if st["agent_alive"] else STATUS_NOT_RUNNING
 

@@ -40,6 +40,7 @@ from ..core import resources
 from ..core.clock import TICK_MS_MAX, TICK_MS_MIN
 from ..core.decision import AGENT_PROBE_AFTER_MS, AGENT_RECOMPUTE_MS, AGENT_TICK_MS
 from ..core.errors import IobridgeError
+from ..core.infiles import read_input
 from . import metrics
 
 DEFAULT_MODEL = resources.data_dir("models") / "admission-default.onnx"
@@ -155,13 +156,13 @@ def load(path: Path | str | None) -> Config:
         return cfg
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(read_input(path).decode())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist",
                           "pass --config FILE, or run without it for the defaults") from None
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     values: dict = {}
     for section, body in data.items():

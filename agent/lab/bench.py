@@ -245,7 +245,7 @@ BENCHES = {
 
 def _run(args) -> int:
     bench = BENCHES[args.bench]
-    if args.output:     # before the long work
+    if args.output is not None:     # before the long work
         check_output(args.output, args.force)
     if "run_on_host" in bench:
         res = bench["run_on_host"](args)      # here, with no VM
@@ -267,7 +267,7 @@ def _run(args) -> int:
             raise IobridgeError(f"benchmark failed in the VM (exit {result.returncode})",
                                 "run with -v, or look at the console output above")
         res = json.loads(out.read_text())
-    if args.output:
+    if args.output is not None:
         with atomic_output(args.output) as tmp:
             tmp.write_text(json.dumps(res, indent=2) + "\n")
     if args.json:

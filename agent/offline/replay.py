@@ -114,6 +114,10 @@ def run_replay(trace: Trace, nlegs: int, policy_names: list[str], *,
     split = time_split(tr["issue_ns"], train_fraction)
     train_part = tr.take(np.flatnonzero(tr["issue_ns"] < split))
     eval_part = tr.take(np.flatnonzero(tr["issue_ns"] >= split))
+    if not (eval_part["op"] == OP_READ).any():     # every policy would report nothing
+        raise IobridgeError(f"the held-back part of the trace (from {split} ns, the later "
+                            f"{1 - train_fraction:g} of its time span) has no reads to replay",
+                            "use a longer trace, or a smaller --train-fraction")
     report: dict = {
         "trace": tr.meta.get("source", "?"), "legs": nlegs, "seed": seed,
         "latency_source": "recorded per-leg latencies" if timelines else "device model",
@@ -280,9 +284,22 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_format(out) -> str:
+    """The image format `out`'s suffix names (none: png); one matplotlib cannot
+    write is a UsageError, checked before the replay's work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    fmt = Path(out).suffix[1:].lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise UsageError(f"cannot write {out}: no image format .{fmt}",
+                         f"name a file ending in {', '.join('.' + k for k in sorted(known))}")
+    return fmt
+
+
 def plot_cdf(latencies: dict, out, title: str) -> None:
     """Latency CDF and tail plots to `out`, atomically (its suffix names the
     image format: png, svg, pdf ...)."""
+    fmt = plot_format(out)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -304,9 +321,7 @@ def plot_cdf(latencies: dict, out, title: str) -> None:
     fig.tight_layout()
     try:
         with atomic_output(out) as tmp:
-            fig.savefig(tmp, dpi=110, format=Path(out).suffix[1:].lower() or "png")
-    except ValueError as e:          # matplotlib: an image format it does not know
-        raise UsageError(f"cannot write {out}: {e}", "name a .png, .svg or .pdf file") from None
+            fig.savefig(tmp, dpi=110, format=fmt)
     finally:
         plt.close(fig)
 
@@ -319,11 +334,17 @@ def _cmd_replay(args) -> int:
         if nm not in P.POLICY_NAMES:
             raise UsageError(f"unknown policy {nm!r}", f"choose from {', '.join(P.POLICY_NAMES)}, all")
     names = list(dict.fromkeys(names))
-    if args.plot:       # before the long work: a bad path must not cost the replay
-        check_output(args.plot, args.force, [args.trace])
+    if args.plot is not None:   # before the long work: a bad path must not cost the replay
+        check_output(args.plot, args.force, [args.trace, *([args.model] if args.model else [])])
+        plot_format(args.plot)
     prog = Progress(not args.quiet)
     tr = load_any(args.trace, args.format, time_unit=args.time_unit, duration_s=args.duration)
     if args.speed != 1.0:
+        last = int(tr["issue_ns"].max()) if len(tr) else 0
+        if last / args.speed >= 2.0 ** 63:      # would wrap, not slow down
+            raise UsageError(f"--speed {args.speed:g}: the trace's last issue time, {last} ns, "
+                             f"divided by it is past the int64 nanosecond range",
+                             "raise --speed")
         tr.cols["issue_ns"] = (tr["issue_ns"] / args.speed).astype(np.int64)
         tr.meta["speed"] = args.speed
     params = DeviceParams(**{k: v for k, v in {
@@ -346,7 +367,7 @@ def _cmd_replay(args) -> int:
                      probe_after_ns=int(args.probe_after_us * 1000),
                      tick_ns=int(args.tick_us * 1000),
                      hedge_pct=args.hedge_percentile, model_path=args.model,
-                     max_epochs=args.max_epochs, progress=prog, keep_latencies=bool(args.plot),
+                     max_epochs=args.max_epochs, progress=prog, keep_latencies=args.plot is not None,
                      latency=args.latency)
     rep["speed"] = args.speed
     lats = rep.pop("_latencies", None)
@@ -355,7 +376,7 @@ def _cmd_replay(args) -> int:
         print(json.dumps(rep, indent=2, default=float), flush=True)
     else:
         print(format_table(rep), flush=True)
-    if args.plot:
+    if args.plot is not None:
         plot_cdf(lats, args.plot, f"{rep['trace']}, {rep['legs']} legs, held-back part")
         prog.phase(f"wrote {args.plot}")
     return 0

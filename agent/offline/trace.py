@@ -43,6 +43,7 @@ import numpy as np
 
 from ..core import cliutil, resources
 from ..core.errors import IobridgeError, UsageError
+from ..core.infiles import json_loads, read_input
 from ..core.outfiles import atomic_output, check_output
 
 TRACE_FORMAT_VERSION = 1
@@ -324,10 +325,13 @@ class TraceWriter:
         meta = {"iobridge.trace_format": str(TRACE_FORMAT_VERSION),
                 "iobridge.meta": json.dumps(metadata or {}, sort_keys=True)}
         schema = _arrow_schema().with_metadata(meta)
+        # opened by Python, not by path: pyarrow takes paths as UTF-8 text, and a
+        # file name need not be (os.fsdecode keeps undecodable bytes as surrogates)
         try:
-            self._w = pq.ParquetWriter(str(self.path), schema, compression="zstd")
+            self._f = open(self.path, "wb")
         except OSError as e:
             raise IobridgeError(f"cannot write trace {self.path}: {e.strerror or e}") from None
+        self._w = pq.ParquetWriter(self._f, schema, compression="zstd")
 
     @classmethod
     def open(cls, path, metadata: dict | None = None) -> "TraceWriter":
@@ -357,8 +361,11 @@ class TraceWriter:
 
     def close(self) -> None:
         if self._w is not None:
-            self._w.close()
-            self._w = None
+            try:
+                self._w.close()
+            finally:
+                self._w = None
+                self._f.close()
 
     def __enter__(self):
         return self
@@ -403,12 +410,26 @@ def _arrow_column(path: Path, name: str, dtype: str, col) -> np.ndarray:
 def read_trace(path) -> Trace:
     """Read an iobridge trace (Parquet), validated (validate_columns).
     Errors name the file, and the row and field when a value is wrong."""
-    import pyarrow.parquet as pq
     path = Path(path)
     if not path.exists():
         raise IobridgeError(f"{path}: no such trace file")
+    try:   # opened by Python: pyarrow takes paths as UTF-8 text, a file name need not be
+        f = open(path, "rb")
+    except OSError as e:
+        raise IobridgeError(f"{path}: {e.strerror or e}") from None
+    with f:
+        meta, table = _read_parquet(path, f)
+    cols = {name: _arrow_column(path, name, dtype, table.column(name))
+            for name, dtype in COLUMNS}
+    validate_columns(cols, path)
+    return Trace(cols, meta)
+
+
+def _read_parquet(path: Path, f):
+    """(meta, table) of the open iobridge Parquet file f, its metadata checked."""
+    import pyarrow.parquet as pq
     try:
-        pf = pq.ParquetFile(str(path))
+        pf = pq.ParquetFile(f)
     except Exception as e:  # pyarrow raises several types for bad files
         raise IobridgeError(f"{path}: not a readable iobridge trace (Parquet): {e}",
                             "import foreign formats with `iobridge trace import`") from None
@@ -426,7 +447,7 @@ def read_trace(path) -> Trace:
     if missing:
         raise IobridgeError(f"{path}: trace lacks columns {missing}")
     try:
-        meta = json.loads(kv.get("iobridge.meta", "{}"))
+        meta = json_loads(kv.get("iobridge.meta", "{}"))
     except ValueError as e:
         raise IobridgeError(f"{path}: metadata 'iobridge.meta' is not JSON ({e})") from None
     if not isinstance(meta, dict):
@@ -435,10 +456,7 @@ def read_trace(path) -> Trace:
         table = pf.read(columns=list(COLUMN_NAMES))
     except Exception as e:  # corrupt pages, truncated row groups
         raise IobridgeError(f"{path}: cannot read the trace's rows: {e}") from None
-    cols = {name: _arrow_column(path, name, dtype, table.column(name))
-            for name, dtype in COLUMNS}
-    validate_columns(cols, path)
-    return Trace(cols, meta)
+    return meta, table
 
 
 # ---------------------------------------------------------------- importers
@@ -462,22 +480,35 @@ def _decode(raw: bytes, path: Path) -> str:
 def _read_text(path: Path) -> str:
     """Whole file as text (UTF-8, BOM accepted), zstd-decompressed if named *.zst."""
     try:
-        raw = path.read_bytes()
+        raw = read_input(path)
     except OSError as e:
-        raise IobridgeError(f"{path}: {e.strerror}") from None
+        raise IobridgeError(f"{path}: {e.strerror or e}") from None
     if path.suffix == ".zst":
-        import zstandard
+        raw = _unzstd(raw, path)
+    return _decode(raw, path)
+
+
+def _unzstd(raw: bytes, path: Path) -> bytes:
+    """Every zstd frame of `raw`, decompressed and joined (as `zstd -d` does);
+    a truncated frame or bytes after the last one that are not a frame are
+    errors, never dropped."""
+    import zstandard
+    out, pos = [], 0
+    while True:
         d = zstandard.ZstdDecompressor().decompressobj()
         try:
-            data = d.decompress(raw)
+            out.append(d.decompress(raw[pos:]))
         except zstandard.ZstdError as e:
-            raise IobridgeError(f"{path}: corrupt zstd data ({e})") from None
+            what = "corrupt zstd data" if pos == 0 else \
+                f"bytes after the zstd frame ending at byte {pos} are not zstd data"
+            raise IobridgeError(f"{path}: {what} ({e})") from None
         if not d.eof:
             raise IobridgeError(f"{path}: truncated zstd stream: the frame ends early after "
-                                f"{len(raw)} compressed bytes ({len(data)} decompressed)",
-                                "re-fetch the file")
-        raw = data
-    return _decode(raw, path)
+                                f"{len(raw)} compressed bytes ({sum(map(len, out))} "
+                                "decompressed)", "re-fetch the file")
+        pos = len(raw) - len(d.unused_data)
+        if not d.unused_data:
+            return b"".join(out)
 
 
 def _uint(s: str, where: str, field: str) -> int:
@@ -608,8 +639,9 @@ def import_arc(path, duration_s: float = 3600.0) -> Trace:
     arr = None
     # numpy's string -> int conversion takes '+5', '1_0' and non-ASCII digits:
     # such text goes to the slow path, which accepts ASCII digits only
+    # (and fields are counted per line: a 3- and a 5-field line make 8 fields too)
     if len(vals) % 4 == 0 and text.isascii() and "_" not in text and "+" not in text \
-            and "-" not in text:
+            and "-" not in text and all(len(ln.split()) in (0, 4) for ln in text.splitlines()):
         try:
             arr = np.array(vals, dtype=np.int64).reshape(-1, 4)
         except (ValueError, OverflowError):
@@ -653,7 +685,9 @@ def import_fio_iolog(path) -> Trace:
     v3 timestamps (microseconds since the start) become issue times; v2 has
     no timing: `wait` actions (microseconds) advance the clock, otherwise
     I/Os are 1 us apart. File actions (add/open/close) are skipped; the
-    file name becomes the device. Offsets are stored in 512-byte sectors.
+    file name becomes the device. Offsets are stored in 512-byte sectors
+    (an offset that is not a multiple of 512 is refused, never rounded); a
+    file opened and never closed means a truncated log and is refused.
     """
     path = Path(path)
     lines = _read_text(path).splitlines()
@@ -668,6 +702,7 @@ def import_fio_iolog(path) -> Trace:
     rows = {"issue_ns": [], "device": [], "op": [], "sector": [], "bytes": []}
     linenos = []
     clock_us = 0
+    still_open: dict[str, int] = {}    # file name -> line of its 'open' without a 'close'
     form = ("'timestamp filename action [offset length]'" if ver == 3
             else "'filename action [offset length]'")
     for lineno, line in enumerate(lines[1:], start=2):
@@ -685,6 +720,10 @@ def import_fio_iolog(path) -> Trace:
             ok = len(parts) in (2, 4)
         if ok and len(parts) == 2:
             if parts[1] in ("add", "open", "close"):
+                if parts[1] == "open":
+                    still_open[parts[0]] = lineno
+                elif parts[1] == "close":
+                    still_open.pop(parts[0], None)
                 continue
             ok = False
         if not ok:
@@ -699,6 +738,9 @@ def import_fio_iolog(path) -> Trace:
                                 f"one of {', '.join(FIO_ACTIONS)}")
         off = _uint(parts[2], where, "offset")
         ln = _uint(parts[3], where, "length")
+        if off % 512:
+            raise IobridgeError(f"{where}: field 'offset' = {off} is not a multiple of 512",
+                                "iobridge traces address 512-byte sectors")
         if ts is None:
             ts = clock_us
             clock_us += 1
@@ -711,6 +753,11 @@ def import_fio_iolog(path) -> Trace:
         linenos.append(lineno)
     if not rows["issue_ns"]:
         raise IobridgeError(f"{path}: no I/O actions in the iolog")
+    if still_open:
+        fname, lineno = next(iter(still_open.items()))
+        raise IobridgeError(f"{path}: ends with {fname} still open (line {lineno} opens it, "
+                            "no 'close' follows): is the file truncated?",
+                            "an iolog closes every file it opens")
     cols = _normalise_batch(rows, str(path))
     validate_columns(cols, path, rows=linenos,
                      names={"issue_ns": "timestamp x 1000", "sector": "offset / 512",
@@ -721,6 +768,11 @@ def import_fio_iolog(path) -> Trace:
 def _check_fio_filename(filename: str) -> None:
     if not filename or any(c.isspace() for c in filename):
         raise UsageError(f"fio iolog file name {filename!r} is empty or contains whitespace")
+    try:
+        filename.encode("utf-8")
+    except UnicodeEncodeError:     # undecodable bytes from the command line
+        raise UsageError(f"fio iolog file name {filename!r} is not UTF-8 text",
+                         "the iolog is a UTF-8 text file") from None
 
 
 def export_fio_iolog(trace: Trace, out, filename: str, version: int = 3,
@@ -730,8 +782,9 @@ def export_fio_iolog(trace: Trace, out, filename: str, version: int = 3,
     v3 carries issue times (microseconds since the first I/O). The trace is
     validated first (validate_columns: every offset and size one a device
     can take); `source` names it in errors (default: its meta's source).
-    The file is written atomically (atomic_output). Returns the number of
-    I/O lines written.
+    A trace with nothing to export (no I/O fio replays, or no reads with
+    `reads_only`) is refused. The file is written atomically (atomic_output).
+    Returns the number of I/O lines written.
     """
     if version not in (2, 3):
         raise UsageError(f"fio iolog version {version} not supported", "use 2 or 3")
@@ -743,6 +796,10 @@ def export_fio_iolog(trace: Trace, out, filename: str, version: int = 3,
     op = t["op"]
     mask = np.isin(op, [OP_READ] if reads_only else list(keep))
     t = t.take(np.flatnonzero(mask))
+    if not len(t):      # an iolog without I/O replays nothing (and import refuses it)
+        what = "reads" if reads_only else "reads, writes, trims or flushes"
+        raise IobridgeError(f"{source}: no {what} to export "
+                            f"({len(trace)} records: {describe(trace)['ops']})")
     ts_us = (t["issue_ns"] - (t["issue_ns"][0] if len(t) else 0)) // 1000
     names = [keep[int(o)] for o in t["op"]]
     off = t["sector"] * 512      # validated: sector * 512 + bytes <= MAX_END_BYTE
@@ -779,10 +836,10 @@ def guess_format(path: Path) -> str:
     if name.endswith(".parquet"):
         return "parquet"
     try:
-        with open(path, "rb") as f:
+        with open(_check_source(path), "rb") as f:      # a regular file: open cannot block
             head = f.read(32)
     except OSError as e:
-        raise IobridgeError(f"{path}: {e.strerror}") from None
+        raise IobridgeError(f"{path}: {e.strerror or e}") from None
     if head.startswith(b"\xef\xbb\xbf"):      # a UTF-8 byte order mark
         head = head[3:]
     if head.startswith(b"fio version"):
@@ -793,13 +850,20 @@ def guess_format(path: Path) -> str:
                      "pass --format cloudphysics|arc|fio")
 
 
-def load_any(path, fmt: str | None = None, **opts) -> Trace:
-    """Read an iobridge Parquet trace or import a foreign one in memory."""
+def _check_source(path) -> Path:
+    """A trace input must exist and be a regular file: opening a FIFO blocks,
+    and /dev/zero never ends."""
     path = Path(path)
     if not path.exists():
         raise IobridgeError(f"{path}: no such trace file")
     if not path.is_file():
         raise IobridgeError(f"{path}: not a regular file", "give a trace file")
+    return path
+
+
+def load_any(path, fmt: str | None = None, **opts) -> Trace:
+    """Read an iobridge Parquet trace or import a foreign one in memory."""
+    path = _check_source(path)
     fmt = fmt or guess_format(path)
     if fmt == "parquet":
         return read_trace(path)
@@ -837,9 +901,7 @@ def describe(trace: Trace) -> dict:
 # ---------------------------------------------------------------- CLI
 
 def _cmd_import(args) -> int:
-    src = Path(args.source)
-    if not src.exists():
-        raise IobridgeError(f"{src}: no such trace file")
+    src = _check_source(args.source)
     out = check_output(args.out, args.force, [src])     # before the long work
     fmt = args.format or guess_format(src)
     if fmt == "parquet":
@@ -853,9 +915,7 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    src = Path(args.source)
-    if not src.exists():
-        raise IobridgeError(f"{src}: no such trace file")
+    src = _check_source(args.source)
     out = check_output(args.out, args.force, [src])     # before the long work
     _check_fio_filename(args.filename)
     tr = load_any(src, args.format, time_unit=args.time_unit, duration_s=args.duration)

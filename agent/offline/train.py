@@ -49,7 +49,7 @@ from .devmodel import DeviceParams
 from .labeling import baseline_latency_us, knee, label_periods, time_split
 from .progress import Progress
 from .simulate import simulate
-from .trace import OP_READ, OP_WRITE, Trace, load_any
+from .trace import OP_READ, OP_WRITE, Trace, describe, load_any
 
 VAL_FRACTION = 0.2
 
@@ -265,6 +265,10 @@ def _fit_with_threshold(X, y, t, kind, hidden, max_epochs, seed, width):
     if not y[fit_m].any():
         raise IobridgeError("the training part has no slow I/Os: nothing to learn",
                             "use a longer trace or one with slow periods")
+    if y[fit_m].all():
+        raise IobridgeError("every I/O of the training part is labelled slow: nothing to learn",
+                            "raise --lat-threshold-us or --lat-threshold-rel, or leave them out "
+                            "for the knee of the latency distribution")
     est = _fit(_estimator(kind, hidden, max_epochs, seed), X[fit_m], y[fit_m])
     onx = to_onnx(est, width)
     m = AdmissionModel(None, onnx_bytes=onx, card={"decision_threshold": 0.5})
@@ -367,8 +371,15 @@ def train_admission(trace_paths: list[str], out: str, *, legs: int = 2, kind: st
         progress.phase(f"loading {path}")
         tr = load_any(path, **(load_opts or {}))
         rec, how = measured_records(tr, legs, params, seed, progress)
+        if not len(rec):
+            raise IobridgeError(f"{path}: no reads or writes to learn from "
+                                f"({len(tr)} records: {describe(tr)['ops']})")
         split = time_split(rec["issue_ns"], train_fraction)
         early = rec["issue_ns"] < split
+        if early.all() or not early.any():
+            raise IobridgeError(f"{path}: too short to split by time: the earlier "
+                                f"{train_fraction:g} of its time span holds {int(early.sum())} "
+                                f"of its {len(rec)} I/Os", "use a longer trace")
         train_recs.append(rec.take(np.flatnonzero(early)))
         test_recs.append(rec.take(np.flatnonzero(~early)))
         p = Path(path)
