@@ -192,8 +192,14 @@ def run_cli_until_ctrl_c(args: list[str], during) -> tuple[subprocess.Popen, str
     proc = subprocess.Popen([sys.executable, "-m", "iobridge.cli", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stderr.readline()
-        assert "attached" in line, line + proc.stderr.read()
+        # Lines before "attached" (a compiler's warnings) are kept for the
+        # message; reading on to EOF here would wait for a process that runs
+        # until Ctrl-C.
+        seen = []
+        while not (seen and "attached" in seen[-1]):
+            line = proc.stderr.readline()
+            assert line, "".join(seen) + "(the command ended before saying it was attached)"
+            seen.append(line)
         during(proc)
         time.sleep(1.5)   # let the last interval or drain pass
         proc.send_signal(signal.SIGINT)
