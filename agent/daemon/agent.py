@@ -91,6 +91,10 @@ class Target:
     legs: tuple[str, ...]        # "major:minor", leg order
     kdevs: tuple[int, ...]       # kernel dev_t of each leg
 
+    @property
+    def ref(self) -> dmtarget.TargetRef:
+        return dmtarget.TargetRef(self.target_id, self.incarnation)
+
 
 def target_of(name: str, lines: list[dmioctl.TargetLine]) -> Target | None:
     """The iobridge target a device's status lines describe, or None (a
@@ -451,8 +455,7 @@ class Agent:
             if not table.valid[rows].any():
                 continue   # no baseline yet on any leg: the module default decides
             exp = np.where(table.valid[rows], expires, 0)
-            self.policy.publish(dmtarget.TargetRef(t.target_id, t.incarnation),
-                                table.penalty_ns[rows], table.lat_edges_ns[rows],
+            self.policy.publish(t.ref, table.penalty_ns[rows], table.lat_edges_ns[rows],
                                 table.service_ns[rows], table.probe_after_ns, exp,
                                 table.top_lat_ns[rows])
         self.policy.heartbeat(now, published_ns=now)

@@ -210,11 +210,6 @@ def table(name: str) -> str:
     return _one_line(name, dmioctl.status(name, table=True), "table")
 
 
-def target_id(name: str) -> int:
-    """The id the decision table is indexed with."""
-    return status(name).target_id
-
-
 class TargetRef(NamedTuple):
     """What decision entries are written for: the id that indexes them and
     the incarnation (the device holding that id now) they are valid for."""
@@ -223,5 +218,6 @@ class TargetRef(NamedTuple):
 
 
 def target_ref(name: str) -> TargetRef:
+    """The id and incarnation that NAME's decision entries are written for."""
     st = status(name)
     return TargetRef(st.target_id, st.incarnation)
