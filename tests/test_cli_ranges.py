@@ -47,7 +47,10 @@ MATRIX = {
         "--probe-after-us": NOT_ZERO, "--hedge-percentile": ALL + ("100", "150"),
         "--speed": ALL, "--channels": ALL + (INT_HUGE,), "--gc-every-write-mb": ALL,
         "--bg-per-s": NOT_ZERO + ("1e9",), "--seed": NOT_ZERO + (INT_HUGE,),
-        "--max-epochs": ALL, "--duration": ALL},
+        "--max-epochs": ALL, "--duration": ALL,
+        # --task prefetch (offline/prefetch_replay.py); read_ahead_kb 0 turns readahead off
+        "--cache-mb": ALL + ("0.001",), "--read-ahead-kb": NOT_ZERO + (INT_HUGE,),
+        "--window-s": ALL},
     ("bench", "hook"): {"--runtime": ALL, "--repeat": ALL, "--depths": ALL,
                         "--hook-calls": ALL + (INT_HUGE,), "--timeout": ALL},
     ("bench", "agent"): {"--runtime": ALL, "--depths": ALL, "--seed": NOT_ZERO + (INT_HUGE,),

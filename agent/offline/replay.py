@@ -32,6 +32,7 @@ from ..core import abi, cliutil, clock
 from ..core.errors import IobridgeError, UsageError
 from ..core.outfiles import atomic_output, check_output
 from . import policies as P
+from . import prefetch_replay
 from .devmodel import DeviceParams
 from .labeling import time_split
 from .progress import Progress
@@ -327,6 +328,9 @@ def plot_cdf(latencies: dict, out, title: str) -> None:
 
 
 def _cmd_replay(args) -> int:
+    rc = prefetch_replay.run_task(args)     # --task prefetch (its own module)
+    if rc is not None:
+        return rc
     names = args.policy or list(P.POLICY_NAMES)
     if "all" in names:
         names = list(P.POLICY_NAMES)
@@ -471,4 +475,5 @@ def register_cli(sub) -> None:
     p.add_argument("--duration", type=cliutil.seconds, default=None, metavar="SECONDS",
                    help="ARC traces: spread arrivals over this many seconds (default 3600)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    prefetch_replay.add_cli_options(p)
     p.set_defaults(func=_cmd_replay)
