@@ -45,6 +45,7 @@ MATRIX = {
         "--legs": ALL + ("1", "9"), "--train-fraction": ALL + ("1",), "--recompute-us": ALL,
         "--tick-us": ALL, "--staleness-us": NOT_ZERO, "--ttl-us": ALL,
         "--probe-after-us": NOT_ZERO, "--hedge-percentile": ALL + ("100", "150"),
+        "--hedge-budget": NOT_ZERO + ("1.5",),
         "--speed": ALL, "--channels": ALL + (INT_HUGE,), "--gc-every-write-mb": ALL,
         "--bg-per-s": NOT_ZERO + ("1e9",), "--seed": NOT_ZERO + (INT_HUGE,),
         "--max-epochs": ALL, "--duration": ALL,

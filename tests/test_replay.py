@@ -36,7 +36,14 @@ def test_cloudphysics_two_legs_reports_every_policy_on_held_back_part(cloudphysi
         assert s["reads"] == later_reads, name
         assert sum(s["reads_per_leg"]) == s["reads"] + s["extra_ios"], name
         assert s["p50_us"] <= s["p99_us"] <= s["p999_us"] <= s["max_us"], name
-        assert (s["extra_ios"] > 0) == (name == "hedged"), name
+        assert (s["extra_ios"] > 0) == (name in P.HEDGING), name
+        if name in P.HEDGING:     # every hedging policy reports its extra reads
+            h = s["hedging"]
+            assert h["extra_reads"] == s["extra_ios"] and h["won"] <= h["extra_reads"]
+            assert h["budget"] == (None if name == "hedged" else 0.05)
+            assert h["extra_reads"] <= 0.05 * s["reads"] + 16 or name == "hedged"
+        else:
+            assert "hedging" not in s, name
     assert rep["policies"]["primary"]["reads_per_leg"] == [later_reads, 0]
     # learned models were fitted on the training part only
     for key in ("heimdall_model", "linnos_model"):
@@ -67,6 +74,14 @@ def test_cloudphysics_two_legs_reports_every_policy_on_held_back_part(cloudphysi
     # busy periods exist in the device model and hedging cuts the tail they cause
     assert rep["policies"]["primary"]["p999_us"] > 1000
     assert rep["policies"]["hedged"]["p999_us"] < rep["policies"]["primary"]["p999_us"] / 2
+    # the learned deadlines were published with the table, per leg and key
+    for name in ("hedged-learned", "table-hedged"):
+        d = rep["policies"][name]["details"]
+        assert d["deadline_updates"] > 10, name
+        assert all(leg["min_us"] > 0 for leg in d["deadlines"]["legs"]), name
+        assert rep["policies"][name]["p999_us"] < rep["policies"]["leastinflight"]["p999_us"] / 2
+        assert f"{name}: deadlines recomputed" in text
+    assert "hedging         budget  deadlines  extra reads" in text
 
 
 def test_replays_are_deterministic_and_independent_of_other_policies(cloudphysics):
@@ -175,7 +190,7 @@ def test_no_slow_io_in_training_reports_every_policy_with_fallback_reasons():
     rep = run_replay(_steady_trace(), 2, list(P.POLICY_NAMES), max_epochs=2,
                      params=DeviceParams(bg_per_s=0.0, gc_every_write_mb=1e18))
     assert list(rep["policies"]) == list(P.POLICY_NAMES)
-    assert list(rep["fallbacks"]) == ["linnos", "heimdall", "table"]
+    assert list(rep["fallbacks"]) == list(P.LEARNED)
     for name in P.LEARNED:
         s = rep["policies"][name]
         assert "no slow I/Os" in s["fallback"] and s["replayed_as"] == "leastinflight"

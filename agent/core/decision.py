@@ -123,6 +123,7 @@ assert len(BUCKET_SIZE_BYTES) == abi.NUM_SIZE_BUCKETS
 _KEY_SIZE, _KEY_INFLIGHT, _KEY_LAT = (a.reshape(-1) for a in np.meshgrid(
     np.arange(abi.NUM_SIZE_BUCKETS), np.arange(abi.NUM_INFLIGHT_BUCKETS),
     np.arange(abi.NUM_LAT_BUCKETS), indexing="ij"))
+KEY_SIZE_BUCKET = _KEY_SIZE     # per key index, its size bucket (core/hedging.py)
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,9 @@ class KeyedTable:
     # int64 [legs]: the latency the top latency bucket's penalties are priced
     # at (abi.key_penalty scales them beyond it); None: no scaling
     top_lat_ns: np.ndarray | None = None
+    # uint32 [legs, KEYS_PER_LEG]: hedge deadline per key, whole us, 0 = never
+    # (core/hedging.py); None: this table hedges nothing
+    hedge_us: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -336,6 +340,15 @@ class KeyedTable:
             pen = abi.key_penalty(pen, int(self.top_lat_ns[leg]),
                                   abi.lat_bucket(self.lat_edges_ns[leg], lat), lat)
         return abi.leg_cost(inflight, int(self.service_ns[leg]), last_lat_ns, lat, pen)
+
+    def hedge_deadline_ns(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int,
+                          last_lat_qlen: int = 0) -> int:
+        """The hedge deadline of a read routed to `leg` in this state, ns
+        after its issue (0 = never hedge)."""
+        if self.hedge_us is None or not self.valid[leg]:
+            return 0
+        return int(self.hedge_us[leg, self.key_of(leg, nbytes, inflight, last_lat_ns,
+                                                  last_lat_qlen)]) * 1000
 
     def key_of(self, leg: int, nbytes: int, inflight: int, last_lat_ns: int,
                last_lat_qlen: int = 0) -> int:

@@ -86,7 +86,9 @@ class Leg:
     table's key: last_lat_ns and last_lat_qlen (of its two newest completions,
     the one abi.use_previous picks), last_complete_ns of its newest completion
     (0 = none yet) and the count of completions retired (`completed`), all
-    updated by advance() as completions retire."""
+    updated by advance() as completions retire; and, for learned hedge
+    deadlines, its newest read completions (recent_reads: (latency ns,
+    bytes), newest first) and their count (reads_completed)."""
 
     def __init__(self, params: DeviceParams, seed: int, start_ns: int = 0):
         self.p = params
@@ -96,9 +98,9 @@ class Leg:
         self.hit_rng = np.random.default_rng(seed + 7919)
         self.free = [start_ns] * params.channels       # service unit free times
         heapq.heapify(self.free)
-        # (complete ns, lat us, tput bytes/us, lat ns, queue at issue), a
-        # heap by completion
-        self.inflight: list[tuple[int, float, float, int, int]] = []
+        # (complete ns, lat us, tput bytes/us, lat ns, queue at issue,
+        # is write, bytes), a heap by completion
+        self.inflight: list[tuple[int, float, float, int, int, bool, int]] = []
         self.prev_qlen: deque = deque([0] * KEEP, maxlen=KEEP)
         self.prev_lat_qlen: deque = deque([0] * KEEP, maxlen=KEEP)
         self.prev_lat: deque = deque([0.0] * KEEP, maxlen=KEEP)
@@ -108,6 +110,8 @@ class Leg:
         self.recent: list[tuple[int, int]] = [(0, 0), (0, 0)]
         self.last_complete_ns = 0     # the newest completion's time (0 = none yet)
         self.completed = 0            # completions retired so far
+        self.recent_reads: deque = deque(maxlen=KEEP)
+        self.reads_completed = 0
         self.written = 0.0
         self.busy: list[tuple[int, int]] = []          # recent busy periods
         self.next_bg = start_ns + self._exp_gap()
@@ -140,13 +144,16 @@ class Leg:
             self.next_bg += max(self._exp_gap(), 1)
         inf = self.inflight
         while inf and inf[0][0] <= now:
-            done, lat, tput, lat_ns, q = heapq.heappop(inf)
+            done, lat, tput, lat_ns, q, is_write, nb = heapq.heappop(inf)
             self.prev_lat.appendleft(lat)
             self.prev_lat_qlen.appendleft(q)
             self.prev_tput.appendleft(tput)
             self.recent = [(lat_ns, q), self.recent[0]]
             self.last_complete_ns = done
             self.completed += 1
+            if not is_write:
+                self.recent_reads.appendleft((lat_ns, nb))
+                self.reads_completed += 1
         self.now = now
 
     def _recent(self) -> tuple[int, int]:
@@ -190,7 +197,8 @@ class Leg:
         done = start + int(svc_us * 1000)
         heapq.heappush(self.free, done)
         lat_us = (done - now) / 1000.0
-        heapq.heappush(self.inflight, (done, lat_us, nbytes / lat_us, done - now, q))
+        heapq.heappush(self.inflight, (done, lat_us, nbytes / lat_us, done - now, q,
+                                       bool(is_write), nbytes))
         if is_write:
             self.written += nbytes
             thr = p.gc_every_write_mb * 1e6
@@ -230,5 +238,6 @@ class RecordedLeg(Leg):
         i = int(np.searchsorted(t_issue, now, side="right")) - 1
         done = now + int(lat[max(i, 0)])
         lat_us = max((done - now) / 1000.0, 1e-3)
-        heapq.heappush(self.inflight, (done, lat_us, nbytes / lat_us, done - now, q))
+        heapq.heappush(self.inflight, (done, lat_us, nbytes / lat_us, done - now, q,
+                                       bool(is_write), nbytes))
         return done, q

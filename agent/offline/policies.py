@@ -13,6 +13,12 @@ advanced to `now_ns`.
               leg if the read has not completed after a deadline (a
               percentile of read latency measured on the training part);
               the first completion wins, the duplicate is extra I/O
+  hedged-learned  least in-flight, with learned hedge deadlines per leg and
+              key (core/hedging.py: a quantile of the leg's recent fast
+              reads of the size bucket, at a level set by the model's
+              P(slow) for the key), published with the keyed table
+  table-hedged  the table's routing and the same learned deadlines; a hedge
+              goes to the leg the table's rule picks among the others
   linnos      LinnOS-style per-I/O prediction: 31 digitised inputs (current
               queue length, 4 previous queue lengths, 4 previous absolute
               latencies in us: LinnOS's own encoding), 31->256->2 MLP,
@@ -73,18 +79,23 @@ baseline and the learned policies would never route to it.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 
 import numpy as np
 
 from ..core import abi
 from ..core import decision as D
 from ..core import features as F
+from ..core import hedging as H
 from ..core.decision import (KeyedTable, LegBaseline, TableMaker, least_inflight, route,
                              target_baselines)
 
 POLICY_NAMES = ("primary", "random", "roundrobin", "leastinflight", "hedged",
-                "linnos", "heimdall", "table")
-LEARNED = ("linnos", "heimdall", "table")
+                "linnos", "heimdall", "table", "hedged-learned", "table-hedged")
+LEARNED = ("linnos", "heimdall", "table", "hedged-learned", "table-hedged")
+# The policies that take the heimdall model (the keyed table's P(slow)).
+TABLE_MODEL = ("heimdall", "table", "hedged-learned", "table-hedged")
+HEDGING = ("hedged", "hedged-learned", "table-hedged")
 
 LINNOS_HISTORY = 4
 LINNOS_QLEN_DIGITS = 3
@@ -119,13 +130,25 @@ def linnos_rows(qlen: np.ndarray, prev_qlen: np.ndarray, prev_lat_us: np.ndarray
 
 class Policy:
     name = "?"
-    hedge_ns: int | None = None
+    hedges = False          # gives reads hedge deadlines (hedge_deadline_ns)
 
     def reset(self, nlegs: int, seed: int) -> None:
         self.nlegs = nlegs
 
     def choose(self, now: int, nbytes: int, legs) -> int:
         raise NotImplementedError
+
+    def hedge_deadline_ns(self, now: int, nbytes: int, legs, leg: int) -> int:
+        """For a read just routed to `leg` (legs as at routing): how long
+        after its issue it gets a duplicate if still pending; 0 = never."""
+        return 0
+
+    def hedge_leg(self, now: int, nbytes: int, legs, primary: int) -> int:
+        """The leg a hedge of a read pending on `primary` goes to: the least
+        in-flight other leg, lowest index on ties (the module default's
+        rule)."""
+        return min((li for li in range(len(legs)) if li != primary),
+                   key=lambda li: (legs[li].qlen, li))
 
     def stats(self) -> dict:
         return {}
@@ -175,10 +198,14 @@ class LeastInflight(Policy):
 
 class Hedged(LeastInflight):
     name = "hedged"
+    hedges = True
 
     def __init__(self, deadline_ns: int, percentile: float):
         self.hedge_ns = int(deadline_ns)
         self.percentile = percentile
+
+    def hedge_deadline_ns(self, now, nbytes, legs, leg):
+        return self.hedge_ns
 
     def stats(self):
         return {"deadline_us": self.hedge_ns / 1000.0, "percentile": self.percentile}
@@ -455,3 +482,140 @@ class Table(_Learned):
                 "ttl_us": None if self.ttl_ns is None else self.ttl_ns / 1000,
                 "no_valid_table_reads": self.no_table,
                 "keys": self.key_summary()}
+
+
+class TableHedged(Table):
+    """The keyed table's routing, and hedge deadlines per leg and key
+    published with it (core/hedging.py), as the agent is to publish them.
+
+    Per read, the policy samples each leg's newest read completions (at most
+    SAMPLES_PER_CHECK per leg, as it samples the baselines). The deadlines
+    are recomputed from those samples and the newest table's P(slow) with
+    every table build and otherwise at most once per recompute_ns (when
+    there are new samples); each is published as a copy of the newest
+    table, in force staleness_ns later. A read's deadline is that of the
+    key it was routed with in the table in force; no table in force, no
+    hedge."""
+    name = "table-hedged"
+    hedges = True
+
+    def __init__(self, model, *args, worth: float = H.HEDGE_WORTH, **kw):
+        super().__init__(model, *args, **kw)
+        H.hedge_level(0.0, worth)       # checks worth
+        self.worth = float(worth)
+
+    def reset(self, nlegs, seed):
+        super().reset(nlegs, seed)
+        self.samples = [H.ReadSamples() for _ in range(nlegs)]
+        self.reads_seen = [0] * nlegs
+        self.new_samples = False
+        self.last_deadlines: int | None = None
+        self.deadline_updates = 0
+
+    def _observe_reads(self, legs) -> None:
+        for i, leg in enumerate(legs):
+            new = leg.reads_completed - self.reads_seen[i]
+            if new <= 0:
+                continue
+            self.reads_seen[i] = leg.reads_completed
+            for lat_ns, nb in reversed(list(leg.recent_reads)[:min(new, SAMPLES_PER_CHECK)]):
+                self.samples[i].add(lat_ns / 1000.0, nb)
+            self.new_samples = True
+
+    def _deadlines(self, table: KeyedTable) -> np.ndarray:
+        """Per leg from its own fast reads; a leg with too few (one that gets
+        few reads) from every leg's together, as a leg without a baseline
+        borrows one (decision.borrow_missing): replicas are alike."""
+        fast = [s.fast() for s in self.samples]
+        pooled = tuple(np.concatenate([f[j] for f in fast]) for j in (0, 1))
+        out = np.zeros((len(table), abi.KEYS_PER_LEG), dtype=np.uint32)
+        for i in np.flatnonzero(table.valid):
+            lat, nb = fast[i] if len(fast[i][0]) >= H.MIN_SAMPLES else pooled
+            out[i] = H.deadlines_us(lat, nb, table.p_slow[i], self.worth)
+        return out
+
+    def _maybe_rebuild(self, now):
+        built = self.rebuilds
+        super()._maybe_rebuild(now)
+        if not self.tables:
+            return
+        fresh = self.rebuilds != built         # a table built now, not visible yet
+        if not fresh and (not self.new_samples or now - self.last_deadlines < self.recompute_ns):
+            return
+        newest = self.tables[-1]
+        dl = self._deadlines(newest)
+        self.new_samples, self.last_deadlines = False, now
+        self.deadline_updates += 1
+        if fresh:
+            self.tables[-1] = replace(newest, hedge_us=dl)
+        else:
+            vis = now + self.staleness_ns
+            self.tables.append(replace(newest, hedge_us=dl, computed_ns=now, valid_from_ns=vis,
+                                       expiry_ns=vis + (self.ttl_ns or NEVER)))
+
+    def choose(self, now, nbytes, legs):
+        self._observe_reads(legs)
+        return super().choose(now, nbytes, legs)
+
+    def hedge_deadline_ns(self, now, nbytes, legs, leg):
+        table = self.visible(now)
+        if table is None or not now < table.expiry_ns:
+            return 0
+        lg = legs[leg]
+        return table.hedge_deadline_ns(leg, nbytes, lg.qlen, lg.last_lat_ns, lg.last_lat_qlen)
+
+    def hedge_leg(self, now, nbytes, legs, primary):
+        """The table's rule among the other legs (the kernel runs the same
+        routing program with the primary marked unhealthy)."""
+        table = self.visible(now)
+        leg, _ = route(table, now, nbytes, [lg.qlen for lg in legs],
+                       [lg.last_lat_ns for lg in legs], [lg.last_complete_ns for lg in legs],
+                       healthy=[i != primary for i in range(len(legs))], rng=self.rng,
+                       last_lat_qlen=[lg.last_lat_qlen for lg in legs])
+        return leg if leg >= 0 else super().hedge_leg(now, nbytes, legs, primary)
+
+    def deadline_summary(self) -> dict | None:
+        """The newest published deadlines (us), compact: per leg, for each
+        size bucket the deadline of an idle leg with a fast newest read, and
+        the range over all keys."""
+        table = next((t for t in reversed(self.tables) if t.hedge_us is not None), None)
+        if table is None:
+            return None
+        idle_fast = [abi.key_index(sb, 0, 0) for sb in range(abi.NUM_SIZE_BUCKETS)]
+        legs = []
+        for i in range(len(table)):
+            d = table.hedge_us[i]
+            legs.append(None if not table.valid[i] else {
+                "idle_fast_by_size_us": [int(d[k]) for k in idle_fast],
+                "min_us": int(d[d > 0].min()) if (d > 0).any() else 0,
+                "max_us": int(d.max()), "never_keys": int((d == 0).sum()),
+                "read_samples": self.samples[i].n})
+        return {"computed_at_s": table.computed_ns / 1e9, "legs": legs}
+
+    def stats(self):
+        return {**super().stats(), "hedge_worth": self.worth,
+                "deadline_updates": self.deadline_updates, "deadlines": self.deadline_summary()}
+
+
+class HedgedLearned(TableHedged):
+    """Least in flight (the module default) routes; the keyed table is kept
+    only for its learned hedge deadlines, and a hedge goes to the least
+    in-flight other leg."""
+    name = "hedged-learned"
+
+    def choose(self, now, nbytes, legs):
+        self._observe_reads(legs)
+        self.base.observe(legs, now)
+        self._maybe_rebuild(now)
+        self.reads += 1
+        return least_inflight([leg.qlen for leg in legs])
+
+    def hedge_leg(self, now, nbytes, legs, primary):
+        return Policy.hedge_leg(self, now, nbytes, legs, primary)
+
+    def stats(self):
+        st = super().stats()
+        for k in ("default_routed_reads", "probes", "probe_after_us", "routed_fraction",
+                  "no_valid_table_reads"):
+            st.pop(k, None)
+        return st

@@ -11,9 +11,21 @@ percentile of read latency under least-in-flight routing on the training
 part. EVERY policy is then replayed on the held-back part only, starting
 from idle legs at the split time, and the report covers those reads.
 
+Hedging: hedged duplicates a read after its fixed deadline, with no limit
+on extra reads unless asked (budget_hedged, --budget-hedged).
+hedged-learned (least-in-flight routing) and table-hedged (the table's
+routing) hedge after learned deadlines per leg and key (core/hedging.py),
+which, like the table, follow the replay's time: recomputed from the reads
+the policy has seen so far, not from the future; their extra reads are
+bounded by the target's token bucket at --hedge-budget (default 5% of
+reads). Each hedging policy's report says its extra reads, their share of
+the reads, the hedges the budget refused and the hedges that won (the
+duplicate completed first).
+
 A policy that cannot run as asked is still reported: a learned policy
 whose model could not be trained (e.g. the training part has no slow I/Os:
-nothing to learn) and hedged without training reads for its deadline are
+nothing to learn; the learned hedging policies need the heimdall model's
+P(slow)) and hedged without training reads for its deadline are
 replayed as least in flight, the module's default (what the module does
 with no model), marked "fallback" with the reason in the JSON report and
 with a * and the reason in the table. For the table policy the report also
@@ -29,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core import abi, cliutil, clock
+from ..core import hedging as H
 from ..core.errors import IobridgeError, UsageError
 from ..core.outfiles import atomic_output, check_output
 from . import policies as P
@@ -43,7 +56,7 @@ from .trace import OP_READ, Trace, load_any
 def build_policy(name: str, *, learned: dict, hedge_deadline_ns: int | None,
                  hedge_pct: float, recompute_ns: int = P.RECOMPUTE_NS, staleness_ns: int = 0,
                  ttl_ns: int | None = None, probe_after_ns: int = P.PROBE_AFTER_NS,
-                 tick_ns: int = P.TICK_NS):
+                 tick_ns: int = P.TICK_NS, hedge_worth: float = H.HEDGE_WORTH):
     if name == "primary":
         return P.Primary()
     if name == "random":
@@ -61,6 +74,10 @@ def build_policy(name: str, *, learned: dict, hedge_deadline_ns: int | None,
     if name == "table":
         return P.Table(learned["heimdall"], recompute_ns, staleness_ns, ttl_ns, probe_after_ns,
                        tick_ns=tick_ns)
+    if name in ("hedged-learned", "table-hedged"):
+        cls = P.HedgedLearned if name == "hedged-learned" else P.TableHedged
+        return cls(learned["heimdall"], recompute_ns, staleness_ns, ttl_ns, probe_after_ns,
+                   tick_ns=tick_ns, worth=hedge_worth)
     raise UsageError(f"unknown policy {name!r}", f"choose from {', '.join(P.POLICY_NAMES)}")
 
 
@@ -88,9 +105,15 @@ def run_replay(trace: Trace, nlegs: int, policy_names: list[str], *,
                probe_after_ns: int = P.PROBE_AFTER_NS, tick_ns: int = P.TICK_NS,
                hedge_pct: float = 95.0, model_path: str | None = None, max_epochs: int = 30,
                progress: Progress | None = None, keep_latencies: bool = False,
-               latency: str = "auto") -> dict:
+               latency: str = "auto", hedge_budget: float = H.DEFAULT_BUDGET,
+               budget_hedged: bool = False, hedge_worth: float = H.HEDGE_WORTH) -> dict:
     """latency: "model" (device model), "trace" (per-leg latencies recorded in
     the trace) or "auto" (trace when it has measured latency on legs).
+
+    hedge_budget: the target's budget on extra reads (a fraction of reads,
+    core/hedging.HedgeBudget) for hedged-learned and table-hedged, and for
+    hedged too with budget_hedged (without: hedged is unlimited, as
+    before). hedge_worth: the learned deadlines' HEDGE_WORTH.
 
     A policy that cannot run as asked (a learned one whose model could not be
     trained on the training part, hedged without training reads for its
@@ -131,19 +154,22 @@ def run_replay(trace: Trace, nlegs: int, policy_names: list[str], *,
     }
     learned: dict = {}
     fallbacks: dict = report["fallbacks"]
+    if not (isinstance(hedge_budget, (int, float)) and 0.0 <= hedge_budget <= 1.0):
+        raise UsageError(f"hedge budget {hedge_budget!r}: must be a fraction of reads from 0 to 1")
     hedge_deadline = None
-    want_heimdall = "heimdall" in policy_names or "table" in policy_names
+    want_heimdall = any(n in P.TABLE_MODEL for n in policy_names)
     want_linnos = "linnos" in policy_names
 
     def not_trained(models, why):
         for name in policy_names:
             if name in models:
-                what = "its model (the heimdall one) is not" if name == "table" else "not"
+                what = ("its model (the heimdall one) is not"
+                        if name in P.TABLE_MODEL and name != "heimdall" else "not")
                 fallbacks[name] = f"{what} trained: {why}; replayed as {FALLBACK_POLICY}"
 
     if (want_heimdall and not model_path) or want_linnos:
         if len(train_part) == 0:
-            not_trained(("heimdall", "table", "linnos") if not model_path else ("linnos",),
+            not_trained((*P.TABLE_MODEL, "linnos") if not model_path else ("linnos",),
                         "the training part of the trace is empty (raise --train-fraction)")
             want_linnos = False
             want_heimdall = want_heimdall and bool(model_path)
@@ -163,7 +189,7 @@ def run_replay(trace: Trace, nlegs: int, policy_names: list[str], *,
             try:
                 res = TR.train_heimdall_on_records([recs], max_epochs=max_epochs, seed=seed)
             except IobridgeError as e:
-                not_trained(("heimdall", "table"), e.message)
+                not_trained(P.TABLE_MODEL, e.message)
                 report["heimdall_model"] = {"trained_on": "training part",
                                             "not_trained": str(e)}
             else:
@@ -194,13 +220,16 @@ def run_replay(trace: Trace, nlegs: int, policy_names: list[str], *,
         pol = build_policy(run_as, learned=learned, hedge_deadline_ns=hedge_deadline,
                            hedge_pct=hedge_pct, recompute_ns=recompute_ns,
                            staleness_ns=staleness_ns, ttl_ns=ttl_ns,
-                           probe_after_ns=probe_after_ns, tick_ns=tick_ns)
+                           probe_after_ns=probe_after_ns, tick_ns=tick_ns,
+                           hedge_worth=hedge_worth)
         progress.phase(f"replaying the held-back part with policy {name}"
                        + (f" (as {run_as})" if run_as != name else ""))
+        budgeted = run_as != "hedged" or budget_hedged
         r = simulate(eval_part, nlegs, pol, params, seed, progress=progress, label=name,
-                     timelines=timelines)
+                     timelines=timelines, hedge_budget=hedge_budget if budgeted else None)
         report["policies"][name] = {**latency_stats(r.read_lat_ns), "reads_per_leg": r.sent,
                                     "extra_ios": r.extra_ios, "sim_seconds": round(r.seconds, 2),
+                                    **({"hedging": r.hedging} if r.hedging else {}),
                                     **({"details": r.policy_stats} if r.policy_stats else {}),
                                     **({"fallback": fallbacks[name], "replayed_as": run_as}
                                        if run_as != name else {})}
@@ -261,10 +290,36 @@ def format_table(report: dict) -> str:
             elif "file" in m:
                 lines.append(f"{key.split('_')[0]} model: {m.get('file')}")
     pols = report["policies"]
+    hedging = [(n, s["hedging"]) for n, s in pols.items() if s.get("hedging")]
+    if hedging:
+        lines.append(f"{'hedging':<14}{'budget':>8}{'deadlines':>11}{'extra reads':>13}"
+                     f"{'of reads':>10}{'refused':>9}{'won':>7}")
+        for name, h in hedging:
+            budget = "none" if h["budget"] is None else f"{h['budget'] * 100:g}%"
+            lines.append(f"{name:<14}{budget:>8}{h['deadlines_passed']:>11d}"
+                         f"{h['extra_reads']:>13d}{h['extra_per_read']:>10.3%}"
+                         f"{h['refused_by_budget']:>9d}{h['won']:>7d}")
+        lines.append("  (deadlines: reads still pending at their deadline; refused: hedges "
+                     "the target's token bucket refused; won: the duplicate completed first)")
     if "hedged" in pols and "details" in pols["hedged"] and "fallback" not in pols["hedged"]:
         d = pols["hedged"]["details"]
         lines.append(f"hedged: duplicate after {d['deadline_us']:.0f} us (p{d['percentile']:g} "
                      "of least-in-flight read latency on the training part)")
+    for name in ("hedged-learned", "table-hedged"):
+        d = pols.get(name, {}).get("details", {})
+        if "fallback" in pols.get(name, {}) or not d.get("deadlines"):
+            continue
+        dl = d["deadlines"]
+        lines.append(f"{name}: deadlines recomputed {d['deadline_updates']} times (worth "
+                     f"{d['hedge_worth']:g}); newest (at {dl['computed_at_s']:.1f} s), idle leg "
+                     "with a fast newest read, per size bucket <=4K/16K/64K/more, us:")
+        for i, leg in enumerate(dl["legs"]):
+            if leg is None:
+                lines.append(f"  leg {i}: none")
+                continue
+            lines.append(f"  leg {i}: " + "/".join(str(x) for x in leg["idle_fast_by_size_us"])
+                         + f" (all keys {leg['min_us']}-{leg['max_us']} us, "
+                         f"{leg['never_keys']} keys never; {leg['read_samples']} read samples)")
     for name in ("linnos", "heimdall"):
         if name in pols and "fallback" not in pols[name]:
             d = pols[name]["details"]
@@ -372,7 +427,8 @@ def _cmd_replay(args) -> int:
                      tick_ns=int(args.tick_us * 1000),
                      hedge_pct=args.hedge_percentile, model_path=args.model,
                      max_epochs=args.max_epochs, progress=prog, keep_latencies=args.plot is not None,
-                     latency=args.latency)
+                     latency=args.latency, hedge_budget=args.hedge_budget,
+                     budget_hedged=args.budget_hedged)
     rep["speed"] = args.speed
     lats = rep.pop("_latencies", None)
     # The report first: a plot that cannot be written must not lose it.
@@ -394,7 +450,10 @@ def register_cli(sub) -> None:
         "GC busy periods every 64 MB written per leg plus 0.5/s background ones). Reads "
         "go where the policy says, writes to every leg. The trace is split by time; "
         "learned policies train on the earlier part and every policy is reported on the "
-        "later, held-back part only. Latencies in microseconds.",
+        "later, held-back part only. Hedging policies (hedged, hedged-learned, "
+        "table-hedged) duplicate a read still pending at its deadline to another leg; "
+        "the learned ones learn deadlines per leg and key as they go, within the "
+        "target's budget on extra reads (--hedge-budget). Latencies in microseconds.",
         parents=[cliutil.json_parent()],
         **cliutil.examples(
             ("iobridge replay --trace cloudPhysicsIO.csv", "every policy, 2 legs"),
@@ -404,6 +463,8 @@ def register_cli(sub) -> None:
              "a trained model instead of training one"),
             ("iobridge replay --trace cp.parquet --speed 4 --plot cdf.png",
              "4x the load; latency CDF plot"),
+            ("iobridge replay --trace cp.parquet --policy hedged --policy hedged-learned "
+             "--policy table-hedged --hedge-budget 0.01", "hedging, 1% extra reads at most"),
             ("iobridge replay --trace t.parquet --json -q", "the report as JSON, no progress")))
     p.add_argument("--trace", required=True, help="trace: iobridge .parquet, CloudPhysics "
                    ".csv, ARC .lis[.zst] or fio iolog")
@@ -445,6 +506,14 @@ def register_cli(sub) -> None:
     p.add_argument("--hedge-percentile", type=cliutil.percentile, default=95.0,
                    help="hedged: duplicate a read still pending after this percentile of "
                    "training-part read latency (default 95)")
+    p.add_argument("--hedge-budget", type=cliutil.float_range(0.0, 1.0),
+                   default=H.DEFAULT_BUDGET, metavar="FRACTION",
+                   help="hedged-learned, table-hedged: the target's budget on extra reads, a "
+                   "fraction of reads from 0 (never hedge) to 1: a token bucket earning this "
+                   f"much per read, holding up to {H.BUCKET_HEDGES} hedges (default "
+                   f"{H.DEFAULT_BUDGET:g})")
+    p.add_argument("--budget-hedged", action="store_true",
+                   help="hedged within --hedge-budget too (default: hedged is unlimited)")
     p.add_argument("--speed", type=cliutil.float_range(*SPEED), default=1.0,
                    help="divide all arrival times by this factor to raise the load, "
                    f"{SPEED[0]:g} to {SPEED[1]:g} (default 1)")

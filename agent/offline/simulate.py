@@ -6,7 +6,11 @@ on replica legs. Reads go to the leg a policy chooses; writes go to every leg
 (mirroring) and feed each leg's garbage-collection busy periods; flush,
 discard and other operations are ignored. Policies decide per read, from
 the legs' live state (policies.py; a learned policy that models the agent
-keeps its own clock: it sees time through the reads). `iobridge replay`
+keeps its own clock: it sees time through the reads). A hedging policy
+also gives each read a deadline (0 = none): a read still pending then gets
+one duplicate on the other leg the policy picks, the first completion
+wins, and with a budget the target's token bucket (core/hedging.py) may
+refuse it. Writes are never hedged. `iobridge replay`
 (replay.py) builds the policies and reports; training (train.py) records
 per-I/O features through it.
 """
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core import hedging as H
 from ..core.errors import IobridgeError
 from . import policies as P
 from .devmodel import DeviceParams, Leg, RecordedLeg
@@ -35,6 +40,16 @@ class SimResult:
     seconds: float
     records: Trace | None = None
     policy_stats: dict = field(default_factory=dict)
+    hedging: dict | None = None     # hedging policies: hedge_stats()
+
+
+def hedge_stats(budget_fraction: float | None, reads: int, due: int, extra: int,
+                refused: int, won: int) -> dict:
+    """What a hedging policy's report says about its extra reads."""
+    return {"budget": budget_fraction, "bucket_hedges": None if budget_fraction is None
+            else H.BUCKET_HEDGES, "deadlines_passed": due, "extra_reads": extra,
+            "extra_per_read": round(extra / reads, 6) if reads else 0.0,
+            "refused_by_budget": refused, "won": won}
 
 
 def recorded_timelines(trace: Trace, nlegs: int) -> list[dict]:
@@ -75,9 +90,12 @@ def arrivals_of_recorded(trace: Trace) -> Trace:
 
 def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
              seed: int = 0, record: bool = False, progress: Progress | None = None,
-             label: str = "", timelines: list[dict] | None = None) -> SimResult:
+             label: str = "", timelines: list[dict] | None = None,
+             hedge_budget: float | None = None) -> SimResult:
     """Replay `trace` (sorted by issue time) against `nlegs` fresh legs:
-    modelled ones, or with `timelines` legs replaying recorded latencies."""
+    modelled ones, or with `timelines` legs replaying recorded latencies.
+    hedge_budget: the target's budget fraction for a hedging policy's extra
+    reads (None: unlimited)."""
     t0 = time.perf_counter()
     issue = trace["issue_ns"].astype(np.int64)
     op = trace["op"]
@@ -96,7 +114,9 @@ def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
     read_issue = issue[is_read].copy()
     sent = [0] * nlegs
     extra = 0
-    hedge_ns = policy.hedge_ns
+    hedges = policy.hedges and nlegs > 1
+    budget = H.HedgeBudget(hedge_budget) if hedges and hedge_budget is not None else None
+    due = won = 0
     hq: list = []
     rec = {"issue_ns": [], "complete_ns": [], "qlen": [], "leg": [], "bytes": [], "op": []} if record else None
     rid = 0
@@ -107,16 +127,19 @@ def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
         rec["leg"].append(leg); rec["bytes"].append(nb); rec["op"].append(o)
 
     def run_hedge(item):
-        nonlocal extra
+        nonlocal extra, won
         h, r, pl, pdone, arr, nb = item
         for leg in legs:
             leg.advance(h)
-        d = min((li for li in range(nlegs) if li != pl), key=lambda li: (legs[li].qlen, li))
+        if budget is not None and not budget.try_hedge():
+            return          # refused: the read waits for its own leg
+        d = policy.hedge_leg(h, nb, legs, pl)
         ddone, q = legs[d].submit(h, nb, False)
         if rec is not None:
             log(h, ddone, q, d, nb, OP_READ)
         sent[d] += 1
         extra += 1
+        won += ddone < pdone
         read_lat[r] = min(pdone, ddone) - arr
 
     every = max(n // 200, 1)
@@ -130,13 +153,18 @@ def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
         nb = nb_l[i]
         if o == OP_READ:
             li = policy.choose(t, nb, legs)
+            # the deadline of the state the read was routed in
+            dl = policy.hedge_deadline_ns(t, nb, legs, li) if hedges else 0
+            if budget is not None:
+                budget.on_read()
             done, q = legs[li].submit(t, nb, False)
             if rec is not None:
                 log(t, done, q, li, nb, o)
             sent[li] += 1
             read_lat[rid] = done - t
-            if hedge_ns is not None and nlegs > 1 and done - t > hedge_ns:
-                heapq.heappush(hq, (t + hedge_ns, rid, li, done, t, nb))
+            if dl > 0 and done - t > dl:
+                due += 1
+                heapq.heappush(hq, (t + dl, rid, li, done, t, nb))
             rid += 1
         elif o == OP_WRITE:
             for li, leg in enumerate(legs):
@@ -156,8 +184,12 @@ def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
         cols["device"] = np.array([f"leg{x}" for x in cols["leg"]], dtype=object)
         records = Trace(cols, {"source": "replay", "legs": nlegs, "policy": policy.name,
                                "device_model": params.as_dict(), "seed": seed}).sorted()
+    hedging = None
+    if policy.hedges:
+        hedging = hedge_stats(hedge_budget, nreads, due, extra,
+                              budget.refused if budget is not None else 0, won)
     return SimResult(read_lat, read_issue, sent, extra, time.perf_counter() - t0, records,
-                     policy.stats())
+                     policy.stats(), hedging)
 
 
 def latency_stats(lat_ns: np.ndarray) -> dict:
