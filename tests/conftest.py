@@ -2,8 +2,8 @@
 
 Tests marked `vm` (everything under tests/vm) need a real kernel. On the host
 each of them is replaced by one proxy item per VM kernel (vm_kernels():
-Debian 12's 6.1 by default; $IOBRIDGE_KERNELS, space- or comma-separated,
-or "all" for the 6.1 and 6.12 lines of vm/kernel-release, chooses). The first
+Debian 12's 6.1 and 6.12 lines of vm/kernel-release by default;
+$IOBRIDGE_KERNELS, space- or comma-separated, chooses). The first
 proxy of a kernel boots the test VM on it once and runs all selected VM
 tests inside (iobridge.lab.vm.run_tests); every proxy then reports its own
 test's outcome on its kernel. So a single `pytest` run shows host and VM
@@ -25,19 +25,15 @@ class VmTestFailure(Exception):
 
 
 def vm_kernels() -> list[str]:
-    """The kernels the VM tests run on: $IOBRIDGE_KERNELS ("all" for every
-    line in vm/kernel-release) or $IOBRIDGE_KERNEL, else the default (6.1).
-    Why not both by default: on 6.12 under Debian 12's QEMU (7.2, TCG) one
-    run of the whole suite died of "Oops: int3" in bio_endio, at a static
-    branch being patched while an agent was killed mid-I/O (its tracepoint
-    programs detached); the same tests passed on 6.12 in other runs and
-    never failed so on 6.1. Until that is understood, `make test` runs 6.1
-    and `make test KERNELS=all` both."""
+    """The kernels the VM tests run on: every line in vm/kernel-release
+    (Debian 12's 6.1 and 6.12) by default or with $IOBRIDGE_KERNELS=all;
+    else the releases in $IOBRIDGE_KERNELS (space- or comma-separated) or
+    $IOBRIDGE_KERNEL."""
     from iobridge.lab import vm
-    chosen = os.environ.get("IOBRIDGE_KERNELS") or os.environ.get("IOBRIDGE_KERNEL") or ""
+    chosen = os.environ.get("IOBRIDGE_KERNELS") or os.environ.get("IOBRIDGE_KERNEL") or "all"
     if chosen.strip() == "all":
         return vm.kernel_releases()
-    return chosen.replace(",", " ").split() or [vm.pinned_release()]
+    return chosen.replace(",", " ").split() or vm.kernel_releases()
 
 
 class VmProxyItem(pytest.Item):

@@ -29,6 +29,7 @@ def test_agent_contract_settings():
     assert s["NotifyAccess"] == "main"
     assert s["ExecStart"].split()[:2] == [INSTALLED_BIN, "run"]
     assert s["WatchdogSec"] == "10s"
+    assert s["TimeoutAbortSec"] == "15s"     # a stopped agent is replaced within ~25 s
     assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert s["KillSignal"] == "SIGTERM"
     assert s["Restart"] == "on-failure"
