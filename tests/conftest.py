@@ -2,8 +2,8 @@
 
 Tests marked `vm` (everything under tests/vm) need a real kernel. On the host
 each of them is replaced by one proxy item per VM kernel (vm_kernels():
-Debian 12's 6.1 and 6.12 lines of vm/kernel-release by default;
-$IOBRIDGE_KERNELS, space- or comma-separated, chooses). The first
+Debian 12's 6.1 by default; $IOBRIDGE_KERNELS, space- or comma-separated,
+or "all" for the 6.1 and 6.12 lines of vm/kernel-release, chooses). The first
 proxy of a kernel boots the test VM on it once and runs all selected VM
 tests inside (iobridge.lab.vm.run_tests); every proxy then reports its own
 test's outcome on its kernel. So a single `pytest` run shows host and VM
@@ -25,15 +25,19 @@ class VmTestFailure(Exception):
 
 
 def vm_kernels() -> list[str]:
-    """The kernels the VM tests run on: every line in vm/kernel-release
-    (Debian 12's 6.1 and 6.12) by default or with $IOBRIDGE_KERNELS=all;
-    else the releases in $IOBRIDGE_KERNELS (space- or comma-separated) or
-    $IOBRIDGE_KERNEL."""
+    """The kernels the VM tests run on: $IOBRIDGE_KERNELS ("all" for every
+    line in vm/kernel-release) or $IOBRIDGE_KERNEL, else the default (6.1).
+    Why not both by default: under QEMU 7.2's multi-threaded TCG, 6.12 dies
+    now and then of "Oops: int3" at a static branch being re-patched (in
+    one of its two whole-suite runs so far; iobridge.lab.vm.tcg_threads()
+    says why and what avoids it), and single-threaded TCG, which avoids it, biases the
+    learned-policy comparisons. `make test KERNELS=all` runs both; with
+    IOBRIDGE_VM_TCG_THREADS=single the 6.12 suite passed 53 of 53."""
     from iobridge.lab import vm
-    chosen = os.environ.get("IOBRIDGE_KERNELS") or os.environ.get("IOBRIDGE_KERNEL") or "all"
+    chosen = os.environ.get("IOBRIDGE_KERNELS") or os.environ.get("IOBRIDGE_KERNEL") or ""
     if chosen.strip() == "all":
         return vm.kernel_releases()
-    return chosen.replace(",", " ").split() or vm.kernel_releases()
+    return chosen.replace(",", " ").split() or [vm.pinned_release()]
 
 
 class VmProxyItem(pytest.Item):
