@@ -8,7 +8,7 @@ from iobridge.kernel import blockdev
 from iobridge.kernel import system
 from iobridge.lab import vm
 from iobridge.cli import build_parser, main
-from iobridge.core.errors import IobridgeError
+from iobridge.core.errors import IobridgeError, UsageError
 
 
 def test_non_root_gets_one_clear_line(monkeypatch):
@@ -129,3 +129,19 @@ def test_a_fallback_kernel_recorded_by_setup_wins_over_the_pin(tmp_path):
     (tmp_path / "kernel-release.local").write_text("6.1.0-60-amd64\n6.12.120+deb12-amd64\n")
     assert vm.pinned_release(tmp_path) == "6.1.0-60-amd64"
     assert vm.kernel_releases(tmp_path) == ["6.1.0-60-amd64", "6.12.120+deb12-amd64"]
+
+
+def test_tcg_threading_is_single_from_6_12_unless_the_environment_says(monkeypatch):
+    monkeypatch.delenv("IOBRIDGE_VM_TCG_THREADS", raising=False)
+    assert vm.tcg_threads("6.1.0-41-amd64") == "multi"
+    assert vm.tcg_threads("6.12.118+deb12-amd64") == "single"
+    monkeypatch.setenv("IOBRIDGE_VM_TCG_THREADS", "multi")
+    assert vm.tcg_threads("6.12.118+deb12-amd64") == "multi"
+    monkeypatch.setenv("IOBRIDGE_VM_TCG_THREADS", "single")
+    assert vm.tcg_threads("6.1.0-41-amd64") == "single"
+    monkeypatch.setenv("IOBRIDGE_VM_TCG_THREADS", "one")
+    with pytest.raises(UsageError, match="expected single or multi"):
+        vm.tcg_threads("6.1.0-41-amd64")
+    monkeypatch.delenv("IOBRIDGE_VM_TCG_THREADS")
+    with pytest.raises(UsageError, match="MAJOR.MINOR"):
+        vm.tcg_threads("linux")

@@ -210,23 +210,38 @@ def _boot_once(cmd: list[str], env: dict, *, timeout: float, boot_timeout: float
     return proc.returncode, why, "".join(captured)
 
 
-def tcg_threads() -> str:
-    """QEMU's TCG threading for the VM: "multi" (one host thread per vCPU,
-    QEMU's default) unless $IOBRIDGE_VM_TCG_THREADS says "single".
+# Kernel lines that need single-threaded TCG by default (see tcg_threads).
+SINGLE_THREADED_TCG_FROM = (6, 12)
 
-    Why the choice exists: under QEMU 7.2's multi-threaded TCG a vCPU kept
-    executing a stale translation of kernel text the other vCPU had just
-    re-patched (a static key flipped by a tracepoint attach or detach):
-    memory held the new jump, the vCPU trapped on the old int3. Toggling the
-    block tracepoints under timer-completed I/O, 6.12 died of "Oops: int3"
-    within seconds and 6.1 looped in exc_int3 with the patching CPU waiting
-    on its IPI; single-threaded, neither in 1,647 toggles, and the whole 6.12
-    suite passed. Why it is not the default: with one host thread for both
-    vCPUs the agent's CPU time is taken from fio's, which the learned-policy
-    comparisons then pay (a 6.1 run at QD16: learned IOPS 0.66x the
-    default's, p99 1.26x), while 6.1 under multi-threaded TCG has passed the
-    whole suite in every CI run (the full suite flips static keys rarely)."""
-    mode = os.environ.get("IOBRIDGE_VM_TCG_THREADS", "multi")
+
+def kernel_line(release: str) -> tuple[int, int]:
+    """(major, minor) of a release string such as "6.12.118+deb12-amd64"."""
+    m = re.match(r"(\d+)\.(\d+)", release)
+    if not m:
+        raise UsageError(f"kernel release {release!r} does not start with MAJOR.MINOR")
+    return int(m.group(1)), int(m.group(2))
+
+
+def tcg_threads(release: str) -> str:
+    """QEMU's TCG threading for booting `release`: $IOBRIDGE_VM_TCG_THREADS
+    ("single" or "multi") when set, else "single" for 6.12 and later and
+    "multi" (QEMU's default, one host thread per vCPU) for 6.1.
+
+    Why: under QEMU 7.2's multi-threaded TCG a vCPU kept executing a stale
+    translation of kernel text the other vCPU had just re-patched (a static
+    key flipped by a tracepoint attach or detach): memory held the new jump,
+    the vCPU trapped on the old int3. Toggling the block tracepoints under
+    timer-completed I/O, 6.12 died of "Oops: int3" within seconds (and did
+    in a CI run of the suite) and 6.1 looped in exc_int3 with the patching
+    CPU waiting on its IPI; single-threaded, neither in 1,647 toggles, and
+    the whole 6.12 suite passed. Why 6.1 stays multi-threaded: it has passed
+    the whole suite in every CI run so (it flips static keys rarely enough),
+    and with one host thread for both vCPUs the agent's CPU time is taken
+    from fio's, which the learned-policy comparisons pay (a 6.1 run at QD16:
+    learned IOPS 0.66x the default's, p99 1.26x)."""
+    mode = os.environ.get("IOBRIDGE_VM_TCG_THREADS")
+    if mode is None:
+        return "single" if kernel_line(release) >= SINGLE_THREADED_TCG_FROM else "multi"
     if mode not in ("single", "multi"):
         raise UsageError(f"IOBRIDGE_VM_TCG_THREADS={mode!r}: expected single or multi")
     return mode
@@ -251,7 +266,7 @@ def _boot(kernel: Kernel, guest_cmd: str, *, accel: str, timeout: float,
         cmd += ["--rwdir", str(d)]
     if accel == "tcg":
         cmd.append("--disable-kvm")
-        if tcg_threads() == "single":
+        if tcg_threads(kernel.release) == "single":
             cmd.append("--qemu-opts=-accel tcg,thread=single")
     # A soft lockup reports every CPU's stack, not only the stuck one's (one
     # was seen once: CPU 0 waiting for CPU 1 to answer an IPI).
@@ -435,7 +450,7 @@ def _cmd_info(args) -> int:
     kernel = find_kernel(args.kernel)
     info = {"kernel": kernel.release, "image": str(kernel.image),
             "headers": str(kernel.modules_dir / "build"), "vng": str(find_vng()),
-            "accel": choose_accel(kernel, args.accel), "tcg_threads": tcg_threads(),
+            "accel": choose_accel(kernel, args.accel), "tcg_threads": tcg_threads(kernel.release),
             "supported_kernels": kernel_releases()}
     if args.json:
         print(json.dumps(info, indent=2))
