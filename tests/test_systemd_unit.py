@@ -42,7 +42,9 @@ def test_sandbox_keeps_bpf_and_device_mapper_usable():
     caps = set(s["CapabilityBoundingSet"].split())
     assert {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"} <= caps   # load/attach BPF; dm ioctls
     assert s["LimitMEMLOCK"] == "infinity"
-    assert s["RestrictAddressFamilies"] == "AF_UNIX"
+    # sd_notify; uevent discovery (netlink); the metrics endpoint (inet)
+    assert set(s["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_NETLINK", "AF_INET",
+                                                         "AF_INET6"}
     assert s["ProtectSystem"] == "strict"
     # Each of these would break the agent (see the comments in the unit).
     for key in ("ProtectKernelModules", "ProtectKernelTunables", "PrivateDevices",
