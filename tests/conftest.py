@@ -27,12 +27,10 @@ class VmTestFailure(Exception):
 def vm_kernels() -> list[str]:
     """The kernels the VM tests run on: $IOBRIDGE_KERNELS ("all" for every
     line in vm/kernel-release) or $IOBRIDGE_KERNEL, else the default (6.1).
-    Why not both by default: under QEMU 7.2's multi-threaded TCG, 6.12 dies
-    now and then of "Oops: int3" at a static branch being re-patched (in
-    one of its two whole-suite runs so far; iobridge.lab.vm.tcg_threads()
-    says why and what avoids it), and single-threaded TCG, which avoids it, biases the
-    learned-policy comparisons. `make test KERNELS=all` runs both; with
-    IOBRIDGE_VM_TCG_THREADS=single the 6.12 suite passed 53 of 53."""
+    Why not both by default: the two suites take about 55 min on a 2-core
+    TCG machine, too close to CI's 90 min limit with setup and a slower
+    machine (README "Kernels"). 6.12 boots under single-threaded TCG
+    (iobridge.lab.vm.tcg_threads() says why)."""
     from iobridge.lab import vm
     chosen = os.environ.get("IOBRIDGE_KERNELS") or os.environ.get("IOBRIDGE_KERNEL") or ""
     if chosen.strip() == "all":
