@@ -14,12 +14,17 @@ import sys
 import pytest
 from conftest import run
 
+import iobridge
 from iobridge.core import cachestat_abi as cabi
 from iobridge.kernel import cachestat as cs
 
 PAGE = 4096
 CHUNK = 128 << 10       # a common buffered read size (32 pages)
 PROGRAMS = {fn for pair in cs.KPROBE_PROGRAMS.values() for fn in pair if fn}
+# The command runs from the same iobridge as these tests (a worktree's, when
+# the guest's venv has another one installed).
+CLI_ENV = {**os.environ,
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(iobridge.__file__)))}
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +154,8 @@ def test_random_reads_get_little_readahead_next_to_sequential(observer, ext4):
     r = delta_of(observer, dev, rnd_ino, randomly)
     print("sequential:", s)
     print("random:", r)
-    assert r["reads"] == n and r["hits"] + (r["reads"] - r["hits"]) == n
+    assert r["reads"] == n
+    assert r["insertions"] >= r["reads"] - r["hits"], "each miss inserted its page"
     assert s["ra_pages"] >= n * 0.8, "a sequential reader is mostly prefetched"
     assert r["ra_pages"] <= n * 0.1, "random reads are read as is"
     assert r["ra_pages"] * 8 <= s["ra_pages"]
@@ -159,28 +165,29 @@ def test_prefetched_pages_dropped_unread_are_wasted_and_streamed(observer, ext4)
     mnt, dev = ext4
     path = mnt / "willneed"
     ino = make_file(path, 256)
+    ra = 32                # WILLNEED is capped near the readahead size (128 KiB here)
     drain(observer)
     dropped_before = observer.dropped_events()
     fd = os.open(path, os.O_RDONLY)
     try:
         d = delta_of(observer, dev, ino,
-                     lambda: os.posix_fadvise(fd, 64 * PAGE, 64 * PAGE, os.POSIX_FADV_WILLNEED))
+                     lambda: os.posix_fadvise(fd, 64 * PAGE, ra * PAGE, os.POSIX_FADV_WILLNEED))
         gone = delta_of(observer, dev, ino, lambda: drop(path))
     finally:
         os.close(fd)
     print("willneed:", d, "drop:", gone)
-    assert d["insertions"] == 64 and d["ra_pages"] == 64
+    assert d["insertions"] == ra and d["ra_pages"] == ra and d["window_pages"] == ra
     assert d["ra_windows"][cabi.RA_FORCED] >= 1 and d["reads"] == 0
-    assert gone["removed_unused"] == 64 and gone["ra_unused_removed"] == 64
+    assert gone["removed_unused"] == ra and gone["ra_unused_removed"] == ra
     assert gone["removed_used"] == 0
     ev = [e for e in observer.poll_events(timeout_ms=100)
           if int(e["ino"]) == ino and int(e["dev"]) == dev]
     kinds = [int(e["kind"]) for e in ev]
     inserts = [e for e in ev if int(e["kind"]) == cabi.CEV_INSERT]
-    assert len(inserts) == 64
-    assert sorted(int(e["index"]) for e in inserts) == list(range(64, 128))
+    assert len(inserts) == ra
+    assert sorted(int(e["index"]) for e in inserts) == list(range(64, 64 + ra))
     assert all(int(e["flags"]) & cabi.PAGE_READAHEAD for e in inserts)
-    assert kinds.count(cabi.CEV_REMOVE) == 64
+    assert kinds.count(cabi.CEV_REMOVE) == ra
     assert cabi.CEV_WINDOW in kinds
     assert observer.dropped_events() == dropped_before
 
@@ -197,7 +204,7 @@ def cli(args, env=None, user=None) -> subprocess.CompletedProcess:
     if user:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+                          env={**CLI_ENV, **(env or {})})
 
 
 def test_non_root_fails_in_one_line_and_attaches_nothing():
@@ -230,8 +237,8 @@ def test_json_output_parses_and_shows_the_file(ext4, tmp_path):
                       f"sleep 0.5; cat {path} > /dev/null\n")
     with open(tmp_path / "err", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "iobridge.cli", "cachestat", "--json",
-                                 "--interval", "1", "--top", "3"], stdout=subprocess.PIPE,
-                                stderr=err, text=True)
+                                 "--interval", "1", "--top", "50"], stdout=subprocess.PIPE,
+                                stderr=err, text=True, env=CLI_ENV)
     try:
         subprocess.run(["bash", str(reader)], check=True, timeout=300)
         lines = []
