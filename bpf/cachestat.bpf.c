@@ -522,6 +522,7 @@ int on_get_pages_return(struct pt_regs *ctx)
 		u8 hit = !p || p->insert_ns < r.start_ns;
 		struct iobridge_cache_stats *s[2] = {dev_entry(dev), file_entry(dev, ino)};
 
+#pragma unroll
 		for (int j = 0; j < 2; j++) {
 			if (!s[j])
 				continue;
