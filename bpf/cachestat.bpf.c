@@ -26,8 +26,8 @@
  *   read               kprobe + kretprobe filemap_get_pages: the folios of
  *                      the returned batch; a hit when the folio was cached
  *                      before the call began.
- *   use                kprobe folio_mark_accessed (mmap and other paths;
- *                      filemap_read marks only a batch's first folio).
+ *   use                kprobe folio_mark_accessed (reads, and the paths that
+ *                      do not go through filemap_get_pages, such as mmap).
  *   removal            tracepoint filemap:mm_filemap_delete_from_page_cache
  *                      (IOBRIDGE_REMOVE_TP), else kprobe __filemap_remove_folio.
  *   refault            kprobe workingset_refault.

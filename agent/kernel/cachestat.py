@@ -11,10 +11,11 @@ and `readahead` (Debian 12's BCC 0.26) probe add_to_page_cache_lru,
 mark_page_accessed, do_page_cache_ra and __page_cache_alloc, which 6.1
 renamed or inlined: they do not attach there, or undercount.
 
-Why reads come from filemap_get_pages and not only from
-folio_mark_accessed: filemap_read() marks only the first folio of each batch
-accessed, so a 128 KiB read() of cached pages marks 1 of 32; the batch
-filemap_get_pages returns is every folio the read copies from.
+Why reads come from filemap_get_pages: a hit is a folio handed to a read
+call that was cached before the call began, which the returned batch and each
+folio's insertion time tell; folio_mark_accessed says that a folio was used
+(6.1's filemap_read marks every folio it copies from) but not whether the
+read found it cached.
 """
 
 from __future__ import annotations

@@ -237,13 +237,17 @@ def test_json_output_parses_and_shows_the_file(ext4, tmp_path):
                       f"sleep 0.5; cat {path} > /dev/null\n")
     with open(tmp_path / "err", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "iobridge.cli", "cachestat", "--json",
-                                 "--interval", "1", "--top", "50"], stdout=subprocess.PIPE,
+                                 "--events", "--interval", "1", "--top", "50"], stdout=subprocess.PIPE,
                                 stderr=err, text=True, env=CLI_ENV)
     try:
         subprocess.run(["bash", str(reader)], check=True, timeout=300)
-        lines = []
+        lines, events = [], []
         for line in proc.stdout:
-            lines.append(json.loads(line))
+            obj = json.loads(line)
+            if "event" in obj:
+                events.append(obj["event"])
+                continue
+            lines.append(obj)
             seen = sum(f["insertions"] for r in lines for f in r["files"] if f["ino"] == ino)
             if seen >= 512 or len(lines) >= 60:
                 break
@@ -264,5 +268,58 @@ def test_json_output_parses_and_shows_the_file(ext4, tmp_path):
     feats = [f["window"] for f in rows if f["window"]["events"]]
     assert feats and all(set(cs.PF.FEATURE_NAMES) <= set(w) for w in feats)
     assert sum(w["events"] for w in feats) == 512
+    # --events: one insert record per page of the file, unless the kernel
+    # counted it as dropped (reported in every report line)
+    mine = [e for e in events if e["ino"] == ino and e["event"] == "insert"]
+    dropped = lines[-1]["dropped_events"]
+    print(f"events: {len(events)} in all, {len(mine)} inserts of the file, {dropped} dropped")
+    assert len(mine) + dropped >= 512 and len(mine) <= 512
+    if dropped == 0:
+        assert sorted(e["index"] for e in mine) == list(range(512))
     progs = json.loads(run(["bpftool", "prog", "show", "--json"]).stdout or "[]")
     assert not [p for p in progs if proc.pid in [x.get("pid") for x in p.get("pids", [])]]
+
+
+@pytest.fixture
+def memcg():
+    """A memory cgroup (v2) to charge a reader's page cache to: its path."""
+    root = "/sys/fs/cgroup"
+    if run(["stat", "-f", "-c", "%T", root]).stdout.strip() != "cgroup2fs":
+        run(["mount", "-t", "cgroup2", "none", root])
+    with open(f"{root}/cgroup.subtree_control", "w") as f:
+        f.write("+memory")
+    path = f"{root}/iobt-cache{os.getpid()}"
+    os.mkdir(path)
+    yield path
+    os.rmdir(path)
+
+
+def test_pages_reclaimed_and_read_again_are_refaults(observer, ext4, memcg):
+    mnt, dev = ext4
+    pages = 1024
+    path = mnt / "refault"
+    ino = make_file(path, pages)
+
+    def read_in_cgroup():
+        run(["sh", "-c", f"echo $$ > {memcg}/cgroup.procs && exec cat {path} > /dev/null"])
+
+    first = delta_of(observer, dev, ino, read_in_cgroup)
+
+    def reclaim():
+        # Reclaim the cgroup's page cache (only the file's pages are charged
+        # to it); EAGAIN when less than asked for could be reclaimed.
+        try:
+            with open(f"{memcg}/memory.reclaim", "w") as f:
+                f.write(str(64 << 20))
+        except OSError:
+            pass
+
+    evicted = delta_of(observer, dev, ino, reclaim)
+    again = delta_of(observer, dev, ino, read_in_cgroup)
+    print("first:", first, "reclaim:", evicted, "again:", again)
+    assert first["insertions"] == pages and first["refaults"] == 0
+    reclaimed = evicted["removed_used"] + evicted["removed_unused"]
+    assert reclaimed > 0 and evicted["removed_untracked"] == 0
+    # every reclaimed page left a shadow entry; read back, each is a refault
+    assert again["insertions"] == reclaimed
+    assert again["refaults"] == reclaimed
