@@ -252,7 +252,7 @@ def test_json_output_parses_and_shows_the_file(ext4, tmp_path):
             if seen >= 512 or len(lines) >= 60:
                 break
         proc.send_signal(2)
-        proc.wait(timeout=60)
+        proc.communicate(timeout=60)   # drain: a full pipe would block its last writes
     finally:
         if proc.poll() is None:
             proc.kill()
