@@ -332,3 +332,21 @@ def test_old_kernel_is_refused_before_loading(monkeypatch, capsys):
     assert cli.main(["cachestat"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "kernel 4.19.0-27-amd64 is not supported" in err
+
+
+def test_text_report_has_a_row_per_device_and_file(capsys, monkeypatch):
+    monkeypatch.setattr(cs, "dev_label", lambda d: "disk%d" % (d & 0xfffff))
+    dev = (7 << 20) | 3
+    now = ({dev: cs.Counters.from_leaf(leaf(reads=200, hits=150, insertions=50, ra_pages=40,
+                                            ra_used=30, ra_windows=[1, 2, 0]))},
+           {(dev, 42): cs.Counters.from_leaf(leaf(reads=200, hits=150, insertions=50))})
+    rep = cs.interval_report(({}, {}), now, top=5, ra_kb_of=lambda d: 128.0)
+    rep.update({"dropped_events": 3})
+    cs._print_report(rep)
+    out = capsys.readouterr().out.splitlines()
+    assert "READS" in out[0] and "HIT%" in out[0] and "REFAULTS" in out[0]
+    dev_row = out[1].split()
+    assert dev_row[:5] == ["disk3", "200", "75.0", "50", "40"]
+    assert dev_row[5] == "3" and dev_row[6] == "75.0"        # windows, accuracy 30/40
+    assert out[2].split()[0] == "7:3:42"
+    assert "events dropped in the kernel so far: 3" in out[3]
