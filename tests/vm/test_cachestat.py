@@ -306,20 +306,33 @@ def test_pages_reclaimed_and_read_again_are_refaults(observer, ext4, memcg):
     first = delta_of(observer, dev, ino, read_in_cgroup)
 
     def reclaim():
-        # Reclaim the cgroup's page cache (only the file's pages are charged
-        # to it); EAGAIN when less than asked for could be reclaimed.
+        # Reclaim half of the cgroup's page cache (only the file's pages are
+        # charged to it). Not all of it: the shadow-node shrinker, which the
+        # same reclaim runs, keeps shadow entries in proportion to the pages
+        # still on the LRU, so emptying the cgroup also drops every shadow
+        # (seen: 1024 pages reclaimed with 64 MiB asked, 0 refaults after).
         try:
             with open(f"{memcg}/memory.reclaim", "w") as f:
-                f.write(str(64 << 20))
+                f.write(str(pages * PAGE // 2))
         except OSError:
-            pass
+            pass          # EAGAIN: less than asked could be reclaimed
+
+    def vmstat_refaults() -> int:
+        with open("/proc/vmstat") as f:
+            return sum(int(v) for k, v in (line.split() for line in f)
+                       if k == "workingset_refault_file")
 
     evicted = delta_of(observer, dev, ino, reclaim)
+    k0 = vmstat_refaults()
     again = delta_of(observer, dev, ino, read_in_cgroup)
-    print("first:", first, "reclaim:", evicted, "again:", again)
+    kernel_refaults = vmstat_refaults() - k0
+    print("first:", first, "reclaim:", evicted, "again:", again,
+          "kernel's workingset_refault_file:", kernel_refaults)
     assert first["insertions"] == pages and first["refaults"] == 0
     reclaimed = evicted["removed_used"] + evicted["removed_unused"]
     assert reclaimed > 0 and evicted["removed_untracked"] == 0
-    # every reclaimed page left a shadow entry; read back, each is a refault
+    # read back, the reclaimed pages whose shadow entries survived are
+    # refaults: exactly as many as the kernel's own counter says
     assert again["insertions"] == reclaimed
-    assert again["refaults"] == reclaimed
+    assert 0 < again["refaults"] <= reclaimed
+    assert again["refaults"] == kernel_refaults
