@@ -21,6 +21,7 @@ from .core.errors import IobridgeError
 COMMAND_MODULES = [
     "iobridge.lab.vm",
     "iobridge.kernel.observer",
+    "iobridge.kernel.cachestat",
     "iobridge.offline.record",
     "iobridge.offline.trace",
     "iobridge.offline.train",

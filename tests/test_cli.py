@@ -24,6 +24,7 @@ from iobridge.core import cliutil, resources
 # Commands that print a report, with the arguments they require.
 REPORT_COMMANDS = {
     "observe": [],
+    "cachestat": [],
     "record": ["--out", "t.parquet"],
     "trace info": ["t.parquet"],
     "train": ["--trace", "t.parquet", "--out", "m.onnx"],

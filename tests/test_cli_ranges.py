@@ -32,6 +32,7 @@ INT_HUGE = str(10**30)
 # command (with the arguments it requires) -> {option: bad values}
 MATRIX = {
     ("observe",): {"--interval": ALL, "--count": ALL + (INT_HUGE,)},
+    ("cachestat",): {"--interval": ALL, "--count": ALL + (INT_HUGE,), "--top": NOT_ZERO + ("10001",)},
     ("record", "--out", "t.parquet"): {"--duration": ALL, "--ringbuf-pages": ALL + ("3", INT_HUGE)},
     ("trace", "info", "t.parquet"): {"--duration": ALL},
     ("trace", "import", "t.csv", "-o", "t.parquet"): {"--duration": ALL},

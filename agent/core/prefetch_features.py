@@ -80,6 +80,19 @@ class WindowStats:
         self.n = self.s1 = self.s2 = self.sad = 0
         self.lo = self.hi = self.first = self.last = None
 
+    @classmethod
+    def from_aggregates(cls, n: int, s1: int, s2: int, lo: int, hi: int, sad: int,
+                        first: int, last: int) -> "WindowStats":
+        """A window from aggregates kept elsewhere (the BPF page-cache
+        observer's struct iobridge_cache_window). The indices may all be
+        shifted by one constant (the kernel keeps them relative to the
+        window's first): the features and direction do not change."""
+        w = cls()
+        if n:
+            w.n, w.s1, w.s2, w.lo, w.hi, w.sad = int(n), int(s1), int(s2), int(lo), int(hi), int(sad)
+            w.first, w.last = int(first), int(last)
+        return w
+
     def add(self, index: int) -> None:
         if self.n:
             self.sad += abs(index - self.last)
