@@ -193,30 +193,32 @@ def hook_routed(name: str) -> int:
     return sum(leg.hook_routed for leg in dmtarget.status(name).legs)
 
 
-def route_programs() -> list[dict]:
-    """Loaded BPF programs called iobridge_route (id and holding pids),
-    but not those this test process holds itself."""
+def route_program_ids() -> set[int]:
+    """Ids of the loaded BPF programs called iobridge_route. Others than the
+    agent's may be loaded (in a CI run of the whole suite one was, listed
+    with no holding pid: test_dmtarget.py keeps a policy loaded for the
+    session), so the test compares with the ids loaded before the unit
+    started."""
     progs = json.loads(run(["bpftool", "-j", "prog", "show"]).stdout)
-    return [{"id": p["id"], "pids": p.get("pids", [])} for p in progs
-            if p.get("name", "").startswith("iobridge_route")
-            and os.getpid() not in [q.get("pid") for q in p.get("pids", [])]]
+    return {p["id"] for p in progs if p.get("name", "").startswith("iobridge_route")}
 
 
-def wait_route_programs_gone(timeout_s: float = 15.0) -> float:
-    """Seconds until no iobridge_route program is loaded. The kernel frees a
-    program after its last holder closes it, through deferred work: on 6.12
-    under single-threaded TCG with a busy host core one was still listed
-    as `systemctl stop` returned."""
+def wait_programs_gone(ids: set[int], timeout_s: float = 15.0) -> float:
+    """Seconds until none of `ids` is loaded. The kernel frees a program
+    after its last holder closes it, through deferred work: on 6.12 under
+    single-threaded TCG with a busy host core one was still listed as
+    `systemctl stop` returned."""
     t0 = time.monotonic()
-    while progs := route_programs():
+    while left := ids & route_program_ids():
         if time.monotonic() - t0 > timeout_s:
-            raise AssertionError(f"iobridge_route still loaded {timeout_s:.0f} s after the "
-                                 f"agent exited: {progs}")
+            raise AssertionError(f"the agents' iobridge_route programs {sorted(left)} still "
+                                 f"loaded {timeout_s:.0f} s after the agent exited")
         time.sleep(0.5)
     return time.monotonic() - t0
 
 
 def test_unit_start_reload_watchdog_restart_stop(installed_unit, replicas):
+    preloaded = route_program_ids()       # not the agent's (see route_program_ids)
     # start: systemctl returns once the agent sent READY=1 (Type=notify).
     t0 = time.monotonic()
     proc = systemctl("start", "iobridge")
@@ -233,6 +235,8 @@ def test_unit_start_reload_watchdog_restart_stop(installed_unit, replicas):
     before = hook_routed(replicas.name)
     workload.fio_random_reads(replicas.dev, 4, 2)
     assert hook_routed(replicas.name) > before, dmtarget.status(replicas.name)
+    agents_programs = route_program_ids() - preloaded
+    assert agents_programs, "the agent's routing program is not loaded"
     default_sha = agent_status()["model"]["sha256"]
     assert default_sha == sha256(MODELS / "admission-default.onnx")
 
@@ -266,13 +270,14 @@ def test_unit_start_reload_watchdog_restart_stop(installed_unit, replicas):
     before = hook_routed(replicas.name)
     workload.fio_random_reads(replicas.dev, 4, 2)
     assert hook_routed(replicas.name) > before
+    agents_programs |= route_program_ids() - preloaded
 
     # stop: SIGTERM, the agent detaches and unpins; nothing is left.
     proc = systemctl("stop", "iobridge")
     assert proc.returncode == 0, proc.stderr
     assert prop("ActiveState") == "inactive"
     assert not PIN_DIR.exists()
-    gone_s = wait_route_programs_gone()
+    gone_s = wait_programs_gone(agents_programs)
     assert not STATUS.exists()
     print(f"systemd: READY {ready_s:.0f} s after start; watchdog restart "
           f"{restart_s:.0f} s after SIGSTOP; new pid {new_pid}; routing program freed "
