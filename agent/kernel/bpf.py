@@ -35,17 +35,18 @@ def abi_header() -> Path:
     return resources.data_dir("kmodule") / "iobridge_abi.h"
 
 
-def header_version(header: Path | None = None) -> int:
-    """IOBRIDGE_ABI_VERSION as written in the header file."""
+def header_version(header: Path | None = None, macro: str = "IOBRIDGE_ABI_VERSION") -> int:
+    """The layout version `macro` as written in a header file (the ABI
+    header by default; the page-cache observer's has its own)."""
     header = header or abi_header()
     try:
         text = header.read_text()
     except OSError as err:
-        raise IobridgeError(f"cannot read the ABI header {header}: {err.strerror}",
+        raise IobridgeError(f"cannot read the header {header}: {err.strerror}",
                             "reinstall iobridge, or run from a complete checkout") from err
-    m = re.search(r"^#define\s+IOBRIDGE_ABI_VERSION\s+(\d+)\s*$", text, re.M)
+    m = re.search(rf"^#define\s+{macro}\s+(\d+)\s*$", text, re.M)
     if not m:
-        raise IobridgeError(f"{header} defines no IOBRIDGE_ABI_VERSION")
+        raise IobridgeError(f"{header} defines no {macro}")
     return int(m.group(1))
 
 

@@ -24,7 +24,6 @@ import ctypes
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -160,13 +159,7 @@ def header_path() -> Path:
 
 def check_header_version(header: Path | None = None) -> None:
     header = header or header_path()
-    try:
-        text = header.read_text()
-    except OSError as err:
-        raise IobridgeError(f"cannot read {header}: {err.strerror}",
-                            "reinstall iobridge, or run from a complete checkout") from err
-    m = re.search(r"^#define\s+IOBRIDGE_CACHESTAT_VERSION\s+(\d+)\s*$", text, re.M)
-    found = int(m.group(1)) if m else None
+    found = bpf.header_version(header, "IOBRIDGE_CACHESTAT_VERSION")
     if found != cabi.VERSION:
         raise IobridgeError(f"layout mismatch: {header} has cachestat version {found}, "
                             f"the agent expects {cabi.VERSION}",
