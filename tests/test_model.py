@@ -102,3 +102,26 @@ def test_missing_card_and_cli_message(tmp_path, capsys):
 def test_bench_times_batch_of_32():
     r = bench(SHIPPED_MODEL, batch=32, runs=200)
     assert r["batch"] == 32 and 0 < r["median_us"] <= r["p99_us"]
+
+
+def test_quick_check_names_the_common_mistakes_at_once(tmp_path, monkeypatch):
+    """check_quickly (run by the agent before its BPF compiles) passes the
+    shipped model without the test inference, and gives the full check's
+    specific reason for a missing file, a bad card or another model's bytes."""
+    from iobridge.core import model as M
+    probes = []
+    real_probe = M._probe
+    monkeypatch.setattr(M, "_probe", lambda *a: probes.append(1) or real_probe(*a))
+    M.check_quickly(SHIPPED_MODEL)
+    assert probes == []                          # nothing slow for a model that matches its card
+    with pytest.raises(ModelCheckError, match=r"nothere\.onnx: no such file"):
+        M.check_quickly(tmp_path / "nothere.onnx")
+    dst, card = _copy_shipped(tmp_path)
+    dst.write_text("this is not a model\n")
+    with pytest.raises(ModelCheckError, match=r"m\.onnx: not an ONNX model"):
+        M.check_quickly(dst)
+    dst, card = _copy_shipped(tmp_path)
+    card["schema_version"] = 99
+    card_path(dst).write_text(json.dumps(card))
+    with pytest.raises(ModelCheckError, match=r"card feature schema version 99"):
+        M.check_quickly(dst)

@@ -163,6 +163,26 @@ def read_card(path) -> dict:
     return card
 
 
+def check_quickly(path) -> None:
+    """The checks that take no time: the model file exists, its card is
+    valid and was written for it. The agent runs them before its slow
+    start-up work (BPF compiles, the full check) so that the common
+    mistakes show at once; check_model repeats them with the rest."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise ModelCheckError(f"{path}: no such file")
+    card = read_card(path)
+    check_card(card, card_path(path))
+    try:
+        raw = read_input(path)
+    except OSError as e:
+        raise ModelCheckError(f"{path}: cannot read the model: {e.strerror or e}") from None
+    if card["model_sha256"] != model_sha256(raw):
+        # It will fail: the full check now gives the most specific reason
+        # (not ONNX, a bad graph, or a card written for another model).
+        check_model(path, card, data=raw)
+
+
 def check_card(card: dict, cp, raw: bytes | None = None) -> None:
     """Card version, fields and their types, task, feature schema and
     threshold (`cp` names the card in messages). The tie to the model

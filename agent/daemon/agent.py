@@ -210,20 +210,37 @@ class Agent:
         system.require_bpf_kernel()
         bpf.check_header_version()
         dmtarget.check_module_version()      # names the missing module or both versions
-        self.model, self.maker = self._load_model(cfg)
+        # The model check (imports, ONNX checker, a bounded test inference in
+        # a child process) and the BCC compiles are independent, and each
+        # takes long on a slow host: the check runs on a thread while BCC
+        # compiles in C without the GIL. Nothing is attached or pinned before
+        # both are done, so a bad model still stops the start with nothing
+        # left behind (stop() closes what was compiled).
+        from ..core.model import check_quickly  # noqa: PLC0415
+        check_quickly(cfg.model)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-check") as ex:
+            checked = ex.submit(self._load_model, cfg)
+            try:
+                self._targets = discover(cfg.targets)  # first listing in line: errors stop the start
+                if cfg.metrics_listen:
+                    # Before anything is attached: a port in use stops the start clean.
+                    from .metrics import MetricsServer  # noqa: PLC0415
+                    server = MetricsServer(cfg.metrics_listen)
+                    server.start(self)
+                    self.metrics = server
+                self.notify.status("compiling BPF programs, checking the model")
+                self.observer = BlockObserver(probe="auto").open()
+                self.legmap = self.observer.leg_features()
+                if checked.done():
+                    checked.result()         # a bad model: say so before the next compile
+                self.policy = RoutePolicy().load()
+            finally:
+                model_error = checked.exception()     # waits for the check
+            if model_error is not None:
+                raise model_error
+            self.model, self.maker = checked.result()
         log.info("model %s (threshold %.4f, sha256 %s)", cfg.model, self.maker.threshold,
                  self.model.sha256[:12])
-        self._targets = discover(cfg.targets)  # first listing in line: errors stop the start
-        if cfg.metrics_listen:
-            # Before anything is attached: a port in use stops the start clean.
-            from .metrics import MetricsServer  # noqa: PLC0415
-            server = MetricsServer(cfg.metrics_listen)
-            server.start(self)
-            self.metrics = server
-        self.notify.status("compiling BPF programs")
-        self.observer = BlockObserver(probe="auto").open()
-        self.legmap = self.observer.leg_features()
-        self.policy = RoutePolicy().load()
         self.pins = Pins(cfg.pin_dir)
         self.pins.prepare()
         for name, fd in {**self.policy.map_fds(), **self.legmap.map_fds()}.items():
