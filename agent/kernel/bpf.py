@@ -11,9 +11,12 @@ biolatency.bpf.c with biolatency.c.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import time
 from pathlib import Path
+
+import numpy as np
 
 from ..core import abi, resources
 from ..core.errors import IobridgeError
@@ -83,3 +86,37 @@ def compile_program(name: str, what: str, cflags: tuple[str, ...] = (), extra_so
         raise IobridgeError(f"could not load {what} ({src.name}): {err}",
                             "run with -vv and check the kernel log (dmesg)") from err
     return prog, time.monotonic() - started
+
+
+def percpu_sum(prog, name: str) -> int:
+    """Entry 0 of the per-CPU array map `name` of a BCC program, summed over
+    the CPUs (the programs' event and drop counters)."""
+    return int(sum(prog[name.encode()][ctypes.c_int(0)]))
+
+
+class EventRing:
+    """A BCC ring buffer map drained into a numpy structured array of
+    `dtype` (each record one element)."""
+
+    def __init__(self, prog, map_name: str, dtype: np.dtype):
+        self.prog = prog
+        self.dtype = dtype
+        self._chunks: list[bytes] = []
+        self._deadline = 0.0
+        prog[map_name.encode()].open_ring_buffer(self._on_event)
+
+    def _on_event(self, _ctx, data, size):
+        self._chunks.append(ctypes.string_at(data, size))
+        # BCC's ring_buffer_poll() may not return under sustained load; a
+        # negative return ends the poll (the record is already consumed).
+        return -1 if time.monotonic() > self._deadline else 0
+
+    def poll(self, timeout_ms: int, max_seconds: float) -> np.ndarray:
+        """The records that arrive within about `max_seconds` (waiting up
+        to `timeout_ms` for the first)."""
+        self._deadline = time.monotonic() + max_seconds
+        self.prog.ring_buffer_poll(timeout_ms)
+        chunks, self._chunks = self._chunks, []
+        if not chunks:
+            return np.zeros(0, dtype=self.dtype)
+        return np.frombuffer(b"".join(chunks), dtype=self.dtype)

@@ -313,8 +313,7 @@ class CacheObserver:
         self.missing: list = []
         self.compile_seconds: float | None = None
         self.epoch = 0
-        self._chunks: list[bytes] = []
-        self._deadline = 0.0
+        self._ring: bpf.EventRing | None = None
 
     def open(self) -> "CacheObserver":
         what = "observing the page cache"
@@ -343,7 +342,7 @@ class CacheObserver:
                                               maxactive=KRETPROBE_MAXACTIVE)
             self._write_config()
             if self.stream:
-                self.bpf[b"events"].open_ring_buffer(self._on_event)
+                self._ring = bpf.EventRing(self.bpf, "events", EVENT_DTYPE)
         except Exception as err:
             self.close()
             if isinstance(err, IobridgeError):
@@ -388,7 +387,7 @@ class CacheObserver:
         return devs, files
 
     def _percpu_sum(self, name: str) -> int:
-        return int(sum(self.bpf[name.encode()][ctypes.c_int(0)]))
+        return bpf.percpu_sum(self.bpf, name)
 
     def dropped_events(self) -> int:
         return self._percpu_sum("dropped")
@@ -396,19 +395,10 @@ class CacheObserver:
     def files_untracked(self) -> int:
         return self._percpu_sum("files_untracked")
 
-    def _on_event(self, _ctx, data, size):
-        self._chunks.append(ctypes.string_at(data, size))
-        return -1 if time.monotonic() > self._deadline else 0
-
     def poll_events(self, timeout_ms: int = 0, max_seconds: float = 0.5) -> np.ndarray:
         if not self.stream:
             raise IobridgeError("the page-cache observer was opened without --events")
-        self._deadline = time.monotonic() + max_seconds
-        self.bpf.ring_buffer_poll(timeout_ms)
-        chunks, self._chunks = self._chunks, []
-        if not chunks:
-            return np.zeros(0, dtype=EVENT_DTYPE)
-        return np.frombuffer(b"".join(chunks), dtype=EVENT_DTYPE)
+        return self._ring.poll(timeout_ms, max_seconds)
 
 
 # --------------------------------------------------------------------- CLI

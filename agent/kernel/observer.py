@@ -117,8 +117,7 @@ class BlockObserver:
         self.bpf = None
         self.probe: str | None = None
         self.compile_seconds: float | None = None
-        self._chunks: list[bytes] = []
-        self._deadline = 0.0
+        self._ring: bpf.EventRing | None = None
         self._legs = None
 
     # -- loading -------------------------------------------------------
@@ -159,7 +158,7 @@ class BlockObserver:
             "observer", f"the block observer ({self.probe} probes)", tuple(cflags))
         self._write_config()
         if self.stream or self.stream_legs:
-            self.bpf[b"events"].open_ring_buffer(self._on_event)
+            self._ring = bpf.EventRing(self.bpf, "events", EVENT_DTYPE)
         return self
 
     def _write_config(self) -> None:
@@ -220,7 +219,7 @@ class BlockObserver:
         return self._percpu_sum("leg_walk_overflow")
 
     def _percpu_sum(self, name: str) -> int:
-        return int(sum(self.bpf[name.encode()][ctypes.c_int(0)]))
+        return bpf.percpu_sum(self.bpf, name)
 
     def dropped_events(self) -> int:
         """Events the kernel could not put in the ring buffer (it was full)."""
@@ -231,12 +230,6 @@ class BlockObserver:
         return self._percpu_sum("missed_starts")
 
     # -- event stream --------------------------------------------------
-    def _on_event(self, _ctx, data, size):
-        self._chunks.append(ctypes.string_at(data, size))
-        # BCC's ring_buffer_poll() may not return under sustained load; a
-        # negative return ends the poll (the record is already consumed).
-        return -1 if time.monotonic() > self._deadline else 0
-
     def poll_events(self, timeout_ms: int = 100, max_seconds: float = 0.5) -> np.ndarray:
         """Drain the event stream for at most about `max_seconds`.
 
@@ -245,12 +238,7 @@ class BlockObserver:
         """
         if not (self.stream or self.stream_legs):
             raise UsageError("the observer was opened without the event stream")
-        self._deadline = time.monotonic() + max_seconds
-        self.bpf.ring_buffer_poll(timeout_ms)
-        chunks, self._chunks = self._chunks, []
-        if not chunks:
-            return np.zeros(0, dtype=EVENT_DTYPE)
-        return np.frombuffer(b"".join(chunks), dtype=EVENT_DTYPE)
+        return self._ring.poll(timeout_ms, max_seconds)
 
 
 # --------------------------------------------------------------------- CLI
