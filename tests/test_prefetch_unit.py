@@ -447,3 +447,68 @@ def test_run_prefetch_flag(capsys):
         cli.main(["run", "--prefetch", "sometimes"])
     assert e.value.code == 2
     assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ the agent's wiring
+
+def test_agent_without_an_observer_says_so_in_one_line_and_serves_admission_only(
+        tmp_path, monkeypatch, caplog):
+    """An observer that cannot attach (here: its refusal for a missing hook,
+    raised as the loader raises it): one warning line, prefetch not running,
+    the status file's prefetch section says why; a killed agent's record is
+    restored all the same (before the observer is tried)."""
+    from iobridge.daemon import agent as daemon
+    sysfs = fake_sysfs(tmp_path, kb=480)
+    rec = P.Record(tmp_path / "state.json")
+    rec.owner = {"pid": 999_999_999, "create_time": 1.0}
+    rec.devices["7:0"] = {"dev": DEV, "read_ahead_kb": 128}
+    rec.save()
+    monkeypatch.setattr(RA, "SYSFS_BLOCK", sysfs)
+
+    def refuse(self):
+        raise IobridgeError("this kernel lacks page-cache hooks the observer needs: readahead "
+                            "(kprobe page_cache_ra_unbounded)")
+
+    monkeypatch.setattr(cs.CacheObserver, "open", refuse)
+    cfg = config.Config(status_file=tmp_path / "status.json", prefetch_mode="on",
+                        prefetch_state_file=tmp_path / "state.json")
+
+    class Quiet:
+        def __getattr__(self, name):
+            return lambda *a: None
+
+    agent = daemon.Agent(cfg, notifier=Quiet())
+    with caplog.at_level("INFO"):
+        agent._start_prefetch()
+    warn = [r for r in caplog.records if r.levelname == "WARNING" and "prefetch off" in r.message]
+    assert len(warn) == 1 and "\n" not in warn[0].message
+    assert "lacks page-cache hooks" in warn[0].message and "admission only" in warn[0].message
+    assert (sysfs / "7:0" / "queue" / "read_ahead_kb").read_text().strip() == "128"
+    assert not (tmp_path / "state.json").exists()
+    st = agent._prefetch_status()
+    assert st == {"mode": "on", "running": False, "error": warn[0].message.split("(", 1)[1]
+                  .rsplit(")", 1)[0]}
+    agent._stop_prefetch()
+
+
+def test_status_text_has_a_prefetch_line():
+    from iobridge.daemon import agent as daemon
+    unit = P.PrefetchUnit(None, RuleClassifier(), "shadow", "/nonexistent/state.json",
+                          actuators=FakeActuators())
+    pf = {"running": True, **unit.status()}
+    line = [x for x in _status_lines(daemon, pf) if x.startswith("prefetch")]
+    assert line == ["prefetch shadow: 0 windows, 0 actions (0 device, 0 file advice, 0 willneed "
+                    "calls, 0 pages dropped behind), 0 restores; streams per class: random 0, "
+                    "random+write 0, sequential 0, reverse 0"]
+    off = _status_lines(daemon, {"mode": "on", "running": False, "error": "no hooks"})
+    assert "prefetch on: not running (no hooks)" in off
+
+
+def _status_lines(daemon, pf):
+    st = {"agent_alive": True, "pid": 1, "status_age_s": 0.1,
+          "model": {"path": "m.onnx", "threshold": 0.1, "sha256": "ab" * 32},
+          "shadow": False, "tick_ms": 250, "ttl_ticks": 12, "max_silence_ms": 2000,
+          "program_attached": True, "pins": [], "counters": {}, "routing": {},
+          "timing_us": {p: {"p50_us": 1, "p99_us": 2} for p in daemon.PHASES},
+          "targets": [], "prefetch": pf}
+    return daemon.format_status(st).splitlines()

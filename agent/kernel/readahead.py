@@ -114,8 +114,8 @@ class Actuators:
     """The real actuators. The prefetch unit calls only these methods (the
     host tests replace the object to check --shadow touches nothing)."""
 
-    def __init__(self, sysfs: Path = SYSFS_BLOCK, proc: Path = Path("/proc")):
-        self.sysfs, self.proc = sysfs, proc
+    def __init__(self, sysfs: Path | None = None, proc: Path = Path("/proc")):
+        self.sysfs, self.proc = sysfs or SYSFS_BLOCK, proc
         self.me = os.getpid()
 
     # -- per device ------------------------------------------------------
