@@ -153,6 +153,25 @@ def test_random_advice_stops_the_readers_readahead_and_stop_restores(observer, e
         r.close()
 
 
+def test_random_alone_does_not_stop_a_scan_under_way(observer, ext4):
+    """Why RANDOM advice also drops the pages just ahead of the reader: on
+    its own, FADV_RANDOM changes only what a miss does; the running scan
+    keeps hitting its window's PG_readahead mark and async readahead opens
+    the next window (page_cache_async_ra checks only ra_pages)."""
+    mnt, dev, ra = ext4
+    path = mnt / "chain"
+    key = (dev, make_file(path, 4 * STEP))
+    r = Reader(path)
+    try:
+        r.read(STEP)
+        RA.Actuators().advise(r.pid, r.fd, key, "random", ahead_pages=0)
+        alone = delta(observer, key, lambda: r.read(STEP))
+        print("RANDOM without dropping ahead:", alone)
+        assert alone["ra_windows"][cabi.RA_ASYNC] >= 1 and alone["ra_pages"] >= STEP * 0.5
+    finally:
+        r.close()
+
+
 KILLED_AGENT = textwrap.dedent("""
     import sys
     from iobridge.daemon import prefetch as P
