@@ -69,6 +69,15 @@ def test_one_pattern_on_a_device_sets_its_readahead_and_open_files_follow():
                                 {DEV: 320}) if a.kind != "dontneed"] == []
 
 
+def test_interleaved_scans_set_the_device_by_the_files_not_the_mixed_device_window():
+    d = P.Decider(RuleClassifier())
+    a, b = seq(0, 200), seq(50_000, 200)
+    mixed = [x for pair in zip(a, b) for x in pair]
+    assert RuleClassifier().classify(win(DEV, mixed).feats, False, 0) == 0     # random
+    acts = d.decide({DEV: win(DEV, mixed)}, {A: win(A, a), B: win(B, b)}, {DEV: 128})
+    assert kinds(acts)[0] == ("device_ra", DEV, 128, 320)
+
+
 def test_random_device_gets_little_readahead():
     d = P.Decider(RuleClassifier())
     acts = d.decide({DEV: win(DEV, rnd(200))}, {A: win(A, rnd(200))}, {DEV: 128})

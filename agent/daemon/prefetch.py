@@ -225,9 +225,15 @@ class Decider:
             fc = by_dev.get(dev, {})
             kinds = {CLASS_ADVICE[c] for c in fc.values()}
             mixed = len(kinds) > 1 or any(k in force for k in fc)
-            dominant = dev_cls.get(dev)
-            if dominant is None and len(kinds) == 1 and not mixed:
-                dominant = next(iter(fc.values()))
+            # The files' own windows say more than the device's, where
+            # several streams interleave (two sequential scans look random
+            # together); the device's class serves when no file has one.
+            if dev in force:
+                dominant = force[dev]
+            elif len(kinds) == 1 and not mixed:
+                dominant = max(fc.values(), key=list(fc.values()).count)
+            else:
+                dominant = dev_cls.get(dev)
             if dominant is not None and (not mixed or dev in force):
                 actions += self._device(dev, dominant, device_kb.get(dev), devs.get(dev),
                                         notes.get(dev, []), fc if not mixed else {})
