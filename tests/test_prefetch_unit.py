@@ -104,6 +104,9 @@ def test_a_reverse_scan_gets_willneed_below_it_once():
     acts = d.decide({}, {A: win(A, list(range(9_000, 8_500, -1)))}, {DEV: 480})
     wn = [a for a in acts if a.kind == "willneed"]
     assert wn[0].extent == (8_001 - 500, 500)
+    # a second pass from the top starts over
+    acts = d.decide({}, {A: win(A, list(range(20_000, 19_500, -1)))}, {DEV: 480})
+    assert [a.extent for a in acts if a.kind == "willneed"] == [(19_501 - 500, 500)]
 
 
 def test_drop_behind_for_a_scan_not_re_read_and_not_when_pages_are_read_again():

@@ -305,8 +305,10 @@ class Decider:
         """The extent the backward scan reaches next window: as many pages
         below its lowest index as it inserted this window."""
         s = self.stream(key)
-        low = w.lo if s.willneed_low is None else min(w.lo, s.willneed_low)
         pages = min(max(int(w.insertions), 1), MAX_WILLNEED_PAGES)
+        if s.willneed_low is not None and w.lo > s.willneed_low + 2 * pages:
+            s.willneed_low = None          # a new pass, from higher up
+        low = w.lo if s.willneed_low is None else min(w.lo, s.willneed_low)
         first = max(low - pages, 0)
         if first >= low:
             return []
@@ -321,6 +323,8 @@ class Decider:
             return []
         if w.reads > REREAD_FACTOR * max(w.insertions, 1):
             return []             # pages are being read again: keep them
+        if w.lo < s.dropped_to:
+            s.dropped_to = 0               # the scan started again from lower down
         keep = 2 * int((kb or 128) // PAGE_KB)      # the readahead window behind the reader
         end = w.lo - keep
         if end - s.dropped_to < MIN_DROP_PAGES:
