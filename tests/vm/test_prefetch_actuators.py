@@ -238,8 +238,11 @@ def test_a_process_that_exits_mid_decision_is_not_an_error(observer, ext4, tmp_p
     unit.start(observer)
     with caplog.at_level("DEBUG", logger="iobridge.prefetch"):
         acts = unit.step()
-    assert [(a.kind, a.new) for a in acts] == [("advise", "random")]
-    assert unit.counters["gone"] == 1 and unit.counters["errors"] == 0
+    # (other files of the fresh file system may have windows too: on 6.12
+    # an inode of ext4's own got one, classified random, held by no process)
+    assert [(a.kind, a.new) for a in acts if a.key == key] == [("advise", "random")]
+    assert unit.counters["gone"] >= 1 and unit.counters["errors"] == 0
+    assert unit.counters["file_advice"] == 0
     assert f"process {r.pid} has exited" in caplog.text
     assert not (tmp_path / "state.json").exists()     # nothing changed, nothing recorded
     assert unit.stop() == {"devices": 0, "files": 0, "gone": 0, "failed": 0}
