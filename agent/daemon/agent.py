@@ -191,6 +191,10 @@ class Agent:
         self._events: uevents.DmEvents | None = None
         self._reload = False
         self._thread: threading.Thread | None = None
+        self.prefetch = None                 # daemon/prefetch.PrefetchUnit when serving
+        self.cache_observer = None           # its page-cache observer
+        self._prefetch_thread: threading.Thread | None = None
+        self._prefetch_error: str | None = None   # why prefetch is not running, if asked for
 
     # -- start and stop ---------------------------------------------------
     @staticmethod
@@ -249,6 +253,8 @@ class Agent:
         self.policy.heartbeat(clock.now_ns(), 0, cfg.max_silence_ns)
         if not cfg.shadow:
             self.policy.attach()
+        if cfg.prefetch_mode != "off":
+            self._start_prefetch()
         self.started_ns = clock.now_ns()
         # Opened here, not in the discovery thread: an error shows at start.
         self._events = uevents.DmEvents()
@@ -264,11 +270,49 @@ class Agent:
                  len(self._targets), cfg.tick_ms, cfg.ttl_ticks,
                  "shadow mode (nothing published)" if cfg.shadow else "publishing")
 
+    def _start_prefetch(self) -> None:
+        """The prefetch unit (daemon/prefetch.py) with its page-cache observer.
+        What a killed agent left is restored first; an observer that cannot
+        attach (missing hooks, ...) is said in one line and the agent serves
+        admission only."""
+        from ..kernel.cachestat import CacheObserver  # noqa: PLC0415
+        from ..core.prefetch_rules import RuleClassifier  # noqa: PLC0415
+        from .prefetch import PrefetchUnit  # noqa: PLC0415
+        cfg = self.cfg
+        unit = PrefetchUnit(None, RuleClassifier(), cfg.prefetch_mode, cfg.prefetch_state_file,
+                            window_s=cfg.prefetch_window_s)
+        unit.prepare()                        # root, and the restore of a killed agent's record
+        self.prefetch = unit                  # from here on, stop() restores
+        self.notify.status("compiling the page-cache observer")
+        try:
+            obs = CacheObserver().open()
+        except IobridgeError as err:
+            self._prefetch_error = str(err)
+            log.warning("prefetch off: the page-cache observer cannot attach (%s); "
+                        "serving admission only", err)
+            return
+        self.cache_observer = obs
+        unit.attach(obs)
+        self._prefetch_thread = threading.Thread(target=unit.run, args=(self._stop,),
+                                                 name="prefetch", daemon=True)
+        self._prefetch_thread.start()
+
+    def _stop_prefetch(self) -> None:
+        if self._prefetch_thread is not None:
+            self._prefetch_thread.join(timeout=30)
+            self._prefetch_thread = None
+        if self.prefetch is not None:
+            self.prefetch.stop()              # restore what it changed, remove its record
+        if self.cache_observer is not None:
+            self.cache_observer.close()
+            self.cache_observer = None
+
     def stop(self) -> None:
         """Detach, clear what was published, unpin, close. Idempotent."""
         self._stop.set()
         self.notify.stopping()
         self._builder.shutdown(wait=False, cancel_futures=True)
+        self._stop_prefetch()
         acquired = any(x is not None for x in (self.policy, self.pins, self.observer))
         if self.metrics is not None:
             self.metrics.stop()
@@ -523,11 +567,12 @@ class Agent:
             log.error("reload refused, the running config and model stay in force: %s", err)
             self.notify.ready(f"reload refused: {err}")
             return False
-        if (cfg.shadow, cfg.pin_dir, cfg.metrics_listen) != (
-                self.cfg.shadow, self.cfg.pin_dir, self.cfg.metrics_listen):
-            log.warning("shadow, pin_dir and metrics_listen take effect at restart only")
-            cfg = dataclasses.replace(cfg, shadow=self.cfg.shadow, pin_dir=self.cfg.pin_dir,
-                                      metrics_listen=self.cfg.metrics_listen)
+        fixed = ("shadow", "pin_dir", "metrics_listen", "prefetch_mode", "prefetch_window_s",
+                 "prefetch_state_file")
+        if any(getattr(cfg, k) != getattr(self.cfg, k) for k in fixed):
+            log.warning("shadow, pin_dir, metrics_listen and the prefetch keys take effect "
+                        "at restart only")
+            cfg = dataclasses.replace(cfg, **{k: getattr(self.cfg, k) for k in fixed})
         self.cfg, self.model, self.maker = cfg, model, maker
         self._dirty = True            # the new model (or probing, expiry) fills the table
         self._pending = None          # a recompute with the old model is dropped
@@ -649,7 +694,14 @@ class Agent:
             "counters": dict(self.counters),
             "routing": self.policy.stats() if self.policy else None,
             "timing_us": self.times.summary(),
+            "prefetch": self._prefetch_status(),
         }
+
+    def _prefetch_status(self) -> dict:
+        if self.prefetch is None or self._prefetch_error:
+            return {"mode": "off" if self._prefetch_error is None else self.cfg.prefetch_mode,
+                    "running": False, "error": self._prefetch_error}
+        return {"running": self._prefetch_thread is not None, **self.prefetch.status()}
 
     def _table_view(self, table: decision.KeyedTable | None) -> list[dict]:
         """Per row, what status shows of the table in force; kept until the
@@ -703,7 +755,7 @@ def cmd_run(args) -> int:
     overrides = {"model": Path(args.model).resolve() if args.model else None,
                  "tick_ms": args.tick_ms, "shadow": True if args.shadow else None,
                  "status_file": Path(args.status_file) if args.status_file else None,
-                 "metrics_listen": args.metrics_listen}
+                 "metrics_listen": args.metrics_listen, "prefetch_mode": args.prefetch}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = config_mod.load(args.config).replace(**overrides)
     if args.verbose == 0:
@@ -858,6 +910,17 @@ def format_status(st: dict) -> str:
     tm = st["timing_us"]
     lines.append("tick timing (us, p50/p99): " + ", ".join(
         f"{p} {tm[p]['p50_us']}/{tm[p]['p99_us']}" for p in PHASES))
+    pf = st.get("prefetch")
+    if pf and pf.get("mode", "off") != "off":
+        if not pf.get("running"):
+            lines.append(f"prefetch {pf['mode']}: not running ({pf.get('error')})")
+        else:
+            c = pf["counters"]
+            lines.append(f"prefetch {pf['mode']}: {c['windows']} windows, {c['actions']} actions "
+                         f"({c['device_changes']} device, {c['file_advice']} file advice, "
+                         f"{c['willneed_calls']} willneed calls, {c['dropped_pages']} pages "
+                         f"dropped behind), {c['restores']} restores; streams per class: "
+                         + ", ".join(f"{k} {v}" for k, v in pf["streams_per_class"].items()))
     if st.get("discovery_error"):
         lines.append(f"target discovery failing: {st['discovery_error']}")
     if not st["targets"]:
@@ -940,6 +1003,10 @@ def register_cli(sub) -> None:
     p.add_argument("--metrics-listen", metavar="ADDR:PORT", type=_metrics_listen,
                    help="serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. "
                         "127.0.0.1:9464 (overrides agent.metrics_listen; default: off)")
+    p.add_argument("--prefetch", choices=config_mod.PREFETCH_MODES,
+                   help="the prefetch unit: off, shadow (decide and log at debug level, change "
+                        "nothing) or on (set read_ahead_kb and advise open files; restored on "
+                        "stop) (overrides prefetch.mode; default off)")
     p.set_defaults(func=cmd_run)
 
     s = sub.add_parser("status", help="show the running agent: targets, legs, model, table age, counters",

@@ -24,6 +24,14 @@
                                # this long) gets one read, decided by the kernel
     targets = []               # dm names to manage; empty = every iobridge target
 
+    [prefetch]
+    mode = "off"               # off | shadow (decide and log, change nothing) | on:
+                               # the prefetch unit (daemon/prefetch.py) sets devices'
+                               # read_ahead_kb and advises open files
+    window_s = 1.0             # its observe/decide/act period
+    state_file = "/run/iobridge/prefetch-state.json"  # the original settings it
+                               # changed, restored on stop or at the next start
+
 Every key is optional. An unknown section or key, a wrong type or a value
 out of range is an error that names the key (ConfigError); nothing is
 applied from a file with an error, so a bad reload leaves the running
@@ -45,6 +53,7 @@ from . import metrics
 
 DEFAULT_MODEL = resources.data_dir("models") / "admission-default.onnx"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PREFETCH_MODES = ("off", "shadow", "on")
 
 
 class ConfigError(IobridgeError):
@@ -67,6 +76,9 @@ class Config:
     threshold: float | None = None
     probe_after_ms: float | None = AGENT_PROBE_AFTER_MS
     targets: tuple[str, ...] = ()
+    prefetch_mode: str = "off"
+    prefetch_window_s: float = 1.0
+    prefetch_state_file: Path = Path("/run/iobridge/prefetch-state.json")
     source: Path | None = None      # the file it came from, for messages
 
     @property
@@ -135,15 +147,34 @@ _KEYS = {
                        "a number of ms from 1 to 600000"),
     "targets": ("admission", lambda v: isinstance(v, (list, tuple)) and all(isinstance(t, str) and t for t in v),
                 "a list of device-mapper names"),
+    "prefetch_mode": ("prefetch", lambda v: v in PREFETCH_MODES,
+                      f"one of {', '.join(PREFETCH_MODES)}"),
+    "prefetch_window_s": ("prefetch", lambda v: _number(v) and 0.05 <= v <= 3600,
+                          "a number of seconds from 0.05 to 3600"),
+    "prefetch_state_file": ("prefetch", lambda v: isinstance(v, (str, Path)) and str(v) != "",
+                            "a path"),
 }
-SECTIONS = ("agent", "admission")
+SECTIONS = ("agent", "admission", "prefetch")
+# Keys of [prefetch] are named without the prefix in the file (mode, not prefetch_mode).
+_PREFIXED = ("prefetch",)
+
+
+def _file_key(attr: str) -> str:
+    """The key's name as written in the file ("prefetch_mode" -> "mode")."""
+    section = _KEYS[attr][0]
+    return attr[len(section) + 1:] if section in _PREFIXED else attr
+
+
+def _attr(section: str, key: str) -> str:
+    return f"{section}_{key}" if section in _PREFIXED else key
 
 
 def validate(cfg: Config, where: str) -> None:
     for key, (section, check, what) in _KEYS.items():
         value = getattr(cfg, key)
         if not check(value):
-            raise ConfigError(f"{where}: {section}.{key} = {value!r} is invalid: it must be {what}")
+            raise ConfigError(f"{where}: {section}.{_file_key(key)} = {value!r} is invalid: "
+                              f"it must be {what}")
     if not cfg.shadow and not Path(cfg.model).is_file():
         raise ConfigError(f"{where}: admission.model = {str(cfg.model)!r}: no such file")
 
@@ -171,16 +202,18 @@ def load(path: Path | str | None) -> Config:
         if not isinstance(body, dict):
             raise ConfigError(f"{path}: {section} must be a table ([{section}])")
         for key, value in body.items():
-            if key not in _KEYS or _KEYS[key][0] != section:
-                known = [k for k, (s, *_) in _KEYS.items() if s == section]
+            attr = _attr(section, key)
+            if attr not in _KEYS or _KEYS[attr][0] != section:
+                known = [_file_key(k) for k, (s, *_) in _KEYS.items() if s == section]
                 raise ConfigError(f"{path}: unknown key {section}.{key}", f"keys of [{section}]: {', '.join(known)}")
-            values[key] = value
+            values[attr] = value
     # Check types before building paths from the values.
     for key, value in values.items():
         section, check, what = _KEYS[key]
         if not check(value):
-            raise ConfigError(f"{path}: {section}.{key} = {value!r} is invalid: it must be {what}")
-    for key in ("status_file", "pin_dir"):
+            raise ConfigError(f"{path}: {section}.{_file_key(key)} = {value!r} is invalid: "
+                              f"it must be {what}")
+    for key in ("status_file", "pin_dir", "prefetch_state_file"):
         if key in values:
             values[key] = Path(values[key])
     if "model" in values:

@@ -260,6 +260,32 @@ def dev_label(dev: int) -> str:
     return blockdev.name_of(dev)
 
 
+def open_holders(want, proc: Path = Path("/proc")):
+    """Yield (key, pid, fd, path) for every open descriptor, in /proc/PID/fd,
+    of a file whose (dev, inode) key is in `want` (kernel dev_t encoding, as
+    the observer keys files). Processes and descriptors that go away during
+    the scan are skipped. The one /proc scan both PathCache and the prefetch
+    actuators (kernel/readahead.py) use."""
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        fd_dir = proc / pid / "fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(fd_dir / fd)
+                key = (blockdev.kdev(os.major(st.st_dev), os.minor(st.st_dev)), st.st_ino)
+                if key in want:
+                    yield key, int(pid), int(fd), os.readlink(fd_dir / fd)
+            except OSError:
+                continue
+
+
 class PathCache:
     """Paths of (dev, inode) pairs, looked up in open descriptors (/proc/*/fd)
     when asked for ones not seen yet, at most once per `min_gap_s`."""
@@ -277,25 +303,10 @@ class PathCache:
         return {f: self.known.get(f) for f in files}
 
     def _scan(self, want: set) -> None:
-        try:
-            pids = [p for p in os.listdir(self.proc) if p.isdigit()]
-        except OSError:
-            return
-        for pid in pids:
-            fd_dir = self.proc / pid / "fd"
-            try:
-                fds = os.listdir(fd_dir)
-            except OSError:
-                continue
-            for fd in fds:
-                try:
-                    st = os.stat(fd_dir / fd)
-                    key = (blockdev.kdev(os.major(st.st_dev), os.minor(st.st_dev)), st.st_ino)
-                    if key in want:
-                        self.known[key] = os.readlink(fd_dir / fd)
-                        want.discard(key)
-                except OSError:
-                    continue
+        for key, _pid, _fd, path in open_holders(want, self.proc):
+            if key in want:
+                self.known[key] = path
+                want.discard(key)
                 if not want:
                     return
 

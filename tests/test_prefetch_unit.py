@@ -1,0 +1,526 @@
+"""Host tests of the prefetch unit (daemon/prefetch.py) and its actuators
+(kernel/readahead.py): the decision and feedback rules on synthetic windows,
+the restore record (atomic, round trip, a killed agent's record restored at
+the next start), shadow mode changing nothing, and the actuators' errors on
+a stand-in sysfs tree and on real processes of this host."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from test_cachestat_host import kernel_window_add, leaf
+
+from iobridge import cli
+from iobridge.core import cachestat_abi as cabi
+from iobridge.core import prefetch_features as PF
+from iobridge.core.errors import IobridgeError
+from iobridge.daemon import config
+from iobridge.daemon import prefetch as P
+from iobridge.kernel import blockdev
+from iobridge.kernel import cachestat as cs
+from iobridge.kernel import readahead as RA
+from iobridge.core.prefetch_rules import RuleClassifier
+
+DEV = blockdev.kdev(7, 0)
+A, B = (DEV, 11), (DEV, 12)
+
+
+def win(key, indices, ra_kb=128, **counts) -> P.Window:
+    """A Window over page-cache insertions at `indices` (in order)."""
+    ws = PF.WindowStats()
+    for i in indices:
+        ws.add(i)
+    w = P.Window(key, ws.features(ra_kb), ws.direction, False,
+                 insertions=counts.pop("insertions", len(indices)), lo=ws.lo, last=ws.last,
+                 **counts)
+    if not indices:
+        w.lo = w.last = None
+    return w
+
+
+def seq(start, n):
+    return list(range(start, start + n))
+
+
+def rnd(n, seed=1, span=100_000):
+    import random
+    r = random.Random(seed)
+    return [r.randrange(span) for _ in range(n)]
+
+
+def kinds(actions):
+    return [(a.kind, a.key, a.old, a.new) for a in actions]
+
+
+# ------------------------------------------------------------ decisions
+
+def test_one_pattern_on_a_device_sets_its_readahead_and_open_files_follow():
+    d = P.Decider(RuleClassifier())
+    acts = d.decide({DEV: win(DEV, seq(0, 512))}, {A: win(A, seq(0, 512))}, {DEV: 128})
+    assert kinds(acts) == [("device_ra", DEV, 128, 320), ("advise", A, "as opened", "normal")]
+    assert "device class sequential" in acts[0].reason and "events 512" in acts[0].reason
+    # the same pattern again: nothing to change
+    assert [a for a in d.decide({DEV: win(DEV, seq(512, 512))}, {A: win(A, seq(512, 100))},
+                                {DEV: 320}) if a.kind != "dontneed"] == []
+
+
+def test_interleaved_scans_set_the_device_by_the_files_not_the_mixed_device_window():
+    d = P.Decider(RuleClassifier())
+    a, b = seq(0, 200), seq(50_000, 200)
+    mixed = [x for pair in zip(a, b) for x in pair]
+    assert RuleClassifier().classify(win(DEV, mixed).feats, False, 0) == 0     # random
+    acts = d.decide({DEV: win(DEV, mixed)}, {A: win(A, a), B: win(B, b)}, {DEV: 128})
+    assert kinds(acts)[0] == ("device_ra", DEV, 128, 320)
+
+
+def test_random_device_gets_little_readahead():
+    d = P.Decider(RuleClassifier())
+    acts = d.decide({DEV: win(DEV, rnd(200))}, {A: win(A, rnd(200))}, {DEV: 128})
+    assert kinds(acts)[0] == ("device_ra", DEV, 128, 8)
+
+
+def test_a_scanner_beside_a_random_reader_gets_advice_per_file():
+    d = P.Decider(RuleClassifier())
+    dev_w = win(DEV, seq(0, 300) + rnd(300))
+    acts = d.decide({DEV: dev_w}, {A: win(A, seq(0, 300)), B: win(B, rnd(300))}, {DEV: 128})
+    assert ("advise", A, "as opened", "sequential") in kinds(acts)
+    assert ("advise", B, "as opened", "random") in kinds(acts)
+    assert not [a for a in acts if a.kind == "device_ra"]
+    assert "files on device 7:0 differ" in acts[0].reason
+
+
+def test_a_reverse_scan_gets_willneed_below_it_once():
+    d = P.Decider(RuleClassifier())
+    back = list(range(10_000, 9_000, -1))
+    acts = d.decide({}, {A: win(A, back)}, {DEV: 128})
+    wn = [a for a in acts if a.kind == "willneed"]
+    assert len(wn) == 1 and wn[0].extent == (9_001 - 1000, 1000)
+    # next window, further down: only the part not asked for yet
+    acts = d.decide({}, {A: win(A, list(range(9_000, 8_500, -1)))}, {DEV: 480})
+    wn = [a for a in acts if a.kind == "willneed"]
+    assert wn[0].extent == (8_001 - 500, 500)
+    # a second pass from the top starts over
+    acts = d.decide({}, {A: win(A, list(range(20_000, 19_500, -1)))}, {DEV: 480})
+    assert [a.extent for a in acts if a.kind == "willneed"] == [(19_501 - 500, 500)]
+
+
+def test_drop_behind_for_a_scan_not_re_read_and_not_when_pages_are_read_again():
+    d = P.Decider(RuleClassifier())
+    d.decide({}, {A: win(A, seq(0, 512), reads=512)}, {DEV: 128})
+    acts = d.decide({}, {A: win(A, seq(512, 512), reads=512)}, {DEV: 128})
+    drop = [a for a in acts if a.kind == "dontneed"]
+    assert len(drop) == 1 and drop[0].extent == (0, 512 - 64)
+    # the next piece starts where the last ended
+    acts = d.decide({}, {A: win(A, seq(1024, 512), reads=512)}, {DEV: 128})
+    assert [a.extent for a in acts if a.kind == "dontneed"] == [(448, 512)]
+    # a window with pages read twice: kept
+    e = P.Decider(RuleClassifier())
+    e.decide({}, {A: win(A, seq(0, 512), reads=1100)}, {DEV: 128})
+    acts = e.decide({}, {A: win(A, seq(512, 512), reads=1100)}, {DEV: 128})
+    assert not [a for a in acts if a.kind == "dontneed"]
+
+
+def test_unused_evictions_cut_readahead_next_window_and_clean_windows_restore_it():
+    d = P.Decider(RuleClassifier())
+    d.decide({DEV: win(DEV, seq(0, 512))}, {}, {DEV: 128})
+    acts = d.decide({DEV: win(DEV, seq(512, 512), ra_pages=500, ra_wasted=300)}, {}, {DEV: 320})
+    assert kinds(acts) == [("device_ra", DEV, 320, 160)]
+    assert "300 prefetched pages evicted unused" in acts[0].reason
+    acts = d.decide({DEV: win(DEV, seq(1024, 512), ra_pages=500, ra_wasted=0)}, {}, {DEV: 160})
+    assert kinds(acts) == [("device_ra", DEV, 160, 320)]
+    # a few unused pages are not waste enough
+    acts = d.decide({DEV: win(DEV, seq(1536, 512), ra_pages=500, ra_wasted=4)}, {}, {DEV: 320})
+    assert acts == []
+
+
+def test_a_file_whose_prefetches_go_unused_steps_down_its_advice():
+    d = P.Decider(RuleClassifier())
+    files = {A: win(A, seq(0, 300)), B: win(B, rnd(300))}
+    d.decide({}, files, {DEV: 128})
+    files = {A: win(A, seq(300, 300), ra_pages=300, ra_wasted=200), B: win(B, rnd(300, 2))}
+    acts = d.decide({}, files, {DEV: 128})
+    assert ("advise", A, "sequential", "normal") in kinds(acts)
+    assert "stepped down 1" in next(a for a in acts if a.key == A).reason
+
+
+def test_refaults_stop_drop_behind():
+    d = P.Decider(RuleClassifier())
+    d.decide({}, {A: win(A, seq(0, 512), reads=512)}, {DEV: 128})
+    acts = d.decide({}, {A: win(A, seq(512, 512), reads=512, refaults=3)}, {DEV: 128})
+    assert not [a for a in acts if a.kind == "dontneed"]
+    assert d.streams[A].drop_behind is False
+    acts = d.decide({}, {A: win(A, seq(4096, 512), reads=512)}, {DEV: 128})
+    assert not [a for a in acts if a.kind == "dontneed"]
+
+
+def test_a_forced_class_advises_the_file_alone_even_without_a_window():
+    d = P.Decider(RuleClassifier())
+    acts = d.decide({}, {}, {DEV: 128}, force={A: "random", DEV: "sequential"})
+    assert kinds(acts) == [("device_ra", DEV, 128, 320), ("advise", A, "as opened", "random")]
+    assert acts[1].reason.startswith("forced class random")
+
+
+class AlwaysReverse:
+    """Any object with classify() and describe() serves (a learned model later)."""
+
+    def classify(self, feats, has_writes, direction):
+        return PF.PREFETCH_CLASSES.index("reverse") if feats[0] else None
+
+    def describe(self):
+        return "always reverse"
+
+
+def test_any_classifier_object_is_accepted():
+    d = P.Decider(AlwaysReverse())
+    acts = d.decide({DEV: win(DEV, seq(0, 20))}, {}, {DEV: 128})
+    assert kinds(acts) == [("device_ra", DEV, 128, 480)]
+
+
+def test_few_events_decide_nothing():
+    d = P.Decider(RuleClassifier())
+    assert d.decide({DEV: win(DEV, seq(0, 5))}, {A: win(A, seq(0, 5))}, {DEV: 128}) == []
+
+
+def test_no_block_device_means_files_only():
+    d = P.Decider(RuleClassifier())
+    assert d.decide({DEV: win(DEV, seq(0, 512))}, {A: win(A, seq(0, 512))}, {DEV: None}) == []
+
+
+# ------------------------------------------------------------ the record
+
+class FakeActuators:
+    """Records every call (used only where the kernel must not be touched)."""
+
+    def __init__(self, kb=128):
+        self.calls, self.kb = [], {DEV: kb}
+
+    def read_ahead_kb(self, dev):
+        return self.kb.get(dev)
+
+    def set_read_ahead_kb(self, dev, kb):
+        self.calls.append(("set", dev, kb))
+        self.kb[dev] = kb
+
+    def holders(self, keys):
+        self.calls.append(("holders", sorted(keys)))
+        return {k: [RA.Holder(4242, 3, "/x")] for k in keys}
+
+    def advise(self, pid, fd, key, advice, ahead_pages=0):
+        self.calls.append(("advise", pid, fd, key, advice))
+
+    def willneed(self, *a):
+        self.calls.append(("willneed", *a))
+        return 1
+
+    def dontneed(self, *a):
+        self.calls.append(("dontneed", *a))
+
+
+def test_record_is_written_atomically_and_round_trips(tmp_path):
+    path = tmp_path / "run" / "prefetch-state.json"
+    rec = P.Record(path)
+    rec.owner = {"pid": 1, "create_time": 2.0}
+    rec.devices["7:0"] = {"dev": DEV, "read_ahead_kb": 128}
+    rec.files["5:3"] = {"pid": 5, "fd": 3, "dev": DEV, "ino": 11, "advice": "random"}
+    rec.save()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["prefetch-state.json"]
+    back = P.Record.load(path)
+    assert back.data() == rec.data()
+    path.write_text("{not json")
+    with pytest.raises(IobridgeError, match="is not a prefetch record"):
+        P.Record.load(path)
+    path.write_text(json.dumps({"version": 99, "devices": {}, "files": {}}))
+    with pytest.raises(IobridgeError, match="version 99"):
+        P.Record.load(path)
+    assert P.Record.load(tmp_path / "none.json") is None
+
+
+class Holder:
+    """A real process holding a file open (sleeping)."""
+
+    def __init__(self, path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import os,sys,time; fd=os.open(sys.argv[1], os.O_RDONLY); "
+             "print(fd, flush=True); time.sleep(600)", str(path)],
+            stdout=subprocess.PIPE, text=True)
+        self.fd = int(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def fake_sysfs(tmp_path, kb=128):
+    q = tmp_path / "sysfs" / "7:0" / "queue"
+    q.mkdir(parents=True)
+    (q / "read_ahead_kb").write_text(f"{kb}\n")
+    return tmp_path / "sysfs"
+
+
+def file_key(path):
+    st = os.stat(path)
+    return (blockdev.kdev(os.major(st.st_dev), os.minor(st.st_dev)), st.st_ino)
+
+
+def test_a_killed_agents_record_is_restored_at_the_next_start(tmp_path):
+    """A record left by an agent that is gone (kill -9): the next start puts
+    the device value back and advises NORMAL on the recorded descriptors
+    that are still open, skips those that are gone, and removes the record."""
+    sysfs = fake_sysfs(tmp_path, kb=320)
+    data = tmp_path / "data"
+    data.write_bytes(b"x" * 8192)
+    h = Holder(data)
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        rec = P.Record(tmp_path / "state.json")
+        rec.owner = {"pid": dead.pid, "create_time": time.time() - 100}
+        rec.devices["7:0"] = {"dev": DEV, "read_ahead_kb": 128}
+        key = file_key(data)
+        rec.files[f"{h.proc.pid}:{h.fd}"] = {"pid": h.proc.pid, "fd": h.fd, "dev": key[0],
+                                             "ino": key[1], "advice": "random"}
+        rec.files[f"{dead.pid}:3"] = {"pid": dead.pid, "fd": 3, "dev": key[0], "ino": key[1],
+                                      "advice": "random"}
+        rec.save()
+        unit = P.PrefetchUnit(None, RuleClassifier(), "on", tmp_path / "state.json",
+                              actuators=RA.Actuators(sysfs=sysfs))
+        done = unit.recover()
+        assert done == {"devices": 1, "files": 1, "gone": 1, "failed": 0}
+        assert (sysfs / "7:0" / "queue" / "read_ahead_kb").read_text().strip() == "128"
+        assert not (tmp_path / "state.json").exists()
+        assert unit.counters["restores"] == 1 and unit.counters["restored_files"] == 1
+    finally:
+        h.close()
+
+
+def test_a_record_of_a_live_agent_is_refused_and_kept(tmp_path):
+    import psutil
+    sysfs = fake_sysfs(tmp_path, kb=320)
+    rec = P.Record(tmp_path / "state.json")
+    me = psutil.Process(os.getppid())
+    rec.owner = {"pid": me.pid, "create_time": me.create_time()}
+    rec.devices["7:0"] = {"dev": DEV, "read_ahead_kb": 128}
+    rec.save()
+    unit = P.PrefetchUnit(None, RuleClassifier(), "on", tmp_path / "state.json",
+                          actuators=RA.Actuators(sysfs=sysfs))
+    with pytest.raises(IobridgeError, match=rf"belongs to a running agent \(pid {me.pid}\)"):
+        unit.recover()
+    assert (tmp_path / "state.json").exists()
+    assert (sysfs / "7:0" / "queue" / "read_ahead_kb").read_text().strip() == "320"
+
+
+# ------------------------------------------------------------ the unit with an observer
+
+class FakeObserver:
+    """snapshot() from real map leaves (cabi.CacheStats) built per window."""
+
+    def __init__(self):
+        self.epoch = 0
+        self.devs = {DEV: cabi.CacheStats()}
+        self.files = {A: cabi.CacheStats(), B: cabi.CacheStats()}
+
+    def feed(self, key, indices):
+        for leaf_ in ((self.devs[key[0]], self.files[key]) if isinstance(key, tuple)
+                      else (self.devs[key],)):
+            for i in indices:
+                kernel_window_add(leaf_.win[self.epoch & 1], i, self.epoch)
+            leaf_.insertions += len(indices)
+
+    def next_window(self):
+        closed = self.epoch
+        self.epoch += 1
+        return closed
+
+    def snapshot(self, epoch=None):
+        return ({d: cs.Counters.from_leaf(v, epoch) for d, v in self.devs.items()},
+                {k: cs.Counters.from_leaf(v, epoch) for k, v in self.files.items()})
+
+
+def test_window_of_takes_absolute_positions_from_the_observer():
+    s = leaf(insertions=100, ra_unused_removed=7, refaults=2, reads=90)
+    for i in range(5000, 4900, -1):
+        kernel_window_add(s.win[1], i, 3)
+    w = P.window_of(A, cs.Counters.from_leaf(s, 3), 128)
+    assert (w.lo, w.last) == (4901, 4901) and w.direction == -1.0
+    assert (w.ra_wasted, w.refaults, w.reads) == (7, 2, 90)
+    assert RuleClassifier().classify(w.feats, False, w.direction) == PF.PREFETCH_CLASSES.index("reverse")
+
+
+@pytest.mark.parametrize("mode", ["shadow", "on"])
+def test_shadow_decides_and_logs_but_changes_nothing(tmp_path, caplog, mode):
+    obs = FakeObserver()
+    act = FakeActuators()
+    unit = P.PrefetchUnit(None, RuleClassifier(), mode, tmp_path / "state.json", actuators=act)
+    unit.attach(obs)
+    obs.feed(A, seq(0, 300))
+    obs.feed(B, rnd(300))
+    with caplog.at_level("DEBUG", logger="iobridge.prefetch"):
+        acts = unit.step()
+    assert {(a.kind, a.key, a.new) for a in acts} == {("advise", A, "sequential"),
+                                                      ("advise", B, "random")}
+    assert "prefetch: file 7:0:11: advise as opened -> sequential: class sequential" in caplog.text
+    changes = [c for c in act.calls if c[0] != "holders"]
+    if mode == "shadow":
+        assert act.calls == [] and not (tmp_path / "state.json").exists()
+        assert "[shadow] prefetch:" in caplog.text
+    else:
+        assert sorted(changes) == [("advise", 4242, 3, A, "sequential"),
+                                   ("advise", 4242, 3, B, "random")]
+        rec = P.Record.load(tmp_path / "state.json")
+        assert rec.files == {"4242:3": {"pid": 4242, "fd": 3, "dev": DEV, "ino": 12,
+                                        "advice": "random"}}
+        unit.stop()
+        assert act.calls[-1] == ("advise", 4242, 3, B, "normal")
+        assert not (tmp_path / "state.json").exists()
+    assert unit.status()["streams_per_class"]["sequential"] == 1
+
+
+# ------------------------------------------------------------ actuator errors
+
+def test_an_unwritable_sysfs_is_named_and_leaves_no_record(tmp_path):
+    sysfs = fake_sysfs(tmp_path)
+    ra = sysfs / "7:0" / "queue" / "read_ahead_kb"
+    ra.unlink()
+    ra.mkdir()          # as root, modes do not stop a write: a directory does
+    unit = P.PrefetchUnit(None, RuleClassifier(), "on", tmp_path / "state.json",
+                          actuators=RA.Actuators(sysfs=sysfs))
+    unit.apply([P.Action("device_ra", DEV, 128, 320, "test")])
+    assert unit.counters["errors"] == 1 and unit.counters["device_changes"] == 0
+    assert not (tmp_path / "state.json").exists()
+    with pytest.raises(IobridgeError, match=r"cannot set read_ahead_kb of device 7:0 \(.*\): Is a directory"):
+        RA.Actuators(sysfs=sysfs).set_read_ahead_kb(DEV, 320)
+
+
+def test_a_device_that_vanished_is_named(tmp_path):
+    sysfs = fake_sysfs(tmp_path)
+    act = RA.Actuators(sysfs=sysfs)
+    (sysfs / "7:0" / "queue" / "read_ahead_kb").unlink()
+    with pytest.raises(IobridgeError, match="device 7:0 is gone"):
+        act.set_read_ahead_kb(DEV, 320)
+    assert act.read_ahead_kb(DEV) is None
+
+
+def test_a_process_that_exited_or_a_reused_descriptor_is_file_gone(tmp_path):
+    data = tmp_path / "data"
+    data.write_bytes(b"x" * 4096)
+    other = tmp_path / "other"
+    other.write_bytes(b"y")
+    h = Holder(data)
+    act = RA.Actuators()
+    try:
+        assert act.holders({file_key(data)}) == {file_key(data): [RA.Holder(h.proc.pid, h.fd,
+                                                                             str(data))]}
+        act.advise(h.proc.pid, h.fd, file_key(data), "random")      # real pidfd_getfd + fadvise
+        with pytest.raises(RA.FileGone, match="now holds another file"):
+            act.advise(h.proc.pid, h.fd, file_key(other), "random")
+        with pytest.raises(RA.FileGone, match="closed fd 999"):
+            act.advise(h.proc.pid, 999, file_key(data), "random")
+    finally:
+        h.close()
+    with pytest.raises(RA.FileGone, match="has exited"):
+        act.advise(h.proc.pid, h.fd, file_key(data), "random")
+
+
+def test_non_root_is_refused_before_anything(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    unit = P.PrefetchUnit(None, RuleClassifier(), "on", tmp_path / "state.json",
+                          actuators=FakeActuators())
+    with pytest.raises(IobridgeError, match="the prefetch actuators need root"):
+        unit.prepare()
+    assert unit.act.calls == []
+
+
+# ------------------------------------------------------------ config and CLI
+
+def test_prefetch_config_keys(tmp_path):
+    cfg = config.load(None)
+    assert cfg.prefetch_mode == "off" and cfg.prefetch_window_s == 1.0
+    p = tmp_path / "c.toml"
+    p.write_text('[prefetch]\nmode = "shadow"\nwindow_s = 2\nstate_file = "/tmp/x.json"\n')
+    cfg = config.load(p)
+    assert (cfg.prefetch_mode, cfg.prefetch_window_s) == ("shadow", 2)
+    assert str(cfg.prefetch_state_file) == "/tmp/x.json"
+    p.write_text('[prefetch]\nmode = "sometimes"\n')
+    with pytest.raises(config.ConfigError, match=r"prefetch\.mode = 'sometimes' is invalid: "
+                                                 "it must be one of off, shadow, on"):
+        config.load(p)
+    p.write_text('[prefetch]\nprefetch_mode = "on"\n')
+    with pytest.raises(config.ConfigError, match=r"unknown key prefetch\.prefetch_mode"):
+        config.load(p)
+
+
+def test_run_prefetch_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--prefetch", "sometimes"])
+    assert e.value.code == 2
+    assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ the agent's wiring
+
+def test_agent_without_an_observer_says_so_in_one_line_and_serves_admission_only(
+        tmp_path, monkeypatch, caplog):
+    """An observer that cannot attach (here: its refusal for a missing hook,
+    raised as the loader raises it): one warning line, prefetch not running,
+    the status file's prefetch section says why; a killed agent's record is
+    restored all the same (before the observer is tried)."""
+    from iobridge.daemon import agent as daemon
+    sysfs = fake_sysfs(tmp_path, kb=480)
+    rec = P.Record(tmp_path / "state.json")
+    rec.owner = {"pid": 999_999_999, "create_time": 1.0}
+    rec.devices["7:0"] = {"dev": DEV, "read_ahead_kb": 128}
+    rec.save()
+    monkeypatch.setattr(RA, "SYSFS_BLOCK", sysfs)
+
+    def refuse(self):
+        raise IobridgeError("this kernel lacks page-cache hooks the observer needs: readahead "
+                            "(kprobe page_cache_ra_unbounded)")
+
+    monkeypatch.setattr(cs.CacheObserver, "open", refuse)
+    cfg = config.Config(status_file=tmp_path / "status.json", prefetch_mode="on",
+                        prefetch_state_file=tmp_path / "state.json")
+
+    class Quiet:
+        def __getattr__(self, name):
+            return lambda *a: None
+
+    agent = daemon.Agent(cfg, notifier=Quiet())
+    with caplog.at_level("INFO"):
+        agent._start_prefetch()
+    warn = [r for r in caplog.records if r.levelname == "WARNING" and "prefetch off" in r.message]
+    assert len(warn) == 1 and "\n" not in warn[0].message
+    assert "lacks page-cache hooks" in warn[0].message and "admission only" in warn[0].message
+    assert (sysfs / "7:0" / "queue" / "read_ahead_kb").read_text().strip() == "128"
+    assert not (tmp_path / "state.json").exists()
+    st = agent._prefetch_status()
+    assert st == {"mode": "on", "running": False, "error": warn[0].message.split("(", 1)[1]
+                  .rsplit(")", 1)[0]}
+    agent._stop_prefetch()
+
+
+def test_status_text_has_a_prefetch_line():
+    from iobridge.daemon import agent as daemon
+    unit = P.PrefetchUnit(None, RuleClassifier(), "shadow", "/nonexistent/state.json",
+                          actuators=FakeActuators())
+    pf = {"running": True, **unit.status()}
+    line = [x for x in _status_lines(daemon, pf) if x.startswith("prefetch")]
+    assert line == ["prefetch shadow: 0 windows, 0 actions (0 device, 0 file advice, 0 willneed "
+                    "calls, 0 pages dropped behind), 0 restores; streams per class: random 0, "
+                    "random+write 0, sequential 0, reverse 0"]
+    off = _status_lines(daemon, {"mode": "on", "running": False, "error": "no hooks"})
+    assert "prefetch on: not running (no hooks)" in off
+
+
+def _status_lines(daemon, pf):
+    st = {"agent_alive": True, "pid": 1, "status_age_s": 0.1,
+          "model": {"path": "m.onnx", "threshold": 0.1, "sha256": "ab" * 32},
+          "shadow": False, "tick_ms": 250, "ttl_ticks": 12, "max_silence_ms": 2000,
+          "program_attached": True, "pins": [], "counters": {}, "routing": {},
+          "timing_us": {p: {"p50_us": 1, "p99_us": 2} for p in daemon.PHASES},
+          "targets": [], "prefetch": pf}
+    return daemon.format_status(st).splitlines()
