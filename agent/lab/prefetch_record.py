@@ -152,6 +152,36 @@ def window_line(c: cs.Counters, prev: cs.Counters | None, kb: int, scope: str, *
             "contended": wf["contended"]}
 
 
+def lookup(obs, epoch: int, fs_dev: int, ino: int):
+    """(device Counters or None, file Counters or None) with window `epoch`:
+    two map lookups, not a walk of every tracked file (which under
+    emulation could take longer than a window)."""
+    out = []
+    for name, key in ((b"dev_stats", None), (b"file_stats", (fs_dev, ino))):
+        t = obs.bpf[name]
+        k = t.Key(fs_dev) if key is None else t.Key(dev=fs_dev, ino=ino)
+        try:
+            out.append(cs.Counters.from_leaf(t[k], epoch))
+        except KeyError:
+            out.append(None)
+    return tuple(out)
+
+
+def snapshot(obs, epoch, fs_dev: int, ino: int):
+    global _walk
+    if not _walk:
+        try:
+            return lookup(obs, epoch, fs_dev, ino)
+        except Exception as e:       # noqa: BLE001 (fall back to the observer's own walk)
+            log(f"direct map lookup failed ({type(e).__name__}: {e}); walking the maps")
+            _walk = True
+    devs, files = obs.snapshot(epoch)
+    return devs.get(fs_dev), files.get((fs_dev, ino))
+
+
+_walk = False
+
+
 def record_seed(obs, seed: int, out_dir: Path, data: Path, fs_dev: int) -> Path:
     rng = random.Random(seed)
     bs = {k: rng.choice(v) for k, v in BLOCK_KB.items()}
@@ -179,22 +209,25 @@ def record_seed(obs, seed: int, out_dir: Path, data: Path, fs_dev: int) -> Path:
         common = {"workload": name, "class": CLASS[kind], "seed": seed}
         proc = start(kind, bs[kind], data, seed * 100 + i)
         obs.next_window()
-        pdev, pfile = obs.snapshot()
+        t_closed = time.monotonic()
+        pdev, pfile = snapshot(obs, None, fs_dev, ino)
         pw, pd = cgroup_wchar(), dev_writes()
         t = 0
         while proc.poll() is None:
-            time.sleep(PF.WINDOW_S)
+            # windows of WINDOW_S whatever the time reading them took
+            time.sleep(max(0.0, t_closed + PF.WINDOW_S - time.monotonic()))
             closed = obs.next_window()
-            ndev, nfile = obs.snapshot(closed)
+            now_s = time.monotonic()
+            length, t_closed = now_s - t_closed, now_s
+            ndev, nfile = snapshot(obs, closed, fs_dev, ino)
             nw, nd = cgroup_wchar(), dev_writes()
             # more than a pipe's worth: fio and the reverse reader print their
             # figures (a few KiB) to stdout when they end
             has_writes = nw - pw > WCHAR_MIN or nd > pd
-            for scope, now, before in (("device", ndev.get(fs_dev), pdev.get(fs_dev)),
-                                       ("file", nfile.get((fs_dev, ino)), pfile.get((fs_dev, ino)))):
+            for scope, now, before in (("device", ndev, pdev), ("file", nfile, pfile)):
                 if now is not None and now.window:
                     w.write(window_line(now, before, kb, scope, t=t, has_writes=has_writes,
-                                        **common))
+                                        window_s=round(length, 3), **common))
             pdev, pfile, pw, pd = ndev, nfile, max(nw, pw), nd
             t += 1
         so, se = proc.communicate()
@@ -220,7 +253,9 @@ def main(argv=None) -> int:
     setup_cgroup()
     dev = testbed.make_nullb(NULLB, size_mb=NULLB_MB, memory_backed=1, irqmode=2,
                              completion_nsec=COMPLETION_NS)
-    testbed.sh(["mkfs.ext4", "-q", "-F", dev])
+    # no lazy inode-table or journal init: its background writes would make
+    # read-only windows look like windows with writes
+    testbed.sh(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev])
     mnt = Path(tempfile.mkdtemp(prefix="iobridge-pfrec-"))
     testbed.sh(["mount", "-o", "noatime", dev, str(mnt)])
     try:

@@ -137,15 +137,16 @@ def _pct(v) -> str:
 
 
 def format_table(rep: dict) -> str:
+    w = max([12] + [len(n) + 1 for n in rep["policies"]])     # learned:PATH can be long
     lines = [f"trace {rep['trace']}: {rep['read_requests']} read requests, "
              f"{rep['write_requests']} writes ({rep['writes']}), reads touch "
              f"{rep['footprint_pages']} pages ({rep['footprint_mb']:.1f} MB); page cache "
              f"{rep['cache_mb']:g} MB ({rep['cache_pages']} pages, two-list)",
-             f"{'policy':<12}{'hit ratio':>10}{'accuracy':>10}{'coverage':>10}"
+             f"{'policy':<{w}}{'hit ratio':>10}{'accuracy':>10}{'coverage':>10}"
              f"{'prefetched':>11}{'wasted MB':>10}{'refaults':>9}{'dev reads':>10}"
              f"{'dev MB':>9}{'sim s':>7}"]
     for name, s in rep["policies"].items():
-        lines.append(f"{name:<12}{_pct(s['hit_ratio']):>10}{_pct(s['accuracy']):>10}"
+        lines.append(f"{name:<{w}}{_pct(s['hit_ratio']):>10}{_pct(s['accuracy']):>10}"
                      f"{_pct(s['coverage']):>10}{s['prefetched_pages']:>11}"
                      f"{s['wasted_mb']:>10.1f}{s['refaults']:>9}"
                      f"{s['device_read_requests']:>10}{s['device_read_mb']:>9.1f}"
