@@ -18,4 +18,6 @@ mkdir -p "$dir"
 .venv/bin/iobridge train --task prefetch --force -o "$out" --seed 0 \
     --data "$dir/prefetch-seed201.jsonl.gz" --data "$dir/prefetch-seed202.jsonl.gz" \
     --data "$dir/prefetch-seed203.jsonl.gz" \
-    --note "recorded by agent/lab/prefetch_record.py in the test VM (TCG), seeds 201-203"
+    --note "recorded by agent/lab/prefetch_record.py in the test VM (Debian 6.1 under TCG emulation), seeds 201-203; throughput under emulation is noisy, so the sweep's best setting per class is too" \
+    --note "differs from issue 11's benchmark (iobridge bench prefetch): no db_bench, no strided reads, no mixed scanner + random reader, a Python backward reader, seeds 201-203, a 192 MB file under memory.max 48 MB" \
+    --note "regenerate: scripts/train-prefetch-model.sh (recordings in /work/prefetch-recordings, not in git)"
