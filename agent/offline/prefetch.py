@@ -361,7 +361,7 @@ def load_prefetch_classifier(model_path: str | None = None):
     return LearnedClassifier(model_path or default_model_path())
 
 
-def parse_policy(spec: str) -> tuple[str, int | None]:
+def parse_policy(spec: str) -> tuple[str, int | str | None]:
     """'none', 'fixed:KB', 'linux', 'linux:KB', 'kml', 'learned',
     'learned:PATH' -> (base, KB, or PATH for learned); anything else is a
     UsageError naming it."""
