@@ -185,13 +185,12 @@ _walk = False
 def record_seed(obs, seed: int, out_dir: Path, data: Path, fs_dev: int) -> Path:
     rng = random.Random(seed)
     bs = {k: rng.choice(v) for k, v in BLOCK_KB.items()}
-    workloads = {f"{k}:{bs[k]}k": {"class": CLASS[k], "how": how}
-                 for k, how in (("seq", f"fio rw=read bs={bs['seq']}k psync buffered"),
-                                ("rand", f"fio rw=randread bs={bs['rand']}k psync buffered"),
-                                ("randrw", f"fio rw=randrw rwmixread=70 bs={bs['randrw']}k "
-                                           "psync buffered"),
-                                ("rev", f"python pread of {bs['rev']}k blocks from the end "
-                                        "backward"))}
+    how = {"seq": "fio rw=read bs={}k psync buffered",
+           "rand": "fio rw=randread bs={}k psync buffered",
+           "randrw": "fio rw=randrw rwmixread=70 bs={}k psync buffered",
+           "rev": "python pread of {}k blocks from the end backward"}
+    workloads = {f"{k}:{bs[k]}k": {"class": CLASS[k], "how": how[k].format(bs[k])}
+                 for k in BLOCK_KB}
     runs = [(k, kb) for k in BLOCK_KB for kb in SWEEP_KB]
     rng.shuffle(runs)
     out = out_dir / f"prefetch-seed{seed}.jsonl.gz"
