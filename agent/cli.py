@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "iobridge.offline.record",
     "iobridge.offline.trace",
     "iobridge.offline.train",
+    "iobridge.offline.train_prefetch",    # --task prefetch of `iobridge train`
     "iobridge.core.model",
     "iobridge.offline.replay",
     "iobridge.lab.bench",

@@ -291,17 +291,18 @@ def test_policy_names():
 
 
 def test_learned_needs_a_prefetch_model(tmp_path):
-    with pytest.raises(UsageError, match="needs a prefetch model"):
-        PP.load_prefetch_classifier(None)
-    with pytest.raises(UsageError, match="task 'admission', not a prefetch model"):
+    from iobridge.core.model import ModelCheckError
+    with pytest.raises(ModelCheckError, match="model of the wrong kind: an admission model"):
         PP.load_prefetch_classifier(str(SHIPPED_MODEL))
-    # a card saying prefetch: the slot is there, the model contract is not yet
+    # a card saying prefetch over a file that is not a model
     (tmp_path / "p.onnx").write_bytes(b"")
     (tmp_path / "p.card.json").write_text('{"task": "prefetch"}')
-    with pytest.raises(UsageError, match="prefetch model cards .* are not supported yet"):
+    with pytest.raises(ModelCheckError, match="not an ONNX model"):
         PP.load_prefetch_classifier(str(tmp_path / "p.onnx"))
-    with pytest.raises(UsageError, match="needs a prefetch model"):
-        PP.build_policy("learned")
+    with pytest.raises(ModelCheckError, match="no such file"):
+        PP.build_policy(f"learned:{tmp_path / 'none.onnx'}")
+    assert PP.parse_policy("learned") == ("learned", None)
+    assert PP.parse_policy("learned:a:b.onnx") == ("learned", "a:b.onnx")
 
 
 @pytest.fixture
@@ -338,8 +339,7 @@ def test_cli_table_json_and_out(small_trace, tmp_path, capsys):
 @pytest.mark.parametrize("extra,code,msg", [
     (["--policy", "nope"], 2, "unknown prefetch policy 'nope'"),
     (["--policy", "fixed:7"], 2, "multiple of 4 KiB"),
-    (["--policy", "learned"], 2, "policy learned needs a prefetch model"),
-    (["--policy", "learned", "--model", str(SHIPPED_MODEL)], 2, "not a prefetch model"),
+    (["--policy", "learned", "--model", str(SHIPPED_MODEL)], 1, "model of the wrong kind"),
     (["--model", str(SHIPPED_MODEL)], 2, "--model with --task prefetch is the model of policy "
                                          "learned"),
     (["--legs", "3"], 2, "--legs is an option of the admission replay"),

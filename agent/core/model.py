@@ -1,4 +1,10 @@
-"""Admission models: ONNX file + model card, validation and timing.
+"""Models: ONNX file + model card, validation and timing.
+
+Two kinds, told by the card's task: "admission" (this module's graph
+contract below) and "prefetch" (core/prefetch_card.py). check_model checks
+each against its own schema; a caller that needs one kind (the agent's
+admission model, the prefetch replay's learned policy) passes `expect`, and
+a model of the other kind is refused as "a model of the wrong kind".
 
 A model is FILE.onnx plus FILE.card.json next to it (same stem). The graph
 contract (see features.py): one float32 input named "features" of shape
@@ -30,14 +36,16 @@ import numpy as np
 
 from . import cliutil
 from . import features as F
+from . import prefetch_features as PF
 from .errors import IobridgeError
 from .infiles import json_loads, read_input
 
 CARD_VERSION = 2
 CARD_SUFFIX = ".card.json"
 REQUIRED_CARD_FIELDS = ("card_version", "task", "schema_version", "features",
-                        "decision_threshold", "training", "evaluation", "tools",
-                        "model_sha256")
+                        "training", "evaluation", "tools", "model_sha256")
+KINDS = ("admission", "prefetch")
+ADMISSION_REQUIRED = ("decision_threshold",)
 
 # Types of the card's fields (JSON names); fields not listed are free-form.
 _INT, _NUM, _STR, _LIST, _OBJ = "an integer", "a number", "a string", "an array", "an object"
@@ -47,7 +55,7 @@ CARD_FIELD_TYPES = {
     "normalisation": _STR, "decision_threshold": _NUM, "decision_rule": _STR,
     "model": _OBJ, "training": _OBJ, "evaluation": _OBJ, "table_rows": _OBJ,
     "notes": _LIST, "training_time_s": _NUM, "pipeline_time_s": _NUM, "tools": _OBJ,
-    "created": _STR, "model_sha256": _STR,
+    "created": _STR, "model_sha256": _STR, "classes": _LIST, "min_events": _INT,
 }
 
 # Operators a model may use: those of the graphs `iobridge train` exports
@@ -56,7 +64,7 @@ CARD_FIELD_TYPES = {
 # custom domains: a graph of these ops runs in time bounded by its size.
 ALLOWED_OPS = {
     "": frozenset({"Add", "ArgMax", "Cast", "Concat", "Identity", "MatMul", "Relu",
-                   "Reshape", "Sigmoid", "Sub"}),
+                   "Reshape", "Sigmoid", "Softmax", "Sub"}),
     "ai.onnx.ml": frozenset({"ArrayFeatureExtractor", "Scaler", "TreeEnsembleClassifier"}),
 }
 _CONTROL_FLOW = {"Loop", "Scan", "If", "SequenceMap"}
@@ -163,7 +171,7 @@ def read_card(path) -> dict:
     return card
 
 
-def check_quickly(path) -> None:
+def check_quickly(path, expect: str | None = None) -> None:
     """The checks that take no time: the model file exists, its card is
     valid and was written for it. The agent runs them before its slow
     start-up work (BPF compiles, the full check) so that the common
@@ -172,7 +180,7 @@ def check_quickly(path) -> None:
     if not path.exists() and not path.is_symlink():
         raise ModelCheckError(f"{path}: no such file")
     card = read_card(path)
-    check_card(card, card_path(path))
+    check_card(card, card_path(path), expect=expect)
     try:
         raw = read_input(path)
     except OSError as e:
@@ -180,13 +188,28 @@ def check_quickly(path) -> None:
     if card["model_sha256"] != model_sha256(raw):
         # It will fail: the full check now gives the most specific reason
         # (not ONNX, a bad graph, or a card written for another model).
-        check_model(path, card, data=raw)
+        check_model(path, card, data=raw, expect=expect)
 
 
-def check_card(card: dict, cp, raw: bytes | None = None) -> None:
+def _kind_name(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def wrong_kind(cp, task: str, expect: str) -> ModelCheckError:
+    """The refusal of a model of one kind where the other is needed."""
+    use = ("`iobridge replay --task prefetch --policy learned:FILE`" if task == "prefetch"
+           else "the agent's --model / config model")
+    return ModelCheckError(
+        f"card {cp}: model of the wrong kind: {_kind_name(task)} model (task {task!r}) where "
+        f"{_kind_name(expect)} model is needed",
+        f"give {_kind_name(expect)} model; {_kind_name(task)} model is for {use}")
+
+
+def check_card(card: dict, cp, raw: bytes | None = None, expect: str | None = None) -> None:
     """Card version, fields and their types, task, feature schema and
-    threshold (`cp` names the card in messages). The tie to the model
-    (model_sha256) is checked by check_model."""
+    threshold (`cp` names the card in messages); `expect`: the kind the
+    caller needs (None: either). The tie to the model (model_sha256) is
+    checked by check_model."""
     if not isinstance(card, dict):
         raise ModelCheckError(f"card {cp}: should be a JSON object, found {_json_type(card)}")
     ver = card.get("card_version")
@@ -225,8 +248,18 @@ def check_card(card: dict, cp, raw: bytes | None = None) -> None:
         v = card["evaluation"].get(k)
         if v is not None and not _is(v, _NUM):
             raise _wrong_type(cp, f"evaluation.{k}", f"{_NUM} or null", v)
-    if card["task"] != "admission":
-        raise ModelCheckError(f"card {cp}: task is {card['task']!r}, expected 'admission'")
+    if card["task"] not in KINDS:
+        raise ModelCheckError(f"card {cp}: task is {card['task']!r}, expected one of "
+                              f"{', '.join(repr(k) for k in KINDS)}")
+    if expect is not None and card["task"] != expect:
+        raise wrong_kind(cp, card["task"], expect)
+    if card["task"] == "prefetch":
+        from . import prefetch_card as PM
+        PM.check_card_fields(card, cp, ModelCheckError)
+        return
+    missing = [k for k in ADMISSION_REQUIRED if k not in card]
+    if missing:
+        raise ModelCheckError(f"card {cp}: lacks fields {missing}")
     if card["schema_version"] != F.SCHEMA_VERSION:
         raise ModelCheckError(
             f"card {cp}: card feature schema version {card['schema_version']}, this iobridge "
@@ -316,13 +349,14 @@ def _ort_message(msg: str) -> str:
     return msg if len(msg) <= 200 else msg[:197] + "..."
 
 
-def _probe(raw: bytes, x: np.ndarray, path, timeout_s: float):
+def _probe(raw: bytes, x: np.ndarray, path, timeout_s: float,
+           names: tuple[str, str] = (F.INPUT_NAME, F.PROBA_OUTPUT)):
     """(interface dict or None, result array or None, failure message or None)."""
     import signal
     import subprocess
     import sys
     args = [sys.executable, "-P", "-c", _PROBE, repr(float(timeout_s)), str(len(x)),
-            str(x.shape[1]), F.INPUT_NAME, F.PROBA_OUTPUT]
+            str(x.shape[1]), *names]
     payload = np.ascontiguousarray(x, dtype=np.float32).tobytes() + raw
     timed_out = False
     try:
@@ -366,16 +400,30 @@ def _probe(raw: bytes, x: np.ndarray, path, timeout_s: float):
 
 
 def check_model(path, card: dict | None = None, *, data: bytes | None = None,
-                timeout_s: float | None = None) -> dict:
-    """Validate an ONNX admission model and its card. Returns the card.
+                timeout_s: float | None = None, expect: str | None = None) -> dict:
+    """Validate an ONNX model (admission or prefetch, by its card's task)
+    and its card. Returns the card.
     Raises ModelCheckError with a specific message on the first failure.
     `data`: the model's bytes (default: read from `path`, which then names
     the model in messages); `card`: its card (default: FILE.card.json);
-    `timeout_s`: the test inference's bound (default CHECK_TIMEOUT_S)."""
-    return _check(path, card, data, timeout_s)[0]
+    `timeout_s`: the test inference's bound (default CHECK_TIMEOUT_S);
+    `expect`: the kind needed ("admission" or "prefetch"; None: either)."""
+    return _check(path, card, data, timeout_s, expect)[0]
 
 
-def _check(path, card, raw, timeout_s):
+def _interface(card: dict):
+    """(input name, output name, synthetic rows, input width, output
+    columns, schema words) of the card's kind."""
+    if card["task"] == "prefetch":
+        from . import prefetch_card as PM
+        return (PM.INPUT_NAME, PM.PROBA_OUTPUT, PM.synthetic_rows(), PF.NUM_MODEL_INPUTS,
+                len(PF.PREFETCH_CLASSES),
+                f"inputs of prefetch feature schema v{PF.SCHEMA_VERSION}")
+    return (F.INPUT_NAME, F.PROBA_OUTPUT, synthetic_rows(), F.NUM_FEATURES, 2,
+            f"features of schema v{F.SCHEMA_VERSION}")
+
+
+def _check(path, card, raw, timeout_s, expect=None):
     """check_model's work; returns (card, the model bytes checked)."""
     import onnx
     timeout_s = CHECK_TIMEOUT_S if timeout_s is None else timeout_s
@@ -406,51 +454,51 @@ def _check(path, card, raw, timeout_s):
     cp = card_path(path)
     if card is None:
         card = read_card(path)
-    check_card(card, cp, raw)
+    check_card(card, cp, raw, expect)
 
     # graph interface and test inference, in a child process with a time bound
-    x = synthetic_rows()
-    iface, p, fail = _probe(raw, x, path, timeout_s)
+    in_name, out_name, x, width, ncols, words = _interface(card)
+    iface, p, fail = _probe(raw, x, path, timeout_s, (in_name, out_name))
     if iface is None and fail:
         raise ModelCheckError(f"{path}: {fail}")
     ins = iface["inputs"] if iface else []
     if len(ins) != 1:
         raise ModelCheckError(f"{path}: graph has {len(ins)} inputs, expected 1 "
-                              f"({F.INPUT_NAME!r})")
+                              f"({in_name!r})")
     name, typ, shape = ins[0]
-    if name != F.INPUT_NAME:
+    if name != in_name:
         raise ModelCheckError(f"{path}: graph input is named {name!r}, expected "
-                              f"{F.INPUT_NAME!r}")
+                              f"{in_name!r}")
     if typ != "tensor(float)":
         raise ModelCheckError(f"{path}: input {name!r} has type {typ}, expected "
                               "tensor(float)")
-    if len(shape) != 2 or shape[1] != F.NUM_FEATURES:
+    if len(shape) != 2 or shape[1] != width:
         raise ModelCheckError(
-            f"{path}: input {name!r} has shape {shape}, expected [N, {F.NUM_FEATURES}] "
-            f"(input width must be the {F.NUM_FEATURES} features of schema v{F.SCHEMA_VERSION})")
+            f"{path}: input {name!r} has shape {shape}, expected [N, {width}] "
+            f"(input width must be the {width} {words})")
     outs = {o[0]: o for o in iface["outputs"]}
-    if F.PROBA_OUTPUT not in outs:
-        raise ModelCheckError(f"{path}: graph has no output {F.PROBA_OUTPUT!r} "
+    if out_name not in outs:
+        raise ModelCheckError(f"{path}: graph has no output {out_name!r} "
                               f"(outputs: {sorted(outs)})")
-    _, otyp, oshape = outs[F.PROBA_OUTPUT]
+    _, otyp, oshape = outs[out_name]
     if otyp != "tensor(float)":
-        raise ModelCheckError(f"{path}: output {F.PROBA_OUTPUT!r} has type {otyp}, "
+        raise ModelCheckError(f"{path}: output {out_name!r} has type {otyp}, "
                               "expected tensor(float)")
-    if len(oshape) != 2 or (isinstance(oshape[1], int) and oshape[1] != 2):
-        raise ModelCheckError(f"{path}: output {F.PROBA_OUTPUT!r} has shape {oshape}, "
-                              "expected [N, 2]")
+    if len(oshape) != 2 or (isinstance(oshape[1], int) and oshape[1] != ncols):
+        raise ModelCheckError(f"{path}: output {out_name!r} has shape {oshape}, "
+                              f"expected [N, {ncols}]")
     if fail:
         raise ModelCheckError(f"{path}: {fail}")
-    if p.shape != (len(x), 2):
-        raise ModelCheckError(f"{path}: test inference gave {F.PROBA_OUTPUT!r} shape "
-                              f"{p.shape}, expected ({len(x)}, 2)")
+    if p.shape != (len(x), ncols):
+        raise ModelCheckError(f"{path}: test inference gave {out_name!r} shape "
+                              f"{p.shape}, expected ({len(x)}, {ncols})")
     bad = ~np.isfinite(p)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         raise ModelCheckError(f"{path}: graph emits NaN/Inf on synthetic input "
                               f"(row {row} of {len(x)}: {x[row].tolist()})")
     if (p < -1e-5).any() or (p > 1 + 1e-5).any():
-        raise ModelCheckError(f"{path}: {F.PROBA_OUTPUT!r} outside [0, 1] on synthetic input")
+        raise ModelCheckError(f"{path}: {out_name!r} outside [0, 1] on synthetic input")
 
     # the card is this model's
     have = model_sha256(raw)
@@ -470,7 +518,7 @@ class AdmissionModel:
         self.path = Path(path) if path else None
         if onnx_bytes is None:
             if check:      # the bytes checked are the bytes run
-                self.card, data = _check(self.path, None, None, None)
+                self.card, data = _check(self.path, None, None, None, expect="admission")
             else:
                 data = self.path.read_bytes()
                 self.card = json.loads(card_path(path).read_text())
@@ -491,14 +539,22 @@ class AdmissionModel:
 
 
 def bench(path, batch: int = 32, runs: int = 2000, warmup: int = 100) -> dict:
-    m = AdmissionModel(path)
-    x = synthetic_rows(batch, seed=1)
+    if read_card(path).get("task") == "prefetch":
+        from . import prefetch_card as PC
+        _, raw = _check(Path(path), None, None, None, expect="prefetch")
+        sess = _session(None, raw)
+        x = PC.synthetic_rows(batch, seed=1)
+
+        def run(rows):
+            return sess.run([PC.PROBA_OUTPUT], {PC.INPUT_NAME: rows})
+    else:
+        run, x = AdmissionModel(path).p_slow, synthetic_rows(batch, seed=1)
     for _ in range(warmup):
-        m.p_slow(x)
+        run(x)
     times = []
     for _ in range(runs):
         t0 = time.perf_counter_ns()
-        m.p_slow(x)
+        run(x)
         times.append(time.perf_counter_ns() - t0)
     times.sort()
     return {"model": str(path), "batch": batch, "runs": runs,
@@ -515,6 +571,13 @@ def _cmd_check(args) -> int:
         print(json.dumps({"file": str(args.file), "ok": True, "card": card}, indent=2))
         return 0
     ev = card.get("evaluation", {})
+    if card["task"] == "prefetch":
+        classes = ", ".join(f"{c['name']} {c['readahead_kb']} KB" for c in card["classes"])
+        print(f"{args.file}: OK (task prefetch, prefetch feature schema "
+              f"v{card['schema_version']}, {len(card['features'])} inputs, classes {classes}"
+              + (f", held-back accuracy {ev['accuracy']:.3f}"
+                 if isinstance(ev.get("accuracy"), (int, float)) else "") + ")")
+        return 0
     print(f"{args.file}: OK (task {card['task']}, feature schema v{card['schema_version']}, "
           f"{F.NUM_FEATURES} features, threshold {card['decision_threshold']:.3f}"
           + (f", held-back ROC AUC {ev['roc_auc']:.3f}"
@@ -533,7 +596,7 @@ def _cmd_bench(args) -> int:
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("model", help="validate and time admission models (ONNX + card)",
+    p = sub.add_parser("model", help="validate and time models (admission or prefetch; ONNX + card)",
                        **cliutil.examples(
                            ("iobridge model check models/admission-default.onnx",
                             "is the shipped model valid for this iobridge?"),
@@ -543,17 +606,23 @@ def register_cli(sub) -> None:
     msub.required = True
     pc = msub.add_parser(
         "check", help="validate FILE.onnx and FILE.card.json",
-        description="Checks: ONNX checker; only the operators `iobridge train` exports "
+        description="Checks either kind of model against its own schema (the card's task "
+        "says which): ONNX checker; only the operators `iobridge train` exports "
         "(no control flow); one float32 input 'features' [N, "
-        f"{F.NUM_FEATURES}]; float32 output 'probabilities' [N, 2]; card version "
-        f"({CARD_VERSION}), fields and their types, task, "
-        f"feature names and schema version (this iobridge: v{F.SCHEMA_VERSION}); a test "
+        f"{F.NUM_FEATURES}] (admission) or [N, {PF.NUM_MODEL_INPUTS}] (prefetch: the "
+        f"{PF.NUM_FEATURES} KML features, direction, "
+        "has_writes); float32 output 'probabilities' [N, 2] (admission: column 1 = P(slow)) "
+        f"or [N, {len(PF.PREFETCH_CLASSES)}] (prefetch: one column per class, "
+        f"{', '.join(PF.PREFETCH_CLASSES)}); card version ({CARD_VERSION}), fields and their types, task, "
+        f"feature names and schema version (this iobridge: admission v{F.SCHEMA_VERSION}, "
+        f"prefetch v{PF.SCHEMA_VERSION}), a prefetch card's classes and their readahead; a test "
         "inference on synthetic rows with no NaN/Inf and probabilities in [0, 1], in a "
         f"child process killed after {CHECK_TIMEOUT_S:g} s; the card's model_sha256 is "
         "the model's. Exit status 0 if valid, 1 with the reason otherwise.",
         parents=[cliutil.json_parent()],
         **cliutil.examples(
             ("iobridge model check models/admission-default.onnx", "the shipped default model"),
+            ("iobridge model check models/prefetch-default.onnx", "the shipped prefetch model"),
             ("iobridge model check m.onnx --json", "the checked card as JSON"),
             ("iobridge model check m.onnx && sudo systemctl reload iobridge",
              "take a new model only if valid")))

@@ -60,6 +60,7 @@ PREFETCH_CLASSES: tuple[str, ...] = ("random", "random+write", "sequential", "re
 CLASS_READAHEAD_KB: tuple[int, ...] = (8, 8, 320, 480)
 
 SECTOR = 512
+MAX_READAHEAD_KB = 1 << 20        # 1 GiB: a larger readahead is a typo, not a setting
 
 
 def readahead_feature(readahead_kb: float) -> float:
@@ -127,3 +128,25 @@ class WindowStats:
         uses this to tell reverse from sequential."""
         rng = 0 if self.n == 0 else self.hi - self.lo
         return (self.last - self.first) / rng if rng else 0.0
+
+
+# What a learned prefetch classifier takes (core/prefetch_model.py): the
+# schema's features, then two facts of the window that KML's sign-free
+# features cannot carry and RuleClassifier uses as well: its direction
+# (WindowStats.direction), since a forward and a backward scan have the same
+# five features, and whether it had writes (random vs random+write).
+MODEL_EXTRA: tuple[tuple[str, str], ...] = (
+    ("direction", "(last - first) / (max - min) page index, -1..1"),
+    ("has_writes", "0 or 1: the window had writes"),
+)
+MODEL_INPUTS: tuple[tuple[str, str], ...] = FEATURES + MODEL_EXTRA
+MODEL_INPUT_NAMES: tuple[str, ...] = tuple(n for n, _ in MODEL_INPUTS)
+NUM_MODEL_INPUTS = len(MODEL_INPUTS)
+# Fewer insertions than this in a window: no decision (the device or file
+# keeps its readahead), for the rule-based and the learned classifier alike.
+MIN_EVENTS = 16
+
+
+def model_row(feats, has_writes: bool, direction: float) -> list[float]:
+    """A learned classifier's input row (MODEL_INPUT_NAMES order)."""
+    return [*map(float, feats), float(direction), 1.0 if has_writes else 0.0]

@@ -30,7 +30,8 @@ class RuleClassifier:
     - otherwise "random+write" when the window had writes, else "random"."""
 
     name = "kml-rules"
-    MIN_EVENTS = 16
+    MIN_EVENTS = PF.MIN_EVENTS
+    class_readahead_kb = PF.CLASS_READAHEAD_KB     # KML's sweep
     MIN_RUN_PAGES = 4.0
     REVERSE_DIRECTION = -0.5
 

@@ -221,7 +221,7 @@ class Agent:
         # both are done, so a bad model still stops the start with nothing
         # left behind (stop() closes what was compiled).
         from ..core.model import check_quickly  # noqa: PLC0415
-        check_quickly(cfg.model)
+        check_quickly(cfg.model, expect="admission")
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-check") as ex:
             checked = ex.submit(self._load_model, cfg)
             try:

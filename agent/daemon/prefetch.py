@@ -259,7 +259,8 @@ class Decider:
         if kb_now is None:
             return []          # no block device (tmpfs, ...): files only
         s = self.stream(dev)
-        base = PF.CLASS_READAHEAD_KB[PF.PREFETCH_CLASSES.index(cls)]
+        # the classifier's own map (a learned model's comes from its sweep)
+        base = self.classifier.class_readahead_kb[PF.PREFETCH_CLASSES.index(cls)]
         kb = int(base * s.scale) // PAGE_KB * PAGE_KB
         out = []
         feats = w.brief() if w else "no device window"

@@ -23,8 +23,11 @@ Policies (names as given to --policy):
   as the device's read_ahead_kb under Linux's readahead. KML's MLP weights
   are not published with usable normalisation statistics, so the class
   comes from a rule-based stand-in (RuleClassifier), reported as such.
-- learned: the same with an ONNX prefetch classifier over the same
-  features (--model). No prefetch model exists yet: asking for it says so.
+- learned[:PATH]: the same with an ONNX prefetch classifier
+  (core/prefetch_model.LearnedClassifier) over the same features plus the
+  window's direction and writes, and the class -> readahead map of its
+  card; PATH (or --model) names the model, by default the shipped
+  models/prefetch-default.onnx.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .pagecache import PAGE_SIZE
 
 PAGES_PER_KB = 1024 / PAGE_SIZE
 DEFAULT_READ_AHEAD_KB = 128       # Linux's default read_ahead_kb (VM_READAHEAD_PAGES)
-MAX_READAHEAD_KB = 1 << 20        # 1 GiB: a window past this is a typo, not a policy
+MAX_READAHEAD_KB = PF.MAX_READAHEAD_KB
 BASE_NAMES = ("none", "fixed", "linux", "kml", "learned")
 DEFAULT_POLICIES = ("none", "fixed:128", "linux", "kml")
 
@@ -274,7 +277,7 @@ class KmlLike(LinuxReadahead):
                 self.undecided += 1
             else:
                 self.decisions[PF.PREFETCH_CLASSES[cls]] += 1
-                kb = PF.CLASS_READAHEAD_KB[cls]
+                kb = self.classifier.class_readahead_kb[cls]
                 if kb != self.kb_now[dev]:
                     self.changes += 1
                     self.kb_now[dev] = kb
@@ -293,35 +296,38 @@ class KmlLike(LinuxReadahead):
                 "readahead_windows": self.windows}
 
 
-def load_prefetch_classifier(model_path: str | None):
-    """The classifier for policy `learned`: an ONNX prefetch model over
-    FEATURE_NAMES whose output is one of PREFETCH_CLASSES. None exists yet
-    (no prefetch training pipeline, no prefetch model card contract), so
-    this refuses, saying what is needed; the policy itself (KmlLike with a
-    classifier) is ready for one."""
-    if not model_path:
-        raise UsageError("policy learned needs a prefetch model (--model FILE.onnx) and "
-                         "there is none yet: iobridge does not train or ship prefetch models",
-                         "compare none, fixed:KB, linux and kml for now")
-    from ..core.model import card_path, read_card
-    card = read_card(model_path)
-    task = card.get("task")
-    if task != "prefetch":
-        raise UsageError(f"{model_path} is a model for task {task!r}, not a prefetch model",
-                         "policy learned needs a prefetch model, and iobridge has none yet")
-    raise UsageError(f"{model_path}: prefetch model cards ({card_path(model_path)}) are not "
-                     "supported yet: the prefetch model contract (card fields, outputs over "
-                     f"the classes {', '.join(PF.PREFETCH_CLASSES)}) is still to be written")
+DEFAULT_MODEL_NAME = "prefetch-default.onnx"
 
 
-def parse_policy(spec: str) -> tuple[str, int | None]:
-    """'none', 'fixed:KB', 'linux', 'linux:KB', 'kml', 'learned' -> (base, KB);
-    anything else is a UsageError naming it."""
+def default_model_path() -> str:
+    """The shipped prefetch model (models/prefetch-default.onnx)."""
+    from ..core import resources
+    return str(resources.data_dir("models") / DEFAULT_MODEL_NAME)
+
+
+def load_prefetch_classifier(model_path: str | None = None):
+    """The classifier of policy `learned`: the ONNX prefetch model at
+    `model_path` (default: the shipped one), checked as a prefetch model;
+    a model of another kind, or a missing or broken one, is a
+    ModelCheckError naming it."""
+    from ..core.prefetch_model import LearnedClassifier
+    return LearnedClassifier(model_path or default_model_path())
+
+
+def parse_policy(spec: str) -> tuple[str, int | str | None]:
+    """'none', 'fixed:KB', 'linux', 'linux:KB', 'kml', 'learned',
+    'learned:PATH' -> (base, KB, or PATH for learned); anything else is a
+    UsageError naming it."""
     base, sep, arg = spec.partition(":")
-    choices = "none, fixed:KB, linux, linux:KB, kml, learned"
+    choices = "none, fixed:KB, linux, linux:KB, kml, learned, learned:MODEL.onnx"
     if base not in BASE_NAMES:
         raise UsageError(f"unknown prefetch policy {spec!r}", f"choose from {choices}")
-    if base in ("none", "kml", "learned"):
+    if base == "learned":
+        if sep and not arg:
+            raise UsageError(f"prefetch policy {spec!r}: no model after 'learned:'",
+                             "learned:MODEL.onnx, or learned for the shipped model")
+        return base, arg or None
+    if base in ("none", "kml"):
         if sep:
             raise UsageError(f"prefetch policy {base} takes no size, got {spec!r}",
                              f"choose from {choices}")
@@ -349,7 +355,8 @@ def build_policy(spec: str, *, read_ahead_kb: int = DEFAULT_READ_AHEAD_KB,
                  window_s: float = PF.WINDOW_S, classifier=None) -> Policy:
     """The policy `spec` names (parse_policy); `read_ahead_kb` is the
     starting maximum of linux (without :KB), kml and learned; `classifier`
-    the learned one's (load_prefetch_classifier)."""
+    the learned one's (load_prefetch_classifier; without it, learned loads
+    the model its spec names, or the shipped one)."""
     base, kb = parse_policy(spec)
     if base == "none":
         return Policy()
@@ -362,6 +369,5 @@ def build_policy(spec: str, *, read_ahead_kb: int = DEFAULT_READ_AHEAD_KB,
     if base == "kml":
         return KmlLike(RuleClassifier(), window_ns, read_ahead_kb, name="kml")
     if classifier is None:
-        raise UsageError("policy learned needs a prefetch model (--model FILE.onnx) and "
-                         "there is none yet")
-    return KmlLike(classifier, window_ns, read_ahead_kb, name="learned")
+        classifier = load_prefetch_classifier(kb)      # kb: the spec's model path, if any
+    return KmlLike(classifier, window_ns, read_ahead_kb, name=spec)

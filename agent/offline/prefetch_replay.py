@@ -8,7 +8,9 @@ Reported per policy: hit ratio (hits / page requests), prefetch accuracy
 cached at the end, refaults, and device reads (pages, MB, requests).
 
 The whole trace is replayed: nothing is trained here (kml's stand-in is
-rule-based; learned takes a given model), so there is no held-back part.
+rule-based; learned takes a trained model, by default the shipped one,
+trained on VM recordings, not on these traces), so there is no held-back
+part.
 """
 
 from __future__ import annotations
@@ -80,14 +82,19 @@ def _policy_row(counts, seconds: float, stats: dict) -> dict:
 def run_prefetch_replay(trace: Trace, cache_mb: float, policy_specs: list[str], *,
                         read_ahead_kb: int = PP.DEFAULT_READ_AHEAD_KB,
                         window_s: float = PF.WINDOW_S, writes: str = "allocate",
-                        classifier=None, progress: Progress | None = None) -> dict:
-    """Replay `trace` through a cache of `cache_mb` MiB once per policy."""
+                        classifier=None, classifiers: dict | None = None,
+                        progress: Progress | None = None) -> dict:
+    """Replay `trace` through a cache of `cache_mb` MiB once per policy.
+    `classifiers`: {spec: classifier} of learned policies (`classifier`:
+    the one of plain `learned`)."""
     progress = progress or Progress(False)
     if not MIN_CACHE_MB <= cache_mb <= MAX_CACHE_MB:
         raise UsageError(f"--cache-mb {cache_mb:g}: must be from {MIN_CACHE_MB:g} (one page) "
                          f"to {MAX_CACHE_MB}")
+    classifiers = dict(classifiers or {})
     policies = [PP.build_policy(s, read_ahead_kb=read_ahead_kb, window_s=window_s,
-                                classifier=classifier) for s in policy_specs]
+                                classifier=classifiers.get(s, classifier))
+                for s in policy_specs]
     reqs = requests_of(trace)
     nreads = int((~reqs.is_write).sum())
     if nreads == 0:
@@ -130,15 +137,16 @@ def _pct(v) -> str:
 
 
 def format_table(rep: dict) -> str:
+    w = max([12] + [len(n) + 1 for n in rep["policies"]])     # learned:PATH can be long
     lines = [f"trace {rep['trace']}: {rep['read_requests']} read requests, "
              f"{rep['write_requests']} writes ({rep['writes']}), reads touch "
              f"{rep['footprint_pages']} pages ({rep['footprint_mb']:.1f} MB); page cache "
              f"{rep['cache_mb']:g} MB ({rep['cache_pages']} pages, two-list)",
-             f"{'policy':<12}{'hit ratio':>10}{'accuracy':>10}{'coverage':>10}"
+             f"{'policy':<{w}}{'hit ratio':>10}{'accuracy':>10}{'coverage':>10}"
              f"{'prefetched':>11}{'wasted MB':>10}{'refaults':>9}{'dev reads':>10}"
              f"{'dev MB':>9}{'sim s':>7}"]
     for name, s in rep["policies"].items():
-        lines.append(f"{name:<12}{_pct(s['hit_ratio']):>10}{_pct(s['accuracy']):>10}"
+        lines.append(f"{name:<{w}}{_pct(s['hit_ratio']):>10}{_pct(s['accuracy']):>10}"
                      f"{_pct(s['coverage']):>10}{s['prefetched_pages']:>11}"
                      f"{s['wasted_mb']:>10.1f}{s['refaults']:>9}"
                      f"{s['device_read_requests']:>10}{s['device_read_mb']:>9.1f}"
@@ -162,8 +170,9 @@ def add_cli_options(p) -> None:
     p.add_argument("--task", choices=TASKS, default="admission",
                    help="admission: read routing over replica legs (default); prefetch: "
                    "readahead policies through a page-cache simulator, --policy none, "
-                   "fixed:KB, linux[:KB], kml, learned (with --model, a prefetch model; "
-                   f"none exists yet) or all (default: {', '.join(PP.DEFAULT_POLICIES)}), "
+                   "fixed:KB, linux[:KB], kml, learned[:MODEL.onnx] (a prefetch model, "
+                   f"default models/{PP.DEFAULT_MODEL_NAME}, or --model) or all (default: "
+                   f"{', '.join(PP.DEFAULT_POLICIES)}), "
                    "e.g. `iobridge replay --task prefetch --trace OLTP.lis.zst --cache-mb 32`")
     p.add_argument("--cache-mb", type=cliutil.float_range(MIN_CACHE_MB, MAX_CACHE_MB),
                    default=None, help="prefetch: page-cache size in MiB (required), "
@@ -202,20 +211,21 @@ def run_task(args) -> int | None:
     specs = list(dict.fromkeys(args.policy or PP.DEFAULT_POLICIES))
     if "all" in specs:
         specs = list(dict.fromkeys(PP.DEFAULT_POLICIES + tuple(s for s in specs if s != "all")))
-    for s in specs:
-        PP.parse_policy(s)
+    parsed = {s: PP.parse_policy(s) for s in specs}
     if args.model and "learned" not in specs:
         raise UsageError("--model with --task prefetch is the model of policy learned",
                          "add --policy learned")
     out = check_output(args.out, args.force, [args.trace]) if args.out else None
-    classifier = PP.load_prefetch_classifier(args.model) if "learned" in specs else None
+    # models are loaded (and checked) before the trace: a wrong one fails fast
+    classifiers = {s: PP.load_prefetch_classifier(arg or args.model)
+                   for s, (base, arg) in parsed.items() if base == "learned"}
     prog = Progress(not args.quiet)
     tr = load_any(args.trace, args.format, time_unit=args.time_unit, duration_s=args.duration)
     rep = run_prefetch_replay(
         tr, args.cache_mb, specs,
         read_ahead_kb=PP.DEFAULT_READ_AHEAD_KB if args.read_ahead_kb is None else args.read_ahead_kb,
         window_s=PF.WINDOW_S if args.window_s is None else args.window_s,
-        writes=args.writes or "allocate", classifier=classifier, progress=prog)
+        writes=args.writes or "allocate", classifiers=classifiers, progress=prog)
     if out is not None:
         with atomic_output(out) as tmp:
             tmp.write_text(json.dumps(rep, indent=2) + "\n")

@@ -512,6 +512,15 @@ def _thresholds(args) -> dict:
 
 
 def _cmd_train(args) -> int:
+    if args.task == "prefetch":      # train_prefetch.register_cli routes it there
+        raise UsageError("--task prefetch is handled by iobridge.offline.train_prefetch")
+    if args.data or args.held_back:
+        raise UsageError(f"--{'data' if args.data else 'held-back'} is an option of "
+                         "--task prefetch", "add --task prefetch")
+    if not args.trace:
+        raise UsageError("the admission task needs traces: --trace T (repeatable)")
+    if args.max_epochs is None:
+        args.max_epochs = 30
     if not 0.0 < args.train_fraction < 1.0:
         raise UsageError("--train-fraction must be between 0 and 1 (exclusive)")
     if not 1 <= args.legs <= 8:
@@ -541,11 +550,16 @@ def _cmd_train(args) -> int:
 
 def register_cli(sub) -> None:
     p = sub.add_parser(
-        "train", help="train an admission model from traces; writes ONNX + model card",
-        description="Label traces with Heimdall's period-based method, train the "
-        "admission model on the earlier part of each trace (split by time), evaluate on "
-        "the held-back later part, export ONNX and write MODEL.card.json beside it. "
-        "Traces without measured latency are driven through the device model first.",
+        "train", help="train an admission or prefetch model; writes ONNX + model card",
+        description="Admission (default): label traces with Heimdall's period-based method, "
+        "train the admission model on the earlier part of each trace (split by time), "
+        "evaluate on the held-back later part, export ONNX and write MODEL.card.json beside "
+        "it. Traces without measured latency are driven through the device model first. "
+        "Prefetch (--task prefetch): a classifier of page-cache feature windows (KML's "
+        "features plus direction and writes) into random, random+write, sequential and "
+        "reverse, trained on recordings made while sweeping read_ahead_kb "
+        "(agent/lab/prefetch_record.py), split by recording, each class mapped to the "
+        "readahead its sweep found best.",
         parents=[cliutil.json_parent()],
         **cliutil.examples(
             ("iobridge train --trace cloudPhysicsIO.csv --out models/cp.onnx",
@@ -558,11 +572,23 @@ def register_cli(sub) -> None:
              "legs of different speeds: slow from 8 x each leg's baseline latency"),
             ("iobridge train --trace t.parquet --out m.onnx --json -q",
              "the model card as JSON, no progress"),
-            ("scripts/train-default-model.sh", "how models/admission-default.onnx is built")))
-    p.add_argument("--trace", action="append", required=True, metavar="T",
+            ("scripts/train-default-model.sh", "how models/admission-default.onnx is built"),
+            ("iobridge train --task prefetch --data a.jsonl.gz --data b.jsonl.gz -o p.onnx",
+             "a prefetch model; the last recording is held back"),
+            ("scripts/train-prefetch-model.sh", "how models/prefetch-default.onnx is built")))
+    p.add_argument("--task", choices=["admission", "prefetch"], default="admission",
+                   help="admission (default): from traces (--trace); prefetch: from "
+                   "recordings (--data)")
+    p.add_argument("--data", action="append", metavar="REC",
+                   help="prefetch: a recording (.jsonl.gz from agent/lab/prefetch_record.py), "
+                   "repeatable, two or more")
+    p.add_argument("--held-back", action="append", metavar="ID",
+                   help="prefetch: a recording id to hold back for the card's accuracy "
+                   "(repeatable; default: the last id)")
+    p.add_argument("--trace", action="append", metavar="T",
                    help="trace file, repeatable (.parquet, CloudPhysics .csv, ARC "
                    ".lis[.zst], fio iolog)")
-    p.add_argument("--out", required=True, help="output model, e.g. models/NAME.onnx")
+    p.add_argument("--out", "-o", required=True, help="output model, e.g. models/NAME.onnx")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing model and its card (written as a pair)")
     p.add_argument("--kind", choices=["mlp", "gbdt"], default="mlp",
@@ -572,7 +598,8 @@ def register_cli(sub) -> None:
     p.add_argument("--train-fraction", type=cliutil.fraction, default=0.7,
                    help="earlier fraction of each trace's time span used for training "
                    "(default 0.7); the rest is held back for the card's figures")
-    p.add_argument("--max-epochs", type=cliutil.positive_int(10_000), default=30, help="MLP epochs (default 30)")
+    p.add_argument("--max-epochs", type=cliutil.positive_int(10_000), default=None,
+                   help="MLP epochs (default 30; prefetch 300)")
     p.add_argument("--seed", type=cliutil.seed, default=0, help="random seed (default 0)")
     p.add_argument("--time-unit", choices=["s", "ms", "us", "ns"], default=None,
                    help="CloudPhysics time column unit (default s)")
