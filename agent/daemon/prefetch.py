@@ -259,8 +259,10 @@ class Decider:
         if kb_now is None:
             return []          # no block device (tmpfs, ...): files only
         s = self.stream(dev)
-        # the classifier's own map (a learned model's comes from its sweep)
-        base = self.classifier.class_readahead_kb[PF.PREFETCH_CLASSES.index(cls)]
+        # the classifier's own map if it has one (a learned model's comes
+        # from its sweep), else KML's
+        table = getattr(self.classifier, "class_readahead_kb", PF.CLASS_READAHEAD_KB)
+        base = table[PF.PREFETCH_CLASSES.index(cls)]
         kb = int(base * s.scale) // PAGE_KB * PAGE_KB
         out = []
         feats = w.brief() if w else "no device window"
