@@ -162,6 +162,15 @@ class Decider:
         s.seen = self.window_no
         return s
 
+    def _classify(self, key, w: Window, is_file: bool, force: dict, notes: dict):
+        """A stream's feedback notes (into `notes`), then its class, forced
+        or the classifier's, kept on the stream and returned."""
+        s = self.stream(key)
+        notes[key] = self._feedback(w, s, is_file)
+        s.cls = force.get(key) or _cls_name(self.classifier.classify(w.feats, w.has_writes,
+                                                                     w.direction))
+        return s.cls
+
     def _feedback(self, w: Window, s: Stream, is_file: bool) -> list[str]:
         """Apply the feedback rules of one window to a stream; returns why."""
         why = []
@@ -195,23 +204,14 @@ class Decider:
         notes: dict = {}
         dev_cls: dict = {}
         for dev, w in devs.items():
-            s = self.stream(dev)
-            notes[dev] = self._feedback(w, s, False)
-            c = force.get(dev) or _cls_name(self.classifier.classify(w.feats, w.has_writes,
-                                                                     w.direction))
-            s.cls = c
-            dev_cls[dev] = c
+            dev_cls[dev] = self._classify(dev, w, False, force, notes)
         for dev, c in force.items():
             if isinstance(dev, int) and dev not in dev_cls:
                 dev_cls[dev] = c
                 self.stream(dev).cls = c
         file_cls: dict = {}
         for key, w in files.items():
-            s = self.stream(key)
-            notes[key] = self._feedback(w, s, True)
-            c = force.get(key) or _cls_name(self.classifier.classify(w.feats, w.has_writes,
-                                                                     w.direction))
-            s.cls = c
+            c = self._classify(key, w, True, force, notes)
             if c is not None:
                 file_cls[key] = c
         for key, c in force.items():
