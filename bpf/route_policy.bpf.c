@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0-only
 /*
- * iobridge read routing policy (BCC program), ABI 5: feature-keyed table.
+ * iobridge read routing policy (BCC program), ABI 7: feature-keyed table.
  *
  * Attached as BPF_PROG_TYPE_RAW_TRACEPOINT_WRITABLE to the module's
  * "iobridge_route" tracepoint.  For each read bio:
@@ -29,6 +29,9 @@
  *    the read instead, unless it is already the lowest-cost choice.  It
  *    counts as routed and as a probe.
  * 4. With no valid leg: fallback, chosen_leg stays -1 (module default).
+ * 5. The chosen leg's hedge_us for the read's key (its key on that leg)
+ *    goes to ctx->hedge_us: the target hedges the read once it has been
+ *    pending that long (0 = never).
  *
  * Every routing the table makes (including probes) records the table's age
  * (now - the agent's published_ns) in a histogram.  The agent's Python
@@ -68,6 +71,7 @@ struct iobridge_route_scratch {
 	s32 probe;
 	u32 ties;
 	u32 pad;
+	u32 key[IOBRIDGE_MAX_LEGS];	/* each valid leg's key for this read */
 };
 BPF_PERCPU_ARRAY(iobridge_route_scratch, struct iobridge_route_scratch, 1);
 
@@ -137,6 +141,7 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		asm volatile("" : "+r"(key));
 		if (key >= IOBRIDGE_KEYS_PER_LEG)
 			continue;
+		s->key[leg] = key;
 		cost = iobridge_leg_cost(inflight, d->service_ns, ctx->last_lat_ns[leg], klat,
 					 iobridge_key_penalty(d->penalty_ns[key], d->top_lat_ns,
 							      lat_b, klat));
@@ -170,7 +175,14 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		u32 slot = iobridge_lat_slot(now > published ? now - published : 0);
 		u64 *age;
 
+		u32 cidx = iobridge_leg_index(target, chosen & (IOBRIDGE_MAX_LEGS - 1));
+		u32 ckey = s->key[chosen & (IOBRIDGE_MAX_LEGS - 1)];
+		struct iobridge_leg_decisions *cd = iobridge_decisions.lookup(&cidx);
+
 		ctx->chosen_leg = chosen;
+		asm volatile("" : "+r"(ckey));
+		if (cd && ckey < IOBRIDGE_KEYS_PER_LEG)
+			ctx->hedge_us = cd->hedge_us[ckey];
 		/* Keep the bounds check visible to the verifier. */
 		asm volatile("" : "+r"(slot));
 		if (slot < IOBRIDGE_LAT_SLOTS) {

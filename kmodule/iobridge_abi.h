@@ -17,7 +17,7 @@
 
 #include <linux/types.h>
 
-#define IOBRIDGE_ABI_VERSION		6
+#define IOBRIDGE_ABI_VERSION		7
 
 /* ------------------------------------------------------------------------
  * Limits
@@ -85,7 +85,30 @@ struct iobridge_route_ctx {
 	 * has seen either; its decisions name the incarnation they were made
 	 * for, so the new device never routes by the old one's entries. */
 	__u32 target_incarnation;
+	/* Out (since ABI 7): the hedge deadline of this read in microseconds,
+	 * 0 = none (the target's own hedge_us option then applies, if set).
+	 * The program copies it from the chosen leg's entry for the read's key. */
+	__u32 hedge_us;
 };
+
+/* ------------------------------------------------------------------------
+ * Hedged reads (since ABI 7)
+ *
+ * A read still pending on its leg when its hedge deadline has passed gets
+ * ONE more read, to the best other healthy leg; the first good completion
+ * completes the caller's bio.  Both reads go into the target's own bounce
+ * pages and the winner's data is copied, so a late completion never writes
+ * into pages returned to the caller.  Extra reads are bounded by a token
+ * bucket in the target, whatever the deadlines say: every read routed
+ * earns budget% x IOBRIDGE_HEDGE_TOKEN / 100 micro-tokens, a hedge costs
+ * IOBRIDGE_HEDGE_TOKEN, the bucket holds IOBRIDGE_HEDGE_BUCKET hedges and
+ * starts empty; a hedge due without a whole token is refused (counted) and
+ * the read waits for its own leg.  agent/core/hedging.py is the reference
+ * the replay runs.
+ * ------------------------------------------------------------------------ */
+#define IOBRIDGE_HEDGE_TOKEN		1000000
+#define IOBRIDGE_HEDGE_BUCKET		16
+#define IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT	5
 
 /* ------------------------------------------------------------------------
  * Feature-keyed decision table (BPF array, BPF_F_MMAPABLE, written by the
@@ -136,6 +159,7 @@ struct iobridge_leg_decisions {
 	__u32 top_lat_ns;			/* latency the top bucket is priced at, 0 = as is */
 	__u32 target_incarnation;		/* valid only for this incarnation (ABI 6) */
 	__u32 penalty_ns[IOBRIDGE_KEYS_PER_LEG];	/* by iobridge_key_index() */
+	__u32 hedge_us[IOBRIDGE_KEYS_PER_LEG];	/* hedge deadline per key, 0 = never (ABI 7) */
 };
 
 #define IOBRIDGE_DECISION_ENTRIES	(IOBRIDGE_MAX_TARGETS * IOBRIDGE_MAX_LEGS)

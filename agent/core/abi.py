@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 
 # Bump together with IOBRIDGE_ABI_VERSION in kmodule/iobridge_abi.h.
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 MAX_LEGS = 8
 MAX_TARGETS = 64
@@ -97,6 +97,12 @@ def leg_cost(inflight: int, service_ns: int, last_lat_ns: int, key_lat_ns: int,
 
 PROBE_LAT_MULT = 32
 
+# Hedged reads (iobridge_abi.h "Hedged reads"; core/hedging.py is the
+# reference of the target's token bucket).
+HEDGE_TOKEN = 1_000_000        # one hedge, in the bucket's micro-tokens
+HEDGE_BUCKET = 16              # bucket capacity, in hedges
+HEDGE_DEFAULT_BUDGET_PCT = 5   # extra reads, percent of reads routed
+
 
 def probe_wait_ns(probe_after_ns: int, last_lat_ns: int) -> int:
     """How long an avoided idle leg waits for a probe (iobridge_probe_wait_ns):
@@ -141,6 +147,7 @@ class RouteCtx(ctypes.Structure):
         ("last_complete_ns", ctypes.c_uint64 * MAX_LEGS),
         ("last_lat_qlen", ctypes.c_uint32 * MAX_LEGS),
         ("target_incarnation", ctypes.c_uint32),
+        ("hedge_us", ctypes.c_uint32),
     ]
 
 
@@ -155,6 +162,7 @@ class LegDecisions(ctypes.Structure):
         ("top_lat_ns", ctypes.c_uint32),
         ("target_incarnation", ctypes.c_uint32),
         ("penalty_ns", ctypes.c_uint32 * KEYS_PER_LEG),
+        ("hedge_us", ctypes.c_uint32 * KEYS_PER_LEG),
     ]
 
 
@@ -177,6 +185,9 @@ CONSTANTS = {
     "PENALTY_MAX_NS": "IOBRIDGE_PENALTY_MAX_NS",
     "NO_LEG": "IOBRIDGE_NO_LEG",
     "DECISION_ENTRIES": "IOBRIDGE_DECISION_ENTRIES",
+    "HEDGE_TOKEN": "IOBRIDGE_HEDGE_TOKEN",
+    "HEDGE_BUCKET": "IOBRIDGE_HEDGE_BUCKET",
+    "HEDGE_DEFAULT_BUDGET_PCT": "IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT",
 }
 
 

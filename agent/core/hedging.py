@@ -52,18 +52,18 @@ from . import abi
 from .decision import KEY_SIZE_BUCKET, SLOW_READ_REL
 from .features import BASELINE_LAT_QUANTILE
 
-# One hedge in the bucket's fixed-point unit: a budget fraction is kept to
-# 1e-6 (a per-read credit of 50000 for 5%), in integers as the kernel would.
-HEDGE_TOKEN = 1_000_000
-# Default budget: at most 5% of reads get a duplicate (the default).
-DEFAULT_BUDGET = 0.05
-# Bucket capacity, in hedges. A leg that goes slow (a GC busy period) holds
-# every read issued to it just before; they all need a hedge at once, and
-# 16 covers the deepest queue the VM benchmarks drive (QD16, also the top
-# in-flight bucket of the key). More would let a long-idle target put a
-# larger burst of duplicates on the other legs just when one leg is slow;
-# fewer leaves reads of a stuck queue waiting out the busy period (1-80 ms).
-BUCKET_HEDGES = 16
+# The bucket's fixed-point unit (a budget fraction is kept to 1e-6: a
+# per-read credit of 50000 for 5%), its capacity and default fraction are
+# the target's (iobridge_abi.h "Hedged reads"). The capacity: a leg that
+# goes slow (a GC busy period) holds every read issued to it just before;
+# they all need a hedge at once, and 16 covers the deepest queue the VM
+# benchmarks drive (QD16, also the top in-flight bucket of the key). More
+# would let a long-idle target put a larger burst of duplicates on the other
+# legs just when one leg is slow; fewer leaves reads of a stuck queue
+# waiting out the busy period (1-80 ms).
+HEDGE_TOKEN = abi.HEDGE_TOKEN
+DEFAULT_BUDGET = abi.HEDGE_DEFAULT_BUDGET_PCT / 100
+BUCKET_HEDGES = abi.HEDGE_BUCKET
 
 # The deadline rule (module doc). HEDGE_WORTH: how likely a pending read must
 # be slow before it is worth a duplicate: 0.5, more likely slow than not.

@@ -137,11 +137,13 @@ class RoutePolicy:
 
     def publish(self, target: dmtarget.TargetRef, penalty_ns: np.ndarray,
                 lat_edges_ns: np.ndarray, service_ns: np.ndarray, probe_after_ns: int,
-                expires_ns: int, top_lat_ns: np.ndarray | None = None) -> None:
+                expires_ns: int, top_lat_ns: np.ndarray | None = None,
+                hedge_us: np.ndarray | None = None) -> None:
         """Write one target's table: penalty_ns [legs, KEYS_PER_LEG], lat_edges_ns
         [legs, NUM_LAT_BUCKETS - 1], service_ns [legs], top_lat_ns [legs]
-        (None: 0, the top bucket's penalties as they are), valid for the
-        device of target.incarnation only.
+        (None: 0, the top bucket's penalties as they are), hedge_us [legs,
+        KEYS_PER_LEG] (None: 0, never hedge), valid for the device of
+        target.incarnation only.
 
         Payload first, expiry last; the program may see a mix of the old and
         the new payload for an instant, which changes one read's choice at
@@ -149,26 +151,30 @@ class RoutePolicy:
         RoutePolicy._write(self._block(target.id, penalty_ns.shape[0]), target.incarnation,
                           penalty_ns,
                           lat_edges_ns, service_ns, probe_after_ns, expires_ns,
-                          0 if top_lat_ns is None else top_lat_ns)
+                          0 if top_lat_ns is None else top_lat_ns,
+                          0 if hedge_us is None else hedge_us)
 
     def set_leg(self, target: dmtarget.TargetRef, leg: int, penalty_ns=0, ttl_s: float = 1.0,
                 service_ns: int = DEFAULT_SERVICE_NS, lat_edges_ns=None,
-                probe_after_ns: int = 0) -> None:
-        """Write one leg's entry by hand (tests, benchmarks): `penalty_ns` a
-        number for every key or an array of KEYS_PER_LEG."""
+                probe_after_ns: int = 0, hedge_us=0) -> None:
+        """Write one leg's entry by hand (tests, benchmarks): `penalty_ns` and
+        `hedge_us` a number for every key or an array of KEYS_PER_LEG."""
         pen = np.broadcast_to(np.asarray(penalty_ns, dtype=np.int64), (abi.KEYS_PER_LEG,))
         edges = (np.full(abi.NUM_LAT_BUCKETS - 1, 0xFFFFFFFF) if lat_edges_ns is None
                  else np.asarray(lat_edges_ns))
         entry = self._block(target.id)[leg:leg + 1]
         entry["expires_ns"] = 0
         RoutePolicy._write(entry, target.incarnation, pen[None, :], edges[None, :],
-                          np.array([service_ns]), probe_after_ns, now_ns() + int(ttl_s * 1e9))
+                          np.array([service_ns]), probe_after_ns, now_ns() + int(ttl_s * 1e9),
+                          hedge_us=np.broadcast_to(np.asarray(hedge_us, dtype=np.int64),
+                                                   (abi.KEYS_PER_LEG,))[None, :])
 
     @staticmethod
     def _write(block, incarnation, penalty_ns, lat_edges_ns, service_ns, probe_after_ns,
-               expires_ns, top_lat_ns=0) -> None:
+               expires_ns, top_lat_ns=0, hedge_us=0) -> None:
         block["target_incarnation"] = incarnation
         block["penalty_ns"] = np.clip(penalty_ns, 0, abi.PENALTY_MAX_NS)
+        block["hedge_us"] = np.clip(hedge_us, 0, 0xFFFFFFFF)
         block["top_lat_ns"] = np.clip(top_lat_ns, 0, 0xFFFFFFFF)
         block["lat_edge_ns"] = np.clip(lat_edges_ns, 0, 0xFFFFFFFF)
         block["service_ns"] = np.clip(service_ns, 0, 0xFFFFFFFF)
