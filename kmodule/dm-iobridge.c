@@ -6,7 +6,10 @@
  * tracepoint "iobridge_route" or by the built-in default policy.  Writes go
  * to every leg that is not stale, flushes, discards and write-zeroes to
  * every leg.  A failed read is retried on another healthy leg; a leg that
- * keeps failing is marked failed and stops serving reads.
+ * keeps failing is marked failed and stops serving reads.  A read with a
+ * hedge deadline (from the routing program or the hedge_us option) that is
+ * still pending at its deadline gets one more read on another leg, within
+ * a budget of extra reads ("Hedged reads" in iobridge_abi.h).
  *
  * Table: <nr_legs> <dev>... [<nr_opts> <opt>...]
  * See the iobridge README ("Device-mapper target") for the full contract.
@@ -21,6 +24,9 @@
 #include <linux/list.h>
 #include <linux/spinlock.h>
 #include <linux/sched.h>
+#include <linux/hrtimer.h>
+#include <linux/mempool.h>
+#include <linux/wait.h>
 
 #include "iobridge_abi.h"
 #define CREATE_TRACE_POINTS
@@ -33,6 +39,15 @@
 #define IOB_BENCH_MAX_CALLS		100000000
 #define IOB_NO_LEG			0xff
 #define IOB_WRITE_POOL			256
+#define IOB_MAX_OPTS			16
+/* Hedged reads: reads up to this size are hedge-eligible (both reads go to
+ * bounce pages); larger ones are read directly and never hedged. */
+#define IOB_HEDGE_MAX_PAGES		64
+#define IOB_HEDGE_POOL			64	/* contexts and clones kept in reserve */
+#define IOB_HEDGE_POOL_PAGES		IOB_HEDGE_MAX_PAGES
+#define IOB_MAX_HEDGE_US		10000000	/* 10 s */
+/* Request flags a bounce read keeps from the caller's read. */
+#define IOB_READ_FLAGS	(REQ_SYNC | REQ_META | REQ_PRIO | REQ_RAHEAD | REQ_IDLE)
 
 static int abi_version = IOBRIDGE_ABI_VERSION;
 module_param(abi_version, int, 0444);
@@ -95,6 +110,21 @@ struct iob_c {
 	atomic64_t read_failures;	/* read errors returned to the caller */
 	atomic64_t write_failures;	/* write errors returned to the caller */
 	atomic64_t hook_rejected;	/* invalid choices from the BPF program */
+	/* Hedged reads ("Hedged reads" in iobridge_abi.h) */
+	u32 hedge_us;			/* the target's own deadline, 0 = the program's only */
+	u32 hedge_budget_pct;		/* extra reads, percent of reads routed */
+	atomic64_t hedge_tokens;	/* the budget's bucket, micro-tokens */
+	atomic64_t hedges_issued;
+	atomic64_t hedges_won;		/* the hedge completed the read */
+	atomic64_t hedges_lost;		/* issued, and the first read completed it */
+	atomic64_t hedges_refused;	/* due, but the bucket had no token */
+	atomic_t hedge_active;		/* hedged reads alive (struct iob_hedge) */
+	atomic_t bounce_pages;		/* bounce pages held by them */
+	wait_queue_head_t hedge_wait;	/* for hedge_active to reach 0 */
+	mempool_t *hedge_pool;		/* struct iob_hedge */
+	mempool_t *page_pool;		/* bounce pages */
+	struct bio_set hbs;		/* bounce reads, struct iob_hclone */
+	struct workqueue_struct *hedge_wq;
 	struct iob_leg legs[];
 };
 
@@ -102,6 +132,7 @@ enum iob_kind {
 	IOB_READ,
 	IOB_WRITE,	/* data write, cloned per leg by us */
 	IOB_DUP,	/* flush/discard/write-zeroes duplicated by dm core */
+	IOB_HEDGED,	/* read through bounce pages, completed by struct iob_hedge */
 };
 
 /* Per-bio data of the dm clone. */
@@ -130,6 +161,44 @@ struct iob_wclone {
 	unsigned int leg;
 	u64 start_ns;			/* submitted to the leg */
 	u32 start_qlen;			/* bios ahead of it on the leg then */
+	struct bio bio;			/* must be last (bioset front_pad) */
+};
+
+/*
+ * A hedge-eligible read.  The caller's bio is never given to a leg: each
+ * leg reads into its own bounce pages (struct iob_hclone), and the first
+ * good completion copies its data into the caller's pages and completes
+ * the caller's bio.  A read that completes later only ever touches its own
+ * bounce pages, so it can never write into pages already returned.  This
+ * outlives the caller's bio until every bounce read has ended; suspend and
+ * table removal wait for that (iob_hedge_drain).
+ */
+struct iob_hedge {
+	struct iob_c *ic;
+	struct bio *orig;		/* the caller's read (dm's clone of it) */
+	struct bvec_iter orig_iter;	/* its data, never advanced */
+	sector_t sector;		/* on the legs */
+	unsigned int size;
+	spinlock_t lock;		/* everything below */
+	unsigned int refs;		/* bounce reads in flight, armed timer, queued work */
+	unsigned int inflight;		/* bounce reads in flight */
+	unsigned long tried;		/* legs read from */
+	blk_status_t error;		/* the newest read error */
+	bool done;			/* the caller's bio is completed */
+	bool due;			/* the deadline has passed */
+	bool hedged;			/* the one hedge was tried (issued or refused) */
+	bool hedge_issued;
+	struct hrtimer timer;		/* the deadline */
+	struct work_struct work;	/* issues the hedge or a retry */
+};
+
+/* One leg's read of a hedged read, into bounce pages. */
+struct iob_hclone {
+	struct iob_hedge *h;
+	unsigned int leg;
+	bool is_hedge;
+	u32 start_qlen;			/* bios ahead of it on the leg then */
+	u64 start_ns;			/* submitted to the leg */
 	struct bio bio;			/* must be last (bioset front_pad) */
 };
 
@@ -342,10 +411,11 @@ static int iob_default_leg(struct iob_c *ic, unsigned int exclude)
 
 /*
  * Run the routing hook.  Returns the leg the BPF program chose if it is
- * valid, else -1.  Only called while a program is attached.
+ * valid, else -1; *hedge_us the deadline it gave that leg's read (0 =
+ * none, and always 0 with -1).  Only called while a program is attached.
  */
 static int iob_hook(struct iob_c *ic, sector_t sector, unsigned int bytes,
-		    blk_opf_t opf, unsigned int exclude)
+		    blk_opf_t opf, unsigned int exclude, u32 *hedge_us)
 {
 	struct iobridge_route_ctx ctx;
 	unsigned int i;
@@ -380,6 +450,7 @@ static int iob_hook(struct iob_c *ic, sector_t sector, unsigned int bytes,
 
 	trace_iobridge_route(&ctx);
 
+	*hedge_us = 0;
 	chosen = READ_ONCE(ctx.chosen_leg);
 	if (chosen == IOBRIDGE_NO_LEG)
 		return -1;
@@ -390,7 +461,334 @@ static int iob_hook(struct iob_c *ic, sector_t sector, unsigned int bytes,
 			     iob_name(ic), chosen);
 		return -1;
 	}
+	*hedge_us = min_t(u32, READ_ONCE(ctx.hedge_us), IOB_MAX_HEDGE_US);
 	return chosen;
+}
+
+/* A read failed on leg @i: count it, and fail the leg at the threshold. */
+static void iob_read_failed(struct iob_c *ic, unsigned int i)
+{
+	struct iob_leg *leg = &ic->legs[i];
+
+	atomic64_inc(&leg->read_errors);
+	if ((u32)atomic_inc_return(&leg->err_streak) >= READ_ONCE(ic->error_threshold))
+		iob_fail_leg(ic, i, false, "read error threshold reached");
+}
+
+/* ---------------------------------------------------------------------
+ * Hedged reads
+ * --------------------------------------------------------------------- */
+
+/* A read was routed: it earns its credit in the budget's bucket. */
+static void iob_budget_earn(struct iob_c *ic)
+{
+	const s64 cap = (s64)IOBRIDGE_HEDGE_BUCKET * IOBRIDGE_HEDGE_TOKEN;
+	s64 credit = (s64)READ_ONCE(ic->hedge_budget_pct) * (IOBRIDGE_HEDGE_TOKEN / 100);
+	s64 old = atomic64_read(&ic->hedge_tokens), new;
+
+	if (!credit)
+		return;
+	do {
+		if (old >= cap)
+			return;
+		new = min(old + credit, cap);
+	} while (!atomic64_try_cmpxchg(&ic->hedge_tokens, &old, new));
+}
+
+/* A hedge is due: take one token, or refuse (false). */
+static bool iob_budget_take(struct iob_c *ic)
+{
+	s64 old = atomic64_read(&ic->hedge_tokens);
+
+	do {
+		if (old < IOBRIDGE_HEDGE_TOKEN)
+			return false;
+	} while (!atomic64_try_cmpxchg(&ic->hedge_tokens, &old, old - IOBRIDGE_HEDGE_TOKEN));
+	return true;
+}
+
+static void iob_hedge_put(struct iob_hedge *h)
+{
+	struct iob_c *ic = h->ic;
+	unsigned long flags;
+	bool last;
+
+	spin_lock_irqsave(&h->lock, flags);
+	last = !--h->refs;
+	spin_unlock_irqrestore(&h->lock, flags);
+	if (!last)
+		return;
+	mempool_free(h, ic->hedge_pool);
+	/* Under the wait queue's lock: iob_hedge_drain() takes it after it
+	 * sees 0, so the target is not freed under this wake-up. */
+	spin_lock_irqsave(&ic->hedge_wait.lock, flags);
+	if (atomic_dec_and_test(&ic->hedge_active))
+		wake_up_locked(&ic->hedge_wait);
+	spin_unlock_irqrestore(&ic->hedge_wait.lock, flags);
+}
+
+/* Wait until no hedged read is alive: no bounce read is on any leg. */
+static void iob_hedge_drain(struct iob_c *ic)
+{
+	wait_event(ic->hedge_wait, !atomic_read(&ic->hedge_active));
+	spin_lock_irq(&ic->hedge_wait.lock);
+	spin_unlock_irq(&ic->hedge_wait.lock);
+}
+
+/* Queue the hedge's work (the hedge, or a retry), with a reference. */
+static void iob_hedge_kick(struct iob_hedge *h)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&h->lock, flags);
+	h->refs++;
+	spin_unlock_irqrestore(&h->lock, flags);
+	if (!queue_work(h->ic->hedge_wq, &h->work))
+		iob_hedge_put(h);	/* already queued, with its own reference */
+}
+
+static void iob_hclone_free(struct iob_hclone *hc)
+{
+	struct iob_c *ic = hc->h->ic;
+	unsigned short i;
+
+	for (i = 0; i < hc->bio.bi_vcnt; i++) {
+		mempool_free(hc->bio.bi_io_vec[i].bv_page, ic->page_pool);
+		atomic_dec(&ic->bounce_pages);
+	}
+	bio_put(&hc->bio);
+}
+
+static void iob_hclone_endio(struct bio *bio);
+
+/* A bounce read of @h on @leg, or NULL without memory (@gfp). */
+static struct iob_hclone *iob_hclone_alloc(struct iob_hedge *h, unsigned int leg, gfp_t gfp)
+{
+	struct iob_c *ic = h->ic;
+	unsigned int nr = DIV_ROUND_UP(h->size, PAGE_SIZE), left = h->size, i;
+	struct iob_hclone *hc;
+	struct bio *bio;
+
+	bio = bio_alloc_bioset(ic->legs[leg].dev->bdev, nr,
+			       REQ_OP_READ | (h->orig->bi_opf & IOB_READ_FLAGS), gfp, &ic->hbs);
+	if (!bio)
+		return NULL;
+	hc = container_of(bio, struct iob_hclone, bio);
+	hc->h = h;
+	hc->leg = leg;
+	hc->is_hedge = false;
+	bio->bi_iter.bi_sector = h->sector;
+	bio->bi_ioprio = h->orig->bi_ioprio;
+	bio->bi_end_io = iob_hclone_endio;
+	bio->bi_private = hc;
+	bio_clone_blkg_association(bio, h->orig);
+	for (i = 0; i < nr; i++) {
+		struct page *page = mempool_alloc(ic->page_pool, gfp);
+		unsigned int len = min_t(unsigned int, left, PAGE_SIZE);
+
+		if (!page) {
+			iob_hclone_free(hc);
+			return NULL;
+		}
+		atomic_inc(&ic->bounce_pages);
+		__bio_add_page(bio, page, len, 0);	/* one page per bvec: freed by index */
+		left -= len;
+	}
+	return hc;
+}
+
+static void iob_hclone_submit(struct iob_c *ic, struct iob_hclone *hc)
+{
+	struct iob_leg *leg = &ic->legs[hc->leg];
+
+	hc->start_qlen = iob_leg_submitting(leg);
+	atomic64_inc(&leg->reads);
+	hc->start_ns = ktime_get_ns();
+	submit_bio_noacct(&hc->bio);
+}
+
+/* Complete the caller's read (the caller of this set h->done). */
+static void iob_hedge_finish(struct iob_hedge *h, struct iob_hclone *winner)
+{
+	struct bio *orig = h->orig;
+
+	if (winner) {
+		struct bvec_iter src = { .bi_size = h->size }, dst = h->orig_iter;
+
+		bio_copy_data_iter(orig, &dst, &winner->bio, &src);
+		orig->bi_status = BLK_STS_OK;
+	} else {
+		orig->bi_status = h->error ? h->error : BLK_STS_IOERR;
+	}
+	if (hrtimer_try_to_cancel(&h->timer) == 1)
+		iob_hedge_put(h);	/* the armed timer's reference */
+	bio_endio(orig);
+}
+
+static void iob_hclone_endio(struct bio *bio)
+{
+	struct iob_hclone *hc = container_of(bio, struct iob_hclone, bio);
+	struct iob_hedge *h = hc->h;
+	struct iob_c *ic = h->ic;
+	blk_status_t st = bio->bi_status;
+	bool win = false, retry = false, lost;
+	unsigned long flags;
+
+	iob_leg_completed(&ic->legs[hc->leg], hc->start_ns, hc->start_qlen, !st);
+	if (st)
+		iob_read_failed(ic, hc->leg);
+
+	spin_lock_irqsave(&h->lock, flags);
+	h->inflight--;
+	if (!h->done) {
+		if (!st) {
+			h->done = win = true;
+		} else {
+			/* The other read, if any, may still answer. */
+			h->error = st;
+			retry = !h->inflight;
+		}
+	}
+	lost = h->hedge_issued && !hc->is_hedge;
+	spin_unlock_irqrestore(&h->lock, flags);
+
+	if (win) {
+		if (hc->is_hedge)
+			atomic64_inc(&ic->hedges_won);
+		else if (lost)
+			atomic64_inc(&ic->hedges_lost);
+		iob_hedge_finish(h, hc);
+	}
+	if (retry)
+		iob_hedge_kick(h);
+	iob_hclone_free(hc);
+	iob_hedge_put(h);
+}
+
+/* The deadline passed: hand the timer's reference to the work. */
+static enum hrtimer_restart iob_hedge_timer(struct hrtimer *t)
+{
+	struct iob_hedge *h = container_of(t, struct iob_hedge, timer);
+	unsigned long flags;
+
+	spin_lock_irqsave(&h->lock, flags);
+	h->due = true;
+	spin_unlock_irqrestore(&h->lock, flags);
+	if (!queue_work(h->ic->hedge_wq, &h->work))
+		iob_hedge_put(h);
+	return HRTIMER_NORESTART;
+}
+
+/*
+ * Issue the hedge (the deadline passed, a read is still in flight) or a
+ * retry (every read so far failed: the next healthy leg, outside the
+ * budget, as an unhedged read's retry); with no leg left, fail the read.
+ */
+static void iob_hedge_work(struct work_struct *w)
+{
+	struct iob_hedge *h = container_of(w, struct iob_hedge, work);
+	struct iob_c *ic = h->ic;
+	struct iob_hclone *hc;
+	unsigned long flags;
+	bool hedge;
+	int next;
+
+	for (;;) {
+		spin_lock_irqsave(&h->lock, flags);
+		if (h->done || (h->inflight && (!h->due || h->hedged))) {
+			spin_unlock_irqrestore(&h->lock, flags);
+			break;
+		}
+		hedge = h->inflight > 0;
+		if (hedge)
+			h->hedged = true;
+		next = iob_default_leg(ic, h->tried);
+		if (next < 0 && !hedge) {
+			h->done = true;
+			spin_unlock_irqrestore(&h->lock, flags);
+			atomic64_inc(&ic->read_failures);
+			DMERR_LIMIT("%s: read of sector %llu failed on every healthy leg",
+				    iob_name(ic), (unsigned long long)h->sector);
+			iob_hedge_finish(h, NULL);
+			break;
+		}
+		if (next < 0 || (hedge && !iob_budget_take(ic))) {
+			spin_unlock_irqrestore(&h->lock, flags);
+			if (next >= 0)
+				atomic64_inc(&ic->hedges_refused);
+			break;
+		}
+		h->tried |= BIT(next);
+		h->inflight++;
+		h->refs++;
+		h->hedge_issued |= hedge;
+		spin_unlock_irqrestore(&h->lock, flags);
+
+		/* A hedge must not wait for memory; a retry may (GFP_NOIO). */
+		hc = iob_hclone_alloc(h, next, hedge ? GFP_NOWAIT : GFP_NOIO);
+		if (hc) {
+			hc->is_hedge = hedge;
+			atomic64_inc(hedge ? &ic->hedges_issued : &ic->retries);
+			iob_hclone_submit(ic, hc);
+			break;
+		}
+		spin_lock_irqsave(&h->lock, flags);
+		h->inflight--;
+		h->refs--;		/* not the last: this work holds one */
+		if (hedge)
+			h->hedge_issued = false;
+		spin_unlock_irqrestore(&h->lock, flags);
+		if (hedge) {
+			atomic64_add(IOBRIDGE_HEDGE_TOKEN, &ic->hedge_tokens);	/* unspent */
+			atomic64_inc(&ic->hedges_refused);
+			/* the read in flight may have failed meanwhile */
+			continue;
+		}
+	}
+	iob_hedge_put(h);	/* the work's reference */
+}
+
+/*
+ * Read @bio through bounce pages on @leg with a hedge after @hedge_us.
+ * Returns false (nothing done) when the read is not hedge-eligible or
+ * memory is short: the caller then reads directly, unhedged.
+ */
+static bool iob_hedge_read(struct iob_c *ic, struct iob_io *io, struct bio *bio,
+			   sector_t sector, unsigned int leg, u32 hedge_us)
+{
+	struct iob_hclone *hc;
+	struct iob_hedge *h;
+
+	if (!bio->bi_iter.bi_size || bio->bi_iter.bi_size > IOB_HEDGE_MAX_PAGES * PAGE_SIZE ||
+	    (bio->bi_opf & REQ_NOWAIT) || !READ_ONCE(ic->hedge_budget_pct))
+		return false;
+	h = mempool_alloc(ic->hedge_pool, GFP_NOWAIT);
+	if (!h)
+		return false;
+	memset(h, 0, sizeof(*h));
+	h->ic = ic;
+	h->orig = bio;
+	h->orig_iter = bio->bi_iter;
+	h->sector = sector;
+	h->size = bio->bi_iter.bi_size;
+	spin_lock_init(&h->lock);
+	hc = iob_hclone_alloc(h, leg, GFP_NOWAIT);
+	if (!hc) {
+		mempool_free(h, ic->hedge_pool);
+		return false;
+	}
+	atomic_inc(&ic->hedge_active);
+	h->tried = BIT(leg);
+	h->inflight = 1;
+	h->refs = 2;		/* the read, the armed timer */
+	INIT_WORK(&h->work, iob_hedge_work);
+	hrtimer_init(&h->timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL);
+	h->timer.function = iob_hedge_timer;
+	io->kind = IOB_HEDGED;
+	io->leg = IOB_NO_LEG;	/* iob_end_io() has nothing to do */
+	hrtimer_start(&h->timer, ns_to_ktime((u64)hedge_us * NSEC_PER_USEC), HRTIMER_MODE_REL);
+	iob_hclone_submit(ic, hc);
+	return true;
 }
 
 static int iob_map_read(struct iob_c *ic, struct iob_io *io, struct bio *bio)
@@ -398,10 +796,11 @@ static int iob_map_read(struct iob_c *ic, struct iob_io *io, struct bio *bio)
 	struct dm_target *ti = ic->ti;
 	sector_t sector = dm_target_offset(ti, bio->bi_iter.bi_sector);
 	struct iob_leg *leg;
+	u32 hedge_us = 0;
 	int chosen = -1;
 
 	if (trace_iobridge_route_enabled())
-		chosen = iob_hook(ic, sector, bio->bi_iter.bi_size, bio->bi_opf, 0);
+		chosen = iob_hook(ic, sector, bio->bi_iter.bi_size, bio->bi_opf, 0, &hedge_us);
 	io->kind = IOB_READ;
 	if (chosen >= 0) {
 		atomic64_inc(&ic->legs[chosen].hook_routed);
@@ -414,6 +813,12 @@ static int iob_map_read(struct iob_c *ic, struct iob_io *io, struct bio *bio)
 		}
 		atomic64_inc(&ic->legs[chosen].default_routed);
 	}
+	iob_budget_earn(ic);
+	/* The program's deadline for the leg it chose, else the target's own. */
+	if (!hedge_us)
+		hedge_us = READ_ONCE(ic->hedge_us);
+	if (hedge_us && iob_hedge_read(ic, io, bio, sector, chosen, hedge_us))
+		return DM_MAPIO_SUBMITTED;
 	leg = &ic->legs[chosen];
 	io->leg = chosen;
 	io->tried = BIT(chosen);
@@ -611,9 +1016,7 @@ static int iob_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *error
 	if (*error == BLK_STS_AGAIN && (bio->bi_opf & REQ_NOWAIT))
 		return DM_ENDIO_DONE;
 
-	atomic64_inc(&leg->read_errors);
-	if ((u32)atomic_inc_return(&leg->err_streak) >= READ_ONCE(ic->error_threshold))
-		iob_fail_leg(ic, io->leg, false, "read error threshold reached");
+	iob_read_failed(ic, io->leg);
 
 	next = iob_default_leg(ic, io->tried);
 	if (next < 0) {
@@ -644,8 +1047,14 @@ static void iob_free(struct dm_target *ti, struct iob_c *ic)
 	unsigned int i;
 
 	iob_unregister(ic);	/* first: preresume of a newer table reads our legs */
+	iob_hedge_drain(ic);	/* no bounce read may outlive the legs */
+	if (ic->hedge_wq)
+		destroy_workqueue(ic->hedge_wq);
 	if (ic->wq)
 		destroy_workqueue(ic->wq);
+	bioset_exit(&ic->hbs);
+	mempool_destroy(ic->page_pool);
+	mempool_destroy(ic->hedge_pool);
 	bioset_exit(&ic->bs);
 	for (i = 0; i < ic->nr_legs; i++)
 		if (ic->legs[i].dev)
@@ -657,7 +1066,7 @@ static int iob_parse_options(struct dm_target *ti, struct iob_c *ic,
 			     struct dm_arg_set *as)
 {
 	static const struct dm_arg nopts_arg = {
-		0, 8, "Invalid number of options (expected a count 0..8 after the leg devices)"
+		0, IOB_MAX_OPTS, "Invalid number of options (expected a count 0..16 after the leg devices)"
 	};
 	unsigned int nopts;
 	const char *opt;
@@ -667,8 +1076,8 @@ static int iob_parse_options(struct dm_target *ti, struct iob_c *ic,
 		return 0;
 	r = dm_read_arg_group(&nopts_arg, as, &nopts, &ti->error);
 	if (r) {
-		DMERR("option count must be a number 0..8 after the %u leg devices, and match the options given",
-		      ic->nr_legs);
+		DMERR("option count must be a number 0..%u after the %u leg devices, and match the options given",
+		      IOB_MAX_OPTS, ic->nr_legs);
 		return r;
 	}
 	while (nopts) {
@@ -697,6 +1106,27 @@ static int iob_parse_options(struct dm_target *ti, struct iob_c *ic,
 			}
 			nopts--;
 			ic->policy = p;
+		} else if (!strcasecmp(opt, "hedge_us")) {
+			unsigned int v;
+
+			if (!nopts || kstrtouint(dm_shift_arg(as), 10, &v) || v > IOB_MAX_HEDGE_US) {
+				DMERR("hedge_us needs a deadline 0..%u microseconds (0 = the routing program's only)",
+				      IOB_MAX_HEDGE_US);
+				ti->error = "Invalid hedge_us";
+				return -EINVAL;
+			}
+			nopts--;
+			ic->hedge_us = v;
+		} else if (!strcasecmp(opt, "hedge_budget")) {
+			unsigned int v;
+
+			if (!nopts || kstrtouint(dm_shift_arg(as), 10, &v) || v > 100) {
+				DMERR("hedge_budget needs a whole percent of reads 0..100 (0 = never hedge)");
+				ti->error = "Invalid hedge_budget";
+				return -EINVAL;
+			}
+			nopts--;
+			ic->hedge_budget_pct = v;
 		} else {
 			DMERR("unknown option '%s'", opt);
 			ti->error = "Unknown option";
@@ -750,6 +1180,8 @@ static int iob_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	ic->id = IOBRIDGE_MAX_TARGETS;	/* not allocated yet */
 	ic->error_threshold = IOB_DEFAULT_ERROR_THRESHOLD;
 	ic->policy = IOB_POLICY_LEAST_INFLIGHT;
+	ic->hedge_budget_pct = IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT;
+	init_waitqueue_head(&ic->hedge_wait);
 	spin_lock_init(&ic->lock);
 	INIT_WORK(&ic->event_work, iob_event_work);
 
@@ -810,6 +1242,16 @@ static int iob_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		ti->error = "Cannot allocate bioset";
 		goto bad;
 	}
+	ic->hedge_wq = alloc_workqueue("iobridge%u_hedge", WQ_MEM_RECLAIM | WQ_HIGHPRI, 0, ic->id);
+	ic->hedge_pool = mempool_create_kmalloc_pool(IOB_HEDGE_POOL, sizeof(struct iob_hedge));
+	ic->page_pool = mempool_create_page_pool(IOB_HEDGE_POOL_PAGES, 0);
+	r = bioset_init(&ic->hbs, IOB_HEDGE_POOL, offsetof(struct iob_hclone, bio),
+			BIOSET_NEED_BVECS | BIOSET_NEED_RESCUER);
+	if (r || !ic->hedge_wq || !ic->hedge_pool || !ic->page_pool) {
+		ti->error = "Cannot allocate the hedged reads' pools";
+		r = r ? r : -ENOMEM;
+		goto bad;
+	}
 
 	ic->nr_healthy = nr_legs;
 	ti->num_flush_bios = nr_legs;
@@ -864,6 +1306,13 @@ static int iob_preresume(struct dm_target *ti)
 	return 0;
 }
 
+/* Suspended means no I/O on the legs: wait for the bounce reads that
+ * outlive the reads they answered (hedges that lost). */
+static void iob_postsuspend(struct dm_target *ti)
+{
+	iob_hedge_drain(ti->private);
+}
+
 static void iob_dtr(struct dm_target *ti)
 {
 	struct iob_c *ic = ti->private;
@@ -910,6 +1359,13 @@ static void iob_status(struct dm_target *ti, status_type_t type,
 			       (unsigned long long)atomic64_read(&leg->hook_routed),
 			       (unsigned long long)atomic64_read(&leg->default_routed));
 		}
+		DMEMIT(" hedge %u %u %llu %llu %llu %llu %d %d", READ_ONCE(ic->hedge_us),
+		       READ_ONCE(ic->hedge_budget_pct),
+		       (unsigned long long)atomic64_read(&ic->hedges_issued),
+		       (unsigned long long)atomic64_read(&ic->hedges_won),
+		       (unsigned long long)atomic64_read(&ic->hedges_lost),
+		       (unsigned long long)atomic64_read(&ic->hedges_refused),
+		       atomic_read(&ic->hedge_active), atomic_read(&ic->bounce_pages));
 		break;
 	case STATUSTYPE_TABLE:
 		DMEMIT("%u", ic->nr_legs);
@@ -917,13 +1373,19 @@ static void iob_status(struct dm_target *ti, status_type_t type,
 			DMEMIT(" %s", ic->legs[i].dev->name);
 		nopts = (ic->strict_writes ? 1 : 0) +
 			(ic->error_threshold != IOB_DEFAULT_ERROR_THRESHOLD ? 2 : 0) +
-			(ic->policy != IOB_POLICY_LEAST_INFLIGHT ? 2 : 0);
+			(ic->policy != IOB_POLICY_LEAST_INFLIGHT ? 2 : 0) +
+			(ic->hedge_us ? 2 : 0) +
+			(ic->hedge_budget_pct != IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT ? 2 : 0);
 		if (nopts) {
 			DMEMIT(" %u", nopts);
 			if (ic->error_threshold != IOB_DEFAULT_ERROR_THRESHOLD)
 				DMEMIT(" error_threshold %u", ic->error_threshold);
 			if (ic->policy != IOB_POLICY_LEAST_INFLIGHT)
 				DMEMIT(" policy %s", iob_policy_names[ic->policy]);
+			if (ic->hedge_us)
+				DMEMIT(" hedge_us %u", ic->hedge_us);
+			if (ic->hedge_budget_pct != IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT)
+				DMEMIT(" hedge_budget %u", ic->hedge_budget_pct);
 			if (ic->strict_writes)
 				DMEMIT(" strict_writes");
 		}
@@ -980,6 +1442,10 @@ static void iob_reset_counters(struct iob_c *ic)
 	atomic64_set(&ic->read_failures, 0);
 	atomic64_set(&ic->write_failures, 0);
 	atomic64_set(&ic->hook_rejected, 0);
+	atomic64_set(&ic->hedges_issued, 0);
+	atomic64_set(&ic->hedges_won, 0);
+	atomic64_set(&ic->hedges_lost, 0);
+	atomic64_set(&ic->hedges_refused, 0);
 	for (i = 0; i < ic->nr_legs; i++) {
 		struct iob_leg *leg = &ic->legs[i];
 
@@ -999,6 +1465,7 @@ static void iob_bench_hook(struct iob_c *ic, unsigned int calls, char *result,
 	bool attached = trace_iobridge_route_enabled();
 	unsigned int i, sz = 0;
 	u64 t0, t1, ns = 0;
+	u32 hedge_us;
 	int sink = 0;
 
 	for (i = 0; i < calls; i++) {
@@ -1009,7 +1476,7 @@ static void iob_bench_hook(struct iob_c *ic, unsigned int calls, char *result,
 			t0 = ktime_get_ns();
 		}
 		if (trace_iobridge_route_enabled())
-			sink += iob_hook(ic, (sector_t)i * 8, 4096, REQ_OP_READ, 0);
+			sink += iob_hook(ic, (sector_t)i * 8, 4096, REQ_OP_READ, 0, &hedge_us);
 	}
 	t1 = ktime_get_ns();
 	if (calls)
@@ -1064,6 +1531,23 @@ static int iob_message(struct dm_target *ti, unsigned int argc, char **argv,
 		WRITE_ONCE(ic->error_threshold, v);
 		return 0;
 	}
+	if (argc == 2 && !strcasecmp(argv[0], "hedge_us")) {
+		if (kstrtouint(argv[1], 10, &v) || v > IOB_MAX_HEDGE_US) {
+			DMWARN("%s: hedge_us needs a deadline 0..%u microseconds", iob_name(ic),
+			       IOB_MAX_HEDGE_US);
+			return -EINVAL;
+		}
+		WRITE_ONCE(ic->hedge_us, v);
+		return 0;
+	}
+	if (argc == 2 && !strcasecmp(argv[0], "hedge_budget")) {
+		if (kstrtouint(argv[1], 10, &v) || v > 100) {
+			DMWARN("%s: hedge_budget needs a whole percent of reads 0..100", iob_name(ic));
+			return -EINVAL;
+		}
+		WRITE_ONCE(ic->hedge_budget_pct, v);
+		return 0;
+	}
 	if (argc == 1 && !strcasecmp(argv[0], "reset_counters")) {
 		iob_reset_counters(ic);
 		return 0;
@@ -1099,7 +1583,7 @@ static int iob_iterate_devices(struct dm_target *ti, iterate_devices_callout_fn 
 
 static struct target_type iob_target = {
 	.name = "iobridge",
-	.version = {1, 0, 0},
+	.version = {1, 1, 0},
 	.module = THIS_MODULE,
 	.ctr = iob_ctr,
 	.dtr = iob_dtr,
@@ -1109,6 +1593,7 @@ static struct target_type iob_target = {
 	.message = iob_message,
 	.iterate_devices = iob_iterate_devices,
 	.preresume = iob_preresume,
+	.postsuspend = iob_postsuspend,
 };
 
 static int __init iob_init(void)

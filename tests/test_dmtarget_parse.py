@@ -21,6 +21,17 @@ def test_parse_status():
     assert dmtarget.parse_status(STATUS.split(" ", 3)[3]) == st
 
 
+def test_parse_status_hedge_fields():
+    st = dmtarget.parse_status(STATUS + " hedge 0 5 12 7 3 2 1 4")
+    assert st.hedge == dmtarget.HedgeStatus(hedge_us=0, budget_pct=5, issued=12, won=7, lost=3,
+                                            refused=2, active=1, bounce_pages=4)
+    assert dmtarget.parse_status(STATUS).hedge is None      # a target 1.0 line
+    for bad in (" hedge 0 5 12", " hedges 0 5 12 7 3 2 1 4", " hedge 0 5 12 7 3 2 1 x",
+                " 253:9"):
+        with pytest.raises(dmtarget.IobridgeError):
+            dmtarget.parse_status(STATUS + bad)
+
+
 def test_parse_status_rejects_garbage():
     with pytest.raises(dmtarget.IobridgeError):
         dmtarget.parse_status("0 8 iobridge 0 1 least_inflight 2 AA 0 0")
@@ -34,6 +45,8 @@ def test_table_line():
     line = dmtarget.table_line(["/dev/a", "/dev/b"], 8, error_threshold=5,
                                policy="primary", strict_writes=True)
     assert line.endswith("2 /dev/a /dev/b 5 error_threshold 5 policy primary strict_writes")
+    line = dmtarget.table_line(["/dev/a", "/dev/b"], 8, hedge_us=200, hedge_budget=10)
+    assert line.endswith("2 /dev/a /dev/b 4 hedge_us 200 hedge_budget 10")
     with pytest.raises(UsageError):
         dmtarget.table_line(["/dev/a"], 8)
     with pytest.raises(UsageError):

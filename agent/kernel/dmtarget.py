@@ -6,6 +6,15 @@ Status line of the target (`dmsetup status NAME`, after "START LEN iobridge"):
     <read_failures> <write_failures> <hook_rejected>
     then per leg: <dev> <reads> <writes> <read_errors> <write_errors>
                   <inflight> <hook_routed> <default_routed>
+    then: hedge <hedge_us> <hedge_budget> <issued> <won> <lost> <refused>
+                <active> <bounce_pages>
+
+A leg's reads count every read sent to it (hedges and retries too);
+hook_routed + default_routed are the callers' reads. The hedge fields
+(target 1.1, ABI 7): the target's own deadline (0 = the routing program's
+only) and budget (percent of reads), hedges issued, won (the hedge completed
+the read), lost (the first read did), refused (no token in the budget),
+hedged reads alive and the bounce pages they hold (both 0 when idle).
 
 health has one character per leg: A healthy, F failed (no reads),
 S failed and stale (missed a write; no I/O at all). incarnation names the
@@ -46,6 +55,22 @@ class LegStatus:
         return self.state == "A"
 
 
+HEDGE_FIELDS = ("hedge_us", "budget_pct", "issued", "won", "lost", "refused", "active",
+                "bounce_pages")
+
+
+@dataclasses.dataclass
+class HedgeStatus:
+    hedge_us: int        # the target's own deadline, 0 = the routing program's only
+    budget_pct: int      # extra reads allowed, percent of reads routed
+    issued: int
+    won: int
+    lost: int
+    refused: int
+    active: int          # hedged reads alive
+    bounce_pages: int    # bounce pages they hold
+
+
 @dataclasses.dataclass
 class TargetStatus:
     target_id: int
@@ -57,6 +82,7 @@ class TargetStatus:
     write_failures: int
     hook_rejected: int
     legs: list[LegStatus]
+    hedge: HedgeStatus | None = None     # None: a module without hedged reads
 
 
 DMSETUP_TIMEOUT_S = 60
@@ -114,7 +140,8 @@ def device_sectors(dev: str) -> int:
 
 def table_line(legs: list[str], sectors: int | None = None, *,
                error_threshold: int | None = None, policy: str | None = None,
-               strict_writes: bool = False) -> str:
+               strict_writes: bool = False, hedge_us: int | None = None,
+               hedge_budget: int | None = None) -> str:
     """The dm table line "0 SECTORS iobridge N DEV... [K OPTS...]"."""
     if not 2 <= len(legs) <= abi.MAX_LEGS:
         raise UsageError(f"an iobridge target needs 2 to {abi.MAX_LEGS} legs, got {len(legs)}")
@@ -129,6 +156,10 @@ def table_line(legs: list[str], sectors: int | None = None, *,
         opts += ["policy", policy]
     if strict_writes:
         opts.append("strict_writes")
+    if hedge_us is not None:
+        opts += ["hedge_us", str(hedge_us)]
+    if hedge_budget is not None:
+        opts += ["hedge_budget", str(hedge_budget)]
     parts = ["0", str(sectors), abi.TARGET_TYPE, str(len(legs)), *legs]
     if opts:
         parts += [str(len(opts)), *opts]
@@ -181,9 +212,16 @@ def parse_status(line: str) -> TargetStatus:
         for i in range(nlegs):
             chunk = rest[i * per:(i + 1) * per]
             legs.append(LegStatus(chunk[0], health[i], *(int(v) for v in chunk[1:])))
+        tail = rest[nlegs * per:]
+        hedge = None
+        if tail:
+            if tail[0] != "hedge" or len(tail) != 1 + len(HEDGE_FIELDS):
+                raise ValueError("unexpected fields after the legs")
+            hedge = HedgeStatus(*(int(v) for v in tail[1:]))
     except (IndexError, ValueError) as err:
         raise IobridgeError(f"cannot parse iobridge status line {line!r}") from err
-    return TargetStatus(tid, incarnation, policy, health, retries, rfail, wfail, rejected, legs)
+    return TargetStatus(tid, incarnation, policy, health, retries, rfail, wfail, rejected, legs,
+                        hedge)
 
 
 def iobridge_line(lines: list[dmioctl.TargetLine]) -> dmioctl.TargetLine | None:

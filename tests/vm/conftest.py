@@ -9,6 +9,7 @@ factory fixtures below create and tear down per test.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -291,3 +292,56 @@ def iobridge_module():
     if module_loaded():
         proc = rmmod(check=False)
         assert proc.returncode == 0, f"rmmod failed at the end: {proc.stderr}"
+
+
+# ---------------------------------------------------------------- iobridge targets
+
+@pytest.fixture
+def make_iobridge(iobridge_module):
+    """Factory: make_iobridge(legs, **opts) -> NAME (device /dev/mapper/NAME);
+    `opts` as dmtarget.table_line's. Removed after the test."""
+    from iobridge.kernel import dmtarget
+
+    names: list[str] = []
+
+    def factory(legs: list[str], **opts) -> str:
+        name = f"iob{os.getpid()}_{len(names)}"
+        dmtarget.create(name, legs, sectors=min(sectors_of(d) for d in legs), **opts)
+        names.append(name)
+        wait_for_path(f"/dev/mapper/{name}")
+        run(["udevadm", "settle"], check=False)
+        return name
+
+    yield factory
+    for name in reversed(names):
+        if run(["dmsetup", "info", name], check=False).returncode != 0:
+            continue
+        for _ in range(50):
+            if run(["dmsetup", "remove", name], check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+
+
+def fio(*args: str, check: bool = True) -> dict:
+    # verify_state_save=0: no *-verify.state files left in the working tree
+    proc = run(["fio", "--output-format=json", "--verify_state_save=0", *args], check=False)
+    out = proc.stdout[proc.stdout.find("{"):]
+    result = json.loads(out) if out else {}
+    if check:
+        assert proc.returncode == 0, f"fio failed ({proc.returncode}): {proc.stderr}\n{proc.stdout[-2000:]}"
+    return result
+
+
+def fio_errors(result: dict) -> int:
+    return sum(job.get("error", 0) for job in result.get("jobs", []))
+
+
+def reload(name: str, table: str) -> None:
+    run(["dmsetup", "load", name, "--table", table])
+    run(["dmsetup", "suspend", "--noudevsync", name])
+    run(["dmsetup", "resume", "--noudevsync", name])
+
+
+def cmp_devices(a: str, b: str, nbytes: int) -> None:
+    proc = run(f"cmp -n {nbytes} {a} {b}", check=False)
+    assert proc.returncode == 0, f"{a} and {b} differ: {proc.stdout}{proc.stderr}"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import insmod, module_loaded, rmmod, run, sectors_of, wait_for_path
+from conftest import (cmp_devices, fio, fio_errors, insmod, module_loaded, reload, rmmod, run,
+                      sectors_of, wait_for_path)
 
 from iobridge.core import abi, decision
 from iobridge.core.errors import IobridgeError
@@ -89,29 +90,6 @@ def routing(policy):
     _agent_unchecked(policy)
 
 
-@pytest.fixture
-def make_iobridge(iobridge_module):
-    """Factory: make_iobridge(legs, **opts) -> NAME (device /dev/mapper/NAME)."""
-    names: list[str] = []
-
-    def factory(legs: list[str], **opts) -> str:
-        name = f"iob{os.getpid()}_{len(names)}"
-        dmtarget.create(name, legs, sectors=min(sectors_of(d) for d in legs), **opts)
-        names.append(name)
-        wait_for_path(f"/dev/mapper/{name}")
-        run(["udevadm", "settle"], check=False)
-        return name
-
-    yield factory
-    for name in reversed(names):
-        if run(["dmsetup", "info", name], check=False).returncode != 0:
-            continue
-        for _ in range(50):
-            if run(["dmsetup", "remove", name], check=False).returncode == 0:
-                break
-            time.sleep(0.1)
-
-
 def blk_reads(dev: str) -> int:
     """Completed reads of a block device, from /sys/block/*/stat."""
     name = Path(os.path.realpath(dev)).name
@@ -135,18 +113,7 @@ def dmesg_len() -> int:
     return len(run(["dmesg"]).stdout.splitlines())
 
 
-def fio(*args: str, check: bool = True) -> dict:
-    # verify_state_save=0: no *-verify.state files left in the working tree
-    proc = run(["fio", "--output-format=json", "--verify_state_save=0", *args], check=False)
-    out = proc.stdout[proc.stdout.find("{"):]
-    result = json.loads(out) if out else {}
-    if check:
-        assert proc.returncode == 0, f"fio failed ({proc.returncode}): {proc.stderr}\n{proc.stdout[-2000:]}"
-    return result
 
-
-def fio_errors(result: dict) -> int:
-    return sum(job.get("error", 0) for job in result.get("jobs", []))
 
 
 def flakey_table(dev: str, up: int, down: int, features: tuple[str, ...] = ()) -> str:
@@ -154,17 +121,6 @@ def flakey_table(dev: str, up: int, down: int, features: tuple[str, ...] = ()) -
     if features:
         table += f" {len(features)} " + " ".join(features)
     return table
-
-
-def reload(name: str, table: str) -> None:
-    run(["dmsetup", "load", name, "--table", table])
-    run(["dmsetup", "suspend", "--noudevsync", name])
-    run(["dmsetup", "resume", "--noudevsync", name])
-
-
-def cmp_devices(a: str, b: str, nbytes: int) -> None:
-    proc = run(f"cmp -n {nbytes} {a} {b}", check=False)
-    assert proc.returncode == 0, f"{a} and {b} differ: {proc.stdout}{proc.stderr}"
 
 
 # ---------------------------------------------------------------- module
@@ -475,6 +431,36 @@ def test_bpf_routing_follows_penalties(make_nullb, make_iobridge, direct_io, rou
     routing.detach()
     r = measure(routing, name, reads(), legs)
     assert r.hook == [0, 0] and min(r.default) >= n // 3, r
+
+
+def test_table_hedge_deadline_reaches_the_target(make_nullb, make_iobridge, direct_io, routing):
+    """The chosen leg's hedge_us for the read's key reaches the target
+    (ABI 7): leg 0 (2 ms) gets 4 KiB reads with a 1 us deadline and they are
+    hedged on leg 1 (budget 100%); 64 KiB reads have none and are not; once
+    the entries expire (no agent) nothing is hedged, the target having no
+    deadline of its own."""
+    legs = [make_nullb(size_mb=8, irqmode=2, completion_nsec=2_000_000), make_nullb(size_mb=8)]
+    name = make_iobridge(legs, hedge_budget=100)
+    tid = dmtarget.target_ref(name)
+    io = direct_io(f"/dev/mapper/{name}")
+    routing.attach()
+    n = 200
+    routing.set_leg(tid, 0, penalty_ns=0, ttl_s=600, hedge_us=by_size([1, 0, 0, 0]))
+    routing.set_leg(tid, 1, penalty_ns=HUGE_NS, ttl_s=600)
+    dmtarget.message(name, "reset_counters")
+    io.read(n, bs=4096)
+    st = dmtarget.status(name)
+    assert st.legs[0].hook_routed >= n and st.hedge.issued >= 0.9 * n, st
+    assert st.hedge.won >= 0.9 * n, st.hedge
+    issued = st.hedge.issued
+    io.read(n, bs=65536)
+    assert dmtarget.status(name).hedge.issued == issued
+    routing.set_leg(tid, 0, penalty_ns=0, ttl_s=0.2, hedge_us=1)
+    routing.set_leg(tid, 1, penalty_ns=HUGE_NS, ttl_s=0.2)
+    time.sleep(0.5)
+    io.read(n, bs=4096)
+    st = dmtarget.status(name)
+    assert st.hedge.issued == issued and sum(st.legs[i].default_routed for i in (0, 1)) >= n, st
 
 
 def test_bpf_routing_follows_live_latency(make_nullb, make_dm_delay, make_iobridge, direct_io,
