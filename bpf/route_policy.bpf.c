@@ -70,8 +70,8 @@ struct iobridge_route_scratch {
 	s32 best;
 	s32 probe;
 	u32 ties;
-	u32 pad;
-	u32 key[IOBRIDGE_MAX_LEGS];	/* each valid leg's key for this read */
+	u32 best_hedge_us;		/* hedge_us[key] of best */
+	u32 probe_hedge_us;		/* hedge_us[key] of probe */
 };
 BPF_PERCPU_ARRAY(iobridge_route_scratch, struct iobridge_route_scratch, 1);
 
@@ -141,7 +141,6 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		asm volatile("" : "+r"(key));
 		if (key >= IOBRIDGE_KEYS_PER_LEG)
 			continue;
-		s->key[leg] = key;
 		cost = iobridge_leg_cost(inflight, d->service_ns, ctx->last_lat_ns[leg], klat,
 					 iobridge_key_penalty(d->penalty_ns[key], d->top_lat_ns,
 							      lat_b, klat));
@@ -149,19 +148,24 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 			s->best = leg;
 			s->best_cost = cost;
 			s->ties = 1;
+			s->best_hedge_us = d->hedge_us[key];
 		} else if (cost == s->best_cost) {
 			/* Reservoir: the k-th tied leg wins with probability 1/k. */
 			u32 k = s->ties + 1;
 
 			s->ties = k;
-			if (bpf_get_prandom_u32() % k == 0)
+			if (bpf_get_prandom_u32() % k == 0) {
 				s->best = leg;
+				s->best_hedge_us = d->hedge_us[key];
+			}
 		}
 		if (s->probe < 0 && d->probe_after_ns && inflight == 0) {
 			last = ctx->last_complete_ns[leg];
 			if (!last || (now >= last && now - last >=
-				      iobridge_probe_wait_ns(d->probe_after_ns, klat)))
+				      iobridge_probe_wait_ns(d->probe_after_ns, klat))) {
 				s->probe = leg;
+				s->probe_hedge_us = d->hedge_us[key];
+			}
 		}
 	}
 
@@ -175,14 +179,8 @@ int iobridge_route(struct bpf_raw_tracepoint_args *args)
 		u32 slot = iobridge_lat_slot(now > published ? now - published : 0);
 		u64 *age;
 
-		u32 cidx = iobridge_leg_index(target, chosen & (IOBRIDGE_MAX_LEGS - 1));
-		u32 ckey = s->key[chosen & (IOBRIDGE_MAX_LEGS - 1)];
-		struct iobridge_leg_decisions *cd = iobridge_decisions.lookup(&cidx);
-
 		ctx->chosen_leg = chosen;
-		asm volatile("" : "+r"(ckey));
-		if (cd && ckey < IOBRIDGE_KEYS_PER_LEG)
-			ctx->hedge_us = cd->hedge_us[ckey];
+		ctx->hedge_us = chosen == best ? s->best_hedge_us : s->probe_hedge_us;
 		/* Keep the bounds check visible to the verifier. */
 		asm volatile("" : "+r"(slot));
 		if (slot < IOBRIDGE_LAT_SLOTS) {

@@ -1,8 +1,10 @@
 """Hedged reads: the kernel's budget on extra reads and the learned deadlines
-(pure logic, no I/O). The replay simulator uses both; the agent and the dm
-target are to follow the same definitions.
+(pure logic, no I/O). The replay simulator uses both; the dm target
+(kmodule/dm-iobridge.c, "Hedged reads" in iobridge_abi.h) enforces the same
+budget, and the agent publishes the deadlines.
 
-What the target will do (DESIGN.md section 4): the decision table holds, per
+What the target does (DESIGN.md section 4; README "Hedged reads"): the
+decision table holds, per
 leg and key, a hedge deadline in whole microseconds (0 = never hedge). A
 read still pending on its leg when the deadline of the key it was routed
 with has passed gets ONE more read, to the best other healthy leg; the first

@@ -343,5 +343,9 @@ def reload(name: str, table: str) -> None:
 
 
 def cmp_devices(a: str, b: str, nbytes: int) -> None:
+    """The first nbytes of two devices are the same, as the devices hold
+    them: their page caches go first (a leg written through the target
+    below its own page cache keeps whatever a udev probe cached there)."""
+    run(["blockdev", "--flushbufs", a, b])
     proc = run(f"cmp -n {nbytes} {a} {b}", check=False)
     assert proc.returncode == 0, f"{a} and {b} differ: {proc.stdout}{proc.stderr}"

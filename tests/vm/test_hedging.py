@@ -134,7 +134,7 @@ def test_budget_bounds_extra_reads(make_nullb, make_iobridge):
     name = make_iobridge(base, hedge_us=1)
     dev = f"/dev/mapper/{name}"
     r = fio("--name=budget", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-            "--iodepth=4", "--rw=randread", "--bs=4k", "--number_ios=4000", "--size=8M",
+            "--iodepth=4", "--rw=randread", "--bs=4k", "--size=8M", "--io_size=16M",
             "--randrepeat=0")
     assert fio_errors(r) == 0
     st = dmtarget.status(name)
