@@ -74,7 +74,8 @@ def _agent():
     return types.SimpleNamespace(
         cfg=types.SimpleNamespace(model="/m/a.onnx"), model=types.SimpleNamespace(sha256="ab" * 32),
         maker=types.SimpleNamespace(threshold=0.08), policy=policy, counters=counters, times=times,
-        target_statuses=lambda: [("iob_t", TargetStatus(3, 9, "learned", "AD", 0, 0, 0, 0, legs))])
+        target_statuses=lambda: [("iob_t", TargetStatus(3, 9, "learned", "AD", 0, 0, 0, 0, legs,
+                                                        HedgeStatus(0, 5, 7, 4, 3, 2, 0, 0)))])
 
 
 def test_scrape_over_loopback_shows_every_family_with_its_labels():
@@ -92,6 +93,8 @@ def test_scrape_over_loopback_shows_every_family_with_its_labels():
     assert 'iobridge_leg_healthy{dev="7:1",leg="1",target="iob_t"} 0.0' in lines
     assert "iobridge_route_silent_total 1.0" in lines and "iobridge_route_probes_total 3.0" in lines
     assert "iobridge_agent_recomputes_total 2.0" in lines
+    assert 'iobridge_hedges_issued_total{target="iob_t"} 7.0' in lines
+    assert 'iobridge_hedges_refused_total{target="iob_t"} 2.0' in lines
     assert 'iobridge_decision_age_seconds_bucket{le="+Inf"} 5.0' in lines
     assert 'iobridge_recompute_seconds_bucket{le="+Inf"} 2.0' in lines
     assert 'iobridge_recompute_seconds_bucket{le="0.001048576"} 0.0' in lines

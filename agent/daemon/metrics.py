@@ -38,6 +38,15 @@ EXAMPLE = "127.0.0.1:9464"
 BUCKET_BOUNDS_NS = tuple(1 << k for k in range(10, 37, 2))
 
 
+# The target's hedged-read counters (dmsetup status "hedge ..."), per target.
+HEDGE_COUNTERS = (
+    ("issued", "hedges the target issued (a second read of a read past its deadline)"),
+    ("won", "hedged reads the hedge completed"),
+    ("lost", "hedged reads the first read completed, the hedge issued"),
+    ("refused", "hedges due that the target's budget refused"),
+)
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """"ADDR:PORT" (IPv4, "[IPv6]", or localhost) -> (addr, port); a
     ValueError that says what is wrong otherwise."""
@@ -122,6 +131,8 @@ class AgentCollector:
                                      labels=["target", "leg", "dev"])
         healthy = GaugeMetricFamily("iobridge_leg_healthy", "1 while the leg serves reads",
                                     labels=["target", "leg", "dev"])
+        hedges = {attr: CounterMetricFamily(f"iobridge_hedges_{attr}", help_, labels=["target"])
+                  for attr, help_ in HEDGE_COUNTERS}
         for name, st in a.target_statuses():
             for i, leg in enumerate(st.legs):
                 lab = [name, str(i), leg.dev]
@@ -129,9 +140,13 @@ class AgentCollector:
                     fam.add_metric(lab, getattr(leg, attr))
                 inflight.add_metric(lab, leg.inflight)
                 healthy.add_metric(lab, 1 if leg.healthy else 0)
+            if st.hedge is not None:
+                for attr, fam in hedges.items():
+                    fam.add_metric([name], getattr(st.hedge, attr))
         yield from fams.values()
         yield inflight
         yield healthy
+        yield from hedges.values()
 
         if a.policy is not None:
             s = a.policy.stats()

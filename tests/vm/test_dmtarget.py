@@ -159,6 +159,12 @@ BAD_TABLES = [
      "error_threshold needs a value"),
     ("bad-policy", lambda s, l: f"0 {s} iobridge 2 {l[0]} {l[1]} 2 policy fastest",
      "policy needs one of"),
+    ("bad-hedge-us", lambda s, l: f"0 {s} iobridge 2 {l[0]} {l[1]} 2 hedge_us 10000001",
+     "hedge_us needs a deadline 0..10000000 microseconds"),
+    ("bad-hedge-budget", lambda s, l: f"0 {s} iobridge 2 {l[0]} {l[1]} 2 hedge_budget 5%",
+     "hedge_budget needs a whole percent of reads 0..100"),
+    ("hedge-us-no-value", lambda s, l: f"0 {s} iobridge 2 {l[0]} {l[1]} 1 hedge_us",
+     "hedge_us needs a deadline"),
     ("option-count-mismatch", lambda s, l: f"0 {s} iobridge 2 {l[0]} {l[1]} 3 strict_writes",
      "option count must be a number"),
     ("trailing-junk", lambda s, l: f"0 {s} iobridge 2 {l[0]} {l[1]} 1 strict_writes extra",
@@ -215,7 +221,9 @@ def test_messages(make_nullb, make_iobridge):
     legs = [make_nullb(size_mb=8), make_nullb(size_mb=8)]
     name = make_iobridge(legs)
     bad = [("bogus",), ("fail_leg", "2"), ("fail_leg", "x"), ("policy", "fastest"),
-           ("restore_leg", "0", "please"), ("error_threshold", "0"), ("bench_hook", "0")]
+           ("restore_leg", "0", "please"), ("error_threshold", "0"), ("bench_hook", "0"),
+           ("hedge_us", "-1"), ("hedge_us", "10000001"), ("hedge_budget", "101"),
+           ("hedge_budget", "x")]
     for words in bad:
         since = dmesg_len()
         proc = run(["dmsetup", "message", name, "0", *words], check=False)
@@ -224,6 +232,13 @@ def test_messages(make_nullb, make_iobridge):
 
     dmtarget.message(name, "policy", "primary")
     assert dmtarget.status(name).policy == "primary"
+    dmtarget.message(name, "hedge_us", "250")
+    dmtarget.message(name, "hedge_budget", "12")
+    h = dmtarget.status(name).hedge
+    assert (h.hedge_us, h.budget_pct) == (250, 12), h
+    assert dmtarget.table(name).endswith("4 policy primary hedge_us 250 hedge_budget 12")
+    dmtarget.message(name, "hedge_us", "0")
+    dmtarget.message(name, "hedge_budget", "5")
     dmtarget.message(name, "reset_counters")
     dd_read(f"/dev/mapper/{name}", 50)
     st = dmtarget.status(name)
