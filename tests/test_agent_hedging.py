@@ -192,3 +192,20 @@ def test_run_takes_hedging_off_or_on(value, ok, capsys):
 
 def test_run_leaves_hedging_to_the_config_unless_given():
     assert cli.build_parser().parse_args(["run"]).hedging is None
+
+
+def test_a_reload_keeps_hedging_as_started(caplog):
+    """The observer streams leg bios only when started with hedging on."""
+    import concurrent.futures
+    from test_daemon_logic import FixedModel, RecordingNotifier
+
+    from iobridge.core import decision
+    agent = hedging_agent()
+    agent.notify = RecordingNotifier()
+    done = concurrent.futures.Future()
+    done.set_result((agent.cfg.replace(hedging="off", tick_ms=100), FixedModel([0.1]),
+                     decision.TableMaker(FixedModel([0.1]))))
+    with caplog.at_level(logging.WARNING, logger="iobridge.agent"):
+        assert agent._apply_reload(done)
+    assert agent.cfg.hedging == "on" and agent.cfg.tick_ms == 100
+    assert "admission.hedging and the prefetch keys take effect at restart only" in caplog.text

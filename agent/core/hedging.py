@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -234,8 +235,10 @@ class ReadSamples:
         """(latency us, bytes) of every held read."""
         if not self.ring:
             return np.zeros(0), np.zeros(0)
-        a = np.array(self.ring, dtype=np.float64)
-        return a[:, 0], a[:, 1]
+        # fromiter over the flattened pairs: a third of np.array's time on
+        # a list of tuples (the agent computes this every recompute_ms)
+        a = np.fromiter(chain.from_iterable(self.ring), np.float64, 2 * len(self.ring))
+        return a[0::2], a[1::2]
 
     def fast(self) -> tuple[np.ndarray, np.ndarray]:
         """(latency us, bytes) of the held fast reads."""
