@@ -22,15 +22,17 @@ def test_defaults_are_valid_and_use_the_shipped_model():
     assert cfg.tick_ns == 250_000_000 and cfg.ttl_ns == 3_000_000_000
     assert cfg.max_silence_ns == 2_000_000_000 and cfg.probe_after_ns == 200_000_000
     assert cfg.recompute_ns == 1_000_000_000
+    assert cfg.hedging == "off"           # the VM comparisons run without hedging
 
 
 def test_file_values_and_relative_model_path(tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"x")
     cfg = config.load(write(tmp_path, '[agent]\ntick_ms = 2\nttl_ticks = 3\nshadow = true\n'
-                                      '[admission]\nmodel = "m.onnx"\ntargets = ["a", "b"]\n'))
+                                      '[admission]\nmodel = "m.onnx"\ntargets = ["a", "b"]\n'
+                                      'hedging = "on"\n'))
     assert cfg.tick_ns == 2_000_000 and cfg.ttl_ns == 6_000_000 and cfg.shadow
     assert cfg.model == (tmp_path / "m.onnx").resolve()
-    assert cfg.targets == ("a", "b")
+    assert cfg.targets == ("a", "b") and cfg.hedging == "on"
     assert cfg.source == tmp_path / "iobridge.toml"
 
 
@@ -48,6 +50,10 @@ def test_file_values_and_relative_model_path(tmp_path):
     ("[admission]\nmodel = \"nothere.onnx\"\n", r"admission\.model = .*nothere\.onnx.*: no such file"),
     ("[admission]\nmodel = \"model.pt\"\n", r"admission\.model = 'model\.pt' is invalid"),
     ("[admission]\ntargets = \"mirror\"\n", r"admission\.targets = 'mirror' is invalid: it must be a list"),
+    ("[admission]\nhedging = \"always\"\n",
+     r"admission\.hedging = 'always' is invalid: it must be one of off, on"),
+    ("[admission]\nhedging = true\n", r"admission\.hedging = True is invalid: it must be one of off, on"),
+    ("[agent]\nhedging = \"on\"\n", r"unknown key agent\.hedging"),
     ("[agent\ntick_ms = 1\n", r"not valid TOML"),
     ("agent = 3\n", r"agent must be a table"),
     ("a = " + "[" * 100_000 + "]" * 100_000 + "\n", r"not valid TOML: maximum recursion depth"),
@@ -75,3 +81,6 @@ def test_command_line_overrides_are_validated():
     assert cfg.replace(tick_ms=0.5, model=None).tick_ms == 0.5
     with pytest.raises(ConfigError, match=r"command line: agent\.tick_ms = -1"):
         cfg.replace(tick_ms=-1)
+    assert cfg.replace(hedging="on").hedging == "on"
+    with pytest.raises(ConfigError, match=r"command line: admission\.hedging = 'yes' is invalid"):
+        cfg.replace(hedging="yes")

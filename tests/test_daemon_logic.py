@@ -81,10 +81,13 @@ class FakeLegMap:
 class FakePolicy:
     def __init__(self):
         self.published, self.extended, self.beats = [], 0, 0
+        self.hedge_us = []                # per publish: hedge_us as passed (None: zeros)
         self.entries = None
 
-    def publish(self, target, penalty, edges, service, probe_after, expires, top_lat=None):
+    def publish(self, target, penalty, edges, service, probe_after, expires, top_lat=None,
+                hedge_us=None):
         self.published.append((target, penalty.copy(), service.copy(), np.array(expires)))
+        self.hedge_us.append(None if hedge_us is None else np.array(hedge_us))
 
     def extend(self, target, legs, expires):
         self.extended += 1
@@ -96,10 +99,10 @@ class FakePolicy:
         pass
 
 
-def fake_agent(n_legs=2, recompute_ms=1.0):
+def fake_agent(n_legs=2, recompute_ms=1.0, **settings):
     from iobridge.daemon import config
 
-    cfg = config.Config(recompute_ms=recompute_ms)
+    cfg = config.Config(recompute_ms=recompute_ms, **settings)
     agent = daemon.Agent(cfg, notifier=object())
     agent.maker = decision.TableMaker(FixedModel([0.9]), probe_after_ns=cfg.probe_after_ns)
     agent.legmap, agent.policy = FakeLegMap(n_legs), FakePolicy()

@@ -38,15 +38,16 @@ is never useful, later costs tail latency.
 
 The samples are read completions with their sizes (ReadSamples). The
 replay takes each leg's newest ones as the agent samples the kernel; the
-observer's per-device histogram mixes reads and writes of every size, so
-the agent will need the leg's read completions (the per-I/O ring buffer,
-or a histogram per leg and size bucket) before it can publish deadlines.
+agent takes them from the observer's per-bio leg events (daemon/agent.py
+says why those). Both compute a target's deadlines with target_deadlines.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -149,7 +150,7 @@ def bucket_top_bytes(nbytes: np.ndarray) -> np.ndarray:
 
 
 def deadlines_us(lat_us: np.ndarray, nbytes: np.ndarray, p_slow: np.ndarray,
-                 worth: float = HEDGE_WORTH) -> np.ndarray:
+                 worth: float = HEDGE_WORTH, fit: tuple[float, float] | None = None) -> np.ndarray:
     """One leg's hedge deadline per key, whole us (uint32; 0 = never hedge).
 
     lat_us, nbytes: the leg's recent FAST reads (ReadSamples.fast; with
@@ -160,7 +161,8 @@ def deadlines_us(lat_us: np.ndarray, nbytes: np.ndarray, p_slow: np.ndarray,
     read of the bucket: a plain quantile per bucket put it below the
     latency of the bucket's rarer large reads (16K reads among 8K ones), and
     every one of them was hedged. The deadline is F's quantile at
-    hedge_level(P(slow)), rounded up."""
+    hedge_level(P(slow)), rounded up. `fit`: latency_fit(lat_us, nbytes)
+    when the caller has it already."""
     p = np.asarray(p_slow, dtype=np.float64)
     if p.shape != (abi.KEYS_PER_LEG,):
         raise ValueError(f"p_slow: expected {abi.KEYS_PER_LEG} keys, got shape {p.shape}")
@@ -168,11 +170,44 @@ def deadlines_us(lat_us: np.ndarray, nbytes: np.ndarray, p_slow: np.ndarray,
     nb = np.asarray(nbytes, dtype=np.float64)
     if len(lat) < MIN_SAMPLES:
         return np.zeros(abi.KEYS_PER_LEG, dtype=np.uint32)
-    a, b = latency_fit(lat, nb)
+    a, b = fit if fit is not None else latency_fit(lat, nb)
     spread = np.quantile(lat - (a + b * nb), hedge_level(p, worth))
     q = a + b * bucket_top_bytes(nb)[KEY_SIZE_BUCKET] + spread
     # whole us, at least 1 (0 would mean never); the kernel's field is u32
     return np.clip(np.ceil(q), 1, 0xFFFFFFFF).astype(np.uint32)
+
+
+@dataclass(frozen=True)
+class DeadlineBasis:
+    """Why a leg's deadlines are what they are: the fast reads they come
+    from (its own, or its target's legs' together) and their latency_fit."""
+    fast_samples: int
+    pooled: bool
+    fit: tuple[float, float] | None     # (a us, b us per byte); None: too few, never hedge
+
+
+def target_deadlines(samples: list, p_slow: np.ndarray, valid: np.ndarray,
+                     worth: float = HEDGE_WORTH) -> tuple[np.ndarray, list]:
+    """Deadlines [legs, KEYS_PER_LEG] (uint32, deadlines_us) of one set of
+    legs (a target, or the replay's legs) and the DeadlineBasis of each
+    (None for a leg without a valid entry). `samples`: a ReadSamples per
+    leg. A leg with fewer than MIN_SAMPLES fast reads (one that gets few
+    reads) takes every leg's together, as a leg without a baseline borrows
+    one (decision.borrow_missing): replicas are alike."""
+    fast = [s.fast() for s in samples]
+    pooled = tuple(np.concatenate([f[j] for f in fast]) for j in (0, 1))
+    pool_fit = None                  # fitted once for every leg that pools
+    out = np.zeros((len(samples), abi.KEYS_PER_LEG), dtype=np.uint32)
+    basis: list = [None] * len(samples)
+    for i in np.flatnonzero(valid):
+        pool = len(fast[i][0]) < MIN_SAMPLES
+        lat, nb = pooled if pool else fast[i]
+        fit = None
+        if len(lat) >= MIN_SAMPLES:
+            fit = (pool_fit := pool_fit or latency_fit(lat, nb)) if pool else latency_fit(lat, nb)
+            out[i] = deadlines_us(lat, nb, p_slow[i], worth, fit)
+        basis[i] = DeadlineBasis(len(lat), pool, fit)
+    return out, basis
 
 
 class ReadSamples:
@@ -191,12 +226,21 @@ class ReadSamples:
             self.ring.append((float(lat_us), int(nbytes)))
             self.n += 1
 
+    def copy(self) -> "ReadSamples":
+        """A copy to compute from on another thread while this one fills."""
+        new = ReadSamples(self.ring.maxlen)
+        new.ring.extend(self.ring)
+        new.n = self.n
+        return new
+
     def held(self) -> tuple[np.ndarray, np.ndarray]:
         """(latency us, bytes) of every held read."""
         if not self.ring:
             return np.zeros(0), np.zeros(0)
-        a = np.array(self.ring, dtype=np.float64)
-        return a[:, 0], a[:, 1]
+        # fromiter over the flattened pairs: a third of np.array's time on
+        # a list of tuples (the agent computes this every recompute_ms)
+        a = np.fromiter(chain.from_iterable(self.ring), np.float64, 2 * len(self.ring))
+        return a[0::2], a[1::2]
 
     def fast(self) -> tuple[np.ndarray, np.ndarray]:
         """(latency us, bytes) of the held fast reads."""

@@ -15,7 +15,15 @@ expected completion time. The agent only keeps that table right:
   went, or the model was reloaded (at most every agent.recompute_ms), it
   evaluates the admission model over every key of every leg in ONE batched
   ONNX call (core/decision.TableMaker, the code the replay simulator runs
-  too) and publishes the penalties, latency edges and service estimates.
+  too) and publishes the penalties, latency edges and service estimates;
+
+  with hedging on (config admission.hedging, `iobridge run --hedging on`),
+  each tick also drains the leg read completions the observer streams
+  (_sample_reads says why those) into each leg's hedging.ReadSamples, and
+  every table it publishes carries hedge deadlines per leg and key from
+  them and the table's P(slow) (hedging.target_deadlines, the code the
+  replay's table-hedged policy runs); between model recomputes they are
+  refreshed at most once per recompute_ms when new reads came in.
 
 Nothing on the I/O path waits for this loop, and the table stays right
 between recomputes because the fast-moving inputs are looked up live in the
@@ -57,6 +65,7 @@ import psutil
 
 from ..core import abi, cliutil, clock, decision, histogram
 from ..core import features as F
+from ..core import hedging as H
 from ..core.errors import IobridgeError, UsageError
 from ..core.infiles import json_loads, read_input
 from ..kernel import blockdev, bpf, dmioctl, dmtarget, system, uevents
@@ -64,7 +73,7 @@ from . import config as config_mod
 
 log = logging.getLogger("iobridge.agent")
 
-PHASES = ("sample", "infer", "publish", "tick", "status", "discover")
+PHASES = ("sample", "infer", "deadlines", "publish", "tick", "status", "discover")
 # The status file: for `iobridge status` and the tests (~20 ms of an
 # emulated core per write).
 STATUS_INTERVAL_S = 2.0
@@ -79,6 +88,15 @@ FALLBACK_DISCOVER_S = 1.0
 # A leg's baseline that moved by more than this (relative, any of latency,
 # throughput, slow cost) makes the table be recomputed.
 BASELINE_MOVE = decision.BASELINE_MOVE
+# With hedging on, the observer's ring buffer of leg bio events is one page:
+# about 73 events (48 bytes each plus an 8-byte header). The agent drains it
+# once per tick, so the kernel itself bounds what a tick handles; the events
+# that find the ring full are counted in the kernel and dropped, which costs
+# nothing here. At QD16 the legs complete ~37k bios/s in the VM: a 1 MiB
+# ring drained in full would take a Python callback per bio.
+HEDGE_RING_PAGES = 1
+# The most a tick spends draining it (EventRing.poll's own bound).
+READ_DRAIN_S = 0.005
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +184,8 @@ class Agent:
         self.counters = {"ticks": 0, "overruns": 0, "recomputes": 0, "decision_changes": 0,
                          "tick_errors": 0, "reloads": 0, "reload_failures": 0,
                          "targets_added": 0, "targets_removed": 0, "seq_retries": 0,
-                         "samples": 0, "listings": 0}
+                         "samples": 0, "listings": 0, "read_samples": 0,
+                         "deadline_updates": 0}
         self.started_ns = 0
         self.last_published_ns = 0
         self._targets: list[Target] = []     # replaced whole by the discovery thread
@@ -178,7 +197,10 @@ class Agent:
         self._trackers: dict[int, F.BaselineTracker] = {}   # kdev -> its baseline samples
         self._seen = np.zeros(0, dtype=np.int64)            # completions sampled, per row
         self._unfed: dict[int, tuple[list, list]] = {}      # kdev -> samples not yet in its tracker
+        self._reads: dict[int, H.ReadSamples] = {}          # kdev -> its read completions
+        self._reads_used = -1                # read samples taken when deadlines were last computed
         self._table: decision.KeyedTable | None = None      # the one in force
+        self._hedge_basis: list = []         # per row, hedging.DeadlineBasis of its deadlines
         self._view: tuple = (None, [])                      # status's view of it (_table_view)
         self._dirty = True                   # recompute at the next chance
         self._last_build_ns = 0
@@ -233,7 +255,10 @@ class Agent:
                     server.start(self)
                     self.metrics = server
                 self.notify.status("compiling BPF programs, checking the model")
-                self.observer = BlockObserver(probe="auto").open()
+                hedging = cfg.hedging == "on"
+                self.observer = BlockObserver(
+                    probe="auto", stream_legs=hedging,
+                    **({"ringbuf_pages": HEDGE_RING_PAGES} if hedging else {})).open()
                 self.legmap = self.observer.leg_features()
                 if checked.done():
                     checked.result()         # a bad model: say so before the next compile
@@ -399,6 +424,8 @@ class Agent:
         self._kdevs = kdevs
         # A leg device keeps its baseline while it stays a leg of some target.
         self._trackers = {d: self._trackers.get(d) or F.BaselineTracker() for d in kdevs}
+        self._reads = {d: self._reads.get(d) or H.ReadSamples() for d in kdevs}
+        self._reads_used = -1
         self._seen = self.legmap.completed(self._slots)
         self._rows, first = [], 0
         for t in targets:
@@ -421,16 +448,19 @@ class Agent:
             return
         t0 = time.perf_counter_ns()
         self._sample()
+        if self.cfg.hedging == "on":
+            self._sample_reads()
         t1 = time.perf_counter_ns()
         self.times.add("sample", t1 - t0)
         pending = self._pending
         if pending is not None and pending.done():
             # A recompute finished in the background: publish it now.
             self._pending = None
-            table = pending.result()          # an exception counts as a failed tick
+            table, basis = pending.result()   # an exception counts as a failed tick
             t2 = time.perf_counter_ns()
             self._note_changes(self._table, table)
-            self._table = table
+            self._note_deadlines(self._table, table, basis)
+            self._table, self._hedge_basis = table, basis
             if not self.cfg.shadow:
                 self._publish(table, now)
             self.times.add("publish", time.perf_counter_ns() - t2)
@@ -445,21 +475,57 @@ class Agent:
                     # the GIL): measured under emulation on a loaded host it
                     # took 0.5-6 s, and the heartbeat must not wait for it.
                     self._pending = self._builder.submit(self._timed_build, self.maker, now,
-                                                         baselines)
+                                                         baselines, self._read_copies())
                     self._last_build_ns = now
                     self._dirty = False
                     self.counters["recomputes"] += 1
+                elif self._deadlines_due():
+                    # New reads, same model rows: only the deadlines (the replay's rule)
+                    self._pending = self._builder.submit(self._with_deadlines, self._table,
+                                                         self._read_copies())
             if self._table is not None and not self.cfg.shadow:
                 # The table follows the legs' live state in the kernel: keep it valid.
                 for t, rows in self._rows:
                     self.policy.extend(t.target_id, len(t.kdevs), now + self.cfg.ttl_ns)
         self.policy.heartbeat(now)
 
-    def _timed_build(self, maker: decision.TableMaker, now: int, baselines: list):
+    def _timed_build(self, maker: decision.TableMaker, now: int, baselines: list,
+                     reads: list | None):
+        """(table, deadline basis per row): the model over every key, and with
+        hedging on the deadlines. On the builder thread."""
         t0 = time.perf_counter_ns()
         table = maker.build(now, baselines)
         self.times.add("infer", time.perf_counter_ns() - t0)
-        return table
+        return self._with_deadlines(table, reads)
+
+    def _read_copies(self) -> list | None:
+        """With hedging on: each target's rows and their read samples, copied
+        for the builder thread (the tick goes on adding to them)."""
+        if self.cfg.hedging != "on":
+            return None
+        reads = [self._reads[d] for d in self._kdevs]
+        self._reads_used = sum(r.n for r in reads)
+        return [(rows, [r.copy() for r in reads[rows]]) for _, rows in self._rows]
+
+    def _deadlines_due(self) -> bool:
+        """Hedging on, a table in force, and reads taken since its deadlines."""
+        return (self.cfg.hedging == "on" and self._table is not None
+                and sum(self._reads[d].n for d in self._kdevs) != self._reads_used)
+
+    def _with_deadlines(self, table: decision.KeyedTable, reads: list | None):
+        """(table with hedge_us, hedging.DeadlineBasis per row); hedging off
+        (reads None): the table as it is (hedge_us None: zeros published)."""
+        if reads is None:
+            return table, []
+        t0 = time.perf_counter_ns()
+        hedge = np.zeros((len(table), abi.KEYS_PER_LEG), dtype=np.uint32)
+        basis: list = [None] * len(table)
+        for rows, samples in reads:
+            hedge[rows], basis[rows] = H.target_deadlines(samples, table.p_slow[rows],
+                                                          table.valid[rows])
+        self.counters["deadline_updates"] += 1
+        self.times.add("deadlines", time.perf_counter_ns() - t0)
+        return dataclasses.replace(table, hedge_us=hedge), basis
 
     def _sample(self) -> None:
         """Feed each leg's new completions into its baseline."""
@@ -476,6 +542,27 @@ class Agent:
                 h.extend(values)
             self.counters["samples"] += len(sample[0])
         self._seen[fresh] = done
+
+    def _sample_reads(self) -> None:
+        """Feed the legs' new read completions into their ReadSamples.
+
+        From the observer's leg bio events (stream_legs), not its leg_features
+        records: those hold each leg's last 3 completions, reads and writes
+        mixed with no operation recorded, and writes (acknowledged from a
+        drive's buffer) must not set a read deadline. The events carry the
+        operation and latency of every leg bio; the ring's size bounds what
+        one tick drains (HEDGE_RING_PAGES), and the filter is one numpy pass
+        per tick, the rest plain Python."""
+        ev = self.observer.poll_events(timeout_ms=0, max_seconds=READ_DRAIN_S)
+        if not len(ev):
+            return
+        ev = ev[(ev["op"] == abi.OP_READ) & (ev["error"] == 0) & (ev["level"] == abi.EVENT_LEG_BIO)]
+        lat_us = ((ev["complete_ns"] - ev["issue_ns"]) / 1e3).tolist()
+        for dev, lat, nbytes in zip(ev["dev"].tolist(), lat_us, ev["bytes"].tolist()):
+            reads = self._reads.get(dev)
+            if reads is not None:
+                reads.add(lat, nbytes)
+                self.counters["read_samples"] += 1
 
     def _feed_baselines(self) -> None:
         """Hand the samples taken since the last call to the legs' trackers:
@@ -518,7 +605,8 @@ class Agent:
             exp = np.where(table.valid[rows], expires, 0)
             self.policy.publish(t.ref, table.penalty_ns[rows], table.lat_edges_ns[rows],
                                 table.service_ns[rows], table.probe_after_ns, exp,
-                                table.top_lat_ns[rows])
+                                table.top_lat_ns[rows],
+                                hedge_us=None if table.hedge_us is None else table.hedge_us[rows])
         self.policy.heartbeat(now, published_ns=now)
         self.last_published_ns = now
 
@@ -533,7 +621,7 @@ class Agent:
         if not changed.any() or not log.isEnabledFor(logging.DEBUG):
             return
         for row in np.flatnonzero(changed.any(axis=1)):
-            t, rows = next((t, r) for t, r in self._rows if r.start <= row < r.stop)
+            t, rows = self._target_of(row)
             ob, nb = old.baselines[row], new.baselines[row]
             log.debug("%s leg %d: %d key(s) changed verdict (p_slow vs threshold %.3f): "
                       "avoided keys %d -> %d; baseline latency %s -> %.1f us, service per read %s -> "
@@ -543,6 +631,27 @@ class Agent:
                       "none" if ob is None else f"{ob.lat_us:.1f}", nb.lat_us if nb else 0.0,
                       "none" if ob is None else f"{ob.service_us:.1f}", nb.service_us if nb else 0.0,
                       "none" if ob is None else f"{ob.slow_lat_us:.0f}", nb.slow_lat_us if nb else 0.0)
+
+    def _target_of(self, row: int) -> tuple[Target, slice]:
+        return next((t, r) for t, r in self._rows if r.start <= row < r.stop)
+
+    def _note_deadlines(self, old: decision.KeyedTable | None, new: decision.KeyedTable,
+                        basis: list) -> None:
+        """At debug level, each leg whose hedge deadlines changed, with why
+        they are what they are (as `iobridge status` shows it)."""
+        if new.hedge_us is None or not log.isEnabledFor(logging.DEBUG):
+            return
+        before = old.hedge_us if old is not None and old.hedge_us is not None \
+            and len(old) == len(new) else np.zeros_like(new.hedge_us)
+        key = abi.key_index(0, 0, 0)
+        for row in np.flatnonzero((before != new.hedge_us).any(axis=1)):
+            t, rows = self._target_of(row)
+            d = new.hedge_us[row]
+            log.debug("%s leg %d: hedge deadlines changed on %d key(s): 4k read, idle, fast "
+                      "newest read %d -> %d us, all keys %d-%d us (0 = never); %s",
+                      t.name, row - rows.start, int((before[row] != d).sum()), int(before[row, key]),
+                      int(d[key]), int(d.min()), int(d.max()),
+                      hedge_reason(hedge_view(new, basis, row)))
 
     # -- reload ---------------------------------------------------------------
     def reload(self) -> bool:
@@ -567,11 +676,12 @@ class Agent:
             log.error("reload refused, the running config and model stay in force: %s", err)
             self.notify.ready(f"reload refused: {err}")
             return False
-        fixed = ("shadow", "pin_dir", "metrics_listen", "prefetch_mode", "prefetch_window_s",
-                 "prefetch_state_file")
+        # hedging: the observer streams leg bios only if it was opened to
+        fixed = ("shadow", "pin_dir", "metrics_listen", "hedging", "prefetch_mode",
+                 "prefetch_window_s", "prefetch_state_file")
         if any(getattr(cfg, k) != getattr(self.cfg, k) for k in fixed):
-            log.warning("shadow, pin_dir, metrics_listen and the prefetch keys take effect "
-                        "at restart only")
+            log.warning("shadow, pin_dir, metrics_listen, admission.hedging and the prefetch "
+                        "keys take effect at restart only")
             cfg = dataclasses.replace(cfg, **{k: getattr(self.cfg, k) for k in fixed})
         self.cfg, self.model, self.maker = cfg, model, maker
         self._dirty = True            # the new model (or probing, expiry) fills the table
@@ -661,17 +771,20 @@ class Agent:
             for i, dev in enumerate(t.legs):
                 r = rows.start + i
                 tracker = self._trackers.get(self._kdevs[r])
+                reads = self._reads.get(self._kdevs[r])
                 legs.append({
                     "dev": dev, "slot": int(self._slots[r]),
                     "samples": (tracker.n if tracker else 0)
                     + len(self._unfed.get(self._kdevs[r], ((),))[0]),
+                    "read_samples": reads.n if reads else 0,
                     **view[r],
                     "live": None if live is None else {
                         "inflight": int(live.inflight[r]),
                         "prev_lat_us": np.round(live.prev_lat_us[r], 1).tolist(),
                         "idle_ms": None if idle[r] is None else round(idle[r] / 1e6, 1)}})
             targets.append({"name": t.name, "target_id": t.target_id,
-                            "incarnation": t.incarnation, "legs": legs})
+                            "incarnation": t.incarnation, "legs": legs,
+                            "hedging": any(leg["hedge"]["on"] for leg in legs)})
         return {
             "pid": os.getpid(), "pid_create_time": _own_create_time(),
             "abi_version": abi.ABI_VERSION,
@@ -680,7 +793,7 @@ class Agent:
             "config": str(self.cfg.source) if self.cfg.source else None,
             "shadow": self.cfg.shadow, "tick_ms": self.cfg.tick_ms, "ttl_ticks": self.cfg.ttl_ticks,
             "max_silence_ms": self.cfg.max_silence_ms, "recompute_ms": self.cfg.recompute_ms,
-            "probe_after_ms": self.cfg.probe_after_ms,
+            "probe_after_ms": self.cfg.probe_after_ms, "hedging": self.cfg.hedging,
             "model": {"path": str(self.cfg.model), "sha256": self.model.sha256,
                       "threshold": self.maker.threshold,
                       "created": self.model.card.get("created")},
@@ -715,7 +828,7 @@ class Agent:
             base = table.baselines[r] if table is not None and r < len(table) else None
             if base is None:
                 view.append({"baseline": None, "lat_edges_us": None, "p_slow_4k": None,
-                             "penalty_4k_us": None, "avoided_keys": None})
+                             "penalty_4k_us": None, "avoided_keys": None, "hedge": {"on": False}})
                 continue
             keys = {n: [abi.key_index(0, n, lb) for lb in range(abi.NUM_LAT_BUCKETS)] for n in (0, 1)}
             view.append({
@@ -729,7 +842,8 @@ class Agent:
                               for n, k in keys.items()},
                 "penalty_4k_us": {f"inflight_{n}": np.round(table.penalty_ns[r, k] / 1e3, 1).tolist()
                                   for n, k in keys.items()},
-                "avoided_keys": int(avoided[r])})
+                "avoided_keys": int(avoided[r]),
+                "hedge": hedge_view(table, self._hedge_basis, r)})
         self._view = (table, view)
         return view
 
@@ -747,6 +861,46 @@ class Agent:
             log.warning("cannot write status file %s: %s", path, err.strerror)
 
 
+# In-flight buckets as status names them: 0, 1, 2-3, 4-7, 8-15, 16+
+INFLIGHT_LABELS = tuple(
+    str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}"
+    for lo, hi in zip(abi.INFLIGHT_BUCKET_MIN, abi.INFLIGHT_BUCKET_MIN[1:])) \
+    + (f"{abi.INFLIGHT_BUCKET_MIN[-1]}+",)
+
+
+def hedge_view(table: decision.KeyedTable | None, basis: list, row: int) -> dict:
+    """A leg's hedge deadlines as status shows them, with why they are what
+    they are: the fast reads behind them and their latency fit. "on": the
+    leg has a deadline on some key; only "on" (False) where hedging is off
+    or the leg has no entry."""
+    b = basis[row] if table is not None and table.hedge_us is not None and row < len(basis) \
+        else None
+    if b is None:
+        return {"on": False}
+    d = table.hedge_us[row]
+    return {"on": bool(d.any()), "fast_samples": b.fast_samples, "pooled": b.pooled,
+            "min_samples": H.MIN_SAMPLES,
+            "fit": None if b.fit is None else {"a_us": round(b.fit[0], 1),
+                                               "b_us_per_kib": round(b.fit[1] * 1024, 4)},
+            # per in-flight bucket, per latency bucket, 0 = never
+            "deadline_4k_us": {f"inflight_{lo}": [int(d[abi.key_index(0, n, lb)])
+                                                  for lb in range(abi.NUM_LAT_BUCKETS)]
+                               for n, lo in enumerate(abi.INFLIGHT_BUCKET_MIN)}}
+
+
+def hedge_reason(h: dict) -> str:
+    """Why a leg's deadlines are what they are, in words (status, -vv log)."""
+    if "fast_samples" not in h:
+        return "hedging off"
+    src = "its target's legs together: too few of its own" if h["pooled"] else "its own"
+    if h["fit"] is None:
+        return f"never hedge: {h['fast_samples']} fast reads ({src}), {h['min_samples']} needed"
+    f = h["fit"]
+    return (f"from {h['fast_samples']} fast reads ({src}): one takes {f['a_us']} us + "
+            f"{f['b_us_per_kib']} us per KiB, and a key's deadline is the quantile of their "
+            "spread around that at the level its P(slow) sets (hedging.hedge_level)")
+
+
 # ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
@@ -755,7 +909,8 @@ def cmd_run(args) -> int:
     overrides = {"model": Path(args.model).resolve() if args.model else None,
                  "tick_ms": args.tick_ms, "shadow": True if args.shadow else None,
                  "status_file": Path(args.status_file) if args.status_file else None,
-                 "metrics_listen": args.metrics_listen, "prefetch_mode": args.prefetch}
+                 "metrics_listen": args.metrics_listen, "prefetch_mode": args.prefetch,
+                 "hedging": args.hedging}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = config_mod.load(args.config).replace(**overrides)
     if args.verbose == 0:
@@ -896,7 +1051,8 @@ def format_status(st: dict) -> str:
              f"sha256 {st['model']['sha256'][:12]})",
              f"mode {'shadow (not publishing)' if st['shadow'] else 'publishing'}, tick {st['tick_ms']} ms, "
              f"expiry {st['ttl_ticks']} ticks, heartbeat limit {st['max_silence_ms']} ms, "
-             f"recompute at most every {st.get('recompute_ms')} ms, probe after {st.get('probe_after_ms')} ms",
+             f"recompute at most every {st.get('recompute_ms')} ms, probe after {st.get('probe_after_ms')} ms, "
+             f"hedging {st.get('hedging', 'off')}",
              f"routing program {'attached' if st['program_attached'] else 'not attached'}; "
              f"pins: {', '.join(st['pins']) or 'none'}",
              f"decision table computed {st.get('table_age_ms')} ms ago (it follows each leg's live "
@@ -927,7 +1083,8 @@ def format_status(st: dict) -> str:
         lines.append("no iobridge targets")
     for t in st["targets"]:
         lines.append(f"target {t['name']} (id {t['target_id']}, incarnation "
-                     f"{t.get('incarnation', '?')})")
+                     f"{t.get('incarnation', '?')}), hedging "
+                     f"{'on' if t.get('hedging') else 'off'}")
         for i, leg in enumerate(t["legs"]):
             b = leg.get("baseline")
             if b is None:
@@ -941,6 +1098,14 @@ def format_status(st: dict) -> str:
                 lines.append(f"    4k reads, {n} in flight: p_slow per latency bucket "
                              f"{leg['p_slow_4k'][f'inflight_{n}']}, penalty us "
                              f"{leg['penalty_4k_us'][f'inflight_{n}']}")
+            h = leg.get("hedge") or {"on": False}
+            if "fast_samples" in h:
+                lines.append(f"    hedging {'on' if h['on'] else 'off'} ({leg.get('read_samples', 0)} "
+                             f"read samples): {hedge_reason(h)}")
+            if h["on"]:
+                for label, d in zip(INFLIGHT_LABELS, h["deadline_4k_us"].values()):
+                    lines.append(f"    4k reads, {label} in flight: hedge deadline us per "
+                                 f"latency bucket {d}")
     return "\n".join(lines)
 
 
@@ -989,6 +1154,8 @@ def register_cli(sub) -> None:
                            ("sudo iobridge -v run --shadow", "decide and log, publish nothing"),
                            ("sudo iobridge run --model m.onnx --duration 60",
                             "another model, for one minute"),
+                           ("sudo iobridge run --hedging on",
+                            "also publish learned hedge deadlines per leg and key"),
                            ("sudo iobridge run --metrics-listen 127.0.0.1:9464",
                             "with Prometheus metrics at http://127.0.0.1:9464/metrics"),
                            ("sudo systemctl reload iobridge", "SIGHUP: reload config and model")))
@@ -1003,6 +1170,11 @@ def register_cli(sub) -> None:
     p.add_argument("--metrics-listen", metavar="ADDR:PORT", type=_metrics_listen,
                    help="serve Prometheus metrics at http://ADDR:PORT/metrics, e.g. "
                         "127.0.0.1:9464 (overrides agent.metrics_listen; default: off)")
+    p.add_argument("--hedging", choices=config_mod.HEDGING_MODES,
+                   help="on: publish hedge deadlines per leg and key, learned from each leg's "
+                        "recent fast reads and the model's P(slow); the target hedges a read "
+                        "past its deadline, within its budget (overrides admission.hedging; "
+                        "default off)")
     p.add_argument("--prefetch", choices=config_mod.PREFETCH_MODES,
                    help="the prefetch unit: off, shadow (decide and log at debug level, change "
                         "nothing) or on (set read_ahead_kb and advise open files; restored on "

@@ -23,6 +23,9 @@
     probe_after_ms = 200       # an idle leg (nothing in flight, no completion for
                                # this long) gets one read, decided by the kernel
     targets = []               # dm names to manage; empty = every iobridge target
+    hedging = "off"            # on: publish hedge deadlines learned from each leg's
+                               # recent fast reads and the model's P(slow) (the target
+                               # hedges a read past its deadline); off: none (restart only)
 
     [prefetch]
     mode = "off"               # off | shadow (decide and log, change nothing) | on:
@@ -54,6 +57,7 @@ from . import metrics
 DEFAULT_MODEL = resources.data_dir("models") / "admission-default.onnx"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PREFETCH_MODES = ("off", "shadow", "on")
+HEDGING_MODES = ("off", "on")
 
 
 class ConfigError(IobridgeError):
@@ -76,6 +80,7 @@ class Config:
     threshold: float | None = None
     probe_after_ms: float | None = AGENT_PROBE_AFTER_MS
     targets: tuple[str, ...] = ()
+    hedging: str = "off"
     prefetch_mode: str = "off"
     prefetch_window_s: float = 1.0
     prefetch_state_file: Path = Path("/run/iobridge/prefetch-state.json")
@@ -147,6 +152,7 @@ _KEYS = {
                        "a number of ms from 1 to 600000"),
     "targets": ("admission", lambda v: isinstance(v, (list, tuple)) and all(isinstance(t, str) and t for t in v),
                 "a list of device-mapper names"),
+    "hedging": ("admission", lambda v: v in HEDGING_MODES, f"one of {', '.join(HEDGING_MODES)}"),
     "prefetch_mode": ("prefetch", lambda v: v in PREFETCH_MODES,
                       f"one of {', '.join(PREFETCH_MODES)}"),
     "prefetch_window_s": ("prefetch", lambda v: _number(v) and 0.05 <= v <= 3600,

@@ -284,12 +284,12 @@ def _bench_agent_class():
             super().tick()
             self.tick_times.append(time.perf_counter_ns() - t0)
 
-        def _timed_build(self, maker, now, baselines):
+        def _timed_build(self, maker, now, baselines, reads):
             calls = maker.calls
             t0 = time.perf_counter_ns()
-            table = super()._timed_build(maker, now, baselines)
+            built = super()._timed_build(maker, now, baselines, reads)
             self.builds.append((time.perf_counter_ns() - t0, maker.calls > calls))
-            return table
+            return built
 
         def _publish(self, table, now) -> None:
             t0 = time.perf_counter_ns()

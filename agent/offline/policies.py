@@ -523,16 +523,7 @@ class TableHedged(Table):
             self.new_samples = True
 
     def _deadlines(self, table: KeyedTable) -> np.ndarray:
-        """Per leg from its own fast reads; a leg with too few (one that gets
-        few reads) from every leg's together, as a leg without a baseline
-        borrows one (decision.borrow_missing): replicas are alike."""
-        fast = [s.fast() for s in self.samples]
-        pooled = tuple(np.concatenate([f[j] for f in fast]) for j in (0, 1))
-        out = np.zeros((len(table), abi.KEYS_PER_LEG), dtype=np.uint32)
-        for i in np.flatnonzero(table.valid):
-            lat, nb = fast[i] if len(fast[i][0]) >= H.MIN_SAMPLES else pooled
-            out[i] = H.deadlines_us(lat, nb, table.p_slow[i], self.worth)
-        return out
+        return H.target_deadlines(self.samples, table.p_slow, table.valid, self.worth)[0]
 
     def _maybe_rebuild(self, now):
         built = self.rebuilds
