@@ -18,7 +18,7 @@ from iobridge.core import histogram
 from iobridge.core.errors import IobridgeError
 from iobridge.daemon import metrics as M
 from iobridge.daemon.agent import PhaseTimes
-from iobridge.kernel.dmtarget import LegStatus, TargetStatus
+from iobridge.kernel.dmtarget import HedgeStatus, LegStatus, TargetStatus
 
 
 @pytest.mark.parametrize("text,want", [
