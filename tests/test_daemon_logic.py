@@ -252,7 +252,10 @@ def test_format_status_renders_everything():
           "table_age_ms": 0.7, "model": {"path": "m.onnx", "threshold": 0.08, "sha256": "ab" * 32},
           "routing": {"routed": 5, "default": 2, "silent": 1, "probes": 3}, "counters": {"ticks": 9},
           "timing_us": daemon.PhaseTimes().summary(), "discovery_error": None,
-          "targets": [{"name": "mirror", "target_id": 0, "legs": [
+          "targets": [{"name": "mirror", "target_id": 0,
+                       "target_hedges": {"hedge_us": 0, "budget_pct": 5, "issued": 7, "won": 4,
+                                         "lost": 3, "refused": 2, "active": 0, "bounce_pages": 0},
+                       "legs": [
               {"dev": "251:0", "samples": 40, "baseline": {"lat_us": 100.0, "tput_mbps": 40.0,
                                                             "slow_lat_us": 8000.0},
                "lat_edges_us": [150.0] * 7, "avoided_keys": 12,
@@ -262,6 +265,7 @@ def test_format_status_renders_everything():
     text = daemon.format_status(st)
     assert "leg 0 251:0: baseline 100.0 us, slow read 8000.0 us, 12 of 192 keys" in text
     assert "leg 1 251:16: no baseline yet (3 samples)" in text
+    assert "hedges in the target: 7 issued, 4 won, 3 lost, 2 refused by its budget of 5% of reads" in text
     assert "5 reads by the table (3 probes), 2 by the module default (1 while the agent was silent)" in text
 
 

@@ -784,7 +784,8 @@ class Agent:
                         "idle_ms": None if idle[r] is None else round(idle[r] / 1e6, 1)}})
             targets.append({"name": t.name, "target_id": t.target_id,
                             "incarnation": t.incarnation, "legs": legs,
-                            "hedging": any(leg["hedge"]["on"] for leg in legs)})
+                            "hedging": any(leg["hedge"]["on"] for leg in legs),
+                            "target_hedges": _target_hedges(t.name)})
         return {
             "pid": os.getpid(), "pid_create_time": _own_create_time(),
             "abi_version": abi.ABI_VERSION,
@@ -866,6 +867,16 @@ INFLIGHT_LABELS = tuple(
     str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}"
     for lo, hi in zip(abi.INFLIGHT_BUCKET_MIN, abi.INFLIGHT_BUCKET_MIN[1:])) \
     + (f"{abi.INFLIGHT_BUCKET_MIN[-1]}+",)
+
+
+def _target_hedges(name: str) -> dict | None:
+    """The target's own hedge counters (dmsetup status), None when the
+    target is gone or its module reports none."""
+    try:
+        h = dmtarget.status(name).hedge
+    except IobridgeError:
+        return None
+    return None if h is None else dataclasses.asdict(h)
 
 
 def hedge_view(table: decision.KeyedTable | None, basis: list, row: int) -> dict:
@@ -1085,6 +1096,12 @@ def format_status(st: dict) -> str:
         lines.append(f"target {t['name']} (id {t['target_id']}, incarnation "
                      f"{t.get('incarnation', '?')}), hedging "
                      f"{'on' if t.get('hedging') else 'off'}")
+        th = t.get("target_hedges")
+        if th:
+            lines.append(f"  hedges in the target: {th['issued']} issued, {th['won']} won, "
+                         f"{th['lost']} lost, {th['refused']} refused by its budget of "
+                         f"{th['budget_pct']}% of reads"
+                         + (f"; its own deadline {th['hedge_us']} us" if th["hedge_us"] else ""))
         for i, leg in enumerate(t["legs"]):
             b = leg.get("baseline")
             if b is None:
