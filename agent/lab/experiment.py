@@ -69,7 +69,14 @@ GOALS = {
     "agent_cpu_2legs_qd16": ("<=", 10.0),
     "agent_cpu_8legs": ("<=", 15.0),
     "transfer_p99_us@1": ("<=", 0.5),
+    # issue 12 (--hedging): learned routing with hedging on / the same with it off
+    "hedged_p999_us@1": ("<=", 0.5), "hedged_p999_us@16": ("<=", 0.5),
+    "hedged_iops": (">=", 0.95),
 }
+# --hedging: what "extra reads within the budget" allows above the budget
+# (reads the token bucket held at the start, over a run of a few thousand).
+HEDGE_TOLERANCE = 0.01
+HEDGE_COUNTERS = ("issued", "won", "lost", "refused")
 
 
 def goal_check(name: str, value: float | None) -> dict:
@@ -468,6 +475,10 @@ def run_policy(rs: ReplicaSet, policy: str, iodepth: int, runtime_s: float, seed
     after = dmtarget.status(rs.name)
     hook = sum(a.hook_routed - b.hook_routed for a, b in zip(after.legs, before.legs))
     dflt = sum(a.default_routed - b.default_routed for a, b in zip(after.legs, before.legs))
+    if after.hedge is not None and before.hedge is not None:
+        fig["hedges"] = {k: getattr(after.hedge, k) - getattr(before.hedge, k)
+                         for k in HEDGE_COUNTERS}
+        fig["hedge_budget_pct"] = after.hedge.budget_pct
     fig.update({
         "policy": policy, "iodepth": iodepth, "slow_periods": slow,
         "completion_us": rs.completion_us, "agent_cpu_percent": cpu.percent,
@@ -634,6 +645,20 @@ def summarize(res: dict) -> dict:
     if res.get("overhead"):
         goals["overhead_iops_ratio"] = goal_check(
             "overhead_iops_ratio", min(o["iops_ratio"] for o in res["overhead"].values()))
+    if res.get("hedging"):
+        h = res["hedging"]
+        for qd, rat in h["ratios"].items():
+            if f"hedged_p999_us@{qd}" in GOALS:
+                goals[f"hedged_p999_us@{qd}"] = goal_check(f"hedged_p999_us@{qd}", rat["p999_us"])
+        iops = [rat["iops"] for rat in h["ratios"].values() if rat["iops"] is not None]
+        if iops:
+            goals["hedged_iops"] = goal_check("hedged_iops", min(iops))
+        extra = [rat["extra_read_fraction"] for rat in h["ratios"].values()
+                 if rat["extra_read_fraction"] is not None]
+        if extra:
+            limit = h["budget_pct"] / 100 + h["tolerance"]
+            goals["hedged_extra_reads"] = {"value": max(extra), "goal": f"<= {limit:g}",
+                                           "met": max(extra) <= limit}
     if res.get("transfer", {}).get("ratios"):
         goals["transfer_p99_us@1"] = goal_check(
             "transfer_p99_us@1", _ratio_of(res["transfer"]["ratios"], 1, "p99_us"))
@@ -728,6 +753,22 @@ def render(res: dict) -> str:
         lines.append(f"QD 1 p99 ratio at {s['completion_us']} us: "
                      f"{_fmt(_ratio_of(res['ratios'], 1, 'p99_us'))}, at {t['completion_us']} us: "
                      f"{_fmt(_ratio_of(t['ratios'], 1, 'p99_us'))}")
+    if res.get("hedging"):
+        h = res["hedging"]
+        lines.append("")
+        lines.append(f"hedged reads: learned routing, the target hedging within {h['budget_pct']}% "
+                     "of reads against the same with hedging off (same agent, deadlines, schedule)")
+        for r in sorted(h["runs"], key=lambda r: (r["iodepth"], r["hedging"])):
+            hc = r.get("hedges") or {}
+            lines.append(_run_line(r) + ("  hedged: " + ", ".join(f"{k} {hc.get(k, '-')}"
+                                                                  for k in HEDGE_COUNTERS)
+                                         if r["hedging"] else "  not hedged"))
+        for qd, rat in h["ratios"].items():
+            lines.append(f"QD {qd}: hedged / not: "
+                         + _ratio_parts(rat, {f"p999_us@{qd}": goals.get(f"hedged_p999_us@{qd}"),
+                                              f"iops@{qd}": goals.get("hedged_iops")}, f"@{qd}")
+                         + f", extra reads {_pct(rat['extra_read_fraction'])} of reads"
+                         + goal_mark(goals.get("hedged_extra_reads")))
     for n, b in res.get("onnx_batch", {}).items():
         lines.append(f"ONNX batch of {n} rows (every key of {int(n) // abi.KEYS_PER_LEG} legs): "
                      f"median {b['median_us']:.0f} us, p99 {b['p99_us']:.0f} us")
@@ -877,6 +918,11 @@ def agent_run_in_vm(args) -> dict:
             ts.remove()
 
     def before_agent(rs: ReplicaSet) -> None:
+        if args.hedging:
+            # The agent publishes deadlines (--hedging on) but the target
+            # hedges only in the hedging runs: everything else compares as
+            # without --hedging.
+            dmtarget.message(rs.name, "hedge_budget", "0")
         if args.latency_only:
             return
         extra["overhead"] = {}
@@ -896,6 +942,8 @@ def agent_run_in_vm(args) -> dict:
         extra["agent"]["legs_without_baseline"] = [
             f"{t['name']} leg {i}" for t in st.get("targets", [])
             for i, leg in enumerate(t["legs"]) if leg.get("samples", 0) < MIN_BASELINE_SAMPLES]
+        if args.hedging:
+            extra["hedging"] = hedging_runs(agent, rs, depths, args, lat_dir, progress)
         if args.latency_only:
             return
         for qd in depths:
@@ -909,7 +957,8 @@ def agent_run_in_vm(args) -> dict:
 
     res = compare(depths=depths, runtime_s=args.runtime, seed=args.seed, slow_ms=args.slow_ms,
                   agent_args=(["--tick-ms", str(args.tick_ms)] if args.tick_ms else [])
-                  + (["--model", args.model] if args.model else []),
+                  + (["--model", args.model] if args.model else [])
+                  + (["--hedging", "on"] if args.hedging else []),
                   progress=progress, lat_dir=lat_dir, before_agent=before_agent,
                   with_agent=with_agent)
     panels = res.pop("_latencies")
@@ -938,6 +987,39 @@ def agent_run_in_vm(args) -> dict:
         res["cdf_error"] = f"matplotlib is missing ({err}): pip install -e '.[train]'"
     shutil.rmtree(lat_dir, ignore_errors=True)
     return res
+
+
+def hedging_runs(agent: AgentProcess, rs: ReplicaSet, depths, args, lat_dir: Path,
+                 progress) -> dict:
+    """Issue 12's comparison: the learned routing with the target hedging
+    (its default budget) against the same routing with hedging off (budget
+    0), side by side at each depth with the same slow-period schedule; the
+    agent (started with --hedging on) publishes the same deadlines to both."""
+    runs = []
+    for qd in depths:
+        for budget in (0, abi.HEDGE_DEFAULT_BUDGET_PCT):
+            dmtarget.message(rs.name, "hedge_budget", str(budget))
+            progress(f"  hedging {'on' if budget else 'off'} (budget {budget}%), learned routing, "
+                     f"queue depth {qd}: fio {args.runtime:g} s ...")
+            r = run_policy(rs, "learned", qd, args.runtime, args.seed, agent.pid, lat_dir=lat_dir)
+            r.pop("_lat_ns", None)
+            r["hedging"] = bool(budget)
+            runs.append(r)
+    dmtarget.message(rs.name, "hedge_budget", "0")
+    st = agent.status() or {}
+    deadlines = {f"{t['name']} leg {i}": leg.get("hedge")
+                 for t in st.get("targets", []) for i, leg in enumerate(t["legs"])}
+    out = {}
+    for qd in depths:
+        off, on = (next(r for r in runs if r["iodepth"] == qd and r["hedging"] == h)
+                   for h in (False, True))
+        reads = on["hook_routed"] + on["default_routed"]
+        out[qd] = {key: (on[key] / off[key] if off[key] else None)
+                   for key in ("p99_us", "p999_us", "mean_us", "iops")}
+        out[qd]["extra_read_fraction"] = (on["hedges"]["issued"] / reads
+                                          if reads and "hedges" in on else None)
+    return {"runs": runs, "ratios": out, "budget_pct": abi.HEDGE_DEFAULT_BUDGET_PCT,
+            "tolerance": HEDGE_TOLERANCE, "deadlines": deadlines}
 
 
 def eight_legs(agent: AgentProcess, runtime_s: float, progress) -> dict:
@@ -1004,6 +1086,9 @@ def agent_args(p) -> None:
                         "repository, which the VM shares with the host)")
     p.add_argument("--latency-only", action="store_true",
                    help="only the policy comparison and its plot (what `make demo` shows)")
+    p.add_argument("--hedging", action="store_true",
+                   help="also compare the learned routing with the target hedging reads "
+                        "(the agent runs with --hedging on) against the same with hedging off")
 
 
 def agent_host_check(args) -> None:

@@ -269,7 +269,11 @@ def _free_port() -> int:
 def test_metrics_endpoint_counts_what_dmsetup_status_counts(replicas, agents):
     """Prometheus metrics over loopback: a port in use stops the start with
     nothing attached; a running agent's counters equal the module's
-    (`dmsetup status`) at a quiescent moment; the endpoint goes with it."""
+    (`dmsetup status`) at a quiescent moment; the endpoint goes with it.
+    The agent runs with --hedging on (issue 12): it learns a deadline for
+    each leg from its reads, and a leg turned slow gets its reads hedged by
+    the target, which the metrics and the agent's status count as the
+    target does."""
     import socket  # noqa: PLC0415
     # (a routing program another test of this session holds may still be
     # going away: compare with what was there before)
@@ -285,7 +289,7 @@ def test_metrics_endpoint_counts_what_dmsetup_status_counts(replicas, agents):
     assert route_programs_attached() == attached and not PIN_DIR.exists()
 
     port = _free_port()
-    agent = agents("--metrics-listen", f"127.0.0.1:{port}")
+    agent = agents("--metrics-listen", f"127.0.0.1:{port}", "--hedging", "on")
     warm_up(agent.status, replicas, timeout_s=60)
     window(replicas, 1.0)
     name = replicas.name
@@ -320,6 +324,33 @@ def test_metrics_endpoint_counts_what_dmsetup_status_counts(replicas, agents):
     assert m["iobridge_agent_recomputes_total"] >= 1
     assert m['iobridge_recompute_seconds_bucket{le="+Inf"}'] >= 1
     print(json.dumps({k: v for k, v in m.items() if "bucket" not in k}, indent=1))
+
+    # Hedging: deadlines learned for both legs, then leg 1 turned slow
+    # (+20 ms per read): its reads routed before the kernel saw it slow,
+    # and its probes, outlast their deadline and are hedged.
+    targets = agent.wait_status(lambda st: all(
+        leg["hedge"]["on"] for t in st["targets"] if t["name"] == name for leg in t["legs"]),
+        timeout_s=60)["targets"]
+    print(json.dumps([leg["hedge"] for t in targets for leg in t["legs"]], indent=1))
+    replicas.set_slow(True)
+    try:
+        window(replicas, 3.0, iodepth=1)
+    finally:
+        replicas.set_slow(False)
+    for _ in range(10):      # quiescent again: the losers on the slow leg end
+        h = dmtarget.status(name).hedge
+        m = _scrape(port)
+        if h.active == 0 and m[f'iobridge_hedges_issued_total{{target="{name}"}}'] == h.issued:
+            break
+        time.sleep(1)
+    print(f"hedges in the target: {h}")
+    assert h.issued > 0 and h.won > 0, h
+    for k in ("issued", "won", "lost", "refused"):
+        assert m[f'iobridge_hedges_{k}_total{{target="{name}"}}'] == getattr(h, k), k
+    st = agent.wait_status(lambda st: any(
+        t["name"] == name and (t.get("target_hedges") or {}).get("issued") == h.issued
+        for t in st["targets"]), timeout_s=30)
+    assert st["hedging"] == "on"
     assert agent.stop() == 0
     with pytest.raises(OSError):
         _scrape(port)

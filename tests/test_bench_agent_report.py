@@ -1,0 +1,54 @@
+"""Host tests: `iobridge bench agent`'s goals and report for the hedging
+comparison (--hedging), from synthetic run figures (no VM)."""
+
+from iobridge.lab import experiment as E
+
+
+def _run(policy, qd, p999, iops, hedging=None, issued=0, reads=1000):
+    r = {"policy": policy, "iodepth": qd, "iops": iops, "mean_us": 200.0, "p50_us": 150.0,
+         "p99_us": 900.0, "p999_us": p999, "slow_leg_reads_while_slow": 3,
+         "reads_while_slow": 100, "slow_seconds": 1.5, "hook_routed": reads, "default_routed": 0,
+         "route": None, "agent_cpu_percent": 5.0, "slow_periods": True}
+    if hedging is not None:
+        r["hedging"] = hedging
+        r["hedges"] = {"issued": issued, "won": issued // 2, "lost": issued - issued // 2,
+                       "refused": 4}
+    return r
+
+
+def _result(on_p999_qd16: float, issued_qd16: int) -> dict:
+    runs = [_run("default", 1, 9000.0, 900.0), _run("learned", 1, 8000.0, 950.0)]
+    hedged = [_run("learned", 1, 8000.0, 950.0, False), _run("learned", 1, 2000.0, 940.0, True, 40),
+              _run("learned", 16, 9000.0, 3000.0, False),
+              _run("learned", 16, on_p999_qd16, 2990.0, True, issued_qd16)]
+    ratios = {}
+    for qd in (1, 16):
+        off, on = (next(r for r in hedged if r["iodepth"] == qd and r["hedging"] == h)
+                   for h in (False, True))
+        ratios[qd] = {k: on[k] / off[k] for k in ("p99_us", "p999_us", "mean_us", "iops")}
+        ratios[qd]["extra_read_fraction"] = on["hedges"]["issued"] / 1000
+    return {"runs": runs, "ratios": E.ratios(runs, (1,)),
+            "setup": {"slow_ms": 8, "normal_mean_s": 1.0, "slow_mean_s": 0.1, "seed": 7,
+                      "runtime_s": 15, "completion_us": 100},
+            "hedging": {"runs": hedged, "ratios": ratios, "budget_pct": 5,
+                        "tolerance": E.HEDGE_TOLERANCE, "deadlines": {}}}
+
+
+def test_hedging_goals_met_and_reported():
+    res = _result(on_p999_qd16=3000.0, issued_qd16=50)
+    goals = E.summarize(res)
+    assert goals["hedged_p999_us@1"]["met"] and goals["hedged_p999_us@1"]["value"] == 0.25
+    assert goals["hedged_p999_us@16"]["met"]
+    assert goals["hedged_iops"]["met"] and goals["hedged_extra_reads"]["met"]
+    res["goals"] = goals
+    text = E.render(res)
+    assert "hedged reads: learned routing, the target hedging within 5% of reads" in text
+    assert "hedged: issued 40, won 20, lost 20, refused 4" in text
+    assert "QD 1: hedged / not: " in text and "p99.9 0.25  [goal <= 0.5: met]" in text
+
+
+def test_hedging_goals_missed_say_so():
+    # p99.9 not halved at QD16, and 8% extra reads against a 5% budget + 1%.
+    goals = E.summarize(_result(on_p999_qd16=6000.0, issued_qd16=80))
+    assert goals["hedged_p999_us@16"]["met"] is False
+    assert goals["hedged_extra_reads"] == {"value": 0.08, "goal": "<= 0.06", "met": False}
