@@ -222,7 +222,7 @@ def test_messages(make_nullb, make_iobridge):
     name = make_iobridge(legs)
     bad = [("bogus",), ("fail_leg", "2"), ("fail_leg", "x"), ("policy", "fastest"),
            ("restore_leg", "0", "please"), ("error_threshold", "0"), ("bench_hook", "0"),
-           ("hedge_us", "-1"), ("hedge_us", "10000001"), ("hedge_budget", "101"),
+           ("hedge_us", "1.5"), ("hedge_us", "10000001"), ("hedge_budget", "101"),
            ("hedge_budget", "x")]
     for words in bad:
         since = dmesg_len()
