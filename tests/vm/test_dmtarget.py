@@ -236,7 +236,7 @@ def test_messages(make_nullb, make_iobridge):
     dmtarget.message(name, "hedge_budget", "12")
     h = dmtarget.status(name).hedge
     assert (h.hedge_us, h.budget_pct) == (250, 12), h
-    assert dmtarget.table(name).endswith("4 policy primary hedge_us 250 hedge_budget 12")
+    assert dmtarget.table(name).endswith("6 policy primary hedge_us 250 hedge_budget 12")
     dmtarget.message(name, "hedge_us", "0")
     dmtarget.message(name, "hedge_budget", "5")
     dmtarget.message(name, "reset_counters")
