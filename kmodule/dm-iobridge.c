@@ -45,6 +45,10 @@
 #define IOB_HEDGE_MAX_PAGES		64
 #define IOB_HEDGE_POOL			64	/* contexts and clones kept in reserve */
 #define IOB_HEDGE_POOL_PAGES		IOB_HEDGE_MAX_PAGES
+/* Bounce pages kept for reuse per target: a page from the allocator is
+ * zeroed first (init_on_alloc), which cost more than the rest of a bounce
+ * read under emulation. */
+#define IOB_PAGE_CACHE			256
 #define IOB_MAX_HEDGE_US		10000000	/* 10 s */
 /* Request flags a bounce read keeps from the caller's read. */
 #define IOB_READ_FLAGS	(REQ_SYNC | REQ_META | REQ_PRIO | REQ_RAHEAD | REQ_IDLE)
@@ -123,6 +127,9 @@ struct iob_c {
 	wait_queue_head_t hedge_wait;	/* for hedge_active to reach 0 */
 	mempool_t *hedge_pool;		/* struct iob_hedge */
 	mempool_t *page_pool;		/* bounce pages */
+	spinlock_t page_lock;		/* page_cache, page_cached */
+	struct list_head page_cache;	/* free bounce pages kept for reuse (page->lru) */
+	unsigned int page_cached;
 	struct bio_set hbs;		/* bounce reads, struct iob_hclone */
 	struct workqueue_struct *hedge_wq;
 	struct iob_leg legs[];
@@ -547,15 +554,62 @@ static void iob_hedge_kick(struct iob_hedge *h)
 		iob_hedge_put(h);	/* already queued, with its own reference */
 }
 
+/* A bounce page: a kept one, else from the pool (@gfp); counted while held. */
+static struct page *iob_page_get(struct iob_c *ic, gfp_t gfp)
+{
+	struct page *page = NULL;
+	unsigned long flags;
+
+	spin_lock_irqsave(&ic->page_lock, flags);
+	if (!list_empty(&ic->page_cache)) {
+		page = list_first_entry(&ic->page_cache, struct page, lru);
+		list_del(&page->lru);
+		ic->page_cached--;
+	}
+	spin_unlock_irqrestore(&ic->page_lock, flags);
+	if (!page)
+		page = mempool_alloc(ic->page_pool, gfp);
+	if (page)
+		atomic_inc(&ic->bounce_pages);
+	return page;
+}
+
+/* Its contents need no clearing: a bounce read overwrites the bytes that
+ * are copied out of it. */
+static void iob_page_put(struct iob_c *ic, struct page *page)
+{
+	unsigned long flags;
+
+	atomic_dec(&ic->bounce_pages);
+	spin_lock_irqsave(&ic->page_lock, flags);
+	if (ic->page_cached < IOB_PAGE_CACHE) {
+		list_add(&page->lru, &ic->page_cache);
+		ic->page_cached++;
+		page = NULL;
+	}
+	spin_unlock_irqrestore(&ic->page_lock, flags);
+	if (page)
+		mempool_free(page, ic->page_pool);
+}
+
+static void iob_page_cache_drain(struct iob_c *ic)
+{
+	struct page *page, *tmp;
+
+	list_for_each_entry_safe(page, tmp, &ic->page_cache, lru) {
+		list_del(&page->lru);
+		mempool_free(page, ic->page_pool);
+	}
+	ic->page_cached = 0;
+}
+
 static void iob_hclone_free(struct iob_hclone *hc)
 {
 	struct iob_c *ic = hc->h->ic;
 	unsigned short i;
 
-	for (i = 0; i < hc->bio.bi_vcnt; i++) {
-		mempool_free(hc->bio.bi_io_vec[i].bv_page, ic->page_pool);
-		atomic_dec(&ic->bounce_pages);
-	}
+	for (i = 0; i < hc->bio.bi_vcnt; i++)
+		iob_page_put(ic, hc->bio.bi_io_vec[i].bv_page);
 	bio_put(&hc->bio);
 }
 
@@ -583,27 +637,28 @@ static struct iob_hclone *iob_hclone_alloc(struct iob_hedge *h, unsigned int leg
 	bio->bi_private = hc;
 	bio_clone_blkg_association(bio, h->orig);
 	for (i = 0; i < nr; i++) {
-		struct page *page = mempool_alloc(ic->page_pool, gfp);
+		struct page *page = iob_page_get(ic, gfp);
 		unsigned int len = min_t(unsigned int, left, PAGE_SIZE);
 
 		if (!page) {
 			iob_hclone_free(hc);
 			return NULL;
 		}
-		atomic_inc(&ic->bounce_pages);
 		__bio_add_page(bio, page, len, 0);	/* one page per bvec: freed by index */
 		left -= len;
 	}
 	return hc;
 }
 
-static void iob_hclone_submit(struct iob_c *ic, struct iob_hclone *hc)
+/* Submit a bounce read; @now is ktime_get_ns() (a clock read costs an
+ * emulated HPET read in the VM: each one counts). */
+static void iob_hclone_submit(struct iob_c *ic, struct iob_hclone *hc, u64 now)
 {
 	struct iob_leg *leg = &ic->legs[hc->leg];
 
 	hc->start_qlen = iob_leg_submitting(leg);
 	atomic64_inc(&leg->reads);
-	hc->start_ns = ktime_get_ns();
+	hc->start_ns = now;
 	submit_bio_noacct(&hc->bio);
 }
 
@@ -729,7 +784,7 @@ static void iob_hedge_work(struct work_struct *w)
 		if (hc) {
 			hc->is_hedge = hedge;
 			atomic64_inc(hedge ? &ic->hedges_issued : &ic->retries);
-			iob_hclone_submit(ic, hc);
+			iob_hclone_submit(ic, hc, ktime_get_ns());
 			break;
 		}
 		spin_lock_irqsave(&h->lock, flags);
@@ -758,6 +813,7 @@ static bool iob_hedge_read(struct iob_c *ic, struct iob_io *io, struct bio *bio,
 {
 	struct iob_hclone *hc;
 	struct iob_hedge *h;
+	u64 now;
 
 	if (!bio->bi_iter.bi_size || bio->bi_iter.bi_size > IOB_HEDGE_MAX_PAGES * PAGE_SIZE ||
 	    (bio->bi_opf & REQ_NOWAIT) || !READ_ONCE(ic->hedge_budget_pct))
@@ -782,12 +838,16 @@ static bool iob_hedge_read(struct iob_c *ic, struct iob_io *io, struct bio *bio,
 	h->inflight = 1;
 	h->refs = 2;		/* the read, the armed timer */
 	INIT_WORK(&h->work, iob_hedge_work);
-	hrtimer_init(&h->timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL);
+	/* Absolute, from the submission time taken anyway: a relative timer
+	 * reads the clock once more. */
+	hrtimer_init(&h->timer, CLOCK_MONOTONIC, HRTIMER_MODE_ABS);
 	h->timer.function = iob_hedge_timer;
 	io->kind = IOB_HEDGED;
 	io->leg = IOB_NO_LEG;	/* iob_end_io() has nothing to do */
-	hrtimer_start(&h->timer, ns_to_ktime((u64)hedge_us * NSEC_PER_USEC), HRTIMER_MODE_REL);
-	iob_hclone_submit(ic, hc);
+	now = ktime_get_ns();
+	hrtimer_start(&h->timer, ns_to_ktime(now + (u64)hedge_us * NSEC_PER_USEC),
+		      HRTIMER_MODE_ABS);
+	iob_hclone_submit(ic, hc, now);
 	return true;
 }
 
@@ -1053,6 +1113,8 @@ static void iob_free(struct dm_target *ti, struct iob_c *ic)
 	if (ic->wq)
 		destroy_workqueue(ic->wq);
 	bioset_exit(&ic->hbs);
+	if (ic->page_pool)
+		iob_page_cache_drain(ic);
 	mempool_destroy(ic->page_pool);
 	mempool_destroy(ic->hedge_pool);
 	bioset_exit(&ic->bs);
@@ -1182,6 +1244,8 @@ static int iob_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	ic->policy = IOB_POLICY_LEAST_INFLIGHT;
 	ic->hedge_budget_pct = IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT;
 	init_waitqueue_head(&ic->hedge_wait);
+	spin_lock_init(&ic->page_lock);
+	INIT_LIST_HEAD(&ic->page_cache);
 	spin_lock_init(&ic->lock);
 	INIT_WORK(&ic->event_work, iob_event_work);
 
