@@ -450,11 +450,12 @@ def test_bpf_routing_follows_penalties(make_nullb, make_iobridge, direct_io, rou
 
 def test_table_hedge_deadline_reaches_the_target(make_nullb, make_iobridge, direct_io, routing):
     """The chosen leg's hedge_us for the read's key reaches the target
-    (ABI 7): leg 0 (2 ms) gets 4 KiB reads with a 1 us deadline and they are
-    hedged on leg 1 (budget 100%); 64 KiB reads have none and are not; once
+    (ABI 7): leg 0 (10 ms, time enough for the hedge's workqueue on a busy
+    host) gets 4 KiB reads with a 1 us deadline and they are hedged on leg 1
+    (budget 100%); 64 KiB reads have none and are not; once
     the entries expire (no agent) nothing is hedged, the target having no
     deadline of its own."""
-    legs = [make_nullb(size_mb=8, irqmode=2, completion_nsec=2_000_000), make_nullb(size_mb=8)]
+    legs = [make_nullb(size_mb=8, irqmode=2, completion_nsec=10_000_000), make_nullb(size_mb=8)]
     name = make_iobridge(legs, hedge_budget=100)
     tid = dmtarget.target_ref(name)
     io = direct_io(f"/dev/mapper/{name}")
