@@ -472,12 +472,20 @@ static int iob_hook(struct iob_c *ic, sector_t sector, unsigned int bytes,
 	return chosen;
 }
 
-/* A read failed on leg @i: count it, and fail the leg at the threshold. */
-static void iob_read_failed(struct iob_c *ic, unsigned int i)
+/*
+ * A read (flags @opf) failed on leg @i: count it, and fail the leg at the
+ * threshold.  A failed readahead does not count towards it (as in
+ * dm-raid1): device-mapper fails readahead bios by design while a device is
+ * suspended, so a dm leg being reloaded failed udev's probe reads (at the
+ * device's start and end, after a writer closed it) and with them the leg.
+ */
+static void iob_read_failed(struct iob_c *ic, unsigned int i, blk_opf_t opf)
 {
 	struct iob_leg *leg = &ic->legs[i];
 
 	atomic64_inc(&leg->read_errors);
+	if (opf & REQ_RAHEAD)
+		return;
 	if ((u32)atomic_inc_return(&leg->err_streak) >= READ_ONCE(ic->error_threshold))
 		iob_fail_leg(ic, i, false, "read error threshold reached");
 }
@@ -695,7 +703,7 @@ static void iob_hclone_endio(struct bio *bio)
 			    iob_name(ic), hc->is_hedge ? "hedge" : "hedged read",
 			    (unsigned long long)h->sector, h->size, hc->leg,
 			    ic->legs[hc->leg].dev->name, blk_status_to_errno(st));
-		iob_read_failed(ic, hc->leg);
+		iob_read_failed(ic, hc->leg, bio->bi_opf);
 	}
 
 	spin_lock_irqsave(&h->lock, flags);
@@ -1081,7 +1089,7 @@ static int iob_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *error
 	if (*error == BLK_STS_AGAIN && (bio->bi_opf & REQ_NOWAIT))
 		return DM_ENDIO_DONE;
 
-	iob_read_failed(ic, io->leg);
+	iob_read_failed(ic, io->leg, bio->bi_opf);
 
 	next = iob_default_leg(ic, io->tried);
 	if (next < 0) {

@@ -968,6 +968,39 @@ def test_read_failover_when_a_leg_fails_mid_run(make_nullb, make_dm, make_iobrid
     assert dmtarget.status(name).legs[1].reads > 0
 
 
+def test_failed_readahead_on_a_suspended_leg_does_not_fail_it(make_nullb, make_dm, make_iobridge):
+    """Device-mapper fails readahead bios while a device is suspended (by
+    design, dm_submit_bio). A dm leg being reloaded must not be failed for
+    that: buffered reads through the target while its primary leg (dm-linear)
+    is suspended get their data from the other leg, the leg counts the
+    errors but stays healthy even with error_threshold 1."""
+    size_mb = 8
+    base = [make_nullb(size_mb=size_mb), make_nullb(size_mb=size_mb)]
+    lin = make_dm(f"0 {sectors_of(base[0])} linear {base[0]} 0",
+                  name=f"iobra{os.getpid()}_{time.monotonic_ns()}")
+    name = make_iobridge([lin, base[1]], policy="primary", error_threshold=1)
+    dev = f"/dev/mapper/{name}"
+    run(f"dd if=/dev/urandom of=/tmp/iob_ra_src bs=1M count={size_mb} status=none")
+    run(f"dd if=/tmp/iob_ra_src of={dev} bs=1M oflag=direct status=none")
+    run(["blockdev", "--flushbufs", dev])
+    dmtarget.message(name, "reset_counters")
+    run(["dmsetup", "suspend", Path(lin).name])
+    try:
+        reader = subprocess.Popen(["dd", f"if={dev}", "of=/tmp/iob_ra_out", "bs=128k",
+                                   f"count={size_mb * 8}", "status=none"], stderr=subprocess.PIPE,
+                                  text=True)
+        time.sleep(3)
+    finally:
+        run(["dmsetup", "resume", Path(lin).name])
+    _, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err
+    st = dmtarget.status(name)
+    print(f"\nsuspended primary: {st}")
+    assert st.legs[0].read_errors >= 1, st       # readahead failed on the suspended leg
+    assert st.health == "AA" and st.read_failures == 0, st
+    run("cmp /tmp/iob_ra_src /tmp/iob_ra_out")
+
+
 def test_write_failure_semantics(make_nullb, make_dm, make_iobridge):
     size_mb = 8
     base = [make_nullb(size_mb=size_mb), make_nullb(size_mb=size_mb)]
