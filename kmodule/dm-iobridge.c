@@ -699,10 +699,11 @@ static void iob_hclone_endio(struct bio *bio)
 
 	iob_leg_completed(&ic->legs[hc->leg], hc->start_ns, hc->start_qlen, !st);
 	if (st) {
-		DMERR_LIMIT("%s: %s of sector %llu (%u bytes) failed on leg %u (%s): error %d",
-			    iob_name(ic), hc->is_hedge ? "hedge" : "hedged read",
-			    (unsigned long long)h->sector, h->size, hc->leg,
-			    ic->legs[hc->leg].dev->name, blk_status_to_errno(st));
+		if (!(bio->bi_opf & REQ_RAHEAD))	/* see iob_read_failed() */
+			DMERR_LIMIT("%s: %s of sector %llu (%u bytes) failed on leg %u (%s): error %d",
+				    iob_name(ic), hc->is_hedge ? "hedge" : "hedged read",
+				    (unsigned long long)h->sector, h->size, hc->leg,
+				    ic->legs[hc->leg].dev->name, blk_status_to_errno(st));
 		iob_read_failed(ic, hc->leg, bio->bi_opf);
 	}
 
