@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -334,6 +335,36 @@ def fio(*args: str, check: bool = True) -> dict:
 
 def fio_errors(result: dict) -> int:
     return sum(job.get("error", 0) for job in result.get("jobs", []))
+
+
+def verify_while_flipping(dev: str, size_mb: int, max_bs: str, flip) -> tuple[dict, dict, int]:
+    """Two checksummed fio write passes over `dev`, verifying as they go and
+    at the end (4 KiB at queue depth 8, then 4 KiB..max_bs at 16, over half
+    the size), while a thread calls flip(i) for i = 0, 1, ... until both
+    end; returns (pass 1, pass 2, flips made)."""
+    stop = threading.Event()
+    flips = [0]
+
+    def flipper() -> None:
+        while not stop.is_set():
+            flip(flips[0])
+            flips[0] += 1
+
+    thread = threading.Thread(target=flipper, daemon=True)
+    thread.start()
+    try:
+        r1 = fio("--name=verify", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
+                 "--iodepth=8", "--rw=randwrite", "--bs=4k", f"--size={size_mb}M",
+                 "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                 "--verify_backlog=256", "--randrepeat=0")
+        r2 = fio("--name=verify2", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
+                 "--iodepth=16", "--rw=randwrite", f"--bsrange=4k-{max_bs}",
+                 f"--size={size_mb // 2}M", "--verify=crc32c", "--do_verify=1",
+                 "--verify_fatal=1", "--randrepeat=0")
+    finally:
+        stop.set()
+        thread.join()
+    return r1, r2, flips[0]
 
 
 def reload(name: str, table: str) -> None:

@@ -12,14 +12,13 @@ import json
 import mmap
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import (cmp_devices, fio, fio_errors, insmod, module_loaded, reload, rmmod, run,
-                      sectors_of, wait_for_path)
+                      sectors_of, verify_while_flipping, wait_for_path)
 
 from iobridge.core import abi, decision
 from iobridge.core.errors import IobridgeError
@@ -835,38 +834,19 @@ def test_integrity_under_routing_flips(make_nullb, make_iobridge, routing):
     dev = f"/dev/mapper/{name}"
     tid = dmtarget.target_ref(name)
     routing.attach()
-    stop = threading.Event()
-    flips = [0]
+    def flip(i: int) -> None:
+        leg = i % 2
+        routing.set_leg(tid, leg, penalty_ns=0, ttl_s=5)
+        routing.set_leg(tid, 1 - leg, penalty_ns=HUGE_NS, ttl_s=5)
+        time.sleep(0.003)
 
-    def flipper():
-        leg = 0
-        while not stop.is_set():
-            routing.set_leg(tid, leg, penalty_ns=0, ttl_s=5)
-            routing.set_leg(tid, 1 - leg, penalty_ns=HUGE_NS, ttl_s=5)
-            leg = 1 - leg
-            flips[0] += 1
-            time.sleep(0.003)
-
-    thread = threading.Thread(target=flipper, daemon=True)
-    thread.start()
-    try:
-        # Write everything with checksummed blocks, verifying as it goes and
-        # again at the end; some blocks are rewritten while the table flips.
-        result = fio("--name=verify", f"--filename={dev}", "--direct=1",
-                     "--ioengine=libaio", "--iodepth=8", "--rw=randwrite", "--bs=4k",
-                     f"--size={size_mb}M", "--verify=crc32c", "--do_verify=1",
-                     "--verify_fatal=1", "--verify_backlog=256", "--randrepeat=0")
-        # A second pass: mixed sizes through the same flips.
-        result2 = fio("--name=verify2", f"--filename={dev}", "--direct=1",
-                      "--ioengine=libaio", "--iodepth=16", "--rw=randwrite",
-                      "--bsrange=4k-128k", f"--size={size_mb // 2}M", "--verify=crc32c",
-                      "--do_verify=1", "--verify_fatal=1", "--randrepeat=0")
-    finally:
-        stop.set()
-        thread.join()
+    # Write everything with checksummed blocks, verifying as it goes and
+    # again at the end; some blocks are rewritten while the table flips;
+    # then a second pass of mixed sizes through the same flips.
+    result, result2, flips = verify_while_flipping(dev, size_mb, "128k", flip)
     assert fio_errors(result) == 0 and fio_errors(result2) == 0
     st = dmtarget.status(name)
-    assert flips[0] > 50, flips
+    assert flips > 50, flips
     assert st.legs[0].hook_routed > 0 and st.legs[1].hook_routed > 0, st
     assert st.health == "AA" and st.read_failures == 0 and st.write_failures == 0
     run(["sync"])

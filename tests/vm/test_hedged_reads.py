@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import cmp_devices, fio, fio_errors, reload, run, sectors_of
+from conftest import (cmp_devices, fio, fio_errors, reload, run, sectors_of,
+                      verify_while_flipping)
 
 from iobridge.core import abi
 from iobridge.kernel import dmtarget
@@ -57,36 +57,17 @@ def test_hedged_reads_verify_while_the_slow_leg_flips(make_nullb, make_dm, make_
     dev = f"/dev/mapper/{name}"
     assert dmtarget.table(name).endswith("4 hedge_us 1 hedge_budget 100")
 
-    stop = threading.Event()
-    flips = [0]
+    def flip(i: int) -> None:
+        reload(Path(slow).name, delay_table(base[1], 3 if i % 2 == 0 else 0))
+        time.sleep(0.2)
 
-    def flipper() -> None:
-        ms = 3
-        while not stop.is_set():
-            reload(Path(slow).name, delay_table(base[1], ms))
-            ms = 3 - ms
-            flips[0] += 1
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=flipper, daemon=True)
-    thread.start()
-    try:
-        r1 = fio("--name=verify", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-                 "--iodepth=8", "--rw=randwrite", "--bs=4k", f"--size={size_mb}M",
-                 "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-                 "--verify_backlog=256", "--randrepeat=0")
-        r2 = fio("--name=verify2", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-                 "--iodepth=16", "--rw=randwrite", "--bsrange=4k-512k", f"--size={size_mb // 2}M",
-                 "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0")
-    finally:
-        stop.set()
-        thread.join()
+    r1, r2, flips = verify_while_flipping(dev, size_mb, "512k", flip)
     assert fio_errors(r1) == 0 and fio_errors(r2) == 0
     st = dmtarget.status(name)
     h = st.hedge
-    print(f"\nflips {flips[0]}, hedges issued {h.issued} won {h.won} lost {h.lost} "
+    print(f"\nflips {flips}, hedges issued {h.issued} won {h.won} lost {h.lost} "
           f"refused {h.refused}, leg reads {[leg.reads for leg in st.legs]}")
-    assert flips[0] >= 3, flips
+    assert flips >= 3, flips
     assert h.issued > 0 and h.won > 0, h
     assert h.refused == 0, h           # budget 100%: every due hedge has a token
     assert st.health == "AA" and st.read_failures == 0 and st.write_failures == 0, st
