@@ -172,7 +172,7 @@ def test_reload_and_remove_with_hedges_in_flight(make_nullb, make_dm, make_iobri
     """Losing reads outlive the reads they answered (leg 1 takes 400 ms):
     a suspend waits for them (nothing left while suspended), table reloads
     under load lose no read, and removing the target right after I/O
-    stops, with losers still on leg 1 (400 ms), leaves no warning (the fixture
+    stops, with losers still on leg 1 (then 5 s), leaves no warning (the fixture
     checks the kernel log) and lets the module unload at the end."""
     size_mb = 8
     base = [make_nullb(size_mb=size_mb), make_nullb(size_mb=size_mb)]
@@ -200,7 +200,11 @@ def test_reload_and_remove_with_hedges_in_flight(make_nullb, make_dm, make_iobri
     h = dmtarget.status(name).hedge
     print(f"\nafter reloads: {h}")
 
-    # Hedges in flight at removal: a burst of reads, then remove at once.
+    # Hedges in flight at removal: leg 1 now takes 5 s, so the losers of a
+    # burst (reads first sent to leg 1 and answered by their hedge on leg 0)
+    # are still there when the target goes, however slow the host (with
+    # 400 ms they had ended before the status read on a busy host).
+    reload(Path(slow).name, delay_table(base[1], 5000))
     burst = subprocess.Popen(["fio", "--name=burst", f"--filename={dev}", "--direct=1",
                               "--ioengine=libaio", "--iodepth=16", "--rw=randread", "--bs=4k",
                               "--number_ios=64", f"--size={size_mb}M"],
