@@ -122,6 +122,7 @@ struct iob_c {
 	atomic64_t hedges_won;		/* the hedge completed the read */
 	atomic64_t hedges_lost;		/* issued, and the first read completed it */
 	atomic64_t hedges_refused;	/* due, but the bucket had no token */
+	atomic64_t hedges_nomem;	/* no bounce memory: read unhedged, or hedge not sent */
 	atomic_t hedge_active;		/* hedged reads alive (struct iob_hedge) */
 	atomic_t bounce_pages;		/* bounce pages held by them */
 	wait_queue_head_t hedge_wait;	/* for hedge_active to reach 0 */
@@ -809,7 +810,7 @@ static void iob_hedge_work(struct work_struct *w)
 		spin_unlock_irqrestore(&h->lock, flags);
 		if (hedge) {
 			atomic64_add(IOBRIDGE_HEDGE_TOKEN, &ic->hedge_tokens);	/* unspent */
-			atomic64_inc(&ic->hedges_refused);
+			atomic64_inc(&ic->hedges_nomem);
 			/* the read in flight may have failed meanwhile */
 			continue;
 		}
@@ -829,12 +830,19 @@ static bool iob_hedge_read(struct iob_c *ic, struct iob_io *io, struct bio *bio,
 	struct iob_hedge *h;
 	u64 now;
 
+	/* Not a read a bounce copy can stand for: one that must not wait, one
+	 * completed by polling (dm clears REQ_POLLED for a target without
+	 * iopoll; checked all the same), or one with an integrity payload (the
+	 * bounce read would not fill it). */
 	if (!bio->bi_iter.bi_size || bio->bi_iter.bi_size > IOB_HEDGE_MAX_PAGES * PAGE_SIZE ||
-	    (bio->bi_opf & REQ_NOWAIT) || !READ_ONCE(ic->hedge_budget_pct))
+	    (bio->bi_opf & (REQ_NOWAIT | REQ_POLLED | REQ_INTEGRITY)) ||
+	    !READ_ONCE(ic->hedge_budget_pct))
 		return false;
 	h = mempool_alloc(ic->hedge_pool, GFP_NOWAIT);
-	if (!h)
+	if (!h) {
+		atomic64_inc(&ic->hedges_nomem);
 		return false;
+	}
 	memset(h, 0, sizeof(*h));
 	h->ic = ic;
 	h->orig = bio;
@@ -845,6 +853,7 @@ static bool iob_hedge_read(struct iob_c *ic, struct iob_io *io, struct bio *bio,
 	hc = iob_hclone_alloc(h, leg, GFP_NOWAIT);
 	if (!hc) {
 		mempool_free(h, ic->hedge_pool);
+		atomic64_inc(&ic->hedges_nomem);
 		return false;
 	}
 	atomic_inc(&ic->hedge_active);
@@ -1437,13 +1446,14 @@ static void iob_status(struct dm_target *ti, status_type_t type,
 			       (unsigned long long)atomic64_read(&leg->hook_routed),
 			       (unsigned long long)atomic64_read(&leg->default_routed));
 		}
-		DMEMIT(" hedge %u %u %llu %llu %llu %llu %d %d", READ_ONCE(ic->hedge_us),
+		DMEMIT(" hedge %u %u %llu %llu %llu %llu %d %d %llu", READ_ONCE(ic->hedge_us),
 		       READ_ONCE(ic->hedge_budget_pct),
 		       (unsigned long long)atomic64_read(&ic->hedges_issued),
 		       (unsigned long long)atomic64_read(&ic->hedges_won),
 		       (unsigned long long)atomic64_read(&ic->hedges_lost),
 		       (unsigned long long)atomic64_read(&ic->hedges_refused),
-		       atomic_read(&ic->hedge_active), atomic_read(&ic->bounce_pages));
+		       atomic_read(&ic->hedge_active), atomic_read(&ic->bounce_pages),
+		       (unsigned long long)atomic64_read(&ic->hedges_nomem));
 		break;
 	case STATUSTYPE_TABLE:
 		DMEMIT("%u", ic->nr_legs);
@@ -1524,6 +1534,7 @@ static void iob_reset_counters(struct iob_c *ic)
 	atomic64_set(&ic->hedges_won, 0);
 	atomic64_set(&ic->hedges_lost, 0);
 	atomic64_set(&ic->hedges_refused, 0);
+	atomic64_set(&ic->hedges_nomem, 0);
 	for (i = 0; i < ic->nr_legs; i++) {
 		struct iob_leg *leg = &ic->legs[i];
 
@@ -1661,7 +1672,7 @@ static int iob_iterate_devices(struct dm_target *ti, iterate_devices_callout_fn 
 
 static struct target_type iob_target = {
 	.name = "iobridge",
-	.version = {1, 1, 0},
+	.version = {1, 2, 0},
 	.module = THIS_MODULE,
 	.ctr = iob_ctr,
 	.dtr = iob_dtr,

@@ -22,11 +22,12 @@ def test_parse_status():
 
 
 def test_parse_status_hedge_fields():
-    st = dmtarget.parse_status(STATUS + " hedge 0 5 12 7 3 2 1 4")
+    st = dmtarget.parse_status(STATUS + " hedge 0 5 12 7 3 2 1 4 6")
     assert st.hedge == dmtarget.HedgeStatus(hedge_us=0, budget_pct=5, issued=12, won=7, lost=3,
-                                            refused=2, active=1, bounce_pages=4)
+                                            refused=2, active=1, bounce_pages=4, nomem=6)
     assert dmtarget.parse_status(STATUS).hedge is None      # a target 1.0 line
-    for bad in (" hedge 0 5 12", " hedges 0 5 12 7 3 2 1 4", " hedge 0 5 12 7 3 2 1 x",
+    for bad in (" hedge 0 5 12", " hedges 0 5 12 7 3 2 1 4 6", " hedge 0 5 12 7 3 2 1 x 6",
+                " hedge 0 5 12 7 3 2 1 4",     # a target 1.1 line: a rebuilt module is owed
                 " 253:9"):
         with pytest.raises(dmtarget.IobridgeError):
             dmtarget.parse_status(STATUS + bad)

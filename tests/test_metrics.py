@@ -75,7 +75,7 @@ def _agent():
         cfg=types.SimpleNamespace(model="/m/a.onnx"), model=types.SimpleNamespace(sha256="ab" * 32),
         maker=types.SimpleNamespace(threshold=0.08), policy=policy, counters=counters, times=times,
         target_statuses=lambda: [("iob_t", TargetStatus(3, 9, "learned", "AD", 0, 0, 0, 0, legs,
-                                                        HedgeStatus(0, 5, 7, 4, 3, 2, 0, 0)))])
+                                                        HedgeStatus(0, 5, 7, 4, 3, 2, 0, 0, 1)))])
 
 
 def test_scrape_over_loopback_shows_every_family_with_its_labels():
@@ -95,6 +95,7 @@ def test_scrape_over_loopback_shows_every_family_with_its_labels():
     assert "iobridge_agent_recomputes_total 2.0" in lines
     assert 'iobridge_hedges_issued_total{target="iob_t"} 7.0' in lines
     assert 'iobridge_hedges_refused_total{target="iob_t"} 2.0' in lines
+    assert 'iobridge_hedges_nomem_total{target="iob_t"} 1.0' in lines
     assert 'iobridge_decision_age_seconds_bucket{le="+Inf"} 5.0' in lines
     assert 'iobridge_recompute_seconds_bucket{le="+Inf"} 2.0' in lines
     assert 'iobridge_recompute_seconds_bucket{le="0.001048576"} 0.0' in lines

@@ -1101,6 +1101,8 @@ def format_status(st: dict) -> str:
             lines.append(f"  hedges in the target: {th['issued']} issued, {th['won']} won, "
                          f"{th['lost']} lost, {th['refused']} refused by its budget of "
                          f"{th['budget_pct']}% of reads"
+                         + (f", {th['nomem']} given up for lack of bounce memory"
+                            if th.get("nomem") else "")
                          + (f"; its own deadline {th['hedge_us']} us" if th["hedge_us"] else ""))
         for i, leg in enumerate(t["legs"]):
             b = leg.get("baseline")

@@ -44,6 +44,7 @@ HEDGE_COUNTERS = (
     ("won", "hedged reads the hedge completed"),
     ("lost", "hedged reads the first read completed, the hedge issued"),
     ("refused", "hedges due that the target's budget refused"),
+    ("nomem", "hedged reads or hedges given up for lack of bounce memory"),
 )
 
 

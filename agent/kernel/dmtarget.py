@@ -7,14 +7,16 @@ Status line of the target (`dmsetup status NAME`, after "START LEN iobridge"):
     then per leg: <dev> <reads> <writes> <read_errors> <write_errors>
                   <inflight> <hook_routed> <default_routed>
     then: hedge <hedge_us> <hedge_budget> <issued> <won> <lost> <refused>
-                <active> <bounce_pages>
+                <active> <bounce_pages> <nomem>
 
 A leg's reads count every read sent to it (hedges and retries too);
 hook_routed + default_routed are the callers' reads. The hedge fields
-(target 1.1, ABI 7): the target's own deadline (0 = the routing program's
+(target 1.2, ABI 7): the target's own deadline (0 = the routing program's
 only) and budget (percent of reads), hedges issued, won (the hedge completed
 the read), lost (the first read did), refused (no token in the budget),
-hedged reads alive and the bounce pages they hold (both 0 when idle).
+hedged reads alive and the bounce pages they hold (both 0 when idle), and
+nomem: no bounce memory without waiting (a read that went to its leg
+unhedged, or a hedge due that was not sent).
 
 health has one character per leg: A healthy, F failed (no reads),
 S failed and stale (missed a write; no I/O at all). incarnation names the
@@ -56,7 +58,7 @@ class LegStatus:
 
 
 HEDGE_FIELDS = ("hedge_us", "budget_pct", "issued", "won", "lost", "refused", "active",
-                "bounce_pages")
+                "bounce_pages", "nomem")
 
 
 @dataclasses.dataclass
@@ -69,6 +71,7 @@ class HedgeStatus:
     refused: int
     active: int          # hedged reads alive
     bounce_pages: int    # bounce pages they hold
+    nomem: int           # hedging given up for lack of bounce memory (read unhedged)
 
 
 @dataclasses.dataclass

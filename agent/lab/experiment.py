@@ -76,7 +76,7 @@ GOALS = {
 # --hedging: what "extra reads within the budget" allows above the budget
 # (reads the token bucket held at the start, over a run of a few thousand).
 HEDGE_TOLERANCE = 0.01
-HEDGE_COUNTERS = ("issued", "won", "lost", "refused")
+HEDGE_COUNTERS = ("issued", "won", "lost", "refused", "nomem")
 
 
 def goal_check(name: str, value: float | None) -> dict:
