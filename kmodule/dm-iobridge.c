@@ -1147,12 +1147,62 @@ static void iob_free(struct dm_target *ti, struct iob_c *ic)
 	kfree(ic);
 }
 
+/*
+ * The settings that are one unsigned number, in the table line and by
+ * message alike: one definition of each one's name, range and meaning, so
+ * the two paths cannot disagree. Its error reads "<name> needs <what>
+ * <min>..<max><unit><zero>".
+ */
+struct iob_uint_setting {
+	const char *name;
+	const char *what;
+	const char *unit;
+	const char *zero;	/* what 0 means, "" when 0 is out of range */
+	char *invalid;		/* ti->error for a bad table (dm declares it char *) */
+	u32 min, max;
+	size_t offset;		/* the u32 in struct iob_c */
+};
+
+static const struct iob_uint_setting iob_uint_settings[] = {
+	{ "error_threshold", "a value", "", "", "Invalid error_threshold",
+	  1, IOB_MAX_ERROR_THRESHOLD, offsetof(struct iob_c, error_threshold) },
+	{ "hedge_us", "a deadline", " microseconds", " (0 = the routing program's only)",
+	  "Invalid hedge_us", 0, IOB_MAX_HEDGE_US, offsetof(struct iob_c, hedge_us) },
+	{ "hedge_budget", "a whole percent of reads", "", " (0 = never hedge)",
+	  "Invalid hedge_budget", 0, 100, offsetof(struct iob_c, hedge_budget_pct) },
+};
+
+#define IOB_UINT_NEEDS_FMT "%s needs %s %u..%u%s%s"
+#define IOB_UINT_NEEDS_ARGS(u) (u)->name, (u)->what, (u)->min, (u)->max, (u)->unit, (u)->zero
+
+static const struct iob_uint_setting *iob_uint_setting(const char *name)
+{
+	unsigned int i;
+
+	for (i = 0; i < ARRAY_SIZE(iob_uint_settings); i++)
+		if (!strcasecmp(name, iob_uint_settings[i].name))
+			return &iob_uint_settings[i];
+	return NULL;
+}
+
+/* Set @u from @arg (NULL: missing); false, nothing changed, if out of range. */
+static bool iob_set_uint(struct iob_c *ic, const struct iob_uint_setting *u, const char *arg)
+{
+	unsigned int v;
+
+	if (!arg || kstrtouint(arg, 10, &v) || v < u->min || v > u->max)
+		return false;
+	WRITE_ONCE(*(u32 *)((char *)ic + u->offset), v);
+	return true;
+}
+
 static int iob_parse_options(struct dm_target *ti, struct iob_c *ic,
 			     struct dm_arg_set *as)
 {
 	static const struct dm_arg nopts_arg = {
 		0, IOB_MAX_OPTS, "Invalid number of options (expected a count 0..16 after the leg devices)"
 	};
+	const struct iob_uint_setting *u;
 	unsigned int nopts;
 	const char *opt;
 	int r;
@@ -1170,17 +1220,13 @@ static int iob_parse_options(struct dm_target *ti, struct iob_c *ic,
 		nopts--;
 		if (!strcasecmp(opt, "strict_writes")) {
 			ic->strict_writes = true;
-		} else if (!strcasecmp(opt, "error_threshold")) {
-			unsigned int v;
-
-			if (!nopts || kstrtouint(dm_shift_arg(as), 10, &v) ||
-			    v < 1 || v > IOB_MAX_ERROR_THRESHOLD) {
-				DMERR("error_threshold needs a value 1..%u", IOB_MAX_ERROR_THRESHOLD);
-				ti->error = "Invalid error_threshold";
+		} else if ((u = iob_uint_setting(opt))) {
+			if (!iob_set_uint(ic, u, nopts ? dm_shift_arg(as) : NULL)) {
+				DMERR(IOB_UINT_NEEDS_FMT, IOB_UINT_NEEDS_ARGS(u));
+				ti->error = u->invalid;
 				return -EINVAL;
 			}
 			nopts--;
-			ic->error_threshold = v;
 		} else if (!strcasecmp(opt, "policy")) {
 			int p = nopts ? iob_parse_policy(dm_shift_arg(as)) : -1;
 
@@ -1191,27 +1237,6 @@ static int iob_parse_options(struct dm_target *ti, struct iob_c *ic,
 			}
 			nopts--;
 			ic->policy = p;
-		} else if (!strcasecmp(opt, "hedge_us")) {
-			unsigned int v;
-
-			if (!nopts || kstrtouint(dm_shift_arg(as), 10, &v) || v > IOB_MAX_HEDGE_US) {
-				DMERR("hedge_us needs a deadline 0..%u microseconds (0 = the routing program's only)",
-				      IOB_MAX_HEDGE_US);
-				ti->error = "Invalid hedge_us";
-				return -EINVAL;
-			}
-			nopts--;
-			ic->hedge_us = v;
-		} else if (!strcasecmp(opt, "hedge_budget")) {
-			unsigned int v;
-
-			if (!nopts || kstrtouint(dm_shift_arg(as), 10, &v) || v > 100) {
-				DMERR("hedge_budget needs a whole percent of reads 0..100 (0 = never hedge)");
-				ti->error = "Invalid hedge_budget";
-				return -EINVAL;
-			}
-			nopts--;
-			ic->hedge_budget_pct = v;
 		} else {
 			DMERR("unknown option '%s'", opt);
 			ti->error = "Unknown option";
@@ -1582,6 +1607,7 @@ static int iob_message(struct dm_target *ti, unsigned int argc, char **argv,
 		       char *result, unsigned int maxlen)
 {
 	struct iob_c *ic = ti->private;
+	const struct iob_uint_setting *u;
 	unsigned int leg, v;
 	int p;
 
@@ -1611,30 +1637,11 @@ static int iob_message(struct dm_target *ti, unsigned int argc, char **argv,
 		WRITE_ONCE(ic->policy, p);
 		return 0;
 	}
-	if (argc == 2 && !strcasecmp(argv[0], "error_threshold")) {
-		if (kstrtouint(argv[1], 10, &v) || v < 1 || v > IOB_MAX_ERROR_THRESHOLD) {
-			DMWARN("%s: error_threshold needs a value 1..%u", iob_name(ic),
-			       IOB_MAX_ERROR_THRESHOLD);
+	if (argc == 2 && (u = iob_uint_setting(argv[0]))) {
+		if (!iob_set_uint(ic, u, argv[1])) {
+			DMWARN("%s: " IOB_UINT_NEEDS_FMT, iob_name(ic), IOB_UINT_NEEDS_ARGS(u));
 			return -EINVAL;
 		}
-		WRITE_ONCE(ic->error_threshold, v);
-		return 0;
-	}
-	if (argc == 2 && !strcasecmp(argv[0], "hedge_us")) {
-		if (kstrtouint(argv[1], 10, &v) || v > IOB_MAX_HEDGE_US) {
-			DMWARN("%s: hedge_us needs a deadline 0..%u microseconds", iob_name(ic),
-			       IOB_MAX_HEDGE_US);
-			return -EINVAL;
-		}
-		WRITE_ONCE(ic->hedge_us, v);
-		return 0;
-	}
-	if (argc == 2 && !strcasecmp(argv[0], "hedge_budget")) {
-		if (kstrtouint(argv[1], 10, &v) || v > 100) {
-			DMWARN("%s: hedge_budget needs a whole percent of reads 0..100", iob_name(ic));
-			return -EINVAL;
-		}
-		WRITE_ONCE(ic->hedge_budget_pct, v);
 		return 0;
 	}
 	if (argc == 1 && !strcasecmp(argv[0], "reset_counters")) {
