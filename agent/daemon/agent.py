@@ -217,6 +217,7 @@ class Agent:
         self.cache_observer = None           # its page-cache observer
         self._prefetch_thread: threading.Thread | None = None
         self._prefetch_error: str | None = None   # why prefetch is not running, if asked for
+        self.prefetch_classifier = None      # loaded and checked at start (prefetch not off)
 
     # -- start and stop ---------------------------------------------------
     @staticmethod
@@ -226,6 +227,15 @@ class Agent:
         maker = decision.TableMaker(model, ttl_ns=cfg.ttl_ns, threshold=cfg.threshold,
                                     probe_after_ns=cfg.probe_after_ns)
         return model, maker
+
+    @staticmethod
+    def _load_models(cfg: config_mod.Config):
+        """At start: the admission model and maker, and the prefetch unit's
+        classifier (None with prefetch off), each fully checked."""
+        from .prefetch import classifier_for  # noqa: PLC0415
+        model, maker = Agent._load_model(cfg)
+        classifier = None if cfg.prefetch_mode == "off" else classifier_for(cfg.prefetch_model)
+        return model, maker, classifier
 
     def start(self) -> None:
         from ..kernel.observer import BlockObserver  # noqa: PLC0415
@@ -244,8 +254,10 @@ class Agent:
         # left behind (stop() closes what was compiled).
         from ..core.model import check_quickly  # noqa: PLC0415
         check_quickly(cfg.model, expect="admission")
+        if cfg.prefetch_mode != "off" and not cfg.prefetch_rules:
+            check_quickly(cfg.prefetch_model, expect="prefetch")   # e.g. an admission model
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-check") as ex:
-            checked = ex.submit(self._load_model, cfg)
+            checked = ex.submit(self._load_models, cfg)
             try:
                 self._targets = discover(cfg.targets)  # first listing in line: errors stop the start
                 if cfg.metrics_listen:
@@ -267,9 +279,14 @@ class Agent:
                 model_error = checked.exception()     # waits for the check
             if model_error is not None:
                 raise model_error
-            self.model, self.maker = checked.result()
+            self.model, self.maker, self.prefetch_classifier = checked.result()
         log.info("model %s (threshold %.4f, sha256 %s)", cfg.model, self.maker.threshold,
                  self.model.sha256[:12])
+        if self.prefetch_classifier is not None:
+            c = self.prefetch_classifier
+            sha = getattr(c, "sha256", None)
+            log.info("prefetch classifier %s%s: %s", c.name,
+                     f" (sha256 {sha[:12]})" if sha else "", c.describe())
         self.pins = Pins(cfg.pin_dir)
         self.pins.prepare()
         for name, fd in {**self.policy.map_fds(), **self.legmap.map_fds()}.items():
@@ -301,11 +318,12 @@ class Agent:
         attach (missing hooks, ...) is said in one line and the agent serves
         admission only."""
         from ..kernel.cachestat import CacheObserver  # noqa: PLC0415
-        from ..core.prefetch_rules import RuleClassifier  # noqa: PLC0415
-        from .prefetch import PrefetchUnit  # noqa: PLC0415
+        from .prefetch import PrefetchUnit, classifier_for  # noqa: PLC0415
         cfg = self.cfg
-        unit = PrefetchUnit(None, RuleClassifier(), cfg.prefetch_mode, cfg.prefetch_state_file,
-                            window_s=cfg.prefetch_window_s)
+        if self.prefetch_classifier is None:          # start() loads it before attaching
+            self.prefetch_classifier = classifier_for(cfg.prefetch_model)
+        unit = PrefetchUnit(None, self.prefetch_classifier, cfg.prefetch_mode,
+                            cfg.prefetch_state_file, window_s=cfg.prefetch_window_s)
         unit.prepare()                        # root, and the restore of a killed agent's record
         self.prefetch = unit                  # from here on, stop() restores
         self.notify.status("compiling the page-cache observer")
@@ -678,10 +696,11 @@ class Agent:
             return False
         # hedging: the observer streams leg bios only if it was opened to
         fixed = ("shadow", "pin_dir", "metrics_listen", "hedging", "prefetch_mode",
-                 "prefetch_window_s", "prefetch_state_file")
+                 "prefetch_window_s", "prefetch_state_file", "prefetch_model")
         if any(getattr(cfg, k) != getattr(self.cfg, k) for k in fixed):
             log.warning("shadow, pin_dir, metrics_listen, admission.hedging and the prefetch "
-                        "keys take effect at restart only")
+                        "keys take effect at restart only (prefetch: mode, window_s, "
+                        "state_file, model)")
             cfg = dataclasses.replace(cfg, **{k: getattr(self.cfg, k) for k in fixed})
         self.cfg, self.model, self.maker = cfg, model, maker
         self._dirty = True            # the new model (or probing, expiry) fills the table
@@ -916,13 +935,22 @@ def hedge_reason(h: dict) -> str:
 # CLI
 # ---------------------------------------------------------------------------
 
-def cmd_run(args) -> int:
+def run_overrides(args) -> dict:
+    """The config values `iobridge run`'s options set (absent ones left out),
+    model paths made absolute as --model's always were; "rules" kept as is."""
+    pmodel = args.prefetch_model
+    if pmodel is not None and not config_mod.is_rules(pmodel):
+        pmodel = Path(pmodel).resolve()
     overrides = {"model": Path(args.model).resolve() if args.model else None,
                  "tick_ms": args.tick_ms, "shadow": True if args.shadow else None,
                  "status_file": Path(args.status_file) if args.status_file else None,
                  "metrics_listen": args.metrics_listen, "prefetch_mode": args.prefetch,
-                 "hedging": args.hedging}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+                 "hedging": args.hedging, "prefetch_model": pmodel}
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def cmd_run(args) -> int:
+    overrides = run_overrides(args)
     cfg = config_mod.load(args.config).replace(**overrides)
     if args.verbose == 0:
         logging.getLogger().setLevel(cfg.log_level.upper())
@@ -1088,6 +1116,12 @@ def format_status(st: dict) -> str:
                          f"{c['willneed_calls']} willneed calls, {c['dropped_pages']} pages "
                          f"dropped behind), {c['restores']} restores; streams per class: "
                          + ", ".join(f"{k} {v}" for k, v in pf["streams_per_class"].items()))
+            ci = pf.get("classifier_info")
+            if ci:
+                model = f"model {ci['path']} (sha256 {ci['sha256'][:12]})" if ci.get("sha256") \
+                    else "rule-based (prefetch.model = rules)"
+                lines.append(f"  classifier {ci['name']}: {model}; {c.get('classified', 0)} "
+                             "stream windows classified")
     if st.get("discovery_error"):
         lines.append(f"target discovery failing: {st['discovery_error']}")
     if not st["targets"]:
@@ -1175,6 +1209,10 @@ def register_cli(sub) -> None:
                             "another model, for one minute"),
                            ("sudo iobridge run --hedging on",
                             "also publish learned hedge deadlines per leg and key"),
+                           ("sudo iobridge run --prefetch on",
+                            "also tune readahead with the shipped prefetch model"),
+                           ("sudo iobridge run --prefetch shadow --prefetch-model rules",
+                            "the rule-based prefetch classifier, deciding and logging only"),
                            ("sudo iobridge run --metrics-listen 127.0.0.1:9464",
                             "with Prometheus metrics at http://127.0.0.1:9464/metrics"),
                            ("sudo systemctl reload iobridge", "SIGHUP: reload config and model")))
@@ -1198,6 +1236,12 @@ def register_cli(sub) -> None:
                    help="the prefetch unit: off, shadow (decide and log at debug level, change "
                         "nothing) or on (set read_ahead_kb and advise open files; restored on "
                         "stop) (overrides prefetch.mode; default off)")
+    p.add_argument("--prefetch-model", metavar="PATH|rules",
+                   help="the prefetch unit's classifier: an ONNX prefetch model (default: the "
+                        "shipped models/prefetch-default.onnx), or 'rules' for the rule-based "
+                        "stand-in for KML's MLP (RuleClassifier); checked at start, before "
+                        "anything is attached (overrides prefetch.model; used with --prefetch "
+                        "shadow or on)")
     p.set_defaults(func=cmd_run)
 
     s = sub.add_parser("status", help="show the running agent: targets, legs, model, table age, counters",

@@ -34,6 +34,9 @@
     window_s = 1.0             # its observe/decide/act period
     state_file = "/run/iobridge/prefetch-state.json"  # the original settings it
                                # changed, restored on stop or at the next start
+    model = "models/prefetch-default.onnx"  # the classifier: an ONNX prefetch model
+                               # (relative paths: to the config file), or "rules" for
+                               # the rule-based stand-in for KML's MLP (RuleClassifier)
 
 Every key is optional. An unknown section or key, a wrong type or a value
 out of range is an error that names the key (ConfigError); nothing is
@@ -55,6 +58,9 @@ from ..core.infiles import read_input
 from . import metrics
 
 DEFAULT_MODEL = resources.data_dir("models") / "admission-default.onnx"
+DEFAULT_PREFETCH_MODEL = resources.data_dir("models") / "prefetch-default.onnx"
+# prefetch.model's value for the rule-based classifier instead of a model
+PREFETCH_RULES = "rules"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PREFETCH_MODES = ("off", "shadow", "on")
 HEDGING_MODES = ("off", "on")
@@ -84,6 +90,7 @@ class Config:
     prefetch_mode: str = "off"
     prefetch_window_s: float = 1.0
     prefetch_state_file: Path = Path("/run/iobridge/prefetch-state.json")
+    prefetch_model: Path | str = DEFAULT_PREFETCH_MODEL   # or PREFETCH_RULES
     source: Path | None = None      # the file it came from, for messages
 
     @property
@@ -103,6 +110,11 @@ class Config:
         return int(self.recompute_ms * 1e6)
 
     @property
+    def prefetch_rules(self) -> bool:
+        """prefetch.model selects the rule-based classifier, not a model."""
+        return is_rules(self.prefetch_model)
+
+    @property
     def probe_after_ns(self) -> int:
         """0 = no probing (the kernel's convention)."""
         return 0 if self.probe_after_ms is None else int(self.probe_after_ms * 1e6)
@@ -112,6 +124,10 @@ class Config:
         new = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
         validate(new, "command line")
         return new
+
+
+def is_rules(v) -> bool:
+    return isinstance(v, str) and v == PREFETCH_RULES
 
 
 def _number(v) -> bool:
@@ -159,6 +175,10 @@ _KEYS = {
                           "a number of seconds from 0.05 to 3600"),
     "prefetch_state_file": ("prefetch", lambda v: isinstance(v, (str, Path)) and str(v) != "",
                             "a path"),
+    "prefetch_model": ("prefetch", lambda v: is_rules(v) or (isinstance(v, (str, Path))
+                                                             and str(v).endswith(".onnx")),
+                       f'the path of an .onnx prefetch model or "{PREFETCH_RULES}" (the '
+                       "rule-based classifier)"),
 }
 SECTIONS = ("agent", "admission", "prefetch")
 # Keys of [prefetch] are named without the prefix in the file (mode, not prefetch_mode).
@@ -179,10 +199,17 @@ def validate(cfg: Config, where: str) -> None:
     for key, (section, check, what) in _KEYS.items():
         value = getattr(cfg, key)
         if not check(value):
-            raise ConfigError(f"{where}: {section}.{_file_key(key)} = {value!r} is invalid: "
+            shown = str(value) if isinstance(value, Path) else value   # as written, not PosixPath(...)
+            raise ConfigError(f"{where}: {section}.{_file_key(key)} = {shown!r} is invalid: "
                               f"it must be {what}")
     if not cfg.shadow and not Path(cfg.model).is_file():
         raise ConfigError(f"{where}: admission.model = {str(cfg.model)!r}: no such file")
+    # Only a prefetch unit that runs needs its model.
+    if cfg.prefetch_mode != "off" and not cfg.prefetch_rules and \
+            not Path(cfg.prefetch_model).is_file():
+        raise ConfigError(f"{where}: prefetch.model = {str(cfg.prefetch_model)!r}: no such file",
+                          f'give an .onnx prefetch model, or "{PREFETCH_RULES}" for the '
+                          "rule-based classifier")
 
 
 def load(path: Path | str | None) -> Config:
@@ -222,9 +249,10 @@ def load(path: Path | str | None) -> Config:
     for key in ("status_file", "pin_dir", "prefetch_state_file"):
         if key in values:
             values[key] = Path(values[key])
-    if "model" in values:
-        model = Path(values["model"])
-        values["model"] = model if model.is_absolute() else (path.parent / model).resolve()
+    for key in ("model", "prefetch_model"):
+        if key in values and not is_rules(values[key]):
+            model = Path(values[key])
+            values[key] = model if model.is_absolute() else (path.parent / model).resolve()
     if "targets" in values:
         values["targets"] = tuple(values["targets"])
     cfg = Config(**values, source=path)

@@ -2,9 +2,10 @@
 tuner). Every window (prefetch.window_s, default 1 s) it closes the
 page-cache observer's feature window (kernel/cachestat.py), classifies each
 stream, device and file, with a classifier object (`classify(feats,
-has_writes, direction)` -> class index or None, and `describe()`: the
-rule-based RuleClassifier now, a learned one with the same interface later),
-and acts through kernel/readahead.py:
+has_writes, direction)` -> class index or None, and `describe()`: the ONNX
+prefetch model's LearnedClassifier by default, or the rule-based
+RuleClassifier; classifier_for picks one from config prefetch.model), and
+acts through kernel/readahead.py:
 
 - a device whose active files show one pattern (or none classified) gets
   the class's read_ahead_kb (core/prefetch_features.CLASS_READAHEAD_KB,
@@ -68,6 +69,26 @@ LADDER = ("random", "normal", "sequential")
 # scan keeps NORMAL and gets WILLNEED instead (readahead only goes forward).
 CLASS_ADVICE = {"random": "random", "random+write": "random", "sequential": "sequential",
                 "reverse": "normal"}
+
+
+def classifier_for(model, check: bool = True):
+    """The classifier config prefetch.model names: "rules" -> RuleClassifier,
+    a path -> LearnedClassifier of that ONNX model, checked as kind prefetch
+    (with `check`: a missing, broken or wrong-kind model raises
+    ModelCheckError with the reason)."""
+    from ..daemon.config import is_rules  # noqa: PLC0415
+    if is_rules(model):
+        from ..core.prefetch_rules import RuleClassifier  # noqa: PLC0415
+        return RuleClassifier()
+    from ..core.prefetch_model import LearnedClassifier  # noqa: PLC0415 (onnxruntime: slow import)
+    return LearnedClassifier(model, check=check)
+
+
+def classifier_info(classifier) -> dict:
+    """What status shows of a classifier: its name, and a model's path and sha256."""
+    sha = getattr(classifier, "sha256", None)
+    return {"name": getattr(classifier, "name", type(classifier).__name__),
+            "path": str(classifier.path) if sha else None, "sha256": sha}
 
 
 def dev_label(dev: int) -> str:
@@ -154,6 +175,7 @@ class Decider:
         self.classifier = classifier
         self.streams: dict = {}
         self.window_no = 0
+        self.classified = 0          # stream windows the classifier gave a class
 
     def stream(self, key) -> Stream:
         s = self.streams.get(key)
@@ -167,8 +189,11 @@ class Decider:
         or the classifier's, kept on the stream and returned."""
         s = self.stream(key)
         notes[key] = self._feedback(w, s, is_file)
-        s.cls = force.get(key) or _cls_name(self.classifier.classify(w.feats, w.has_writes,
-                                                                     w.direction))
+        if key in force:
+            s.cls = force[key]
+        else:
+            s.cls = _cls_name(self.classifier.classify(w.feats, w.has_writes, w.direction))
+            self.classified += s.cls is not None
         return s.cls
 
     def _feedback(self, w: Window, s: Stream, is_file: bool) -> list[str]:
@@ -471,7 +496,7 @@ class PrefetchUnit:
         self.classifier = classifier
         self.force = dict(force or {})
         self.record = Record(record_path)
-        self.counters = {"windows": 0, "actions": 0, "device_changes": 0, "file_advice": 0,
+        self.counters = {"windows": 0, "classified": 0, "actions": 0, "device_changes": 0, "file_advice": 0,
                          "willneed_calls": 0, "dropped_pages": 0, "gone": 0, "errors": 0,
                          "restores": 0, "restored_devices": 0, "restored_files": 0}
         self._prev: tuple[dict, dict] | None = None
@@ -578,6 +603,7 @@ class PrefetchUnit:
         devs, files, kb = self.windows()
         actions = self.decider.decide(devs, files, kb, self.force)
         self.counters["windows"] += 1
+        self.counters["classified"] = self.decider.classified
         for a in actions:
             log.debug("%s%s", "[shadow] " if self.shadow else "", a.line())
         if not self.shadow and actions:
@@ -655,7 +681,9 @@ class PrefetchUnit:
     # -- status ------------------------------------------------------------------
     def status(self) -> dict:
         return {"mode": self.mode, "window_s": self.window_s,
-                "classifier": self.classifier.describe(), "record": str(self.record.path),
+                "classifier": self.classifier.describe(),
+                "classifier_info": classifier_info(self.classifier),
+                "record": str(self.record.path),
                 "streams_per_class": self.decider.classes(),
                 "changed_devices": sorted(self.record.devices),
                 "changed_descriptors": len(self.record.files),
