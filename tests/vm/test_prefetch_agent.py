@@ -1,0 +1,123 @@
+"""The agent's prefetch unit with the learned prefetch model (issue 11), as
+a separate `iobridge run --prefetch on` process on the VM kernel: it runs
+the shipped model on a buffered sequential read of a file on a loop
+device, and puts the device back on SIGTERM; an admission model given as
+prefetch model stops the start with nothing attached."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import run
+from test_agent import PIN_DIR, agents, iobridge, route_programs_attached  # noqa: F401 (agents: a fixture)
+
+from iobridge.daemon.config import DEFAULT_MODEL, DEFAULT_PREFETCH_MODEL
+from iobridge.kernel import blockdev
+from iobridge.kernel import readahead as RA
+
+pytestmark = pytest.mark.vm
+
+PAGE = 4096
+FILE_PAGES = 4096          # 16 MiB
+
+# Reads the file from the start in 128 KiB reads, again and again, its
+# pages dropped before each pass so every pass inserts them anew.
+READER = textwrap.dedent("""
+    import os, sys, time
+    while True:
+        fd = os.open(sys.argv[1], os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        while os.read(fd, 128 << 10):
+            time.sleep(0.01)
+        os.close(fd)
+""")
+
+
+@pytest.fixture
+def ext4(make_loop, tmp_path):
+    """A fresh ext4 on a loop device: (mount point, its read_ahead_kb file)."""
+    loop = make_loop(64)
+    run(["mkfs.ext4", "-q", "-F", loop])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run(["mount", "-o", "noatime", loop, str(mnt)])
+    st = os.stat(mnt)
+    ra = RA.Actuators().ra_path(blockdev.kdev(os.major(st.st_dev), os.minor(st.st_dev)))
+    assert ra is not None, f"no read_ahead_kb for {loop}"
+    orig = ra.read_text()
+    yield mnt, ra
+    ra.write_text(orig)           # whatever a failing test left
+    run(["umount", str(mnt)])
+
+
+def test_an_admission_model_as_prefetch_model_is_refused(iobridge_module):
+    attached = route_programs_attached()
+    t0 = time.monotonic()
+    proc = iobridge("run", "--prefetch", "on", "--prefetch-model", str(DEFAULT_MODEL),
+                    "--duration", "5")
+    print(f"refused in {time.monotonic() - t0:.1f} s: {proc.stderr.strip()}")
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "model of the wrong kind: an admission model" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert route_programs_attached() == attached and not PIN_DIR.exists()
+
+
+@pytest.mark.timeout(900)   # an agent start: BCC under TCG, slower on a busy host
+def test_the_agent_runs_the_learned_model_and_restores_on_stop(iobridge_module, agents, ext4,
+                                                               tmp_path):
+    mnt, ra = ext4
+    orig = ra.read_text().strip()
+    path = mnt / "scan"
+    with open(path, "wb") as f:
+        f.write(os.urandom(FILE_PAGES * PAGE))
+        f.flush()
+        os.fsync(f.fileno())
+    state = tmp_path / "prefetch-state.json"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[prefetch]\nstate_file = "{state}"\n')     # the model: the default
+    t0 = time.monotonic()
+    agent = agents("--config", str(cfg), "--prefetch", "on")
+    start_s = time.monotonic() - t0
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(path)])
+    try:
+        t1 = time.monotonic()
+        st = agent.wait_status(lambda s: s["prefetch"].get("running")
+                               and s["prefetch"]["counters"]["classified"] >= 1, timeout_s=180)
+        classified_s = time.monotonic() - t1
+        try:      # what it did, for the record; the model's choice is not under test
+            st = agent.wait_status(lambda s: s["prefetch"]["counters"]["actions"] >= 1,
+                                   timeout_s=20)
+        except Exception as err:      # noqa: BLE001
+            print(f"no action within 20 s: {str(err)[:200]}")
+        running_kb = ra.read_text().strip()
+        text = iobridge("status", "--status-file", str(agent.status_file))
+    finally:
+        reader.kill()
+        reader.wait()
+    pf = st["prefetch"]
+    print(f"agent start {start_s:.1f} s; first classified window after {classified_s:.1f} s; "
+          f"read_ahead_kb {orig} -> {running_kb} while running")
+    print("status:", json.dumps({k: pf[k] for k in ("mode", "classifier_info", "counters",
+                                                    "streams_per_class", "changed_devices")}))
+    print(text.stdout)
+    card = json.loads((DEFAULT_PREFETCH_MODEL.parent / "prefetch-default.card.json").read_text())
+    assert pf["mode"] == "on" and pf["running"]
+    assert pf["classifier_info"] == {"name": "learned:prefetch-default.onnx",
+                                     "path": str(DEFAULT_PREFETCH_MODEL),
+                                     "sha256": card["model_sha256"]}
+    assert pf["classifier"].startswith(f"ONNX prefetch model {DEFAULT_PREFETCH_MODEL}")
+    assert text.returncode == 0, text.stderr
+    assert "classifier learned:prefetch-default.onnx: model " in text.stdout
+    assert f"prefetch classifier learned:prefetch-default.onnx (sha256 " \
+           f"{card['model_sha256'][:12]})" in agent.log()
+
+    assert agent.stop() == 0, agent.log()[-2000:]
+    assert ra.read_text().strip() == orig, "read_ahead_kb restored on stop"
+    assert not state.exists()
+    assert not PIN_DIR.exists() and not agent.status_file.exists()
