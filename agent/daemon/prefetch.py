@@ -76,7 +76,7 @@ def classifier_for(model, check: bool = True):
     a path -> LearnedClassifier of that ONNX model, checked as kind prefetch
     (with `check`: a missing, broken or wrong-kind model raises
     ModelCheckError with the reason)."""
-    from ..daemon.config import is_rules  # noqa: PLC0415
+    from .config import is_rules  # noqa: PLC0415
     if is_rules(model):
         from ..core.prefetch_rules import RuleClassifier  # noqa: PLC0415
         return RuleClassifier()
