@@ -231,10 +231,10 @@ def kernel_line(release: str) -> tuple[int, int]:
 # otherwise picks the emulated HPET (its watchdog distrusts the TSC), and
 # every clock read traps into QEMU: in a profile of 4 KiB reads on null_blk,
 # read_hpet took 35% of all samples (the block layer's and fio's own
-# timestamps), and halving the I/O rate of every VM test and benchmark. TCG's
-# TSC is the host's, constant and the same on every vCPU, so the watchdog's
-# check is skipped (tsc=reliable). Measured: 4 KiB QD1 reads on null_blk
-# 26.8k IOPS with the HPET, 54.0k with the TSC.
+# timestamps), so costs that read the clock weighed far more than on a real
+# host. TCG's TSC is the host's, constant and the same on every vCPU, so the
+# watchdog's check is skipped (tsc=reliable). Measured: 4 KiB QD1 reads on
+# null_blk 26.8k IOPS with the HPET, 54.0k with the TSC.
 GUEST_CLOCK_ARGS = "clocksource=tsc tsc=reliable"
 
 
