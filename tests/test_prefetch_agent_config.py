@@ -12,6 +12,7 @@ import logging
 
 import pytest
 from test_daemon_logic import FixedModel, RecordingNotifier, fake_agent
+from test_prefetch_unit import _status_lines
 
 from iobridge import cli
 from iobridge.core import decision, resources
@@ -227,16 +228,6 @@ def test_a_reload_keeps_the_prefetch_model_as_started(caplog):
         in caplog.text
 
 
-def status_lines(pf):
-    st = {"agent_alive": True, "pid": 1, "status_age_s": 0.1,
-          "model": {"path": "m.onnx", "threshold": 0.1, "sha256": "ab" * 32},
-          "shadow": False, "tick_ms": 250, "ttl_ticks": 12, "max_silence_ms": 2000,
-          "program_attached": True, "pins": [], "counters": {}, "routing": {},
-          "timing_us": {p: {"p50_us": 1, "p99_us": 2} for p in daemon.PHASES},
-          "targets": [], "prefetch": pf}
-    return daemon.format_status(st).splitlines()
-
-
 def test_status_shows_the_classifier(tmp_path):
     learned = P.classifier_for(SHIPPED)
     unit = P.PrefetchUnit(None, learned, "on", tmp_path / "state.json")
@@ -245,11 +236,11 @@ def test_status_shows_the_classifier(tmp_path):
     assert pf["counters"]["classified"] == 0
     json.dumps(pf)                        # the status file's prefetch part
     assert f"  classifier learned:prefetch-default.onnx: model {SHIPPED} (sha256 " \
-           f"{learned.sha256[:12]}); 0 stream windows classified" in status_lines(pf)
+           f"{learned.sha256[:12]}); 0 stream windows classified" in _status_lines(daemon, pf)
     rules = P.PrefetchUnit(None, RuleClassifier(), "shadow", tmp_path / "state.json")
     pf = {"running": True, **rules.status()}
     assert "  classifier kml-rules: rule-based (prefetch.model = rules); 0 stream windows " \
-           "classified" in status_lines(pf)
+           "classified" in _status_lines(daemon, pf)
 
 
 def test_classified_counts_the_classifiers_decisions_not_forced_ones():
