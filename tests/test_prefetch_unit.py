@@ -499,7 +499,13 @@ def test_agent_without_an_observer_says_so_in_one_line_and_serves_admission_only
     assert not (tmp_path / "state.json").exists()
     st = agent._prefetch_status()
     assert st == {"mode": "on", "running": False, "error": warn[0].message.split("(", 1)[1]
-                  .rsplit(")", 1)[0]}
+                  .rsplit(")", 1)[0], "classifier_info": P.classifier_info(agent.prefetch_classifier)}
+    # the classifier checked at start is named even though it does not run
+    assert st["classifier_info"]["path"] == str(config.DEFAULT_PREFETCH_MODEL)
+    lines = _status_lines(daemon, st)
+    at = lines.index(f"prefetch on: not running ({st['error']})")
+    assert lines[at + 1].startswith(f"  classifier {st['classifier_info']['name']}: model "
+                                    f"{config.DEFAULT_PREFETCH_MODEL} (sha256 ")
     agent._stop_prefetch()
 
 

@@ -832,8 +832,13 @@ class Agent:
 
     def _prefetch_status(self) -> dict:
         if self.prefetch is None or self._prefetch_error:
+            # the classifier was loaded and checked at start even when the
+            # observer then could not attach: say which one would have run
+            from .prefetch import classifier_info  # noqa: PLC0415
+            c = self.prefetch_classifier
             return {"mode": "off" if self._prefetch_error is None else self.cfg.prefetch_mode,
-                    "running": False, "error": self._prefetch_error}
+                    "running": False, "error": self._prefetch_error,
+                    "classifier_info": None if c is None else classifier_info(c)}
         return {"running": self._prefetch_thread is not None, **self.prefetch.status()}
 
     def _table_view(self, table: decision.KeyedTable | None) -> list[dict]:
@@ -1107,8 +1112,14 @@ def format_status(st: dict) -> str:
         f"{p} {tm[p]['p50_us']}/{tm[p]['p99_us']}" for p in PHASES))
     pf = st.get("prefetch")
     if pf and pf.get("mode", "off") != "off":
+        ci = pf.get("classifier_info")
+        model = None if not ci else (
+            f"model {ci['path']} (sha256 {ci['sha256'][:12]})" if ci.get("sha256")
+            else "rule-based (prefetch.model = rules)")
         if not pf.get("running"):
             lines.append(f"prefetch {pf['mode']}: not running ({pf.get('error')})")
+            if ci:
+                lines.append(f"  classifier {ci['name']}: {model}")
         else:
             c = pf["counters"]
             lines.append(f"prefetch {pf['mode']}: {c['windows']} windows, {c['actions']} actions "
@@ -1116,10 +1127,7 @@ def format_status(st: dict) -> str:
                          f"{c['willneed_calls']} willneed calls, {c['dropped_pages']} pages "
                          f"dropped behind), {c['restores']} restores; streams per class: "
                          + ", ".join(f"{k} {v}" for k, v in pf["streams_per_class"].items()))
-            ci = pf.get("classifier_info")
             if ci:
-                model = f"model {ci['path']} (sha256 {ci['sha256'][:12]})" if ci.get("sha256") \
-                    else "rule-based (prefetch.model = rules)"
                 lines.append(f"  classifier {ci['name']}: {model}; {c.get('classified', 0)} "
                              "stream windows classified")
     if st.get("discovery_error"):
