@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -145,6 +146,58 @@ def make_loop(tmp_path):
     yield factory
     for dev in reversed(devices):
         run(["losetup", "-d", dev], check=False)
+
+
+class Ext4(NamedTuple):
+    mnt: Path       # the mount point
+    dev: int        # the kernel dev_t of the file system (cachestat's key)
+    ra: Path        # the device's read_ahead_kb file
+
+
+@pytest.fixture
+def ext4(make_loop, tmp_path):
+    """A fresh ext4 on a 96 MiB loop device (tmpfs has no readahead), mounted
+    noatime: an Ext4. Its read_ahead_kb is put back before the umount,
+    whatever a failing test left there."""
+    from iobridge.kernel import blockdev
+    from iobridge.kernel import readahead
+
+    loop = make_loop(96)
+    run(["mkfs.ext4", "-q", "-F", loop])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run(["mount", "-o", "noatime", loop, str(mnt)])
+    st = os.stat(mnt)
+    dev = blockdev.kdev(os.major(st.st_dev), os.minor(st.st_dev))
+    ra = readahead.Actuators().ra_path(dev)
+    assert ra is not None, f"no read_ahead_kb for {loop}"
+    orig = ra.read_text()
+    yield Ext4(mnt, dev, ra)
+    ra.write_text(orig)
+    run(["umount", str(mnt)])
+
+
+PAGE = 4096
+
+
+def make_file(path, pages: int) -> int:
+    """A file of `pages` pages of random data, written, synced and dropped from
+    the page cache (so the first read inserts every page); its inode number."""
+    with open(path, "wb") as f:
+        f.write(os.urandom(pages * PAGE))
+        f.flush()
+        os.fsync(f.fileno())
+    drop(path)
+    return os.stat(path).st_ino
+
+
+def drop(path) -> None:
+    """Drop a file's pages from the page cache (POSIX_FADV_DONTNEED)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- scsi_debug

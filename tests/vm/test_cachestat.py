@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run
+from conftest import drop, make_file, run
 
 import iobridge
 from iobridge.core import cachestat_abi as cabi
@@ -34,38 +34,6 @@ def observer():
     with cs.CacheObserver(stream=True) as obs:
         print(f"cachestat compile time in the VM: {obs.compile_seconds:.1f}s; {obs.hooks}")
         yield obs
-
-
-@pytest.fixture
-def ext4(make_loop, tmp_path):
-    """A fresh ext4 on a loop device, mounted: (mount point, kernel dev_t)."""
-    loop = make_loop(96)
-    run(["mkfs.ext4", "-q", "-F", loop])
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    run(["mount", "-o", "noatime", loop, str(mnt)])
-    st = os.stat(mnt)
-    yield mnt, cs.blockdev.kdev(os.major(st.st_dev), os.minor(st.st_dev))
-    run(["umount", str(mnt)])
-
-
-def make_file(path, pages: int) -> int:
-    """A file of `pages` pages of random data, written, synced and dropped from
-    the page cache; returns its inode number."""
-    with open(path, "wb") as f:
-        f.write(os.urandom(pages * PAGE))
-        f.flush()
-        os.fsync(f.fileno())
-    drop(path)
-    return os.stat(path).st_ino
-
-
-def drop(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def read_all(path) -> int:
@@ -93,15 +61,14 @@ def drain(obs) -> None:
 
 
 def test_cold_read_warm_read_and_drop_count_exactly(observer, ext4):
-    mnt, dev = ext4
     pages = 1024                          # 4 MiB
-    path = mnt / "seq"
+    path = ext4.mnt / "seq"
     ino = make_file(path, pages)
     assert observer.plan["insertion"][0] == "tracepoint"
 
-    cold = delta_of(observer, dev, ino, lambda: read_all(path))
-    warm = delta_of(observer, dev, ino, lambda: read_all(path))
-    dropped = delta_of(observer, dev, ino, lambda: drop(path))
+    cold = delta_of(observer, ext4.dev, ino, lambda: read_all(path))
+    warm = delta_of(observer, ext4.dev, ino, lambda: read_all(path))
+    dropped = delta_of(observer, ext4.dev, ino, lambda: drop(path))
     print("cold:", cold)
     print("warm:", warm)
     print("drop:", dropped)
@@ -127,14 +94,13 @@ def test_cold_read_warm_read_and_drop_count_exactly(observer, ext4):
     assert dropped["removed_used"] == pages
     assert dropped["removed_unused"] == 0 and dropped["removed_untracked"] == 0
     assert dropped["ra_unused_removed"] == 0
-    total = file_counters(observer, dev, ino).values
+    total = file_counters(observer, ext4.dev, ino).values
     assert total["ra_used"] == total["ra_pages"] == cold["ra_pages"]
 
 
 def test_random_reads_get_little_readahead_next_to_sequential(observer, ext4):
-    mnt, dev = ext4
     pages, n = 4096, 256
-    seq, rnd = mnt / "seq", mnt / "rnd"
+    seq, rnd = ext4.mnt / "seq", ext4.mnt / "rnd"
     seq_ino, rnd_ino = make_file(seq, pages), make_file(rnd, pages)
 
     def sequential():
@@ -150,8 +116,8 @@ def test_random_reads_get_little_readahead_next_to_sequential(observer, ext4):
         finally:
             os.close(fd)
 
-    s = delta_of(observer, dev, seq_ino, sequential)
-    r = delta_of(observer, dev, rnd_ino, randomly)
+    s = delta_of(observer, ext4.dev, seq_ino, sequential)
+    r = delta_of(observer, ext4.dev, rnd_ino, randomly)
     print("sequential:", s)
     print("random:", r)
     assert r["reads"] == n
@@ -162,17 +128,16 @@ def test_random_reads_get_little_readahead_next_to_sequential(observer, ext4):
 
 
 def test_prefetched_pages_dropped_unread_are_wasted_and_streamed(observer, ext4):
-    mnt, dev = ext4
-    path = mnt / "willneed"
+    path = ext4.mnt / "willneed"
     ino = make_file(path, 256)
     ra = 32                # WILLNEED is capped near the readahead size (128 KiB here)
     drain(observer)
     dropped_before = observer.dropped_events()
     fd = os.open(path, os.O_RDONLY)
     try:
-        d = delta_of(observer, dev, ino,
+        d = delta_of(observer, ext4.dev, ino,
                      lambda: os.posix_fadvise(fd, 64 * PAGE, ra * PAGE, os.POSIX_FADV_WILLNEED))
-        gone = delta_of(observer, dev, ino, lambda: drop(path))
+        gone = delta_of(observer, ext4.dev, ino, lambda: drop(path))
     finally:
         os.close(fd)
     print("willneed:", d, "drop:", gone)
@@ -181,7 +146,7 @@ def test_prefetched_pages_dropped_unread_are_wasted_and_streamed(observer, ext4)
     assert gone["removed_unused"] == ra and gone["ra_unused_removed"] == ra
     assert gone["removed_used"] == 0
     ev = [e for e in observer.poll_events(timeout_ms=100)
-          if int(e["ino"]) == ino and int(e["dev"]) == dev]
+          if int(e["ino"]) == ino and int(e["dev"]) == ext4.dev]
     kinds = [int(e["kind"]) for e in ev]
     inserts = [e for e in ev if int(e["kind"]) == cabi.CEV_INSERT]
     assert len(inserts) == ra
@@ -228,8 +193,7 @@ def test_a_missing_required_hook_is_named_and_nothing_attached():
 
 
 def test_json_output_parses_and_shows_the_file(ext4, tmp_path):
-    mnt, dev = ext4
-    path = mnt / "json"
+    path = ext4.mnt / "json"
     ino = make_file(path, 512)
     reader = tmp_path / "reader.sh"
     # The reader waits for the command to attach, then reads the file once.
@@ -264,7 +228,7 @@ def test_json_output_parses_and_shows_the_file(ext4, tmp_path):
     assert sum(f["insertions"] for f in rows) == 512
     assert rows[0]["path"] in (None, str(path))
     devs = {d["dev"] for r in lines for d in r["devices"].values()}
-    assert "%d:%d" % cs.blockdev.kdev_split(dev) in devs
+    assert "%d:%d" % cs.blockdev.kdev_split(ext4.dev) in devs
     feats = [f["window"] for f in rows if f["window"]["events"]]
     assert feats and all(set(cs.PF.FEATURE_NAMES) <= set(w) for w in feats)
     assert sum(w["events"] for w in feats) == 512
@@ -295,15 +259,14 @@ def memcg():
 
 
 def test_pages_reclaimed_and_read_again_are_refaults(observer, ext4, memcg):
-    mnt, dev = ext4
     pages = 1024
-    path = mnt / "refault"
+    path = ext4.mnt / "refault"
     ino = make_file(path, pages)
 
     def read_in_cgroup():
         run(["sh", "-c", f"echo $$ > {memcg}/cgroup.procs && exec cat {path} > /dev/null"])
 
-    first = delta_of(observer, dev, ino, read_in_cgroup)
+    first = delta_of(observer, ext4.dev, ino, read_in_cgroup)
 
     def reclaim():
         # Reclaim half of the cgroup's page cache (only the file's pages are
@@ -322,9 +285,9 @@ def test_pages_reclaimed_and_read_again_are_refaults(observer, ext4, memcg):
             return sum(int(v) for k, v in (line.split() for line in f)
                        if k == "workingset_refault_file")
 
-    evicted = delta_of(observer, dev, ino, reclaim)
+    evicted = delta_of(observer, ext4.dev, ino, reclaim)
     k0 = vmstat_refaults()
-    again = delta_of(observer, dev, ino, read_in_cgroup)
+    again = delta_of(observer, ext4.dev, ino, read_in_cgroup)
     kernel_refaults = vmstat_refaults() - k0
     print("first:", first, "reclaim:", evicted, "again:", again,
           "kernel's workingset_refault_file:", kernel_refaults)

@@ -16,7 +16,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import run
+from conftest import make_file
 
 import iobridge
 from iobridge.core import cachestat_abi as cabi
@@ -72,35 +72,6 @@ def observer():
         yield obs
 
 
-@pytest.fixture
-def ext4(make_loop, tmp_path):
-    """A fresh ext4 on a loop device: (mount point, kernel dev_t, its read_ahead_kb file)."""
-    loop = make_loop(96)
-    run(["mkfs.ext4", "-q", "-F", loop])
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    run(["mount", "-o", "noatime", loop, str(mnt)])
-    st = os.stat(mnt)
-    dev = cs.blockdev.kdev(os.major(st.st_dev), os.minor(st.st_dev))
-    ra = RA.Actuators().ra_path(dev)
-    assert ra is not None, f"no read_ahead_kb for {loop}"
-    orig = ra.read_text()
-    yield mnt, dev, ra
-    ra.write_text(orig)           # whatever a failing test left
-    run(["umount", str(mnt)])
-
-
-def make_file(path, pages: int) -> int:
-    with open(path, "wb") as f:
-        f.write(os.urandom(pages * PAGE))
-        f.flush()
-        os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-    return os.stat(path).st_ino
-
-
 def delta(obs, key, action) -> dict:
     before = obs.snapshot()[1].get(key, cs.Counters.empty())
     action()
@@ -112,10 +83,9 @@ def ra_kb(ra) -> int:
 
 
 def test_random_advice_stops_the_readers_readahead_and_stop_restores(observer, ext4, tmp_path):
-    mnt, dev, ra = ext4
-    orig = ra_kb(ra)
-    path = mnt / "scan"
-    key = (dev, make_file(path, 4 * STEP))
+    orig = ra_kb(ext4.ra)
+    path = ext4.mnt / "scan"
+    key = (ext4.dev, make_file(path, 4 * STEP))
     state = tmp_path / "state.json"
     r = Reader(path)
     try:
@@ -124,16 +94,16 @@ def test_random_advice_stops_the_readers_readahead_and_stop_restores(observer, e
         assert before["ra_pages"] >= STEP * 0.8 and before["ra_windows"][cabi.RA_ASYNC] >= 1
 
         unit = P.PrefetchUnit(None, RuleClassifier(), "on", state,
-                              force={key: "random", dev: "sequential"})
+                              force={key: "random", ext4.dev: "sequential"})
         unit.start(observer)
         acts = unit.step()
         print("actions:", [a.line() for a in acts])
-        assert {(a.kind, a.key, a.new) for a in acts} >= {("device_ra", dev, 320),
+        assert {(a.kind, a.key, a.new) for a in acts} >= {("device_ra", ext4.dev, 320),
                                                           ("advise", key, "random")}
-        assert ra_kb(ra) == 320
+        assert ra_kb(ext4.ra) == 320
         rec = json.loads(state.read_text())
-        assert rec["devices"] == {"%d:%d" % cs.blockdev.kdev_split(dev):
-                                  {"dev": dev, "read_ahead_kb": orig}}
+        assert rec["devices"] == {"%d:%d" % cs.blockdev.kdev_split(ext4.dev):
+                                  {"dev": ext4.dev, "read_ahead_kb": orig}}
         assert rec["files"][f"{r.pid}:{r.fd}"]["advice"] == "random"
         assert unit.counters["file_advice"] == 1 and unit.counters["errors"] == 0
 
@@ -145,7 +115,7 @@ def test_random_advice_stops_the_readers_readahead_and_stop_restores(observer, e
 
         done = unit.stop()
         assert done == {"devices": 1, "files": 1, "gone": 0, "failed": 0}
-        assert ra_kb(ra) == orig and not state.exists()
+        assert ra_kb(ext4.ra) == orig and not state.exists()
         again = delta(observer, key, lambda: r.read(STEP))
         print("after restore:", again)
         assert again["ra_pages"] >= STEP * 0.8, "NORMAL again: readahead is back"
@@ -158,9 +128,8 @@ def test_random_alone_does_not_stop_a_scan_under_way(observer, ext4):
     its own, FADV_RANDOM changes only what a miss does; the running scan
     keeps hitting its window's PG_readahead mark and async readahead opens
     the next window (page_cache_async_ra checks only ra_pages)."""
-    mnt, dev, ra = ext4
-    path = mnt / "chain"
-    key = (dev, make_file(path, 4 * STEP))
+    path = ext4.mnt / "chain"
+    key = (ext4.dev, make_file(path, 4 * STEP))
     r = Reader(path)
     try:
         r.read(STEP)
@@ -188,13 +157,12 @@ KILLED_AGENT = textwrap.dedent("""
 
 
 def test_after_kill_9_the_next_start_restores_from_the_record(observer, ext4, tmp_path):
-    mnt, dev, ra = ext4
-    orig = ra_kb(ra)
-    path = mnt / "scan"
-    key = (dev, make_file(path, 4 * STEP))
+    orig = ra_kb(ext4.ra)
+    path = ext4.mnt / "scan"
+    key = (ext4.dev, make_file(path, 4 * STEP))
     state = tmp_path / "state.json"
     r = Reader(path)
-    agent = subprocess.Popen([sys.executable, "-c", KILLED_AGENT, str(dev), str(key[1]),
+    agent = subprocess.Popen([sys.executable, "-c", KILLED_AGENT, str(ext4.dev), str(key[1]),
                               str(state)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True, env=ENV)
     try:
@@ -202,14 +170,14 @@ def test_after_kill_9_the_next_start_restores_from_the_record(observer, ext4, tm
         assert agent.stdout.readline().split() == ["applied", "0"]
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait()
-        assert ra_kb(ra) == 480 and state.exists()
+        assert ra_kb(ext4.ra) == 480 and state.exists()
         killed = delta(observer, key, lambda: r.read(STEP))
         print("RANDOM left by the killed agent:", killed)
         assert killed["ra_pages"] == 0
 
         unit = P.PrefetchUnit(None, RuleClassifier(), "on", state)
         unit.prepare()                      # what the agent's start does first
-        assert ra_kb(ra) == orig and not state.exists()
+        assert ra_kb(ext4.ra) == orig and not state.exists()
         assert unit.counters["restored_devices"] == 1 and unit.counters["restored_files"] == 1
         again = delta(observer, key, lambda: r.read(STEP))
         print("after the restart's restore:", again)
@@ -221,10 +189,9 @@ def test_after_kill_9_the_next_start_restores_from_the_record(observer, ext4, tm
 
 
 def test_a_process_that_exits_mid_decision_is_not_an_error(observer, ext4, tmp_path, caplog):
-    mnt, dev, ra = ext4
-    orig = ra_kb(ra)
-    path = mnt / "gone"
-    key = (dev, make_file(path, STEP))
+    orig = ra_kb(ext4.ra)
+    path = ext4.mnt / "gone"
+    key = (ext4.dev, make_file(path, STEP))
     r = Reader(path)
 
     class ExitsAfterTheScan(RA.Actuators):
@@ -246,41 +213,39 @@ def test_a_process_that_exits_mid_decision_is_not_an_error(observer, ext4, tmp_p
     assert f"process {r.pid} has exited" in caplog.text
     assert not (tmp_path / "state.json").exists()     # nothing changed, nothing recorded
     assert unit.stop() == {"devices": 0, "files": 0, "gone": 0, "failed": 0}
-    assert ra_kb(ra) == orig
+    assert ra_kb(ext4.ra) == orig
 
 
 def test_non_root_is_refused_and_nothing_changes(ext4, tmp_path):
-    mnt, dev, ra = ext4
-    orig = ra_kb(ra)
+    orig = ra_kb(ext4.ra)
     os.chmod(tmp_path, 0o777)
     code = ("from iobridge.daemon import prefetch as P\n"
             "from iobridge.core.prefetch_rules import RuleClassifier\n"
             f"u = P.PrefetchUnit(None, RuleClassifier(), 'on', '{tmp_path}/s.json', "
-            f"force={{{dev}: 'reverse'}})\n"
+            f"force={{{ext4.dev}: 'reverse'}})\n"
             "import sys\n"
             "try:\n    u.prepare()\nexcept Exception as e:\n    print(e, file=sys.stderr); sys.exit(1)\n")
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                            sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert proc.returncode == 1
     assert proc.stderr.startswith("the prefetch actuators need root"), proc.stderr
-    assert ra_kb(ra) == orig and not (tmp_path / "s.json").exists()
+    assert ra_kb(ext4.ra) == orig and not (tmp_path / "s.json").exists()
 
 
 def test_a_read_only_sysfs_attribute_is_named_and_leaves_no_record(ext4, tmp_path):
     """The kernel refusing a sysfs write (a read-only attribute stands in for
     read_ahead_kb: root opens it for writing and kernfs says EACCES)."""
-    mnt, dev, ra = ext4
-    orig = ra_kb(ra)
+    orig = ra_kb(ext4.ra)
 
     class ReadOnly(RA.Actuators):
         def ra_path(self, d):
-            return ra.parent / "hw_sector_size"
+            return ext4.ra.parent / "hw_sector_size"
 
     with pytest.raises(cs.IobridgeError, match=r"cannot set read_ahead_kb of device \d+:\d+ "
                                                 r"\(.*hw_sector_size\): Permission denied"):
-        ReadOnly().set_read_ahead_kb(dev, 64)
+        ReadOnly().set_read_ahead_kb(ext4.dev, 64)
     unit = P.PrefetchUnit(None, RuleClassifier(), "on", tmp_path / "state.json",
                           actuators=ReadOnly())
-    unit.apply([P.Action("device_ra", dev, orig, 64, "test")])
+    unit.apply([P.Action("device_ra", ext4.dev, orig, 64, "test")])
     assert unit.counters["errors"] == 1 and not (tmp_path / "state.json").exists()
-    assert ra_kb(ra) == orig
+    assert ra_kb(ext4.ra) == orig

@@ -14,12 +14,9 @@ import textwrap
 import time
 
 import pytest
-from conftest import run
 from test_agent import PIN_DIR, agents, iobridge, route_programs_attached  # noqa: F401 (agents: a fixture)
 
 from iobridge.daemon.config import DEFAULT_MODEL, DEFAULT_PREFETCH_MODEL
-from iobridge.kernel import blockdev
-from iobridge.kernel import readahead as RA
 
 pytestmark = pytest.mark.vm
 
@@ -39,23 +36,6 @@ READER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def ext4(make_loop, tmp_path):
-    """A fresh ext4 on a loop device: (mount point, its read_ahead_kb file)."""
-    loop = make_loop(64)
-    run(["mkfs.ext4", "-q", "-F", loop])
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    run(["mount", "-o", "noatime", loop, str(mnt)])
-    st = os.stat(mnt)
-    ra = RA.Actuators().ra_path(blockdev.kdev(os.major(st.st_dev), os.minor(st.st_dev)))
-    assert ra is not None, f"no read_ahead_kb for {loop}"
-    orig = ra.read_text()
-    yield mnt, ra
-    ra.write_text(orig)           # whatever a failing test left
-    run(["umount", str(mnt)])
-
-
 def test_an_admission_model_as_prefetch_model_is_refused(iobridge_module):
     attached = route_programs_attached()
     t0 = time.monotonic()
@@ -71,9 +51,8 @@ def test_an_admission_model_as_prefetch_model_is_refused(iobridge_module):
 @pytest.mark.timeout(900)   # an agent start: BCC under TCG, slower on a busy host
 def test_the_agent_runs_the_learned_model_and_restores_on_stop(iobridge_module, agents, ext4,
                                                                tmp_path):
-    mnt, ra = ext4
-    orig = ra.read_text().strip()
-    path = mnt / "scan"
+    orig = ext4.ra.read_text().strip()
+    path = ext4.mnt / "scan"
     with open(path, "wb") as f:
         f.write(os.urandom(FILE_PAGES * PAGE))
         f.flush()
@@ -95,7 +74,7 @@ def test_the_agent_runs_the_learned_model_and_restores_on_stop(iobridge_module, 
                                    timeout_s=20)
         except Exception as err:      # noqa: BLE001
             print(f"no action within 20 s: {str(err)[:200]}")
-        running_kb = ra.read_text().strip()
+        running_kb = ext4.ra.read_text().strip()
         text = iobridge("status", "--status-file", str(agent.status_file))
     finally:
         reader.kill()
@@ -118,6 +97,6 @@ def test_the_agent_runs_the_learned_model_and_restores_on_stop(iobridge_module, 
            f"{card['model_sha256'][:12]})" in agent.log()
 
     assert agent.stop() == 0, agent.log()[-2000:]
-    assert ra.read_text().strip() == orig, "read_ahead_kb restored on stop"
+    assert ext4.ra.read_text().strip() == orig, "read_ahead_kb restored on stop"
     assert not state.exists()
     assert not PIN_DIR.exists() and not agent.status_file.exists()
