@@ -9,8 +9,9 @@ one agent (the module-scoped `comparison` fixture).
 The comparisons' margins are chosen to hold on a machine twice as slow, or
 with a busy host core, and to fail for a learned policy that does nothing:
 such a policy routes like the module default, so its reads on the slow leg
-while slow (and its p99 at queue depth 1) come out at about 1x the
-default's, not under the bounds below.
+while slow, the reads fio saw pay a slow period at queue depth 1, and its
+p99 at queue depth 1 come out at about 1x the default's, not under the
+bounds below.
 """
 
 from __future__ import annotations
@@ -63,13 +64,29 @@ COMPARE_PLAN = (("fast", 1), ("fast", 16), ("slowdev", 1))
 # so about 20 other reads took 20-38 ms: stalls, or reads caught by a
 # slow-period switch (quiet machines: 0.21-0.25x). There the bound says
 # "not worse"; the share below carries the proof that the table steers.
-P99_BOUND = {("fast", 1): 0.6, ("fast", 16): 1.25, ("slowdev", 1): 1.0}   # x the default's
+# On the 100 us legs at QD1 the p99 is the ~45th slowest of ~4,500 reads: on
+# a quiet host a slow-period read (20 ms) in the default run and a ~5 ms
+# read in the learned one (0.22-0.37x). Beside a busy host core the VM
+# stalls for tens of ms several times a second, more while the agent runs
+# (its vCPU then competes with fio's and the busy loop for two host cores):
+# with 6-18 slow-leg reads while slow, against 142-170 in the default run,
+# the learned run's p99 was 0.53x, 0.605x and 0.628x the default's (19.0
+# against 30.3 ms, IOPS 0.86x): once the stalls pass 1% of the reads the
+# percentile is theirs. So the bound there is 0.8, and the claim that the
+# reads a user sees pay fewer slow periods is made by a count, which stalls
+# only add to (OVER_SLOW_BOUND).
+P99_BOUND = {("fast", 1): 0.8, ("fast", 16): 1.25, ("slowdev", 1): 1.0}   # x the default's
+# Share of the reads fio saw take longer than a slow period adds (slow_ms),
+# x the default's, at QD1: a policy that does nothing gets about 1x. Not at
+# QD16, where reads queued behind any read pass it in both runs.
+OVER_SLOW_BOUND = {("fast", 1): 0.5, ("slowdev", 1): 0.5}
+SLOW_MS = 20                          # what a slow period adds to a read (ReplicaSet.slow_ms)
 SLOW_READS_BOUND = 0.5                # share of the reads while slow that the slow leg served
 MIN_ROUTED_FRACTION = 0.95            # reads the table routed while the agent ran (after warm-up)
 
 
 def _replicas(name: str, completion_us: int = 100, period_scale: float = 1.0) -> ReplicaSet:
-    return ReplicaSet(name=name, size_mb=256, slow_ms=20, normal_mean_s=0.6 * period_scale,
+    return ReplicaSet(name=name, size_mb=256, slow_ms=SLOW_MS, normal_mean_s=0.6 * period_scale,
                       slow_mean_s=0.4 * period_scale, seed=3, completion_us=completion_us)
 
 
@@ -219,6 +236,10 @@ def check_learned_beats_default(comparison, key: str, qd: int) -> None:
     assert default["slow_seconds"] > 1 and learned["slow_seconds"] > 1
     assert learned["p99_us"] < P99_BOUND[key, qd] * default["p99_us"], (
         learned["p99_us"], default["p99_us"])
+    if (key, qd) in OVER_SLOW_BOUND:
+        over = {r["policy"]: r["over_ms"][str(SLOW_MS)] for r in (default, learned)}
+        assert over["default"] > 0 and over["learned"] < OVER_SLOW_BOUND[key, qd] * over["default"], (
+            f"share of reads over {SLOW_MS} ms", over)
     # A share, not a rate per slow second: the learned run serves more reads
     # per second (IOPS 1.4-1.6x at QD1), on both legs (rate 0.50x, share
     # 0.3x in one run).
