@@ -224,7 +224,7 @@ def test_a_reload_keeps_the_prefetch_model_as_started(caplog):
     with caplog.at_level(logging.WARNING, logger="iobridge.agent"):
         assert agent._apply_reload(done)
     assert agent.cfg.prefetch_model == "rules"
-    assert "take effect at restart only (prefetch: mode, window_s, state_file, model)" \
+    assert "take effect at restart only (prefetch: mode, window_s, state_file, model, device_only)" \
         in caplog.text
 
 

@@ -94,6 +94,50 @@ def test_a_scanner_beside_a_random_reader_gets_advice_per_file():
     assert "files on device 7:0 differ" in acts[0].reason
 
 
+def test_device_only_sets_the_device_from_its_own_window_and_nothing_per_file():
+    """prefetch.device_only (KML-like): a scanner beside a random reader is
+    one device class from the device's window; no per-file advice, WILLNEED,
+    drop-behind or feedback; open files follow a change with NORMAL."""
+    d = P.Decider(RuleClassifier(), device_only=True)
+    a, b = seq(0, 300), rnd(300)
+    dev_w = win(DEV, [x for pair in zip(a, b) for x in pair])
+    acts = d.decide({DEV: dev_w}, {A: win(A, a), B: win(B, b)}, {DEV: 128})
+    assert kinds(acts) == [("device_ra", DEV, 128, 8), ("advise", A, "as opened", "normal"),
+                           ("advise", B, "as opened", "normal")]
+    # a reverse scan alone: the reverse class's readahead, no WILLNEED
+    d = P.Decider(RuleClassifier(), device_only=True)
+    back = list(range(10_000, 9_000, -1))
+    acts = d.decide({DEV: win(DEV, back)}, {A: win(A, back)}, {DEV: 128})
+    assert [a.kind for a in acts] == ["device_ra", "advise"]
+    # a sequential scan: no drop-behind, and unused evictions change nothing
+    d = P.Decider(RuleClassifier(), device_only=True)
+    acts = d.decide({DEV: win(DEV, seq(0, 4096))}, {A: win(A, seq(0, 4096))}, {DEV: 128})
+    assert kinds(acts)[0] == ("device_ra", DEV, 128, 320)
+    assert not [a for a in acts if a.kind in ("dontneed", "willneed")]
+    acts = d.decide({DEV: win(DEV, seq(4096, 4096), ra_pages=1000, ra_wasted=900)},
+                    {A: win(A, seq(4096, 4096))}, {DEV: 320})
+    assert acts == [] and d.streams[DEV].scale == 1.0
+    # the same windows without the switch: per-file advice (the default)
+    acts = P.Decider(RuleClassifier()).decide({DEV: dev_w}, {A: win(A, a), B: win(B, b)},
+                                              {DEV: 128})
+    assert not [x for x in acts if x.kind == "device_ra"]
+
+
+def test_device_only_config_key_and_status(tmp_path):
+    assert config.load(None).prefetch_device_only is False
+    p = tmp_path / "c.toml"
+    p.write_text('[prefetch]\ndevice_only = true\n')
+    assert config.load(p).prefetch_device_only is True
+    p.write_text('[prefetch]\ndevice_only = "yes"\n')
+    with pytest.raises(config.ConfigError, match=r"prefetch\.device_only = 'yes' is invalid: "
+                                                 "it must be true or false"):
+        config.load(p)
+    unit = P.PrefetchUnit(None, RuleClassifier(), "shadow", tmp_path / "r.json", device_only=True)
+    assert unit.decider.device_only and unit.status()["device_only"] is True
+    assert P.PrefetchUnit(None, RuleClassifier(), "shadow",
+                          tmp_path / "r.json").status()["device_only"] is False
+
+
 def test_a_reverse_scan_gets_willneed_below_it_once():
     d = P.Decider(RuleClassifier())
     back = list(range(10_000, 9_000, -1))

@@ -323,7 +323,8 @@ class Agent:
         if self.prefetch_classifier is None:          # start() loads it before attaching
             self.prefetch_classifier = classifier_for(cfg.prefetch_model)
         unit = PrefetchUnit(None, self.prefetch_classifier, cfg.prefetch_mode,
-                            cfg.prefetch_state_file, window_s=cfg.prefetch_window_s)
+                            cfg.prefetch_state_file, window_s=cfg.prefetch_window_s,
+                            device_only=cfg.prefetch_device_only)
         unit.prepare()                        # root, and the restore of a killed agent's record
         self.prefetch = unit                  # from here on, stop() restores
         self.notify.status("compiling the page-cache observer")
@@ -696,11 +697,12 @@ class Agent:
             return False
         # hedging: the observer streams leg bios only if it was opened to
         fixed = ("shadow", "pin_dir", "metrics_listen", "hedging", "prefetch_mode",
-                 "prefetch_window_s", "prefetch_state_file", "prefetch_model")
+                 "prefetch_window_s", "prefetch_state_file", "prefetch_model",
+                 "prefetch_device_only")
         if any(getattr(cfg, k) != getattr(self.cfg, k) for k in fixed):
             log.warning("shadow, pin_dir, metrics_listen, admission.hedging and the prefetch "
                         "keys take effect at restart only (prefetch: mode, window_s, "
-                        "state_file, model)")
+                        "state_file, model, device_only)")
             cfg = dataclasses.replace(cfg, **{k: getattr(self.cfg, k) for k in fixed})
         self.cfg, self.model, self.maker = cfg, model, maker
         self._dirty = True            # the new model (or probing, expiry) fills the table

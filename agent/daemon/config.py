@@ -37,6 +37,10 @@
     model = "models/prefetch-default.onnx"  # the classifier: an ONNX prefetch model
                                # (relative paths: to the config file), or "rules" for
                                # the rule-based stand-in for KML's MLP (RuleClassifier)
+    device_only = false        # true: KML-like, per device only: the device's class
+                               # (from its own window) sets its read_ahead_kb; no
+                               # feedback, per-file advice, WILLNEED or drop-behind
+                               # (iobridge bench prefetch's policy (c))
 
 Every key is optional. An unknown section or key, a wrong type or a value
 out of range is an error that names the key (ConfigError); nothing is
@@ -91,6 +95,7 @@ class Config:
     prefetch_window_s: float = 1.0
     prefetch_state_file: Path = Path("/run/iobridge/prefetch-state.json")
     prefetch_model: Path | str = DEFAULT_PREFETCH_MODEL   # or PREFETCH_RULES
+    prefetch_device_only: bool = False
     source: Path | None = None      # the file it came from, for messages
 
     @property
@@ -179,6 +184,7 @@ _KEYS = {
                                                              and str(v).endswith(".onnx")),
                        f'the path of an .onnx prefetch model or "{PREFETCH_RULES}" (the '
                        "rule-based classifier)"),
+    "prefetch_device_only": ("prefetch", lambda v: isinstance(v, bool), "true or false"),
 }
 SECTIONS = ("agent", "admission", "prefetch")
 # Keys of [prefetch] are named without the prefix in the file (mode, not prefetch_mode).

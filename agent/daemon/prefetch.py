@@ -19,6 +19,14 @@ acts through kernel/readahead.py:
 - a sequential scan whose pages are not re-read gets its consumed pages
   dropped (DONTNEED), so it does not evict a random reader's working set.
 
+Per-device only (`prefetch.device_only`, default off; KML-like, what
+`iobridge bench prefetch` compares as policy (c)): each device is classified
+from its own window alone and gets its class's read_ahead_kb, with no
+feedback, no per-file advice, no WILLNEED and no drop-behind; its active
+files are still advised NORMAL after a change, since an open file keeps the
+value it copied at open otherwise (the device's value reaching the file is
+what a per-device setting means).
+
 Feedback (on top of the classifier): a stream whose prefetched pages were
 evicted unused in the window gets less readahead next window (a device's
 value is halved, a file's advice steps down SEQUENTIAL -> NORMAL ->
@@ -171,8 +179,9 @@ class Decider:
     """The decision and feedback rules, pure: windows in, actions out; the
     streams' state is kept here between windows."""
 
-    def __init__(self, classifier):
+    def __init__(self, classifier, device_only: bool = False):
         self.classifier = classifier
+        self.device_only = device_only    # KML-like: the device's read_ahead_kb only
         self.streams: dict = {}
         self.window_no = 0
         self.classified = 0          # stream windows the classifier gave a class
@@ -225,6 +234,8 @@ class Decider:
         operator's or a test's decision; a forced file is advised on its own)."""
         self.window_no += 1
         force = force or {}
+        if self.device_only:
+            return self._decide_device_only(devs, files, device_kb, force)
         actions: list[Action] = []
         notes: dict = {}
         dev_cls: dict = {}
@@ -280,7 +291,30 @@ class Decider:
         self._forget()
         return actions
 
-    def _device(self, dev, cls, kb_now, w, why, files) -> list:
+    def _decide_device_only(self, devs: dict, files: dict, device_kb: dict, force: dict) -> list:
+        """KML-like: each device's class from its own window (or forced), its
+        class's read_ahead_kb; no feedback and no per-file decisions (files
+        are only advised NORMAL after a change, to take the device's value)."""
+        actions: list[Action] = []
+        for dev in sorted(set(devs) | {k for k in force if isinstance(k, int)}):
+            s = self.stream(dev)
+            if dev in force:
+                s.cls = force[dev]
+            else:
+                w = devs[dev]
+                s.cls = _cls_name(self.classifier.classify(w.feats, w.has_writes, w.direction))
+                self.classified += s.cls is not None
+            if s.cls is None:
+                continue
+            on_dev = sorted(k for k in files if k[0] == dev)
+            for key in on_dev:
+                self.stream(key)
+            actions += self._device(dev, s.cls, device_kb.get(dev), devs.get(dev), [],
+                                    dict.fromkeys(on_dev), follow_only=True)
+        self._forget()
+        return actions
+
+    def _device(self, dev, cls, kb_now, w, why, files, follow_only: bool = False) -> list:
         if kb_now is None:
             return []          # no block device (tmpfs, ...): files only
         s = self.stream(dev)
@@ -301,7 +335,7 @@ class Decider:
                                   "normal", f"follow device {dev_label(dev)}'s new "
                                   f"read_ahead_kb {kb}"))
                 self.streams[key].advice = "normal"
-        else:
+        elif not follow_only:
             # files advised on their own earlier follow the device again
             for key in sorted(files):
                 st = self.streams[key]
@@ -485,14 +519,16 @@ class PrefetchUnit:
     CacheObserver (the agent opens it; None only for a restore)."""
 
     def __init__(self, observer, classifier, mode: str, record_path: Path,
-                 actuators=None, window_s: float = PF.WINDOW_S, force: dict | None = None):
+                 actuators=None, window_s: float = PF.WINDOW_S, force: dict | None = None,
+                 device_only: bool = False):
         if mode not in MODES[1:]:
             raise IobridgeError(f"prefetch mode {mode!r}: must be shadow or on")
         self.obs = observer
         self.mode = mode
         self.window_s = window_s
         self.act = actuators or Actuators()
-        self.decider = Decider(classifier)
+        self.decider = Decider(classifier, device_only)
+        self.device_only = device_only
         self.classifier = classifier
         self.force = dict(force or {})
         self.record = Record(record_path)
@@ -538,9 +574,10 @@ class PrefetchUnit:
         """Start from the observer's counters now (its first window is the next)."""
         self.obs = observer
         self._prev = observer.snapshot()
-        log.info("prefetch unit: %s, window %g s, classifier: %s",
+        log.info("prefetch unit: %s, window %g s, %s, classifier: %s",
                  "shadow mode (decides and logs, changes nothing)" if self.shadow else "acting",
-                 self.window_s, self.classifier.describe())
+                 self.window_s, "per device only (device_only)" if self.device_only
+                 else "per device and per file", self.classifier.describe())
 
     def start(self, observer=None) -> None:
         self.prepare()
@@ -680,7 +717,7 @@ class PrefetchUnit:
 
     # -- status ------------------------------------------------------------------
     def status(self) -> dict:
-        return {"mode": self.mode, "window_s": self.window_s,
+        return {"mode": self.mode, "window_s": self.window_s, "device_only": self.device_only,
                 "classifier": self.classifier.describe(),
                 "classifier_info": classifier_info(self.classifier),
                 "record": str(self.record.path),
