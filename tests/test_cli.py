@@ -33,6 +33,7 @@ REPORT_COMMANDS = {
     "replay": ["--trace", "t.parquet"],
     "bench hook": [],
     "bench agent": [],
+    "bench prefetch": [],
     "bench tick": [],
     "status": [],
     "vm info": [],

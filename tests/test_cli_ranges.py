@@ -58,6 +58,8 @@ MATRIX = {
     ("bench", "agent"): {"--runtime": ALL, "--depths": ALL, "--seed": NOT_ZERO + (INT_HUGE,),
                          "--slow-ms": ALL, "--tick-ms": ALL, "--transfer-completion-us": ALL,
                          "--timeout": ALL},
+    ("bench", "prefetch"): {"--runtime": ALL + ("1",), "--sweep": NOT_ZERO + (INT_HUGE,),
+                            "--seed": NOT_ZERO + (INT_HUGE,), "--timeout": ALL},
     ("bench", "tick"): {"--legs": ALL + ("1", "9"), "--change-rate-hz": NOT_ZERO,
                         "--duration": ALL, "--seed": NOT_ZERO + (INT_HUGE,)},
     ("run",): {"--tick-ms": ALL, "--duration": ALL},

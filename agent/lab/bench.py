@@ -17,6 +17,10 @@ bench hook: fio 4 KiB random reads at queue depth 1 and 32 on
       hedged if still pending then, within the default budget,
 and the per-call cost of the routing hook with and without a program.
 
+bench prefetch (lab/prefetch_bench.py): readahead policies (kernel default,
+  best static read_ahead_kb of a sweep, KML-like per device, iobridge per
+  file with feedback) on buffered reads in a memory-limited cgroup.
+
 bench tick (on the host, lab/tickbench.py): the agent's real tick and
 table recompute against in-memory stand-ins for the kernel maps, with
 synthetic busy legs: microseconds per recompute, recomputes and ticks per
@@ -211,6 +215,11 @@ def _agent_bench():
     return experiment
 
 
+def _prefetch_bench():
+    from . import prefetch_bench  # noqa: PLC0415
+    return prefetch_bench
+
+
 def _tick_bench():
     from . import tickbench  # noqa: PLC0415
     return tickbench
@@ -243,6 +252,24 @@ BENCHES = {
             ("iobridge bench agent --latency-only --output-dir .scratch/mine",
              "the demo's comparison, its CDF plot in .scratch/mine/"),
             ("iobridge bench agent --json --output agent.json", "as JSON, kept in a file")),
+    },
+    "prefetch": {
+        "help": "readahead policies on buffered reads in a memory-limited cgroup (issue 11): "
+                "kernel default, best static read_ahead_kb of a sweep, KML-like per device, "
+                "iobridge per file with feedback, on sequential, strided, random, reverse and "
+                "mixed reads: MB/s, hit ratio, readahead accuracy, wasted MB, refaults, agent "
+                "CPU, observer-alone cost; goals printed beside the figures",
+        "add_args": lambda p: _prefetch_bench().add_args(p),
+        "run_in_vm": lambda args: _prefetch_bench().run_in_vm(args),
+        "render": lambda res: _prefetch_bench().render(_prefetch_bench().json_keys_to_int(res)),
+        "timeout": 2400,
+        "examples": (
+            ("iobridge bench prefetch", "boot the VM, run it (about 15 min), print the tables"),
+            ("iobridge bench prefetch --workloads rev mixed --runtime 20",
+             "two workloads, 20 s runs"),
+            ("iobridge bench prefetch --sweep 0 128 1024 --no-observer-cost",
+             "a shorter sweep, no observer-alone cost"),
+            ("iobridge bench prefetch --json --output prefetch.json", "as JSON, kept in a file")),
     },
     "tick": {
         "help": "on this host, no kernel or VM: the agent's tick and table recompute "
@@ -310,8 +337,9 @@ def register_cli(sub) -> None:
         if "run_on_host" not in bench:
             bp.add_argument("--in-vm", action="store_true",
                             help="run here (inside the VM) instead of booting one")
-            bp.add_argument("--timeout", type=cliutil.positive_float(MAX_VM_TIMEOUT_S), default=1200,
-                            help="VM time bound in seconds")
+            bp.add_argument("--timeout", type=cliutil.positive_float(MAX_VM_TIMEOUT_S),
+                            default=bench.get("timeout", 1200),
+                            help=f"VM time bound in seconds (default {bench.get('timeout', 1200)})")
         bench["add_args"](bp)
         bp.set_defaults(func=_with_forward(bp), bench=name)
 

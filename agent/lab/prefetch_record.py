@@ -25,6 +25,7 @@ workload's processes (their wchar, /proc/PID/io) or on the device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -74,14 +75,17 @@ def log(msg: str) -> None:
     print(f"prefetch_record: {msg}", file=sys.stderr, flush=True)
 
 
-def setup_cgroup() -> None:
+def setup_cgroup(memory_mb: int | None = None) -> None:
+    """The memory-limited cgroup the workloads run in (memory.max
+    `memory_mb`, default MEMORY_MB)."""
+    memory_mb = MEMORY_MB if memory_mb is None else memory_mb
     root = Path("/sys/fs/cgroup")
     if not (root / "cgroup.controllers").exists():
         subprocess.run(["mount", "-t", "cgroup2", "none", str(root)], check=True)
     if "memory" not in (root / "cgroup.subtree_control").read_text().split():
         (root / "cgroup.subtree_control").write_text("+memory\n")
     CGROUP.mkdir(exist_ok=True)
-    (CGROUP / "memory.max").write_text(f"{MEMORY_MB << 20}\n")
+    (CGROUP / "memory.max").write_text(f"{memory_mb << 20}\n")
 
 
 def in_cgroup():
@@ -108,8 +112,8 @@ def dev_writes() -> int:
     return int(Path(f"/sys/block/{NULLB}/stat").read_text().split()[4])
 
 
-def set_read_ahead_kb(kb: int) -> None:
-    (Path("/sys/block") / NULLB / "queue" / "read_ahead_kb").write_text(f"{kb}\n")
+def set_read_ahead_kb(kb: int, name: str = NULLB) -> None:
+    (Path("/sys/block") / name / "queue" / "read_ahead_kb").write_text(f"{kb}\n")
 
 
 def drop_caches() -> None:
@@ -117,13 +121,19 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def start(kind: str, bs_kb: int, path: Path, seed: int) -> subprocess.Popen:
+def start(kind: str, bs_kb: int, path: Path, seed: int, run_s: float | None = None,
+          size_mb: int | None = None, rw: str | None = None) -> subprocess.Popen:
+    """Start workload `kind` on `path` in the cgroup for `run_s` seconds
+    (default RUN_S) over its first `size_mb` (default FILE_MB); `rw` replaces
+    the kind's fio rw= (e.g. "read:28k", a strided read)."""
+    run_s = RUN_S if run_s is None else run_s
+    size_mb = FILE_MB if size_mb is None else size_mb
     if kind == "rev":
-        cmd = [sys.executable, "-c", REVERSE_READER, str(path), str(bs_kb * 1024), str(RUN_S)]
+        cmd = [sys.executable, "-c", REVERSE_READER, str(path), str(bs_kb * 1024), f"{run_s:g}"]
     else:
-        rw = {"seq": "read", "rand": "randread", "randrw": "randrw"}[kind]
+        rw = rw or {"seq": "read", "rand": "randread", "randrw": "randrw"}[kind]
         cmd = ["fio", "--name=pfrec", f"--filename={path}", f"--rw={rw}", f"--bs={bs_kb}k",
-               "--ioengine=psync", "--direct=0", f"--size={FILE_MB}M", f"--runtime={RUN_S}",
+               "--ioengine=psync", "--direct=0", f"--size={size_mb}M", f"--runtime={run_s:g}",
                "--time_based", f"--randseed={seed}", "--output-format=json"]
         if kind == "randrw":
             cmd.append("--rwmixread=70")
@@ -131,13 +141,15 @@ def start(kind: str, bs_kb: int, path: Path, seed: int) -> subprocess.Popen:
                             preexec_fn=in_cgroup)
 
 
-def throughput(kind: str, out: str) -> tuple[float, float, float]:
-    """(read MB/s, write MB/s, seconds) of a finished run."""
+def throughput(kind: str, out: str, run_s: float | None = None) -> tuple[float, float, float]:
+    """(read MB/s, write MB/s, seconds) of a finished run (`run_s`: its
+    length, if fio does not say)."""
     if kind == "rev":
         d = json.loads(out.strip().splitlines()[-1])
         return d["read_bytes"] / 2**20 / d["seconds"], 0.0, d["seconds"]
     job = json.loads(out[out.find("{"):])["jobs"][0]
-    secs = job["job_runtime"] / 1000.0 if job.get("job_runtime") else RUN_S
+    secs = job["job_runtime"] / 1000.0 if job.get("job_runtime") else \
+        (RUN_S if run_s is None else run_s)
     return job["read"]["bw_bytes"] / 2**20, job["write"]["bw_bytes"] / 2**20, secs
 
 
@@ -180,6 +192,36 @@ def snapshot(obs, epoch, fs_dev: int, ino: int):
 
 
 _walk = False
+
+
+@contextlib.contextmanager
+def data_fs(size_mb: int | None = None, name: str = NULLB):
+    """The test bed's disk: null_blk `name` of `size_mb` (default NULLB_MB),
+    memory backed, COMPLETION_NS per request through its timer, with a fresh
+    ext4 mounted noatime; yields (mount point, the file system's dev_t as
+    the observer keys it) and removes it all at the end."""
+    dev = testbed.make_nullb(name, size_mb=NULLB_MB if size_mb is None else size_mb,
+                             memory_backed=1, irqmode=2, completion_nsec=COMPLETION_NS)
+    mnt = None
+    try:
+        # no lazy inode-table or journal init: its background writes would make
+        # read-only windows look like windows with writes
+        testbed.sh(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                    dev])
+        mnt = Path(tempfile.mkdtemp(prefix="iobridge-pfrec-"))
+        testbed.sh(["mount", "-o", "noatime", dev, str(mnt)])
+        st = os.stat(mnt)
+        yield mnt, blockdev.kdev(os.major(st.st_dev), os.minor(st.st_dev))
+    finally:
+        if mnt is not None:
+            testbed.sh(["umount", str(mnt)], check=False)
+        testbed.remove_nullb(name)
+
+
+def write_file(path: Path, size_mb: int) -> None:
+    """A data file of `size_mb`, written with direct I/O (not left cached)."""
+    testbed.sh(["fio", "--name=layout", f"--filename={path}", f"--size={size_mb}M",
+                "--rw=write", "--bs=1M", "--direct=1", "--ioengine=psync"])
 
 
 def record_seed(obs, seed: int, out_dir: Path, data: Path, fs_dev: int) -> Path:
@@ -250,19 +292,9 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_cgroup()
-    dev = testbed.make_nullb(NULLB, size_mb=NULLB_MB, memory_backed=1, irqmode=2,
-                             completion_nsec=COMPLETION_NS)
-    # no lazy inode-table or journal init: its background writes would make
-    # read-only windows look like windows with writes
-    testbed.sh(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev])
-    mnt = Path(tempfile.mkdtemp(prefix="iobridge-pfrec-"))
-    testbed.sh(["mount", "-o", "noatime", dev, str(mnt)])
-    try:
+    with data_fs() as (mnt, fs_dev):
         data = mnt / "data"
-        testbed.sh(["fio", "--name=layout", f"--filename={data}", f"--size={FILE_MB}M",
-                    "--rw=write", "--bs=1M", "--direct=1", "--ioengine=psync"])
-        st = os.stat(mnt)
-        fs_dev = blockdev.kdev(os.major(st.st_dev), os.minor(st.st_dev))
+        write_file(data, FILE_MB)
         with cs.CacheObserver() as obs:
             log(f"observer compiled in {obs.compile_seconds:.1f}s; {obs.hooks}")
             failed = 0
@@ -272,10 +304,6 @@ def main(argv=None) -> int:
                 except Exception as e:      # the other seeds may still be recorded
                     failed += 1
                     log(f"seed {seed} failed: {type(e).__name__}: {e}")
-
-    finally:
-        testbed.sh(["umount", str(mnt)], check=False)
-        testbed.remove_nullb(NULLB)
     return 1 if failed else 0
 
 
