@@ -23,7 +23,8 @@ prefetch.device_only (the device's class sets its read_ahead_kb, nothing
 per file, no feedback); (d) `iobridge run --prefetch on`, per file with
 feedback (the shipped prefetch model). One agent start per policy; every
 run starts at read_ahead_kb 128 (what the agent then changes is its own
-doing) from dropped caches.
+doing) from a freshly mounted file system with dropped caches (no shadow
+entries left by an earlier run, so refaults are the run's own).
 
 Figures per (workload, policy), from the page-cache observer
 (kernel/cachestat.py, the benchmark's own CacheObserver; counter deltas on
@@ -350,6 +351,7 @@ class Bed:
         self.mnt, self.fs_dev, self.runtime_s, self.seed = mnt, fs_dev, runtime_s, seed
         self.obs = None
         self.files: dict[str, Path] = {}
+        self.remount_failures = 0
 
     def write_files(self, workloads) -> None:
         from . import prefetch_record as P  # noqa: PLC0415
@@ -360,6 +362,20 @@ class Bed:
             P.write_file(self.files[f], mb)
         self._ino = os.stat(next(iter(self.files.values()))).st_ino
 
+    def fresh_cache(self) -> None:
+        """Drop the caches, and remount first: dropping pages leaves the
+        shadow entries of pages an earlier run's reclaim evicted, and those
+        would count as this run's refaults (and stop the agent's
+        drop-behind); unmounting evicts the inodes with them. A failed
+        unmount (a file still open) is counted and the caches dropped."""
+        from . import prefetch_record as P  # noqa: PLC0415
+        from . import testbed  # noqa: PLC0415
+        if testbed.sh(["umount", str(self.mnt)], check=False).returncode == 0:
+            testbed.sh(["mount", "-o", "noatime", f"/dev/{NULLB}", str(self.mnt)])
+        else:
+            self.remount_failures += 1
+        P.drop_caches()
+
     def size_mb(self, f: str) -> int:
         from . import prefetch_record as P  # noqa: PLC0415
         return MIXED_RANDOM_MB if f == "mixed_random" else P.FILE_MB
@@ -369,7 +385,7 @@ class Bed:
         from . import prefetch_record as P  # noqa: PLC0415
         from .experiment import CpuMeter  # noqa: PLC0415
         P.set_read_ahead_kb(kb, NULLB)
-        P.drop_caches()
+        self.fresh_cache()
         c0 = _dev_counters(self.obs, self.fs_dev, self._ino) if self.obs else None
         st0 = _agent_counters(agent)
         procs = []
@@ -552,6 +568,7 @@ def run_in_vm(args) -> dict:
                        "order": "without, with (observer just attached), ... the benchmark ..., "
                                 "with, without (observer closed)"})
             res["observer_cost"] = oc
+        res["setup"]["remount_failures"] = bed.remount_failures
     for wl in wls:
         res["runs"][wl]["sweep"] = {int(k): v for k, v in res["runs"][wl]["sweep"].items()}
     summarize(res)
