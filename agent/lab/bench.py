@@ -264,7 +264,7 @@ BENCHES = {
         "render": lambda res: _prefetch_bench().render(_prefetch_bench().json_keys_to_int(res)),
         "timeout": 2400,
         "examples": (
-            ("iobridge bench prefetch", "boot the VM, run it (about 15 min), print the tables"),
+            ("iobridge bench prefetch", "boot the VM, run it (20-25 min), print the tables"),
             ("iobridge bench prefetch --workloads rev mixed --runtime 20",
              "two workloads, 20 s runs"),
             ("iobridge bench prefetch --sweep 0 128 1024 --no-observer-cost",

@@ -315,8 +315,8 @@ def _workload(text: str) -> str:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", type=cliutil.float_range(MIN_RUNTIME_S, MAX_RUNTIME_S),
                    default=DEFAULT_RUNTIME_S, metavar="S",
-                   help=f"seconds per run (default {DEFAULT_RUNTIME_S:g}: about 15 min in all "
-                        "under emulation)")
+                   help=f"seconds per run (default {DEFAULT_RUNTIME_S:g}; each run also takes about "
+                        "10-15 s to set up under emulation: 20-25 min in all)")
     p.add_argument("--workloads", type=_workload, nargs="+", action=_Unique,
                    default=list(WORKLOADS), metavar="NAME",
                    help=f"which workloads (default all: {' '.join(WORKLOADS)})")
