@@ -79,14 +79,18 @@ HEDGE_TOLERANCE = 0.01
 HEDGE_COUNTERS = ("issued", "won", "lost", "refused", "nomem")
 
 
+def meets(value: float | None, op: str, limit: float) -> bool | None:
+    """Whether `value op limit` holds (op: "<=", "<" or ">="); None when
+    the figure was not measured."""
+    if value is None:
+        return None
+    return {"<=": value <= limit, "<": value < limit, ">=": value >= limit}[op]
+
+
 def goal_check(name: str, value: float | None) -> dict:
     """{"value", "goal", "met"} for one figure against GOALS[name]."""
     op, limit = GOALS[name]
-    if value is None:
-        met = None
-    else:
-        met = {"<=": value <= limit, "<": value < limit, ">=": value >= limit}[op]
-    return {"value": value, "goal": f"{op} {limit:g}", "met": met}
+    return {"value": value, "goal": f"{op} {limit:g}", "met": meets(value, op, limit)}
 
 
 def goal_mark(check: dict | None) -> str:

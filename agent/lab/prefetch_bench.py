@@ -162,16 +162,11 @@ def ratios(per: dict) -> dict:
     return out
 
 
-def check(value, op: str, limit: float) -> bool | None:
-    if value is None:
-        return None
-    return value >= limit if op == ">=" else value <= limit
-
-
 def goals(ratio_table: dict, observer_cost: float | None = None) -> list[dict]:
     """Issue 11's goals against the measured ratios {workload: ratios()}:
     one entry per (goal, workload) measured; met None where a figure is
     missing."""
+    from .experiment import meets  # noqa: PLC0415
     out = []
     for fig, wls, op, limit, what in GOALS:
         for wl in wls:
@@ -179,12 +174,12 @@ def goals(ratio_table: dict, observer_cost: float | None = None) -> list[dict]:
                 continue
             v = ratio_table[wl].get(fig)
             out.append({"figure": fig, "workload": wl, "value": v, "goal": f"{op} {limit:g}",
-                        "what": what, "met": check(v, op, limit)})
+                        "what": what, "met": meets(v, op, limit)})
     if observer_cost is not None or "observer_cost" in ratio_table:
         out.append({"figure": "observer_cost", "workload": "rand", "value": observer_cost,
                     "goal": f"<= {OBSERVER_COST_GOAL:g}",
                     "what": "the observer alone costs fio buffered random reads at most 3%",
-                    "met": check(observer_cost, "<=", OBSERVER_COST_GOAL)})
+                    "met": meets(observer_cost, "<=", OBSERVER_COST_GOAL)})
     return out
 
 
@@ -332,16 +327,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------- in the VM
 
-def _dev_counters(obs, fs_dev: int, ino: int) -> dict:
+def _dev_counters(obs, fs_dev: int, ino: int):
+    """The test disk's cachestat.Counters now (empty before its first event)."""
     from ..kernel import cachestat as cs  # noqa: PLC0415
     from . import prefetch_record as P  # noqa: PLC0415
     dev, _ = P.snapshot(obs, None, fs_dev, ino)
-    return (dev or cs.Counters.empty()).values
-
-
-def _minus(a: dict, b: dict) -> dict:
-    return {k: (v - b[k]) if not isinstance(v, list) else [x - y for x, y in zip(v, b[k])]
-            for k, v in a.items()}
+    return dev or cs.Counters.empty()
 
 
 class Bed:
@@ -357,9 +348,8 @@ class Bed:
         from . import prefetch_record as P  # noqa: PLC0415
         need = {f for wl in workloads for *_, f, _ in WORKLOADS[wl]["parts"]}
         for f in sorted(need):
-            mb = MIXED_RANDOM_MB if f == "mixed_random" else P.FILE_MB
             self.files[f] = self.mnt / f
-            P.write_file(self.files[f], mb)
+            P.write_file(self.files[f], self.size_mb(f))
         self._ino = os.stat(next(iter(self.files.values()))).st_ino
 
     def fresh_cache(self) -> None:
@@ -410,7 +400,7 @@ class Bed:
         out = {"mb_s": round(sum(q["mb_s"] for q in parts), 3), "parts": parts,
                "start_kb": kb, "ra_kb_end": ra_end, "wall_s": round(wall, 2)}
         if c0 is not None:
-            out.update(figures(_minus(c2, c0), _minus(c1, c0)))
+            out.update(figures(c2.minus(c0).values, c1.minus(c0).values))
         if agent is not None:
             out["agent_cpu_percent"] = None if cpu.percent is None else round(cpu.percent, 2)
             st1 = _agent_counters(agent)
