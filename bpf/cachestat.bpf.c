@@ -36,9 +36,8 @@
  * the LRU) is counted as untracked, not guessed.
  */
 #include <uapi/linux/ptrace.h>
-#include <linux/pagemap.h>
-#include <linux/pagevec.h>
 #include "cachestat.h"
+#include "kernel_layout.h"
 
 #ifndef IOBRIDGE_CACHE_PAGES
 #define IOBRIDGE_CACHE_PAGES	262144	/* page states tracked (1 GiB of 4 KiB pages) */
@@ -49,8 +48,6 @@
 #ifndef IOBRIDGE_RINGBUF_PAGES
 #define IOBRIDGE_RINGBUF_PAGES	256
 #endif
-
-#define READ_KERNEL(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), &(src))
 
 struct ra_window {
 	u64 ractl;		/* struct readahead_control * of the outermost call */
@@ -244,32 +241,29 @@ static __always_inline void emit(u8 kind, u32 dev, u64 ino, u64 index, u32 nr, u
 }
 
 /* The file a folio belongs to: 0 for anonymous or detached folios. */
-static __always_inline int folio_file(struct folio *folio, u32 *dev, u64 *ino, u64 *index)
+static __always_inline int folio_file(void *folio, u32 *dev, u64 *ino, u64 *index)
 {
-	struct address_space *mapping = NULL;
-	struct inode *host = NULL;
-	struct super_block *sb = NULL;
+	void *mapping = NULL, *host = NULL, *sb = NULL;
 
-	READ_KERNEL(mapping, folio->mapping);
-	if (!mapping || ((unsigned long)mapping & 1))	/* PAGE_MAPPING_ANON */
+	KREAD(mapping, folio, folio_mapping);
+	if (!mapping || ((unsigned long)mapping & KERNEL_PAGE_MAPPING_ANON))
 		return 0;
-	READ_KERNEL(host, mapping->host);
+	KREAD(host, mapping, address_space_host);
 	if (!host)
 		return 0;
-	READ_KERNEL(*ino, host->i_ino);
-	READ_KERNEL(sb, host->i_sb);
+	KREAD(*ino, host, inode_ino);
+	KREAD(sb, host, inode_sb);
 	if (sb)
-		READ_KERNEL(*dev, sb->s_dev);
+		KREAD(*dev, sb, super_block_dev);
 	else
-		READ_KERNEL(*dev, host->i_rdev);
-	READ_KERNEL(*index, folio->index);
+		KREAD(*dev, host, inode_rdev);
+	KREAD(*index, folio, folio_index);
 	return 1;
 }
 
 /* ------------------------------------------------------------ readahead */
 
-static __always_inline void window_enter(struct readahead_control *ractl, u64 start, u64 nr,
-					 struct file_ra_state *ra)
+static __always_inline void window_enter(void *ractl, u64 start, u64 nr, void *ra)
 {
 	u32 t = tid();
 	struct ra_window *open = windows.lookup(&t);
@@ -280,24 +274,22 @@ static __always_inline void window_enter(struct readahead_control *ractl, u64 st
 		open->depth++;
 		return;
 	}
-	struct address_space *mapping = NULL;
-	struct inode *host = NULL;
-	struct super_block *sb = NULL;
+	void *mapping = NULL, *host = NULL, *sb = NULL;
 	struct ra_window w = {.ractl = (u64)ractl, .depth = 1};
 	u32 ra_pages = 0;
 
-	READ_KERNEL(mapping, ractl->mapping);
+	KREAD(mapping, ractl, ractl_mapping);
 	if (!mapping)
 		return;
-	READ_KERNEL(host, mapping->host);
+	KREAD(host, mapping, address_space_host);
 	if (!host)
 		return;
-	READ_KERNEL(w.ino, host->i_ino);
-	READ_KERNEL(sb, host->i_sb);
+	KREAD(w.ino, host, inode_ino);
+	KREAD(sb, host, inode_sb);
 	if (sb)
-		READ_KERNEL(w.dev, sb->s_dev);
+		KREAD(w.dev, sb, super_block_dev);
 	if (ra)
-		READ_KERNEL(ra_pages, ra->ra_pages);
+		KREAD(ra_pages, ra, ra_state_ra_pages);
 
 	u32 kind = IOBRIDGE_RA_FORCED;
 	struct ra_mode *m = ra_modes.lookup(&t);
@@ -341,12 +333,11 @@ static __always_inline void window_exit(void)
  *                              unsigned long lookahead_size) */
 int on_ra_unbounded(struct pt_regs *ctx)
 {
-	struct readahead_control *ractl = (void *)PT_REGS_PARM1(ctx);
-	struct file_ra_state *ra = NULL;
+	void *ractl = (void *)PT_REGS_PARM1(ctx), *ra = NULL;
 	u64 index = 0;
 
-	READ_KERNEL(index, ractl->_index);
-	READ_KERNEL(ra, ractl->ra);
+	KREAD(index, ractl, ractl_index);
+	KREAD(ra, ractl, ractl_ra);
 	window_enter(ractl, index, PT_REGS_PARM2(ctx), ra);
 	return 0;
 }
@@ -355,13 +346,12 @@ int on_ra_unbounded(struct pt_regs *ctx)
  *                          unsigned int new_order) */
 int on_ra_order(struct pt_regs *ctx)
 {
-	struct readahead_control *ractl = (void *)PT_REGS_PARM1(ctx);
-	struct file_ra_state *ra = (void *)PT_REGS_PARM2(ctx);
+	void *ractl = (void *)PT_REGS_PARM1(ctx), *ra = (void *)PT_REGS_PARM2(ctx);
 	u64 start = 0;
 	u32 size = 0;
 
-	READ_KERNEL(start, ra->start);
-	READ_KERNEL(size, ra->size);
+	KREAD(start, ra, ra_state_start);
+	KREAD(size, ra, ra_state_size);
 	window_enter(ractl, start, size, ra);
 	return 0;
 }
@@ -377,11 +367,11 @@ int on_ra_return(struct pt_regs *ctx)
  * are demand pages even when inserted inside the window this call opens. */
 int on_sync_ra(struct pt_regs *ctx)
 {
-	struct readahead_control *ractl = (void *)PT_REGS_PARM1(ctx);
+	void *ractl = (void *)PT_REGS_PARM1(ctx);
 	u32 t = tid();
 	struct ra_mode m = {.ractl = (u64)ractl, .kind = IOBRIDGE_RA_SYNC};
 
-	READ_KERNEL(m.demand_lo, ractl->_index);
+	KREAD(m.demand_lo, ractl, ractl_index);
 	m.demand_hi = m.demand_lo + PT_REGS_PARM2(ctx);
 	ra_modes.update(&t, &m);
 	return 0;
@@ -455,7 +445,7 @@ int on_add_folio_return(struct pt_regs *ctx)
 
 	if (!a)
 		return 0;
-	struct folio *folio = (struct folio *)a->folio;
+	void *folio = (void *)a->folio;
 	add_calls.delete(&t);
 	if ((int)PT_REGS_RC(ctx) != 0 || !folio_file(folio, &dev, &ino, &index))
 		return 0;
@@ -501,19 +491,19 @@ int on_get_pages_return(struct pt_regs *ctx)
 	read_calls.delete(&t);
 	if ((int)PT_REGS_RC(ctx) != 0)
 		return 0;
-	struct folio_batch *fb = (struct folio_batch *)r.fbatch;
+	void *fb = (void *)r.fbatch;
 	unsigned char nr = 0;
 
-	READ_KERNEL(nr, fb->nr);
+	KREAD(nr, fb, folio_batch_nr);
 #pragma unroll
-	for (int i = 0; i < PAGEVEC_SIZE; i++) {
-		struct folio *folio = NULL;
+	for (int i = 0; i < IOBRIDGE_COUNT_folio_batch_folios; i++) {
+		void *folio = NULL;
 		u32 dev = 0;
 		u64 ino = 0, index = 0;
 
 		if (i >= nr)
 			break;
-		READ_KERNEL(folio, fb->folios[i]);
+		KREAD_ELEM(folio, fb, folio_batch_folios, i);
 		if (!folio || !folio_file(folio, &dev, &ino, &index))
 			continue;
 		struct iobridge_cache_page_key key = {.dev = dev, .ino = ino, .index = index};
@@ -541,7 +531,7 @@ int on_get_pages_return(struct pt_regs *ctx)
 /* void folio_mark_accessed(struct folio *) */
 int on_mark_accessed(struct pt_regs *ctx)
 {
-	struct folio *folio = (struct folio *)PT_REGS_PARM1(ctx);
+	void *folio = (void *)PT_REGS_PARM1(ctx);
 	u32 dev = 0;
 	u64 ino = 0, index = 0;
 
@@ -602,7 +592,7 @@ TRACEPOINT_PROBE(filemap, mm_filemap_delete_from_page_cache)
 /* void __filemap_remove_folio(struct folio *, void *shadow) */
 int on_remove_folio(struct pt_regs *ctx)
 {
-	struct folio *folio = (struct folio *)PT_REGS_PARM1(ctx);
+	void *folio = (void *)PT_REGS_PARM1(ctx);
 	u32 dev = 0;
 	u64 ino = 0, index = 0;
 
@@ -618,7 +608,7 @@ int on_remove_folio(struct pt_regs *ctx)
  * folio was added back, so its mapping is set. */
 int on_refault(struct pt_regs *ctx)
 {
-	struct folio *folio = (struct folio *)PT_REGS_PARM1(ctx);
+	void *folio = (void *)PT_REGS_PARM1(ctx);
 	u32 dev = 0;
 	u64 ino = 0, index = 0;
 

@@ -35,9 +35,8 @@
  * bio hooks.
  */
 #include <uapi/linux/ptrace.h>
-#include <linux/blk-mq.h>
-#include <linux/blkdev.h>
 #include "iobridge_bpf.h"
+#include "kernel_layout.h"
 
 struct start_key {
 	u64 rq;		/* struct request * */
@@ -178,58 +177,54 @@ static __always_inline void on_complete(struct start_key *key, u32 dev, u64 sect
 }
 
 /*
- * Request fields are read with explicit probe reads: BCC rewrites pointer
- * walks only for pointers it can trace to the probe's arguments, which
- * the raw tracepoint's untyped args are not.
+ * Kernel objects (struct request, bio, ...) are opaque pointers here, read
+ * field by field with KREAD (bpf/kernel_layout.h): no kernel headers.
  */
-#define READ_KERNEL(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), &(src))
-
-static __always_inline u32 rq_dev(struct request *rq)
+static __always_inline u32 rq_dev(void *rq)
 {
-	struct request_queue *q = NULL;
-	struct gendisk *disk = NULL;
+	void *q = NULL, *disk = NULL;
 	int major = 0, first_minor = 0;
 
-	READ_KERNEL(q, rq->q);
+	KREAD(q, rq, request_q);
 	if (!q)
 		return 0;
-	READ_KERNEL(disk, q->disk);
+	KREAD(disk, q, request_queue_disk);
 	if (!disk)
 		return 0;
-	READ_KERNEL(major, disk->major);
-	READ_KERNEL(first_minor, disk->first_minor);
+	KREAD(major, disk, gendisk_major);
+	KREAD(first_minor, disk, gendisk_first_minor);
 	return (major << 20) | first_minor;
 }
 
 static __always_inline u8 rq_op(u32 cmd_flags)
 {
-	switch (cmd_flags & REQ_OP_MASK) {
-	case REQ_OP_READ:
+	switch (cmd_flags & KERNEL_REQ_OP_MASK) {
+	case KERNEL_REQ_OP_READ:
 		return IOBRIDGE_OP_READ;
-	case REQ_OP_WRITE:
+	case KERNEL_REQ_OP_WRITE:
 		return IOBRIDGE_OP_WRITE;
-	case REQ_OP_FLUSH:
+	case KERNEL_REQ_OP_FLUSH:
 		return IOBRIDGE_OP_FLUSH;
-	case REQ_OP_DISCARD:
+	case KERNEL_REQ_OP_DISCARD:
 		return IOBRIDGE_OP_DISCARD;
 	}
 	return IOBRIDGE_OP_OTHER;
 }
 
-static __always_inline void rq_issued(struct request *rq)
+static __always_inline void rq_issued(void *rq)
 {
 	struct start_key key = {.rq = (u64)rq};
 	u32 dev = rq_dev(rq);
 	u32 bytes = 0, cmd_flags = 0;
 
-	READ_KERNEL(bytes, rq->__data_len);
-	READ_KERNEL(cmd_flags, rq->cmd_flags);
+	KREAD(bytes, rq, request_data_len);
+	KREAD(cmd_flags, rq, request_cmd_flags);
 	if (bytes == 0 || dev == 0 || !wanted(dev))
 		return;
 	on_issue(&key, dev, bytes, rq_op(cmd_flags));
 }
 
-static __always_inline void rq_completed(struct request *rq, int error)
+static __always_inline void rq_completed(void *rq, int error)
 {
 	struct start_key key = {.rq = (u64)rq};
 	u32 dev = rq_dev(rq);
@@ -237,7 +232,7 @@ static __always_inline void rq_completed(struct request *rq, int error)
 
 	if (dev == 0 || !wanted(dev))
 		return;
-	READ_KERNEL(sector, rq->__sector);
+	KREAD(sector, rq, request_sector);
 	on_complete(&key, dev, sector, error);
 }
 
@@ -296,29 +291,29 @@ static __always_inline void leg_unlock(struct iobridge_leg_features *f)
 
 static __always_inline int data_bio(u32 opf)
 {
-	u32 op = opf & REQ_OP_MASK;
+	u32 op = opf & KERNEL_REQ_OP_MASK;
 
-	return op == REQ_OP_READ || op == REQ_OP_WRITE;
+	return op == KERNEL_REQ_OP_READ || op == KERNEL_REQ_OP_WRITE;
 }
 
-static __always_inline void leg_bio_queued(struct bio *bio)
+static __always_inline void leg_bio_queued(void *bio)
 {
-	struct block_device *bdev = NULL;
+	void *bdev = NULL;
 	u32 dev = 0, bytes = 0, opf = 0;
 
-	READ_KERNEL(bdev, bio->bi_bdev);
+	KREAD(bdev, bio, bio_bdev);
 	if (!bdev)
 		return;
-	READ_KERNEL(dev, bdev->bd_dev);
+	KREAD(dev, bdev, block_device_dev);
 	u32 *slot = leg_slots.lookup(&dev);
 	if (!slot)
 		return;
-	READ_KERNEL(bytes, bio->bi_iter.bi_size);
-	READ_KERNEL(opf, bio->bi_opf);
+	KREAD(bytes, bio, bio_size);
+	KREAD(opf, bio, bio_opf);
 	if (bytes == 0 || !data_bio(opf))
 		return;
 	u64 sector = 0;
-	READ_KERNEL(sector, bio->bi_iter.bi_sector);
+	KREAD(sector, bio, bio_sector);
 	u32 idx = *slot;
 	struct iobridge_leg_features *f = leg_features.lookup(&idx);
 	/* The agent writes dev before it publishes the slot: a mismatch is a
@@ -400,36 +395,36 @@ static __always_inline void leg_bio_done(u64 key, int error)
 	}
 }
 
-static __always_inline void leg_bio_completed(struct bio *bio)
+static __always_inline void leg_bio_completed(void *bio)
 {
 	u8 status = 0;
 
-	READ_KERNEL(status, bio->bi_status);
+	KREAD(status, bio, bio_status);
 	leg_bio_done((u64)bio, status);
 }
 
 /* The bios that this update of `rq` ends: the leading ones that nr_bytes
  * covers whole (a partial completion ends the rest at a later update). */
-static __always_inline void leg_rq_completed(struct request *rq, int error, u32 nr_bytes)
+static __always_inline void leg_rq_completed(void *rq, int error, u32 nr_bytes)
 {
 	u32 zero = 0;
 	u32 *tracking = leg_tracking.lookup(&zero);
-	struct bio *bio = NULL;
+	void *bio = NULL;
 
 	if (!tracking || *tracking == 0)
 		return;
-	READ_KERNEL(bio, rq->bio);
+	KREAD(bio, rq, request_bio);
 	for (int i = 0; i < LEG_RQ_MAX_BIOS; i++) {
-		struct bio *next = NULL;
+		void *next = NULL;
 		u32 size = 0;
 
 		if (!bio)
 			return;
-		READ_KERNEL(size, bio->bi_iter.bi_size);
+		KREAD(size, bio, bio_size);
 		if (size > nr_bytes)
 			return;
 		nr_bytes -= size;
-		READ_KERNEL(next, bio->bi_next);
+		KREAD(next, bio, bio_next);
 		leg_bio_done((u64)bio, error);
 		bio = next;
 	}
@@ -445,27 +440,27 @@ static __always_inline void leg_rq_completed(struct request *rq, int error, u32 
 /* TP_PROTO(struct bio *bio); fires once per bio (BIO_TRACE_COMPLETION). */
 RAW_TRACEPOINT_PROBE(block_bio_queue)
 {
-	leg_bio_queued((struct bio *)ctx->args[0]);
+	leg_bio_queued((void *)ctx->args[0]);
 	return 0;
 }
 
 /* TP_PROTO(struct request_queue *q, struct bio *bio) */
 RAW_TRACEPOINT_PROBE(block_bio_complete)
 {
-	leg_bio_completed((struct bio *)ctx->args[1]);
+	leg_bio_completed((void *)ctx->args[1]);
 	return 0;
 }
 
 RAW_TRACEPOINT_PROBE(block_rq_issue)
 {
-	rq_issued((struct request *)ctx->args[0]);
+	rq_issued((void *)ctx->args[0]);
 	return 0;
 }
 
 /* TP_PROTO(struct request *rq, blk_status_t error, unsigned int nr_bytes) */
 RAW_TRACEPOINT_PROBE(block_rq_complete)
 {
-	struct request *rq = (struct request *)ctx->args[0];
+	void *rq = (void *)ctx->args[0];
 
 	rq_completed(rq, (int)ctx->args[1]);
 	leg_rq_completed(rq, (int)ctx->args[1], (u32)ctx->args[2]);
@@ -474,16 +469,18 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
 
 #else /* IOBRIDGE_KPROBES */
 
-int kprobe__blk_mq_start_request(struct pt_regs *ctx, struct request *rq)
+/* void blk_mq_start_request(struct request *rq) */
+int kprobe__blk_mq_start_request(struct pt_regs *ctx)
 {
-	rq_issued(rq);
+	rq_issued((void *)PT_REGS_PARM1(ctx));
 	return 0;
 }
 
 /* Every completion path (single and batched) goes through blk_update_request. */
-int kprobe__blk_update_request(struct pt_regs *ctx, struct request *rq, u8 error)
+/* bool blk_update_request(struct request *rq, blk_status_t error, unsigned int nr_bytes) */
+int kprobe__blk_update_request(struct pt_regs *ctx)
 {
-	rq_completed(rq, error);
+	rq_completed((void *)PT_REGS_PARM1(ctx), (u8)PT_REGS_PARM2(ctx));
 	return 0;
 }
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..core import abi, resources
 from ..core.errors import IobridgeError
-from . import system
+from . import kernel_layout, system
 
 # The last two for Debian's 6.12 headers: Debian 12's clang 14 warns about
 # their per-CPU __seg_gs address spaces and nocf_check attributes, harmless
@@ -64,11 +64,15 @@ def check_header_version(header: Path | None = None) -> None:
             "use the agent and kmodule/ from the same iobridge release")
 
 
-def compile_program(name: str, what: str, cflags: tuple[str, ...] = (), extra_source: str = ""):
+def compile_program(name: str, what: str, cflags: tuple[str, ...] = (), extra_source: str = "",
+                    kernel_structs: bool = False):
     """Compile bpf/<name>.bpf.c (plus `extra_source`, for tests) with BCC.
 
-    Returns (the BCC BPF object, seconds the compile took). Failures come
-    back as one IobridgeError naming `what`."""
+    `kernel_structs`: the program reads kernel struct fields through
+    bpf/kernel_layout.h, so it gets their offsets from the running kernel's
+    BTF (kernel_layout.py). Returns (the BCC BPF object, seconds the compile
+    took, the BTF read included). Failures come back as one IobridgeError
+    naming `what`."""
     system.require_root(what)
     system.require_bpf_kernel()
     bcc = system.import_bcc()
@@ -78,8 +82,9 @@ def compile_program(name: str, what: str, cflags: tuple[str, ...] = (), extra_so
         text = src.read_text() + ("\n" + extra_source if extra_source else "")
     except OSError as err:
         raise IobridgeError(f"cannot read BPF program {src}: {err.strerror}") from err
-    flags = [f"-I{abi_header().parent}", f"-I{src.parent}", *COMMON_CFLAGS, *cflags]
     started = time.monotonic()
+    layout = kernel_layout.cflags() if kernel_structs else ()
+    flags = [f"-I{abi_header().parent}", f"-I{src.parent}", *COMMON_CFLAGS, *layout, *cflags]
     try:
         prog = bcc.BPF(text=text.encode(), cflags=flags)
     except Exception as err:   # BCC raises bare Exception for compile and load failures

@@ -341,7 +341,7 @@ class CacheObserver:
         cflags = [f"-DIOBRIDGE_RINGBUF_PAGES={self.ringbuf_pages}"]
         cflags += [TRACEPOINT_FLAGS[t] for how, t in self.plan.values() if how == "tracepoint"]
         self.bpf, self.compile_seconds = bpf.compile_program(
-            "cachestat", "the page-cache observer", tuple(cflags))
+            "cachestat", "the page-cache observer", tuple(cflags), kernel_structs=True)
         try:
             for how, target in self.plan.values():
                 if how != "kprobe":

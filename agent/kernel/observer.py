@@ -155,7 +155,8 @@ class BlockObserver:
         if self.probe == "kprobe":
             cflags.append("-DIOBRIDGE_KPROBES")
         self.bpf, self.compile_seconds = bpf.compile_program(
-            "observer", f"the block observer ({self.probe} probes)", tuple(cflags))
+            "observer", f"the block observer ({self.probe} probes)", tuple(cflags),
+            kernel_structs=True)
         self._write_config()
         if self.stream or self.stream_legs:
             self._ring = bpf.EventRing(self.bpf, "events", EVENT_DTYPE)
