@@ -7,8 +7,8 @@ IOB     := .venv/bin/iobridge
 
 help:
 	@echo "make demo    set up, boot the VM, run the default workload and print the result"
-	@echo "make test    set up, run the host unit tests and the VM tests on Debian's 6.1"
-	@echo "             (one pytest run; KERNELS=all adds 6.12, KERNELS='RELEASE ...' chooses)"
+	@echo "make test    set up, run the host unit tests and the VM tests on Debian 12's"
+	@echo "             6.1 and 6.12 (one pytest run; KERNELS='RELEASE ...' chooses)"
 	@echo "make unit    host unit tests only (no root, no VM)"
 	@echo "make vmtest  the kernel-facing tests only, one VM boot per kernel (KERNELS= as above)"
 	@echo "make module  build kmodule/ against each VM kernel's headers"
@@ -22,9 +22,8 @@ demo: setup module
 	$(IOB) vm run --timeout 900 $(if $(KERNEL),--kernel $(KERNEL)) -- bash vm/demo.sh
 
 # pytest exits 5 when it collected no test: that is a failure here.
-# The VM tests run on the default kernel (6.1), on every kernel in
-# vm/kernel-release with KERNELS=all, or on each release in KERNELS
-# (tests/conftest.py says why 6.12 is not in the default).
+# The VM tests run on every kernel in vm/kernel-release (6.1 and 6.12), one
+# VM boot each, or on each release in KERNELS (tests/conftest.py).
 test: setup module
 	@IOBRIDGE_KERNELS="$(KERNELS)" $(PYTEST) -v -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc

@@ -2,8 +2,8 @@
 
 Tests marked `vm` (everything under tests/vm) need a real kernel. On the host
 each of them is replaced by one proxy item per VM kernel (vm_kernels():
-Debian 12's 6.1 by default; $IOBRIDGE_KERNELS, space- or comma-separated,
-or "all" for the 6.1 and 6.12 lines of vm/kernel-release, chooses). The first
+every kernel line in vm/kernel-release, Debian 12's 6.1 and 6.12, by
+default; $IOBRIDGE_KERNELS, space- or comma-separated, chooses). The first
 proxy of a kernel boots the test VM on it once and runs all selected VM
 tests inside (iobridge.lab.vm.run_tests); every proxy then reports its own
 test's outcome on its kernel. So a single `pytest` run shows host and VM
@@ -25,17 +25,15 @@ class VmTestFailure(Exception):
 
 
 def vm_kernels() -> list[str]:
-    """The kernels the VM tests run on: $IOBRIDGE_KERNELS ("all" for every
-    line in vm/kernel-release) or $IOBRIDGE_KERNEL, else the default (6.1).
-    Why not both by default: the two suites take about 55 min on a 2-core
-    TCG machine, too close to CI's 90 min limit with setup and a slower
-    machine (README "Kernels"). 6.12 boots under single-threaded TCG
-    (iobridge.lab.vm.tcg_threads() says why)."""
+    """The kernels the VM tests run on: $IOBRIDGE_KERNELS or $IOBRIDGE_KERNEL
+    (releases, space- or comma-separated), else every line in
+    vm/kernel-release ("all" says the same). 6.12 boots under
+    single-threaded TCG (iobridge.lab.vm.tcg_threads() says why)."""
     from iobridge.lab import vm
     chosen = os.environ.get("IOBRIDGE_KERNELS") or os.environ.get("IOBRIDGE_KERNEL") or ""
-    if chosen.strip() == "all":
+    if chosen.strip() in ("", "all"):
         return vm.kernel_releases()
-    return chosen.replace(",", " ").split() or [vm.pinned_release()]
+    return chosen.replace(",", " ").split()
 
 
 class VmProxyItem(pytest.Item):

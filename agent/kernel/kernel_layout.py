@@ -76,8 +76,8 @@ def read_btf(path: Path | None = None) -> BTF:
     except FileNotFoundError:
         raise IobridgeError(f"{path} does not exist: this kernel has no BTF, which iobridge "
                             "reads kernel struct layouts from",
-                            "use a kernel built with CONFIG_DEBUG_INFO_BTF=y "
-                            "(Debian's kernels are)") from None
+                            "use a kernel built with CONFIG_DEBUG_INFO_BTF=y, "
+                            "as Debian's are") from None
     except OSError as err:
         raise IobridgeError(f"cannot read {path}: {err.strerror}") from err
     return BTF(data, str(path))
