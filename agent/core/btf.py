@@ -109,6 +109,12 @@ class BTF:
             tid = size_or_type
         raise IobridgeError(f"{self.what}: a typedef or qualifier chain does not end")
 
+    def _array(self, at: int) -> tuple[int, int]:
+        """(element type id, element count) of the array record whose
+        trailing data starts at `at`."""
+        elem, _index_type, nelems = struct.unpack_from("<III", self.data, at)
+        return elem, nelems
+
     def size(self, tid: int, depth: int = 0) -> int:
         if depth > MAX_NESTING:
             raise IobridgeError(f"{self.what}: array type {tid} nests without end")
@@ -117,7 +123,7 @@ class BTF:
         if kind == PTR:
             return POINTER_BYTES
         if kind == ARRAY:
-            elem, _index, nelems = struct.unpack_from("<III", self.data, at)
+            elem, nelems = self._array(at)
             return self.size(elem, depth + 1) * nelems
         if kind in (INT, STRUCT, UNION, ENUM, ENUM64, FLOAT):
             return size_or_type
@@ -148,8 +154,11 @@ class BTF:
         for name, mtype, bits, bitfield in self.members(tid):
             if name == member:
                 return mtype, base_bits + bits, bitfield
-            if not name and self.record(self.resolve(mtype))[0] in (STRUCT, UNION):
-                found = self._find(self.resolve(mtype), member, base_bits + bits, depth + 1)
+            if name:
+                continue
+            inner = self.resolve(mtype)
+            if self.record(inner)[0] in (STRUCT, UNION):
+                found = self._find(inner, member, base_bits + bits, depth + 1)
                 if found:
                     return found
         return None
@@ -176,7 +185,7 @@ class BTF:
         rtype = self.resolve(mtype)
         kind, _vlen, _kf, _size, at = self.record(rtype)
         if kind == ARRAY:
-            elem, _index, nelems = struct.unpack_from("<III", self.data, at)
+            elem, nelems = self._array(at)
             return Field(bits // 8, self.size(elem), nelems)
         return Field(bits // 8, self.size(rtype))
 

@@ -42,11 +42,10 @@ def cross_check_source() -> str:
 
 def test_btf_offsets_equal_the_kernel_headers_offsets():
     import bcc
-    from iobridge.kernel.bpf import source_path
+    from iobridge.kernel.bpf import COMMON_CFLAGS, source_path
 
     flags = [*kernel_layout.cflags(), f"-I{source_path('observer').parent}",
-             "-include", "kernel_layout.h", "-Wno-duplicate-decl-specifier",
-             "-Wno-ignored-attributes"]
+             "-include", "kernel_layout.h", *COMMON_CFLAGS]
     prog = bcc.BPF(text=cross_check_source().encode(), cflags=flags)
     prog.cleanup()
     assert len(kernel_layout.FIELDS) >= 30
