@@ -404,6 +404,9 @@ static __always_inline void inserted(u32 dev, u64 ino, u64 index, u32 order)
 					   .flags = ra ? IOBRIDGE_PAGE_READAHEAD : 0};
 
 	page_state.update(&key, &page);
+	/* the event before the counts: a report that counts this page comes
+	 * after its event in the stream (iobridge cachestat --events) */
+	emit(IOBRIDGE_CEV_INSERT, dev, ino, index, nr, page.flags);
 	struct iobridge_cache_stats *s[2] = {dev_entry(dev), file_entry(dev, ino)};
 #pragma unroll
 	for (int i = 0; i < 2; i++) {
@@ -416,7 +419,6 @@ static __always_inline void inserted(u32 dev, u64 ino, u64 index, u32 order)
 			__sync_fetch_and_add(&s[i]->ra_pages, nr);
 		window_add(&s[i]->win[epoch & 1], index, epoch);
 	}
-	emit(IOBRIDGE_CEV_INSERT, dev, ino, index, nr, page.flags);
 }
 
 #ifdef IOBRIDGE_INSERT_TP

@@ -13,7 +13,10 @@ line, each with a "type":
 - "window": one feature window of one run: workload, class (one of
   PREFETCH_CLASSES), read_ahead_kb (the setting of that run), scope
   ("device" or "file"), features (the schema's vector, in its order),
-  direction, has_writes, and figures for the record (insertions, reads...).
+  direction, has_writes, and figures for the record (insertions, reads,
+  extent: the lowest, highest and last page inserted, relative to the
+  window's first, which tells a scan that came round the file's end inside
+  the window from one that went the other way...).
 - "run": one (workload, read_ahead_kb) run of the sweep: its throughput
   (read_mb_s, write_mb_s, seconds).
 - "end" (last line): how many windows and runs the file holds, so that a

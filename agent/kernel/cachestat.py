@@ -505,6 +505,10 @@ def _cmd_cachestat(args) -> int:
                     time.sleep(args.interval)
                 closed = obs.next_window()
                 now = obs.snapshot(closed)
+                if args.events:
+                    # The kernel emits an event before it counts it: every
+                    # page a report counts has its event printed above it.
+                    _print_events(obs.poll_events(timeout_ms=0), args.json)
                 t_now = time.monotonic()
                 n += 1
                 rep = interval_report(prev, now, args.top, paths, totals=now)

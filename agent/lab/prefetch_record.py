@@ -156,8 +156,10 @@ def throughput(kind: str, out: str, run_s: float | None = None) -> tuple[float, 
 def window_line(c: cs.Counters, prev: cs.Counters | None, kb: int, scope: str, **common) -> dict:
     wf = cs.window_features(c.window, kb)
     d = c.minus(prev or cs.Counters.empty()).values
+    win = c.window or {"lo": 0, "hi": 0, "last": 0}
     return {"type": "window", **common, "read_ahead_kb": kb, "scope": scope,
             "features": [wf[n] for n in PF.FEATURE_NAMES], "direction": wf["direction"],
+            "extent": [win["lo"], win["hi"], win["last"]],
             "seq_run_mean": wf["seq_run_mean"], "rev_run_mean": wf["rev_run_mean"],
             "insertions": d["insertions"], "reads": d["reads"], "hits": d["hits"],
             "ra_pages": d["ra_pages"], "ra_used": d["ra_used"], "refaults": d["refaults"],

@@ -114,8 +114,11 @@ def test_hedging_lowers_p99_of_a_slow_primary_within_its_budget(make_nullb, make
 def test_budget_bounds_extra_reads(make_nullb, make_iobridge):
     """A deadline every read reaches (1 us) under the default budget (5%):
     the target issues at most 5% of its reads + the bucket as hedges and
-    counts the rest as refused."""
-    base = [make_nullb(size_mb=8), make_nullb(size_mb=8)]
+    counts the rest as refused. The legs complete each read from a 200 us
+    timer: a plain null_blk can answer before the 1 us hedge timer fires
+    under emulation (in one CI run only 26 of 4,126 reads reached their
+    deadline, so none was refused)."""
+    base = [make_nullb(size_mb=8, irqmode=2, completion_nsec=200_000) for _ in range(2)]
     name = make_iobridge(base, hedge_us=1)
     dev = f"/dev/mapper/{name}"
     r = fio("--name=budget", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
