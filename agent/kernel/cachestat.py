@@ -489,11 +489,13 @@ def _cmd_cachestat(args) -> int:
     signal.signal(signal.SIGTERM, on_term)
     paths = PathCache()
     with obs:
-        print(f"iobridge cachestat: attached (compiled in {obs.compile_seconds:.1f}s); "
-              f"{obs.hooks}; Ctrl-C to stop", file=sys.stderr, flush=True)
         obs.next_window()
         prev = obs.snapshot()
         t_prev = time.monotonic()
+        # Said once counting has begun: all page-cache activity from here on
+        # is reported.
+        print(f"iobridge cachestat: attached (compiled in {obs.compile_seconds:.1f}s); "
+              f"{obs.hooks}; Ctrl-C to stop", file=sys.stderr, flush=True)
         n = 0
         try:
             while args.count is None or n < args.count:

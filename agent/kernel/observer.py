@@ -295,10 +295,11 @@ def _cmd_observe(args) -> int:
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGTERM, on_term)
     with obs:
-        print(f"iobridge observe: attached ({obs.probe} probes, compiled in "
-              f"{obs.compile_seconds:.1f}s); Ctrl-C to stop", file=sys.stderr, flush=True)
         first = prev = obs.snapshot()
         t_first = t_prev = time.monotonic()
+        # Said once counting has begun: all I/O from here on is reported.
+        print(f"iobridge observe: attached ({obs.probe} probes, compiled in "
+              f"{obs.compile_seconds:.1f}s); Ctrl-C to stop", file=sys.stderr, flush=True)
         n = 0
         try:
             while args.count is None or n < args.count:

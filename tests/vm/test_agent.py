@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,19 @@ def route_programs_attached() -> list[str]:
     progs = json.loads(run(["bpftool", "-j", "prog", "show"]).stdout)
     return [p["name"] for p in progs if p.get("name", "").startswith("iobridge_route")
             and os.getpid() not in [q.get("pid") for q in p.get("pids", [])]]
+
+
+def route_programs_left(before: list[str] = (), timeout_s: float = 15.0) -> list[str]:
+    """The routing programs loaded beyond those of `before` (a listing taken
+    earlier), waiting up to timeout_s for them to go. The kernel frees a
+    program its last holder released after an RCU grace period: right
+    after an agent exits it may still be listed, with no holder (seen on
+    6.12, test_systemd.py); one listed in `before` may go meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while (left := list((Counter(route_programs_attached()) - Counter(before)).elements())) \
+            and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return left
 
 
 def iobridge(*args: str, user: str | None = None) -> subprocess.CompletedProcess:
@@ -310,7 +324,7 @@ def test_metrics_endpoint_counts_what_dmsetup_status_counts(replicas, agents):
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert route_programs_attached() == attached and not PIN_DIR.exists()
+    assert route_programs_left(attached) == [] and not PIN_DIR.exists()
 
     port = _free_port()
     agent = agents("--metrics-listen", f"127.0.0.1:{port}", "--hedging", "on")
@@ -425,9 +439,10 @@ def test_sigstopped_agent_table_follows_the_legs_live_state(replicas, agents, tm
     # and a few reads while leg 0's newest latency was a host stall (with a
     # fresh agent the table prices a slow read at what stalls cost, ~5 ms).
     # Seen besides the probes: at most 6 on a quiet host, 7 and 8 on loaded
-    # ones (CI with other work, a busy host core); 46-75 for the rule
-    # with the penalty outside the product.
-    assert slow["legs"][1] <= 2 * WINDOW_QD + slow["probes"], slow
+    # ones (CI with other work, a busy host core), so the bound leaves room
+    # for more stalls; 46-75 for the rule with the penalty outside the
+    # product.
+    assert slow["legs"][1] <= 4 * WINDOW_QD + slow["probes"], slow
     assert slow["legs"][0] >= 20 * max(1, slow["legs"][1] - slow["probes"]), slow
     # Fast again: a probe saw it, and reads came back beyond the probes.
     assert slow["probes"] + fast_again["probes"] >= 1
@@ -524,7 +539,7 @@ def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents, tmp_pat
         time.sleep(0.5)
         hook, dflt = delta(2)
         assert hook == 0 and dflt > 0, (hook, dflt)
-        assert route_programs_attached() == []
+        assert route_programs_left() == []
         assert PIN_DIR.exists(), "a killed agent cannot unpin: its pins should still be there"
 
         # A restarted agent replaces the leftovers and routes again.
@@ -542,7 +557,7 @@ def test_stall_expires_kill_falls_back_restart_resumes(replicas, agents, tmp_pat
     assert job["error"] == 0 and job["read"]["total_ios"] > 0, err
     # Nothing left behind by the clean stop.
     assert not PIN_DIR.exists()
-    assert route_programs_attached() == []
+    assert route_programs_left() == []
     # Maps this test process holds itself (other tests' fixtures) do not count.
     maps = [m.get("name", "") for m in json.loads(run(["bpftool", "-j", "map", "show"]).stdout)
             if os.getpid() not in [p.get("pid") for p in m.get("pids", [])]]
@@ -621,7 +636,7 @@ def test_status_reload_target_loss_and_notify(replicas, agents, tmp_path):
 
     assert agent.stop() == 0
     assert "STOPPING=1" in agent.messages
-    assert not PIN_DIR.exists() and route_programs_attached() == []
+    assert not PIN_DIR.exists() and route_programs_left() == []
     assert not agent.status_file.exists()
 
 
@@ -635,7 +650,7 @@ def test_shadow_mode_decides_but_publishes_nothing(replicas, agents):
                            and s["counters"]["recomputes"] > 0)
     h1, _ = routed(replicas.name)
     assert h1 == h0
-    assert st["shadow"] and not st["program_attached"] and route_programs_attached() == []
+    assert st["shadow"] and not st["program_attached"] and route_programs_left() == []
     assert st["last_published_ns"] == 0
     legs = st["targets"][0]["legs"]
     # The table is computed (baselines, P(slow) per key) but not published.
@@ -677,4 +692,4 @@ def test_bad_model_config_permission_and_missing_module(iobridge_module, tmp_pat
         assert proc.returncode != 0 and f"kernel module {abi.MODULE_NAME} is not loaded" in proc.stderr
     finally:
         run(["insmod", str(testbed.module_ko())])
-    assert not PIN_DIR.exists() and route_programs_attached() == []
+    assert not PIN_DIR.exists() and route_programs_left() == []

@@ -418,9 +418,12 @@ def test_bpf_routing_follows_penalties(make_nullb, make_iobridge, direct_io, rou
     r = measure(routing, name, reads(), legs)
     assert r.hook[0] == 0 and r.hook[1] >= n and r.default == [0, 0], r
 
-    # Both penalised: the lower cost still wins; service_ns counts as much.
-    routing.set_leg(tid, 0, penalty_ns=3_000_000, service_ns=100_000, ttl_s=600)
-    routing.set_leg(tid, 1, penalty_ns=2_000_000, service_ns=1_200_000, ttl_s=600)
+    # Both penalised: the lower cost still wins; service_ns counts as much
+    # (leg 1's penalty is the lower). Leg 0's cost is max(service, newest
+    # latency) + penalty: tens of ms apart, so that one read the host
+    # delays does not make leg 0 the dearer (0.1 ms apart, it could).
+    routing.set_leg(tid, 0, penalty_ns=60_000_000, service_ns=1_000_000, ttl_s=600)
+    routing.set_leg(tid, 1, penalty_ns=40_000_000, service_ns=60_000_000, ttl_s=600)
     r = measure(routing, name, reads())
     assert r.hook[1] == 0 and r.hook[0] >= n, r
 
@@ -449,12 +452,12 @@ def test_bpf_routing_follows_penalties(make_nullb, make_iobridge, direct_io, rou
 
 def test_table_hedge_deadline_reaches_the_target(make_nullb, make_iobridge, direct_io, routing):
     """The chosen leg's hedge_us for the read's key reaches the target
-    (ABI 7): leg 0 (10 ms, time enough for the hedge's workqueue on a busy
-    host) gets 4 KiB reads with a 1 us deadline and they are hedged on leg 1
+    (ABI 7): leg 0 (30 ms, time enough for the hedge's timer, workqueue and
+    read on leg 1 beside a host stall) gets 4 KiB reads with a 1 us deadline and they are hedged on leg 1
     (budget 100%); 64 KiB reads have none and are not; once
     the entries expire (no agent) nothing is hedged, the target having no
     deadline of its own."""
-    legs = [make_nullb(size_mb=8, irqmode=2, completion_nsec=10_000_000), make_nullb(size_mb=8)]
+    legs = [make_nullb(size_mb=8, irqmode=2, completion_nsec=30_000_000), make_nullb(size_mb=8)]
     name = make_iobridge(legs, hedge_budget=100)
     tid = dmtarget.target_ref(name)
     io = direct_io(f"/dev/mapper/{name}")

@@ -27,10 +27,16 @@ def delay_table(dev: str, read_ms: int) -> str:
     return f"0 {sectors_of(dev)} delay {dev} 0 {read_ms} {dev} 0 0"
 
 
-def assert_idle(name: str) -> dmtarget.HedgeStatus:
-    """Nothing of a hedged read is left: no context, no bounce page."""
-    h = dmtarget.status(name).hedge
-    assert h is not None, "the module reports no hedge fields"
+def assert_idle(name: str, timeout_s: float = 10.0) -> dmtarget.HedgeStatus:
+    """Nothing of a hedged read is left: no context, no bounce page, once
+    the reads that lost (on a slow leg, or delayed by the host) ended."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        h = dmtarget.status(name).hedge
+        assert h is not None, "the module reports no hedge fields"
+        if (h.active, h.bounce_pages) == (0, 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert (h.active, h.bounce_pages) == (0, 0), h
     return h
 
@@ -61,7 +67,7 @@ def test_hedged_reads_verify_while_the_slow_leg_flips(make_nullb, make_dm, make_
         reload(Path(slow).name, delay_table(base[1], 3 if i % 2 == 0 else 0))
         time.sleep(0.2)
 
-    r1, r2, flips = verify_while_flipping(dev, size_mb, "512k", flip)
+    r1, r2, flips = verify_while_flipping(dev, size_mb, "512k", flip, min_flips=3)
     assert fio_errors(r1) == 0 and fio_errors(r2) == 0
     st = dmtarget.status(name)
     h = st.hedge
@@ -71,23 +77,23 @@ def test_hedged_reads_verify_while_the_slow_leg_flips(make_nullb, make_dm, make_
     assert h.issued > 0 and h.won > 0, h
     assert h.refused == 0, h           # budget 100%: every due hedge has a token
     assert st.health == "AA" and st.read_failures == 0 and st.write_failures == 0, st
-    time.sleep(0.1)                    # losers still on the 3 ms leg finish
-    assert_idle(name)
+    assert_idle(name)                  # losers still on the 3 ms leg finish
     run(["sync"])
     cmp_devices(base[0], slow, size_mb << 20)
 
 
 def test_hedging_lowers_p99_of_a_slow_primary_within_its_budget(make_nullb, make_dm,
                                                                   make_iobridge):
-    """Leg 0 (the primary) answers in 50 ms, leg 1 at once. Same target,
-    one run: without hedging every read waits 50 ms; hedged after 1 ms, p99
-    is under half of that, and the extra reads stay within the budget. (The
+    """Leg 0 (the primary) answers in 100 ms, leg 1 at once. Same target,
+    one run: without hedging every read waits 100 ms; hedged after 1 ms, p99
+    is under half of that, and the extra reads stay within the budget (the
+    margin, 50 ms against 6-10 ms, is for host stalls under emulation). (The
     hedged p99 is the deadline plus the timer's and the hedge workqueue's
     delay, which emulation stretches: 5.9 ms on 6.1 with multi-threaded TCG,
     9.4 ms on 6.12 with single-threaded TCG, against 15 and 21 ms unhedged
     with 8 and 20 ms legs.)"""
     base = [make_nullb(size_mb=8), make_nullb(size_mb=8)]
-    slow = make_dm(delay_table(base[0], 50), name=f"iobhs{time.monotonic_ns()}")
+    slow = make_dm(delay_table(base[0], 100), name=f"iobhs{time.monotonic_ns()}")
     name = make_iobridge([slow, base[1]], policy="primary", hedge_budget=100)
     dev = f"/dev/mapper/{name}"
 
@@ -102,12 +108,11 @@ def test_hedging_lowers_p99_of_a_slow_primary_within_its_budget(make_nullb, make
     print(f"\nQD1 4k: p99 unhedged {off_p99:.0f} us ({off_reads} reads), hedged after 1 ms "
           f"{on_p99:.0f} us ({on_reads} reads): {on_p99 / off_p99:.2f}x; hedges {h.issued} "
           f"won {h.won} lost {h.lost} refused {h.refused} of {routed} reads")
-    assert off_p99 >= 50000, off_p99
+    assert off_p99 >= 100000, off_p99
     assert on_p99 < 0.5 * off_p99, (on_p99, off_p99)
     assert h.won > 0.9 * on_reads, h
     # The budget (100% here): at most one extra read per read routed.
     assert h.issued <= routed + abi.HEDGE_BUCKET, (h, routed)
-    time.sleep(0.1)
     assert_idle(name)
 
 
@@ -135,7 +140,6 @@ def test_budget_bounds_extra_reads(make_nullb, make_iobridge):
     assert routed >= 4000
     assert 0 < h.issued <= bound, (h, bound)     # the bucket starts empty
     assert h.refused > 0 and h.issued + h.refused <= routed, h
-    time.sleep(0.1)
     assert_idle(name)
     # Budget 0: never hedge, whatever the deadline.
     dmtarget.message(name, "hedge_budget", "0")

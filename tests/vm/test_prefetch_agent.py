@@ -14,7 +14,7 @@ import textwrap
 import time
 
 import pytest
-from test_agent import PIN_DIR, agents, iobridge, route_programs_attached  # noqa: F401 (agents: a fixture)
+from test_agent import PIN_DIR, agents, iobridge, route_programs_attached, route_programs_left  # noqa: F401 (agents: a fixture)
 
 from iobridge.daemon.config import DEFAULT_MODEL, DEFAULT_PREFETCH_MODEL
 
@@ -45,7 +45,7 @@ def test_an_admission_model_as_prefetch_model_is_refused(iobridge_module):
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
     assert "model of the wrong kind: an admission model" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert route_programs_attached() == attached and not PIN_DIR.exists()
+    assert route_programs_left(attached) == [] and not PIN_DIR.exists()
 
 
 @pytest.mark.timeout(900)   # an agent start: BCC under TCG, slower on a busy host
