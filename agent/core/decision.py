@@ -67,6 +67,7 @@ built-in default (least in flight) decides.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -101,7 +102,9 @@ BYTES_GRID_STEPS = 16
 # ... and of the leg's service time over its baseline latency
 # (per_read_ratio), 8 points per octave (9% apart).
 RATIO_GRID_STEPS = 8
-MAX_CACHED_POINTS = 64
+# Points kept (P(slow) and risk per key: 2.3 KB each); least recently used
+# go first. 5 octaves of read size alone are 80 points.
+MAX_CACHED_POINTS = 512
 SLOW_READ_MIN_COUNT = 8
 SLOW_LAT_FLOOR_REL = 10.0
 
@@ -114,6 +117,7 @@ AGENT_TICK_MS = 250.0
 AGENT_RECOMPUTE_MS = 1000.0
 AGENT_PROBE_AFTER_MS = 200.0
 BASELINE_MOVE = 0.10
+_REL_LAT_EDGES = np.array(REL_LAT_EDGES)
 assert len(REL_LAT_EDGES) == abi.NUM_LAT_BUCKETS - 1
 assert len(LAT_REP_REL) == abi.NUM_LAT_BUCKETS
 assert len(INFLIGHT_REP) == abi.NUM_INFLIGHT_BUCKETS
@@ -199,7 +203,7 @@ def lat_edges_ns(base: LegBaseline | np.ndarray) -> np.ndarray:
     """The leg's latency bucket edges in ns (what the kernel compares with);
     or, given service times in us [legs, 1], every leg's at once."""
     service_us = base.service_us if isinstance(base, LegBaseline) else base
-    return np.rint(np.array(REL_LAT_EDGES) * service_us * 1000).astype(np.int64)
+    return np.rint(_REL_LAT_EDGES * service_us * 1000).astype(np.int64)
 
 
 def bytes_per_read(base: LegBaseline) -> float:
@@ -208,12 +212,25 @@ def bytes_per_read(base: LegBaseline) -> float:
     return base.lat_us * base.tput
 
 
+def _on_grid(x: np.ndarray, steps: int) -> np.ndarray:
+    """x > 0 rounded to the grid of `steps` points per octave."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.exp2(np.rint(np.log2(x) * steps) / steps)
+
+
+def grid_points(nbytes: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bytes_per_read() and per_read_ratio() of many legs, rounded to the grid
+    the model is evaluated on: BYTES_GRID_STEPS points per octave (0 stays 0:
+    no throughput known) and RATIO_GRID_STEPS (at most 1; 0 or less: 1)."""
+    nbytes, ratio = np.asarray(nbytes, dtype=np.float64), np.asarray(ratio, dtype=np.float64)
+    b = np.where(nbytes > 0, _on_grid(nbytes, BYTES_GRID_STEPS), 0.0)
+    r = np.where(ratio > 0, np.minimum(_on_grid(ratio, RATIO_GRID_STEPS), 1.0), 1.0)
+    return b, r
+
+
 def bytes_grid_point(nbytes: float) -> float:
-    """bytes_per_read() rounded to the grid the model is evaluated on
-    (BYTES_GRID_STEPS per octave); 0 stays 0 (no throughput known)."""
-    if nbytes <= 0:
-        return 0.0
-    return float(2.0 ** (round(np.log2(nbytes) * BYTES_GRID_STEPS) / BYTES_GRID_STEPS))
+    """bytes_per_read() rounded to the grid (grid_points)."""
+    return float(grid_points(nbytes, 1.0)[0])
 
 
 def per_read_ratio(base: LegBaseline) -> float:
@@ -223,15 +240,14 @@ def per_read_ratio(base: LegBaseline) -> float:
 
 
 def ratio_grid_point(ratio: float) -> float:
-    """per_read_ratio() rounded to its grid (RATIO_GRID_STEPS per octave)."""
-    if ratio <= 0:
-        return 1.0
-    return float(min(2.0 ** (round(np.log2(ratio) * RATIO_GRID_STEPS) / RATIO_GRID_STEPS), 1.0))
+    """per_read_ratio() rounded to its grid (grid_points)."""
+    return float(grid_points(1.0, ratio)[1])
 
 
 def grid_point(base: LegBaseline) -> tuple[float, float]:
     """The point of the grid the model is evaluated on for this leg."""
-    return bytes_grid_point(bytes_per_read(base)), ratio_grid_point(per_read_ratio(base))
+    b, r = grid_points(bytes_per_read(base), per_read_ratio(base))
+    return float(b), float(r)
 
 
 def key_rows(base: LegBaseline | tuple[float, float]) -> np.ndarray:
@@ -379,27 +395,37 @@ class TableMaker:
         self.threshold = float(model.threshold if threshold is None else threshold)
         self.probe_after_ns = int(probe_after_ns)
         self.calls = 0              # batched inferences run
-        # P(slow) per key, by grid_point: the model is run only for a
-        # point not seen yet (a new model gets a new TableMaker).
-        self._p_slow: dict[tuple[float, float], np.ndarray] = {}
+        # (P(slow), latency_risk) per key, by grid point, least recently
+        # used first: the model is run only for a point not kept (a new
+        # model gets a new TableMaker).
+        self._points: OrderedDict[tuple[float, float], tuple[np.ndarray, np.ndarray]] = \
+            OrderedDict()
 
     def _infer(self, points: Sequence[tuple[float, float]]) -> None:
-        """Run the model once over every key of the points not cached yet."""
-        todo = list(dict.fromkeys(pt for pt in points if pt not in self._p_slow))
+        """Run the model once over every key of the points not kept yet; the
+        least recently used points make room for them."""
+        kept = self._points
+        todo = []
+        for pt in points:
+            if pt in kept:
+                kept.move_to_end(pt)
+            elif pt not in todo:
+                todo.append(pt)
         if not todo:
             return
-        if len(self._p_slow) + len(todo) > MAX_CACHED_POINTS:
-            # Start over, and evaluate every point this build needs (not
-            # only the new ones: the cached ones are dropped too).
-            self._p_slow.clear()
-            todo = list(dict.fromkeys(points))
         rows = np.concatenate([key_rows(pt) for pt in todo])
         probs = np.asarray(self.model.p_slow(rows), dtype=np.float32)
         self.calls += 1
-        for pt, pp in zip(todo, probs.reshape(len(todo), abi.KEYS_PER_LEG)):
-            self._p_slow[pt] = pp
+        probs = probs.reshape(len(todo), abi.KEYS_PER_LEG)
+        for pt, pp, risk in zip(todo, probs, latency_risk(probs)):
+            kept[pt] = (pp, risk)
+        while len(kept) > max(MAX_CACHED_POINTS, len(points)):
+            kept.popitem(last=False)
 
     def build(self, now_ns: int, baselines: Sequence[LegBaseline | None]) -> KeyedTable:
+        """The table of these legs (None: no baseline, no entry). Every leg
+        at once in numpy: a recompute with the model's answers kept costs
+        tens of microseconds (iobridge bench tick)."""
         n = len(baselines)
         valid = np.array([b is not None for b in baselines], dtype=bool)
         p = np.zeros((n, abi.KEYS_PER_LEG), dtype=np.float32)
@@ -409,14 +435,17 @@ class TableMaker:
         top = np.zeros(n, dtype=np.int64)
         idx = np.flatnonzero(valid)
         if len(idx):
-            points = [grid_point(baselines[i]) for i in idx]
+            lat, tput, svc, slow = np.array(
+                [(b.lat_us, b.tput, b.service_us, b.slow_lat_us)
+                 for b in (baselines[i] for i in idx)], dtype=np.float64).T
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(lat > 0, np.minimum(svc / lat, 1.0), 1.0)   # per_read_ratio
+            points = list(zip(*(g.tolist() for g in grid_points(lat * tput, ratio))))
             self._infer(points)
-            p[idx] = np.stack([self._p_slow[point] for point in points])
-            # All legs at once (numpy over [legs, keys]): per leg, this was
-            # most of a recompute's cost.
-            svc = np.array([[baselines[i].service_us] for i in idx])
-            slow = np.array([[baselines[i].slow_lat_us] for i in idx])
-            pen[idx] = _penalties_ns(latency_risk(p[idx]), svc, slow)
+            kept = [self._points[pt] for pt in points]
+            p[idx] = [pp for pp, _ in kept]
+            svc, slow = svc[:, None], slow[:, None]
+            pen[idx] = _penalties_ns(np.array([risk for _, risk in kept]), svc, slow)
             edges[idx] = lat_edges_ns(svc)
             service[idx] = np.rint(svc[:, 0] * 1000)
             top[idx] = np.minimum(np.rint(np.maximum(LAT_REP_REL[-1] * svc[:, 0], slow[:, 0]) * 1000),
