@@ -430,6 +430,38 @@ def test_cache_overflow_keeps_every_point_the_build_needs():
     assert t.valid.all() and (t.p_slow[0] == mk.build(100, [BASE]).p_slow[0]).all()
 
 
+def test_the_least_recently_used_point_goes_first():
+    """The cache keeps the points builds use: one used at every build stays
+    while others come and go; the oldest unused one is run again."""
+    m = LatModel()
+    mk = TableMaker(m)
+    mk.build(0, [BASE])
+    for i in range(D.MAX_CACHED_POINTS + 5):
+        mk.build(i, [BASE, LegBaseline(100.0, 40.0 * 1.1 ** (i + 1), 1000.0)])
+    calls = mk.calls
+    mk.build(1, [BASE])                                       # kept: used at every build
+    assert mk.calls == calls
+    mk.build(2, [LegBaseline(100.0, 40.0 * 1.1, 1000.0)])      # the first other point: gone
+    assert mk.calls == calls + 1
+
+
+def test_many_legs_grid_points_at_once_equal_one_at_a_time():
+    rng = np.random.default_rng(3)
+    nbytes = np.concatenate([[0.0, -1.0, 4096.0, 1.0], rng.uniform(1, 1e7, 200)])
+    ratio = np.concatenate([[0.0, -1.0, 1.0, 2.0], rng.uniform(1e-3, 1.5, 200)])
+    b, r = D.grid_points(nbytes, ratio)
+    # the rule one leg at a time, as Python floats
+    assert b.tolist() == [2.0 ** (round(np.log2(x) * D.BYTES_GRID_STEPS) / D.BYTES_GRID_STEPS)
+                          if x > 0 else 0.0 for x in nbytes]
+    assert r.tolist() == [min(2.0 ** (round(np.log2(x) * D.RATIO_GRID_STEPS) / D.RATIO_GRID_STEPS), 1.0)
+                          if x > 0 else 1.0 for x in ratio]
+    assert [D.bytes_grid_point(x) for x in nbytes] == b.tolist()
+    assert b[:4].tolist() == [0.0, 0.0, 4096.0, 1.0] and r[:4].tolist() == [1.0, 1.0, 1.0, 1.0]
+    # on the grid: 16 points per octave of bytes, 8 of ratio (at most 1)
+    assert np.allclose(np.log2(b[4:]) * D.BYTES_GRID_STEPS, np.rint(np.log2(b[4:]) * D.BYTES_GRID_STEPS))
+    assert (r <= 1.0).all()
+
+
 def test_route_ties_lowest_index_without_rng_random_with_it():
     t = _table([BASE, BASE])
     args = (10, 4096, [0, 0], [100_000, 100_000], [1, 1])
