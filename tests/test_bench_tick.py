@@ -13,8 +13,11 @@ import pytest
 
 from iobridge import cli
 from iobridge.core import abi
+from iobridge.core import decision as D
+from iobridge.core.model import AdmissionModel
 from iobridge.lab import bench, tickbench
 from iobridge.kernel import dmtarget
+from offline_helpers import SHIPPED_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +139,23 @@ def test_the_bench_runs_on_the_host_and_json_prints_only_json(monkeypatch, tmp_p
     assert cli.main(["bench", "tick", "--legs", "2", "--output", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and seen == {}
     assert cli.main(["bench", "tick", "--legs", "2", "--json", "--output", str(out), "--force"]) == 0
+
+
+def test_a_built_table_is_within_the_entry_fields_and_published_as_it_is():
+    """The agent publishes a TableMaker's table without clipping
+    (in_range=True): its values are built within the u32 fields, even for
+    a leg whose service time is 10 s; written as they are, they equal what
+    the clipping writer writes."""
+    mk = D.TableMaker(AdmissionModel(SHIPPED_MODEL))
+    t = mk.build(0, [D.LegBaseline(10_000_000.0, 0.5, 50_000_000.0), D.LegBaseline(100.0, 40.0, 2000.0)])
+    for a in (t.penalty_ns, t.lat_edges_ns, t.service_ns, t.top_lat_ns):
+        assert a.min() >= 0 and a.max() <= 0xFFFFFFFF
+    assert t.lat_edges_ns[0].max() == 0xFFFFFFFF and t.service_ns[0] == 0xFFFFFFFF
+    policy = tickbench.memory_policy()
+    blocks = []
+    for target, in_range in ((1, True), (2, False)):
+        policy.publish(dmtarget.TargetRef(target, 1), t.penalty_ns, t.lat_edges_ns, t.service_ns, 0,
+                       777, t.top_lat_ns, in_range=in_range)
+        blocks.append(policy.entries[abi.leg_index(target, 0):abi.leg_index(target, 0) + 2].copy())
+    assert blocks[0].tobytes() == blocks[1].tobytes()
+    policy.close()

@@ -85,7 +85,7 @@ class FakePolicy:
         self.entries = None
 
     def publish(self, target, penalty, edges, service, probe_after, expires, top_lat=None,
-                hedge_us=None):
+                hedge_us=None, in_range=False):
         self.published.append((target, penalty.copy(), service.copy(), np.array(expires)))
         self.hedge_us.append(None if hedge_us is None else np.array(hedge_us))
 

@@ -118,6 +118,9 @@ AGENT_RECOMPUTE_MS = 1000.0
 AGENT_PROBE_AFTER_MS = 200.0
 BASELINE_MOVE = 0.10
 _REL_LAT_EDGES = np.array(REL_LAT_EDGES)
+# The decision entry's u32 fields (kmodule/iobridge_abi.h): a table's
+# values are built within them, so the agent writes them as they are.
+U32_MAX = 0xFFFFFFFF
 assert len(REL_LAT_EDGES) == abi.NUM_LAT_BUCKETS - 1
 assert len(LAT_REP_REL) == abi.NUM_LAT_BUCKETS
 assert len(INFLIGHT_REP) == abi.NUM_INFLIGHT_BUCKETS
@@ -203,7 +206,7 @@ def lat_edges_ns(base: LegBaseline | np.ndarray) -> np.ndarray:
     """The leg's latency bucket edges in ns (what the kernel compares with);
     or, given service times in us [legs, 1], every leg's at once."""
     service_us = base.service_us if isinstance(base, LegBaseline) else base
-    return np.rint(_REL_LAT_EDGES * service_us * 1000).astype(np.int64)
+    return np.minimum(np.rint(_REL_LAT_EDGES * service_us * 1000), U32_MAX).astype(np.int64)
 
 
 def bytes_per_read(base: LegBaseline) -> float:
@@ -447,7 +450,7 @@ class TableMaker:
             svc, slow = svc[:, None], slow[:, None]
             pen[idx] = _penalties_ns(np.array([risk for _, risk in kept]), svc, slow)
             edges[idx] = lat_edges_ns(svc)
-            service[idx] = np.rint(svc[:, 0] * 1000)
+            service[idx] = np.minimum(np.rint(svc[:, 0] * 1000), U32_MAX)
             top[idx] = np.minimum(np.rint(np.maximum(LAT_REP_REL[-1] * svc[:, 0], slow[:, 0]) * 1000),
                                   abi.PENALTY_MAX_NS)
         visible = now_ns + self.staleness_ns

@@ -625,7 +625,8 @@ class Agent:
             self.policy.publish(t.ref, table.penalty_ns[rows], table.lat_edges_ns[rows],
                                 table.service_ns[rows], table.probe_after_ns, exp,
                                 table.top_lat_ns[rows],
-                                hedge_us=None if table.hedge_us is None else table.hedge_us[rows])
+                                hedge_us=None if table.hedge_us is None else table.hedge_us[rows],
+                                in_range=True)
         self.policy.heartbeat(now, published_ns=now)
         self.last_published_ns = now
 
