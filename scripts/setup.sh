@@ -11,7 +11,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # Debian packages and why: see README "Dependencies".
 PACKAGES=(
   python3 python3-venv python3-pip python3-bpfcc bpftool libbpf-dev clang llvm
-  gcc make libelf-dev kmod dmsetup fio zstd qemu-system-x86 busybox-static udev
+  gcc make libelf-dev kmod dmsetup fio rocksdb-tools zstd qemu-system-x86 busybox-static udev
   util-linux procps systemd dbus
 )
 

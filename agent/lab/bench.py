@@ -19,7 +19,8 @@ and the per-call cost of the routing hook with and without a program.
 
 bench prefetch (lab/prefetch_bench.py): readahead policies (kernel default,
   best static read_ahead_kb of a sweep, KML-like per device, iobridge per
-  file with feedback) on buffered reads in a memory-limited cgroup.
+  file with feedback) on buffered reads in a memory-limited cgroup (fio,
+  a reverse reader, and on request RocksDB's db_bench).
 
 bench tick (on the host, lab/tickbench.py): the agent's real tick and
 table recompute against in-memory stand-ins for the kernel maps, with
@@ -257,9 +258,11 @@ BENCHES = {
         "help": "readahead policies on buffered reads in a memory-limited cgroup (issue 11): "
                 "kernel default, best static read_ahead_kb of a sweep, KML-like per device, "
                 "iobridge per file with feedback, on sequential, strided, random, reverse and "
-                "mixed reads: MB/s, hit ratio, readahead accuracy, wasted MB, refaults, agent "
-                "CPU, observer-alone cost; goals printed beside the figures",
+                "mixed reads (and, asked for, db_bench's readseq, readreverse, readrandom, "
+                "readrandomwriterandom): MB/s, hit ratio, readahead accuracy, wasted MB, "
+                "refaults, agent CPU, observer-alone cost; goals printed beside the figures",
         "add_args": lambda p: _prefetch_bench().add_args(p),
+        "host_check": lambda args: _prefetch_bench().host_check(args),
         "run_in_vm": lambda args: _prefetch_bench().run_in_vm(args),
         "render": lambda res: _prefetch_bench().render(_prefetch_bench().json_keys_to_int(res)),
         "timeout": 2400,
@@ -269,6 +272,8 @@ BENCHES = {
              "two workloads, 20 s runs"),
             ("iobridge bench prefetch --sweep 0 128 1024 --no-observer-cost",
              "a shorter sweep, no observer-alone cost"),
+            ("iobridge bench prefetch --workloads db-readseq db-readreverse db-readrandom "
+             "db-readrandomwriterandom", "the RocksDB workloads alone (db_bench)"),
             ("iobridge bench prefetch --json --output prefetch.json", "as JSON, kept in a file")),
     },
     "tick": {

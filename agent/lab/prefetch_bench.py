@@ -13,8 +13,41 @@ random and reverse reads share one, in that order.
 Workloads (buffered, psync): fio sequential read, fio strided read
 (rw=read:GAP), fio random read, the reverse reader of prefetch_record (fio
 has no backward pattern), and mixed: a sequential scanner and a random
-reader on two files of the same device at once. db_bench (Debian's
-rocksdb-tools) is not covered yet.
+reader on two files of the same device at once.
+
+db workloads (db_bench of Debian's rocksdb-tools 7.8.3, what KML's
+throughput was measured with): db-readseq, db-readreverse, db-readrandom,
+db-readrandomwriterandom, on one RocksDB built once per bench run on the
+test bed's ext4, outside the cgroup, before the first run: `db_bench
+--benchmarks=fillseq,flush,waitforcompaction`, DB_KEYS keys of 16 B with
+values of DB_VALUE_BYTES, compression none, no WAL (the memtable flushed
+at the end), 4 MiB memtables: about 98 MiB in 25 or so SST files of 4 MiB, 2x
+memory.max, so the working set does not fit. Each run is db_bench in the
+cgroup: --advise_random_on_open=false (RocksDB would otherwise advise
+every table file RANDOM, which switches readahead off whatever the policy),
+no mmap, no O_DIRECT, an 8 MiB block cache (db_bench's default; with the
+memtables and the library it leaves the page cache about half of
+memory.max), one thread, the bench's seed. The read-only three open the
+DB with --readonly=1, which writes nothing (no new MANIFEST, WAL, OPTIONS
+or LOG; checked before every readrandomwriterandom run), so the built DB
+stays pristine; readrandomwriterandom (90% reads) writes, so each of its
+runs gets a fresh copy of it (new inodes too: nothing the agent remembers
+of the DB's files carries over), with automatic compactions off (a
+compaction that a faster policy's writes reach and a slower one's do not
+would give the two runs different I/O besides readahead's). db_bench
+ignores --duration for readseq and readreverse (one pass over the DB):
+those passes are repeated, a new db_bench each (the DB opened anew), until
+the run's time is up; readrandom and readrandomwriterandom run for it.
+Throughput is db_bench's MB/s (key and value bytes read) where it prints
+one, and ops/s for readrandomwriterandom (it prints none): each workload's
+figures are in one unit, so its ratios are unit-free. The db workloads are
+not in the default set (28 more runs and the DB's build: about 10 more
+minutes under emulation, past the default --timeout 2400): ask for them
+with --workloads and raise --timeout. Without db_bench they are refused
+when asked for, and a default run says they could not run (not_covered in
+the JSON). Their shared files are read in the order readseq, readreverse,
+readrandom: drop-behind (the only thing a sequential scan leaves the
+agent remembering for good) is of no use to the later two.
 
 Policies: (a) kernel default (read_ahead_kb 128, no agent); (b) the best
 static read_ahead_kb of a sweep, per workload ((a)'s run counts as the
@@ -33,7 +66,10 @@ to after the caches are dropped at its end, so prefetched pages left unused
 in the cache count as wasted: throughput MB/s (the workload's own), hit
 ratio, readahead accuracy (used / prefetched), wasted MB (prefetched pages
 removed unused), refaults; and the agent's CPU % of one core (psutil, as
-lab/experiment.py's CpuMeter). Then the ratios d/b, d/a, d/c per workload
+lab/experiment.py's CpuMeter). The counters are the device's for every
+workload (one run at a time on the disk), which for a db workload sums its
+many SST files (and, for readrandomwriterandom, the pages its WAL writes
+put in the cache, counted as insertions). Then the ratios d/b, d/a, d/c per workload
 and the issue's goals, marked met or missed (never asserted), and the
 observer-alone cost on the random reads (attached vs not, same boot).
 """
@@ -42,14 +78,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
+import shlex
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ..core import cliutil
-from ..core.errors import IobridgeError
+from ..core.errors import IobridgeError, UsageError
 
 PAGE_KB = 4
 DEFAULT_RUNTIME_S = 8.0
@@ -69,8 +110,27 @@ POLICY_LABELS = {
     "c": "(c) KML-like, per device",
     "d": "(d) iobridge, per file",
 }
-NOT_COVERED = ("db_bench (Debian's rocksdb-tools: readseq, readreverse, readrandom, mixgraph) "
-               "is not installed on this machine: not covered yet")
+# The db workloads' RocksDB. 100,000 entries of 16 + 1000 B are 98 MiB on
+# disk with db_bench 7.8.3 (103,256,405 B measured): 2x
+# prefetch_record.MEMORY_MB. 4 MiB memtables keep a writing run's anon
+# memory small beside memory.max (and give the DB 25 or so SST files).
+DB_KEYS = 100_000
+DB_KEY_BYTES = 16
+DB_VALUE_BYTES = 1000
+DB_DISK_MB = 100                     # what the DB takes on the test disk, rounded up
+DB_BUFFER_BYTES = 4 << 20
+DB_CACHE_BYTES = 8 << 20             # the block cache (db_bench's default)
+DB_SEED_FOR_0 = 2**32                # db_bench takes --seed=0 for a seed from the clock
+DB_DIR, DB_RW_DIR = "rocksdb", "rocksdb-rw"
+DB_PACKAGE = "rocksdb-tools"
+# db_bench's readseq and readreverse ignore --duration (one pass over the DB)
+DB_PASS_BENCHES = ("readseq", "readreverse")
+# Passes of a command ($2...) until $1 microseconds are up (EPOCHREALTIME: the
+# shell's own clock, no process per check; its separator follows the locale).
+DB_PASS_LOOP = ('end=$(( ${EPOCHREALTIME/[.,]/} + $1 )); shift; '
+                'while :; do "$@" || exit; [ "${EPOCHREALTIME/[.,]/}" -lt "$end" ] || break; done')
+DB_MISSING = (f"db_bench is not installed ({DB_PACKAGE}: apt-get install {DB_PACKAGE}, or "
+              "make setup): the db workloads cannot run")
 
 # name -> parts (kind for prefetch_record.start, block KiB, file, fio rw= or
 # None) and how it is described. Files: "seq", "shared" (strided, random and
@@ -89,14 +149,31 @@ WORKLOADS = {
     "mixed": {"parts": (("seq", 32, "mixed_scan", None), ("rand", 4, "mixed_random", None)),
               "how": f"fio rw=read bs=32k on one file beside fio rw=randread bs=4k on a "
                      f"{MIXED_RANDOM_MB} MB file, same device, at once"},
+    # db_bench on the bench's RocksDB (no data files: "db" names the benchmark;
+    # "unit" the throughput's where it is not MB/s). Their order is the runs'.
+    "db-readseq": {"parts": (), "db": "readseq",
+                   "how": "db_bench readseq (iterator forward over the DB), passes until the "
+                          "run's time is up"},
+    "db-readreverse": {"parts": (), "db": "readreverse",
+                       "how": "db_bench readreverse (iterator backward over the DB), passes until "
+                              "the run's time is up"},
+    "db-readrandom": {"parts": (), "db": "readrandom",
+                      "how": "db_bench readrandom (point lookups of random keys)"},
+    "db-readrandomwriterandom": {"parts": (), "db": "readrandomwriterandom", "unit": "ops/s",
+                                 "how": "db_bench readrandomwriterandom (90% lookups, 10% "
+                                        "writes of random keys) on a fresh copy of the DB"},
 }
 WORKLOAD_NAMES = tuple(WORKLOADS)
+DB_WORKLOADS = tuple(w for w in WORKLOADS if "db" in WORKLOADS[w])
+# the db workloads are asked for by name: they add 28 runs and the DB's build
+DEFAULT_WORKLOADS = tuple(w for w in WORKLOADS if w not in DB_WORKLOADS)
 
 # Goals of issue 11, printed beside the figures, never asserted:
 # (figure, workloads, op, limit, what it says)
 GOALS = (
     ("d_over_b", WORKLOAD_NAMES, ">=", 0.95, "(d) throughput at least 0.95x (b)'s"),
-    ("d_over_a", ("rev", "mixed"), ">=", 1.3, "(d) throughput at least 1.3x (a)'s"),
+    ("d_over_a", ("rev", "db-readreverse", "mixed"), ">=", 1.3,
+     "(d) throughput at least 1.3x (a)'s"),
     ("d_over_c", ("mixed",), ">=", 1.1, "(d) throughput at least 1.1x (c)'s"),
     ("wasted_d_over_a", ("rand",), "<=", 0.5, "(d) wasted readahead at most half (a)'s"),
 )
@@ -108,6 +185,117 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- pure logic
+
+def unit(wl: str) -> str:
+    """The unit of workload `wl`'s throughput figures."""
+    return WORKLOADS.get(wl, {}).get("unit", "MB/s")
+
+
+def tput(r: dict | None):
+    """A run's throughput in its workload's unit: MB/s, or ops/s where the
+    workload gives no MB/s (db-readrandomwriterandom); None if not measured."""
+    if r is None:
+        return None
+    return r["mb_s"] if r.get("mb_s") is not None else r.get("ops_s")
+
+
+# ------------------------------------------------- the db workloads (db_bench)
+
+def db_bench_installed() -> bool:
+    return shutil.which("db_bench") is not None
+
+
+def check_workloads(workloads, installed: bool | None = None) -> list[str]:
+    """What the run cannot cover ([DB_MISSING] without db_bench, else []);
+    db workloads asked for without db_bench are a usage error."""
+    installed = db_bench_installed() if installed is None else installed
+    if installed:
+        return []
+    asked = [w for w in workloads if w in DB_WORKLOADS]
+    if asked:
+        raise UsageError(f"{', '.join(asked)} need{'s' if len(asked) == 1 else ''} db_bench, "
+                         f"which is not installed", f"apt-get install {DB_PACKAGE}, or make setup")
+    return [DB_MISSING]
+
+
+def _db_common(db: Path, seed: int) -> list[str]:
+    return [f"--db={db}", f"--num={DB_KEYS}", f"--key_size={DB_KEY_BYTES}",
+            f"--value_size={DB_VALUE_BYTES}", "--compression_type=none",
+            f"--write_buffer_size={DB_BUFFER_BYTES}", "--threads=1",
+            f"--seed={seed or DB_SEED_FOR_0}"]
+
+
+def db_build_argv(db: Path, seed: int) -> list[str]:
+    """db_bench building the bench's RocksDB in `db`: keys in order, no WAL
+    (the memtable flushed at the end, so a read-only open has no log to
+    replay), and the flush's L0 files moved down before it exits (fillseq's
+    files do not overlap: trivial moves, nothing rewritten)."""
+    return ["db_bench", "--benchmarks=fillseq,flush,waitforcompaction", *_db_common(db, seed),
+            "--use_existing_db=0", "--disable_wal=1", f"--target_file_size_base={DB_BUFFER_BYTES}"]
+
+
+def db_run_argv(bench: str, db: Path, runtime_s: float, seed: int) -> list[str]:
+    """The command of one run of db_bench's `bench` on the DB in `db`."""
+    argv = ["db_bench", f"--benchmarks={bench}", *_db_common(db, seed), "--use_existing_db=1",
+            # RocksDB's default advises every table file RANDOM (no readahead)
+            "--advise_random_on_open=false", "--mmap_read=0", "--use_direct_reads=0",
+            f"--cache_size={DB_CACHE_BYTES}", "--disable_auto_compactions=1"]
+    if bench != "readrandomwriterandom":
+        argv.append("--readonly=1")       # opens without writing a byte
+    if bench in DB_PASS_BENCHES:
+        return ["bash", "-c", DB_PASS_LOOP, "db-passes", str(round(runtime_s * 1e6)), *argv]
+    return argv + [f"--duration={math.ceil(runtime_s)}"]
+
+
+_PROGRESS = re.compile(r"\.\.\. finished \d+ ops\s*")
+
+
+def err_tail(err: str, n: int = 300) -> str:
+    """The end of a workload's stderr, without db_bench's progress lines."""
+    return " ".join(_PROGRESS.sub(" ", err).split())[-n:]
+
+
+def parse_db_bench(bench: str, out: str, err: str = "") -> dict:
+    """Throughput of a db_bench run from its result lines for `bench` (one
+    per pass), e.g. `readrandom   :       3.399 micros/op 294170 ops/sec
+    3.002 seconds 882999 operations;  285.0 MB/s (882999 of 882999 found)`:
+    ops/s and MB/s over all passes (mb_s None where db_bench prints no MB/s),
+    and the keys found, where it says."""
+    line = re.compile(rf"^{re.escape(bench)}\s+:\s*[\d.]+ micros/op \d+ ops/sec "
+                      r"([\d.]+) seconds (\d+) operations;(.*)$", re.M)
+    runs = line.findall(out)
+    if not runs:
+        raise IobridgeError(f"db_bench {bench}: no result line in its output; stderr: "
+                            f"{err_tail(err) or '(empty)'}")
+    secs = sum(float(r[0]) for r in runs)
+    ops = sum(int(r[1]) for r in runs)
+    mbs = [re.search(r"([\d.]+) MB/s", r[2]) for r in runs]
+    found = [re.search(r"(\d+) of \d+ found|found:(\d+)", r[2]) for r in runs]
+    return {"ops": ops, "seconds": round(secs, 3), "passes": len(runs),
+            "ops_s": round(ops / secs, 1) if secs else None,
+            "mb_s": (round(sum(float(m[1]) * float(r[0]) for m, r in zip(mbs, runs)) / secs, 3)
+                     if secs and all(mbs) else None),
+            "found": sum(int(f[1] or f[2]) for f in found) if all(found) else None}
+
+
+def db_listing(db: Path) -> dict:
+    """{file name: (size, mtime ns)} of the DB's folder: what a write changes."""
+    return {e.name: (e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(db)}
+
+
+def restore_db(pristine: Path, work: Path, listing: dict) -> None:
+    """`work` made a fresh copy of the DB in `pristine` (times kept, new
+    inodes), after checking that the pristine one is as `listing` said."""
+    now = db_listing(pristine)
+    if now != listing:
+        changed = sorted(set(now) ^ set(listing) | {k for k in set(now) & set(listing)
+                                                     if now[k] != listing[k]})
+        raise IobridgeError(f"the RocksDB in {pristine} changed since its build "
+                            f"({', '.join(changed[:5])}): a read-only run wrote to it")
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(pristine, work)      # copy2: sizes, modes and times as they were
+
 
 def figures(delta: dict, delta_in_run: dict | None = None) -> dict:
     """A run's page-cache figures from the observer's counter deltas on the
@@ -133,13 +321,14 @@ def figures(delta: dict, delta_in_run: dict | None = None) -> dict:
 
 def best_static(sweep: dict) -> tuple[int | None, dict | None]:
     """(read_ahead_kb, run) with the highest throughput of a sweep {kb: run}
-    (runs that failed, None or without mb_s, left out; ties to the smaller kb)."""
+    (runs that failed, None or without a throughput, left out; ties to the
+    smaller kb)."""
     best = None
     for kb in sorted(sweep):
         r = sweep[kb]
-        if r is None or r.get("mb_s") is None:
+        if tput(r) is None:
             continue
-        if best is None or r["mb_s"] > best[1]["mb_s"]:
+        if best is None or tput(r) > tput(best[1]):
             best = (kb, r)
     return best if best else (None, None)
 
@@ -149,12 +338,13 @@ def _ratio(num, den):
 
 
 def ratios(per: dict) -> dict:
-    """d/b, d/a, d/c of throughput, and (d)'s wasted MB over (a)'s, for one
-    workload's policies {policy: run or None}."""
+    """d/b, d/a, d/c of throughput (MB/s, or ops/s where the workload has
+    no MB/s: the same unit for all of a workload's runs), and (d)'s wasted
+    MB over (a)'s, for one workload's policies {policy: run or None}."""
     def get(p, k):
         r = per.get(p)
         return None if r is None else r.get(k)
-    out = {f"d_over_{p}": _ratio(get("d", "mb_s"), get(p, "mb_s")) for p in "abc"}
+    out = {f"d_over_{p}": _ratio(tput(per.get("d")), tput(per.get(p))) for p in "abc"}
     wd, wa = get("d", "wasted_mb"), get("a", "wasted_mb")
     out["wasted_d_over_a"] = _ratio(wd, wa)
     if wd is not None and wa == 0:
@@ -227,13 +417,17 @@ def render(res: dict) -> str:
         f"files of {s['file_mb']} MB under memory.max {s['memory_max_mb']} MB; "
         f"{s['runtime_s']:g} s per run, caches dropped before each; "
         f"sweep {', '.join(str(k) for k in s['sweep_kb'])} KiB)"]
+    if s.get("db"):
+        d = s["db"]
+        lines[0] += (f"; RocksDB of {_f(d.get('size_mb'), '.0f', 0)} MB ({d['keys']} keys of "
+                     f"{d['key_bytes']} + {d['value_bytes']} B, {_f(d.get('sst_files'), 'd', 0)} "
+                     f"SST files)")
     if res.get("seconds") is not None:
         lines[0] += f"; {res['seconds'] / 60:.1f} min in all"
-    head = (f"  {'policy':28} {'RA KiB':>7} {'MB/s':>8} {'hit%':>6} {'RA acc%':>7} "
-            f"{'wasted MB':>9} {'refaults':>9} {'agent CPU%':>10}")
     for wl, per in res["runs"].items():
         lines.append(f"\n{wl}: {WORKLOADS[wl]['how'] if wl in WORKLOADS else ''}")
-        lines.append(head)
+        lines.append(f"  {'policy':28} {'RA KiB':>7} {unit(wl):>8} {'hit%':>6} {'RA acc%':>7} "
+                     f"{'wasted MB':>9} {'refaults':>9} {'agent CPU%':>10}")
         for p in POLICIES:
             r = per.get(p)
             label = POLICY_LABELS[p]
@@ -244,16 +438,16 @@ def render(res: dict) -> str:
             kb = r.get("read_ahead_kb", r.get("ra_kb_end"))
             kb_s = "-" if kb is None else (f"{kb}" if p in "ab" else f"{kb}*")
             lines.append(
-                f"  {label:28} {kb_s:>7} {_f(r.get('mb_s'), '.1f', 8)} {_pct(r.get('hit_ratio'))} "
+                f"  {label:28} {kb_s:>7} {_f(tput(r), '.1f', 8)} {_pct(r.get('hit_ratio'))} "
                 f"{_pct(r.get('ra_accuracy'), 7)} {_f(r.get('wasted_mb'), '.1f', 9)} "
                 f"{_f(r.get('refaults'), 'd', 9)} {_f(r.get('agent_cpu_percent'), '.1f', 10)}")
-            if len(r.get("parts", [])) > 1:
+            if len(r.get("parts", [])) > 1:       # (the mixed case: MB/s)
                 lines.append("  " + " " * 30 + "parts: " + ", ".join(
                     f"{q['kind']} {q['mb_s']:.1f} MB/s" for q in r["parts"]))
         sw = per.get("sweep", {})
         if sw:
-            lines.append("  sweep MB/s: " + "  ".join(
-                f"{kb}: {_f(None if r is None else r.get('mb_s'), '.1f', 0)}"
+            lines.append(f"  sweep {unit(wl)}: " + "  ".join(
+                f"{kb}: {_f(tput(r), '.1f', 0)}"
                 for kb, r in sorted(sw.items(), key=lambda kv: int(kv[0]))))
         rt = res["ratios"].get(wl, {})
         lines.append("  ratios: " + "  ".join(
@@ -269,6 +463,7 @@ def render(res: dict) -> str:
                      f"({len(oc.get('without_mb_s', []))} + {len(oc.get('with_mb_s', []))} runs): "
                      f"cost {_pct(oc.get('cost'), 0)}%")
     lines.append("\ngoals (issue 11):")
+    wl_w = max([6] + [len(g["workload"]) for g in res["goals"]])
     for g in res["goals"]:
         v = g["value"]
         vs = "-" if v is None else (f"{100 * v:.1f}%" if g["figure"] == "observer_cost"
@@ -276,13 +471,14 @@ def render(res: dict) -> str:
         goal = g["goal"]
         if g["figure"] == "observer_cost":
             goal = f"<= {100 * float(goal.split()[1]):g}%"
-        lines.append(f"  {g['figure']:16} {g['workload']:6} {vs:>7}  [goal {goal}: "
+        lines.append(f"  {g['figure']:16} {g['workload']:{wl_w}} {vs:>7}  [goal {goal}: "
                      f"{_mark(g['met'])}]  {g['what']}")
     lines.append(f"  {res['goals_met']} met, {res['goals_missed']} missed, "
                  f"{res['goals_not_measured']} not measured")
     for e in res.get("errors", []):
         lines.append(f"error: {e}")
-    lines.append(f"not covered: {NOT_COVERED}")
+    for note in res.get("not_covered", []):
+        lines.append(f"not covered: {note}")
     return "\n".join(lines)
 
 
@@ -300,6 +496,12 @@ class _Unique(argparse.Action):
         setattr(namespace, self.dest, list(values))
 
 
+def host_check(args) -> None:
+    """On the host, before the VM boots (it sees this root file system):
+    db workloads asked for need db_bench."""
+    check_workloads(args.workloads)
+
+
 def _workload(text: str) -> str:
     if text not in WORKLOADS:
         raise argparse.ArgumentTypeError(f"unknown workload {text!r}: one of "
@@ -313,14 +515,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"seconds per run (default {DEFAULT_RUNTIME_S:g}; each run also takes about "
                         "10-15 s to set up under emulation: 20-25 min in all)")
     p.add_argument("--workloads", type=_workload, nargs="+", action=_Unique,
-                   default=list(WORKLOADS), metavar="NAME",
-                   help=f"which workloads (default all: {' '.join(WORKLOADS)})")
+                   default=list(DEFAULT_WORKLOADS), metavar="NAME",
+                   help=f"which workloads (default {' '.join(DEFAULT_WORKLOADS)}; also "
+                        f"{' '.join(DB_WORKLOADS)}: db_bench ({DB_PACKAGE}) on a RocksDB of "
+                        f"{DB_DISK_MB} MB, about 2-3 min each and a minute for the DB: with the "
+                        "default five, raise --timeout)")
     p.add_argument("--sweep", type=cliutil.int_range(0, MAX_READ_AHEAD_KB), nargs="+",
                    action=_Unique, default=list(DEFAULT_SWEEP_KB), metavar="KB",
                    help="read_ahead_kb values for (b) (default "
                         f"{' '.join(map(str, DEFAULT_SWEEP_KB))}; (a)'s run is the 128)")
     p.add_argument("--seed", type=cliutil.seed, default=DEFAULT_SEED,
-                   help=f"fio's random seed, the same for every policy (default {DEFAULT_SEED})")
+                   help=f"fio's and db_bench's random seed, the same for every policy "
+                        f"(default {DEFAULT_SEED})")
     p.add_argument("--no-observer-cost", action="store_true",
                    help="skip the observer-alone cost (a warm-up and 4 random-read runs)")
 
@@ -343,6 +549,10 @@ class Bed:
         self.obs = None
         self.files: dict[str, Path] = {}
         self.remount_failures = 0
+        self._ino = os.stat(mnt).st_ino  # any of the disk's (the counters used are the device's)
+        self.db: Path | None = None       # the built RocksDB, pristine (read-only runs)
+        self.db_listing: dict = {}
+        self.db_error = "not built"
 
     def write_files(self, workloads) -> None:
         from . import prefetch_record as P  # noqa: PLC0415
@@ -350,7 +560,48 @@ class Bed:
         for f in sorted(need):
             self.files[f] = self.mnt / f
             P.write_file(self.files[f], self.size_mb(f))
-        self._ino = os.stat(next(iter(self.files.values()))).st_ino
+        if self.files:
+            self._ino = os.stat(next(iter(self.files.values()))).st_ino
+
+    def build_db(self) -> dict:
+        """The db workloads' RocksDB, built here (outside the cgroup) by
+        db_bench fillseq; returns what it is. Its caches are dropped by the
+        first run's fresh_cache."""
+        db = self.mnt / DB_DIR
+        log(f"building the RocksDB for the db workloads: {DB_KEYS} keys of {DB_KEY_BYTES} + "
+            f"{DB_VALUE_BYTES} B, about {DB_DISK_MB} MB (db_bench fillseq, outside the cgroup)")
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(db_build_argv(db, self.seed), capture_output=True, text=True)
+            if p.returncode != 0:
+                raise IobridgeError(f"db_bench fillseq failed ({p.returncode}): "
+                                    f"{err_tail(p.stderr)}")
+            fill = parse_db_bench("fillseq", p.stdout, p.stderr)
+            if fill["ops"] != DB_KEYS:
+                raise IobridgeError(f"db_bench fillseq wrote {fill['ops']} keys, not {DB_KEYS}")
+        except Exception as err:
+            self.db_error = f"its build failed: {err}"[:400]
+            raise
+        listing = db_listing(db)
+        info = {"keys": DB_KEYS, "key_bytes": DB_KEY_BYTES, "value_bytes": DB_VALUE_BYTES,
+                "size_mb": round(sum(size for size, _ in listing.values()) / 2**20, 1),
+                "sst_files": sum(1 for n in listing if n.endswith(".sst")),
+                "build_s": round(time.monotonic() - t0, 1), "fill_mb_s": fill["mb_s"],
+                "build": shlex.join(db_build_argv(db, self.seed))}
+        self.db, self.db_listing = db, listing
+        log(f"  built in {info['build_s']:.1f} s: {info['size_mb']:.1f} MB in "
+            f"{info['sst_files']} SST files")
+        return info
+
+    def db_for(self, wl: str) -> Path:
+        """The DB a run of db workload `wl` opens: the pristine one, read-only;
+        for readrandomwriterandom (it writes) a fresh copy of it."""
+        if self.db is None:
+            raise IobridgeError(f"no RocksDB: {self.db_error}")
+        if WORKLOADS[wl]["db"] != "readrandomwriterandom":
+            return self.db
+        restore_db(self.db, self.mnt / DB_RW_DIR, self.db_listing)
+        return self.mnt / DB_RW_DIR
 
     def fresh_cache(self) -> None:
         """Drop the caches, and remount first: dropping pages leaves the
@@ -374,6 +625,8 @@ class Bed:
         """One run of workload `wl`, read_ahead_kb set to `kb` first."""
         from . import prefetch_record as P  # noqa: PLC0415
         from .experiment import CpuMeter  # noqa: PLC0415
+        spec = WORKLOADS[wl]
+        db = self.db_for(wl) if "db" in spec else None    # a copy's writes synced by the remount
         P.set_read_ahead_kb(kb, NULLB)
         self.fresh_cache()
         c0 = _dev_counters(self.obs, self.fs_dev, self._ino) if self.obs else None
@@ -381,7 +634,10 @@ class Bed:
         procs = []
         t0 = time.monotonic()
         with CpuMeter(agent.pid if agent else None) as cpu:
-            for i, (kind, bs, f, rw) in enumerate(WORKLOADS[wl]["parts"]):
+            if db is not None:
+                procs.append((f"db_bench {spec['db']}", P.start_argv(
+                    db_run_argv(spec["db"], db, self.runtime_s, self.seed))))
+            for i, (kind, bs, f, rw) in enumerate(spec["parts"]):
                 procs.append((kind, P.start(kind, bs, self.files[f], self.seed + i,
                                             run_s=self.runtime_s, size_mb=self.size_mb(f),
                                             rw=rw)))
@@ -394,11 +650,17 @@ class Bed:
         parts = []
         for kind, so, se, rc in outs:
             if rc != 0:
-                raise IobridgeError(f"{wl} ({kind}) at {kb} KiB failed ({rc}): {se[-300:]}")
+                raise IobridgeError(f"{wl} ({kind}) at {kb} KiB failed ({rc}): {err_tail(se)}")
+            if db is not None:
+                parts.append({"kind": kind, **parse_db_bench(spec["db"], so, se)})
+                continue
             rd, _wr, secs = P.throughput(kind, so, self.runtime_s)
             parts.append({"kind": kind, "mb_s": round(rd, 3), "seconds": round(secs, 2)})
-        out = {"mb_s": round(sum(q["mb_s"] for q in parts), 3), "parts": parts,
+        mb = [q["mb_s"] for q in parts]
+        out = {"mb_s": None if None in mb else round(sum(mb), 3), "parts": parts,
                "start_kb": kb, "ra_kb_end": ra_end, "wall_s": round(wall, 2)}
+        if db is not None:
+            out["ops_s"] = parts[0]["ops_s"]
         if c0 is not None:
             out.update(figures(c2.minus(c0).values, c1.minus(c0).values))
         if agent is not None:
@@ -441,6 +703,10 @@ def run_in_vm(args) -> dict:
     t_start = time.monotonic()
     wls = list(args.workloads)
     sweep = sorted(set(args.sweep))
+    not_covered = check_workloads(wls)
+    for note in not_covered:
+        log(note)
+    dbs = [w for w in wls if w in DB_WORKLOADS]
     res: dict = {
         "benchmark": "prefetch", "kernel": os.uname().release, "cpus": os.cpu_count(),
         "setup": {"device": f"null_blk memory backed, {P.COMPLETION_NS // 1000} us per request "
@@ -450,7 +716,7 @@ def run_in_vm(args) -> dict:
                   "workloads": {w: WORKLOADS[w]["how"] for w in wls},
                   "figures": "observer counter deltas on the test disk from before the run to "
                              "after the caches were dropped at its end"},
-        "not_covered": [NOT_COVERED],
+        "not_covered": not_covered,
         "runs": {w: {"sweep": {}, "errors": {}} for w in wls},
         "agents": {}, "errors": [],
     }
@@ -468,7 +734,7 @@ def run_in_vm(args) -> dict:
             res["runs"][wl]["errors"][policy if policy != "b" else f"b{kb}"] = str(err)[:400]
             log(f"  failed: {err}")
             return None
-        log(f"  {r['mb_s']:.1f} MB/s, hit {_pct(r.get('hit_ratio'), 0)}%, wasted "
+        log(f"  {_f(tput(r), '.1f', 0)} {unit(wl)}, hit {_pct(r.get('hit_ratio'), 0)}%, wasted "
             f"{r.get('wasted_mb', 0):.1f} MB" + (f", agent CPU {r['agent_cpu_percent']:.1f}%"
                                                  if r.get("agent_cpu_percent") is not None
                                                  else ""))
@@ -476,11 +742,23 @@ def run_in_vm(args) -> dict:
 
     P.setup_cgroup()
     nullb_mb = 3 * P.FILE_MB + MIXED_RANDOM_MB + 64      # 3 files of FILE_MB at most
+    if dbs:       # the DB, and the copy readrandomwriterandom writes into with room to grow
+        nullb_mb += DB_DISK_MB + (DB_DISK_MB + 32 if "db-readrandomwriterandom" in dbs else 0)
     with P.data_fs(nullb_mb, NULLB) as (mnt, fs_dev):
         bed = Bed(mnt, fs_dev, args.runtime, args.seed)
         files = list(wls) + (["rand"] if not args.no_observer_cost and "rand" not in wls else [])
         log(f"writing the data files ({nullb_mb} MB null_blk)")
         bed.write_files(files)
+        if dbs:
+            try:
+                res["setup"]["db"] = bed.build_db()
+                res["setup"]["db"]["runs"] = {w: shlex.join(db_run_argv(
+                    WORKLOADS[w]["db"], bed.mnt / (DB_RW_DIR if w == "db-readrandomwriterandom"
+                                                   else DB_DIR), args.runtime, args.seed))
+                    for w in dbs}
+            except Exception as err:      # noqa: BLE001 - the other workloads still run
+                res["errors"].append(f"RocksDB build: {err}"[:600])
+                log(f"RocksDB build failed: {err}")
         oc = {"without_mb_s": [], "with_mb_s": []}
 
         def cost_run(key):

@@ -137,6 +137,12 @@ def start(kind: str, bs_kb: int, path: Path, seed: int, run_s: float | None = No
                "--time_based", f"--randseed={seed}", "--output-format=json"]
         if kind == "randrw":
             cmd.append("--rwmixread=70")
+    return start_argv(cmd)
+
+
+def start_argv(cmd: list[str]) -> subprocess.Popen:
+    """Start `cmd` in the cgroup (before it runs: every page it touches is
+    charged there), stdout and stderr piped as text."""
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=in_cgroup)
 
