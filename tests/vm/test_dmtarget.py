@@ -452,12 +452,15 @@ def test_bpf_routing_follows_penalties(make_nullb, make_iobridge, direct_io, rou
 
 def test_table_hedge_deadline_reaches_the_target(make_nullb, make_iobridge, direct_io, routing):
     """The chosen leg's hedge_us for the read's key reaches the target
-    (ABI 7): leg 0 (30 ms, time enough for the hedge's timer, workqueue and
-    read on leg 1 beside a host stall) gets 4 KiB reads with a 1 us deadline and they are hedged on leg 1
+    (ABI 7): leg 0 (10 ms, time enough for the hedge's workqueue on a busy
+    host) gets 4 KiB reads with a 1 us deadline and they are hedged on leg 1
     (budget 100%); 64 KiB reads have none and are not; once
     the entries expire (no agent) nothing is hedged, the target having no
     deadline of its own."""
-    legs = [make_nullb(size_mb=8, irqmode=2, completion_nsec=30_000_000), make_nullb(size_mb=8)]
+    # Not slower: the losers stay in flight on leg 0 for its whole latency,
+    # and at 30 ms 32 of them made its cost (33 x 30 ms) reach leg 1's
+    # penalty, so leg 1 got the rest of the reads (VM, 6.1).
+    legs = [make_nullb(size_mb=8, irqmode=2, completion_nsec=10_000_000), make_nullb(size_mb=8)]
     name = make_iobridge(legs, hedge_budget=100)
     tid = dmtarget.target_ref(name)
     io = direct_io(f"/dev/mapper/{name}")
@@ -469,7 +472,9 @@ def test_table_hedge_deadline_reaches_the_target(make_nullb, make_iobridge, dire
     io.read(n, bs=4096)
     st = dmtarget.status(name)
     assert st.legs[0].hook_routed >= n and st.hedge.issued >= 0.9 * n, st
-    assert st.hedge.won >= 0.9 * n, st.hedge
+    # most hedges win (leg 1 answers at once); a host stall of 10 ms in the
+    # hedge's timer or workqueue lets the primary win instead
+    assert st.hedge.won >= 0.5 * n, st.hedge
     issued = st.hedge.issued
     io.read(n, bs=65536)
     assert dmtarget.status(name).hedge.issued == issued
