@@ -300,30 +300,40 @@ def _cmd_observe(args) -> int:
         # Said once counting has begun: all I/O from here on is reported.
         print(f"iobridge observe: attached ({obs.probe} probes, compiled in "
               f"{obs.compile_seconds:.1f}s); Ctrl-C to stop", file=sys.stderr, flush=True)
+
+        def report(now, t_now, last: bool = False) -> None:
+            rows = {}
+            for dev in set(now) | {d.kdev for d in devs}:
+                delta = now.get(dev, DevSnapshot.empty()).minus(prev.get(dev, DevSnapshot.empty()))
+                if delta.completed or delta.issued or (devs and not last):
+                    rows[blockdev.name_of(dev)] = delta.figures(t_now - t_prev)
+            if last and not rows:
+                return
+            if args.json:
+                print(json.dumps({"time": time.time(), "interval_s": round(t_now - t_prev, 3),
+                                  "devices": rows}), flush=True)
+            else:
+                print(time.strftime("%H:%M:%S"), HEADER)
+                for name in sorted(rows):
+                    print("        ", _format_row(name, rows[name]))
+                sys.stdout.flush()
+
         n = 0
         try:
             while args.count is None or n < args.count:
                 time.sleep(args.interval)
                 now, t_now = obs.snapshot(), time.monotonic()
                 n += 1
-                rows = {}
-                for dev in set(now) | {d.kdev for d in devs}:
-                    delta = now.get(dev, DevSnapshot.empty()).minus(
-                        prev.get(dev, DevSnapshot.empty()))
-                    if delta.completed or delta.issued or devs:
-                        rows[blockdev.name_of(dev)] = delta.figures(t_now - t_prev)
-                if args.json:
-                    print(json.dumps({"time": time.time(), "interval_s": round(t_now - t_prev, 3),
-                                      "devices": rows}), flush=True)
-                else:
-                    print(time.strftime("%H:%M:%S"), HEADER)
-                    for name in sorted(rows):
-                        print("        ", _format_row(name, rows[name]))
-                    sys.stdout.flush()
+                report(now, t_now)
                 prev, t_prev = now, t_now
         except KeyboardInterrupt:
             pass
-        s = summary(obs, first, obs.snapshot(), time.monotonic() - t_first)
+        end, t_end = obs.snapshot(), time.monotonic()
+        if args.count is None or n < args.count:
+            # Stopped mid-interval: its I/O gets a last, shorter report, so
+            # the reports add up to the summary.
+            report(end, t_end, last=True)
+        s = summary(obs, first, end, t_end - t_first)
     if args.json:
         print(json.dumps({"summary": s}), flush=True)
     else:
