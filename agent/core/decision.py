@@ -425,10 +425,12 @@ class TableMaker:
         while len(kept) > max(MAX_CACHED_POINTS, len(points)):
             kept.popitem(last=False)
 
-    def build(self, now_ns: int, baselines: Sequence[LegBaseline | None]) -> KeyedTable:
+    def build(self, now_ns: int, baselines: Sequence[LegBaseline | None],
+              infer: bool = True) -> KeyedTable | None:
         """The table of these legs (None: no baseline, no entry). Every leg
         at once in numpy: a recompute with the model's answers kept costs
-        tens of microseconds (iobridge bench tick)."""
+        tens of microseconds (iobridge bench tick). infer=False: None
+        instead of running the model for a point not kept."""
         n = len(baselines)
         valid = np.array([b is not None for b in baselines], dtype=bool)
         p = np.zeros((n, abi.KEYS_PER_LEG), dtype=np.float32)
@@ -444,6 +446,8 @@ class TableMaker:
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(lat > 0, np.minimum(svc / lat, 1.0), 1.0)   # per_read_ratio
             points = list(zip(*(g.tolist() for g in grid_points(lat * tput, ratio))))
+            if not infer and not all(pt in self._points for pt in points):
+                return None
             self._infer(points)
             kept = [self._points[pt] for pt in points]
             p[idx] = [pp for pp, _ in kept]

@@ -475,14 +475,7 @@ class Agent:
         if pending is not None and pending.done():
             # A recompute finished in the background: publish it now.
             self._pending = None
-            table, basis = pending.result()   # an exception counts as a failed tick
-            t2 = time.perf_counter_ns()
-            self._note_changes(self._table, table)
-            self._note_deadlines(self._table, table, basis)
-            self._table, self._hedge_basis = table, basis
-            if not self.cfg.shadow:
-                self._publish(table, now)
-            self.times.add("publish", time.perf_counter_ns() - t2)
+            self._apply(*pending.result(), now)   # an exception counts as a failed tick
         else:
             # Checking the baselines costs quantiles over every leg's samples
             # (milliseconds under emulation): at most once per recompute_ms.
@@ -490,11 +483,22 @@ class Agent:
                 self._next_check_ns = now + self.cfg.recompute_ns
                 baselines = self._baselines_to_build()
                 if baselines is not None:
-                    # Inference runs off the tick loop (ONNX Runtime releases
-                    # the GIL): measured under emulation on a loaded host it
-                    # took 0.5-6 s, and the heartbeat must not wait for it.
-                    self._pending = self._builder.submit(self._timed_build, self.maker, now,
-                                                         baselines, self._read_copies())
+                    reads = self._read_copies()
+                    # With the model's answers for every leg's grid point kept
+                    # and no deadlines to learn, the build is tens of us of
+                    # numpy: done here and published at once (a hand-off to
+                    # the builder thread cost 4x its CPU in cold caches,
+                    # bench tick). Inference runs off the tick loop (ONNX
+                    # Runtime releases the GIL): measured under emulation on
+                    # a loaded host it took 0.5-6 s, and the heartbeat must
+                    # not wait for it.
+                    built = (self._timed_build(self.maker, now, baselines, None, infer=False)
+                             if reads is None else None)
+                    if built is not None:
+                        self._apply(*built, now)
+                    else:
+                        self._pending = self._builder.submit(self._timed_build, self.maker, now,
+                                                             baselines, reads)
                     self._last_build_ns = now
                     self._dirty = False
                     self.counters["recomputes"] += 1
@@ -509,13 +513,26 @@ class Agent:
         self.policy.heartbeat(now)
 
     def _timed_build(self, maker: decision.TableMaker, now: int, baselines: list,
-                     reads: list | None):
+                     reads: list | None, infer: bool = True):
         """(table, deadline basis per row): the model over every key, and with
-        hedging on the deadlines. On the builder thread."""
+        hedging on the deadlines. On the builder thread; on the tick's with
+        infer=False, where it is None unless the model's answers were kept."""
         t0 = time.perf_counter_ns()
-        table = maker.build(now, baselines)
+        table = maker.build(now, baselines, infer=infer)
+        if table is None:
+            return None
         self.times.add("infer", time.perf_counter_ns() - t0)
         return self._with_deadlines(table, reads)
+
+    def _apply(self, table: decision.KeyedTable, basis: list, now: int) -> None:
+        """Put a finished recompute in force: note what changed, publish."""
+        t0 = time.perf_counter_ns()
+        self._note_changes(self._table, table)
+        self._note_deadlines(self._table, table, basis)
+        self._table, self._hedge_basis = table, basis
+        if not self.cfg.shadow:
+            self._publish(table, now)
+        self.times.add("publish", time.perf_counter_ns() - t0)
 
     def _read_copies(self) -> list | None:
         """With hedging on: each target's rows and their read samples, copied
