@@ -239,7 +239,14 @@ def bytes_grid_point(nbytes: float) -> float:
 def per_read_ratio(base: LegBaseline) -> float:
     """The leg's service time per read over its baseline latency (1 at queue
     depth 1; at a deep queue each read's latency counts the queue ahead)."""
-    return min(base.service_us / base.lat_us, 1.0) if base.lat_us > 0 else 1.0
+    return float(per_read_ratios(base.lat_us, base.service_us))
+
+
+def per_read_ratios(lat_us: np.ndarray, service_us: np.ndarray) -> np.ndarray:
+    """per_read_ratio() of many legs at once (1 where the latency is 0)."""
+    lat_us, service_us = np.asarray(lat_us, dtype=np.float64), np.asarray(service_us, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(lat_us > 0, np.minimum(service_us / lat_us, 1.0), 1.0)
 
 
 def ratio_grid_point(ratio: float) -> float:
@@ -443,9 +450,8 @@ class TableMaker:
             lat, tput, svc, slow = np.array(
                 [(b.lat_us, b.tput, b.service_us, b.slow_lat_us)
                  for b in (baselines[i] for i in idx)], dtype=np.float64).T
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(lat > 0, np.minimum(svc / lat, 1.0), 1.0)   # per_read_ratio
-            points = list(zip(*(g.tolist() for g in grid_points(lat * tput, ratio))))
+            points = list(zip(*(g.tolist() for g in grid_points(lat * tput,
+                                                                 per_read_ratios(lat, svc)))))
             if not infer and not all(pt in self._points for pt in points):
                 return None
             self._infer(points)
