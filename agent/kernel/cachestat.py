@@ -481,8 +481,13 @@ def format_event(e) -> dict:
 
 def _cmd_cachestat(args) -> int:
     obs = CacheObserver(stream=args.events)
+    stopping = []
 
     def on_term(*_):
+        # Also a flag the loop checks: raised inside BCC's ring-buffer
+        # callback, the exception is dropped by ctypes and the command went
+        # on until a second signal (a test timed out waiting, 6.12).
+        stopping.append(True)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_term)
@@ -498,18 +503,19 @@ def _cmd_cachestat(args) -> int:
               f"{obs.hooks}; Ctrl-C to stop", file=sys.stderr, flush=True)
         n = 0
         try:
-            while args.count is None or n < args.count:
+            while (args.count is None or n < args.count) and not stopping:
                 if args.events:
                     end = time.monotonic() + args.interval
-                    while time.monotonic() < end:
+                    while time.monotonic() < end and not stopping:
                         _print_events(obs.poll_events(timeout_ms=100), args.json)
                 else:
                     time.sleep(args.interval)
                 closed = obs.next_window()
                 now = obs.snapshot(closed)
                 if args.events:
-                    # The kernel emits an event before it counts it: every
-                    # page a report counts has its event printed above it.
+                    # The kernel emits an insertion's event before it counts
+                    # it: every page a report counts as inserted has its
+                    # event printed above it.
                     _print_events(obs.poll_events(timeout_ms=0), args.json)
                 t_now = time.monotonic()
                 n += 1
