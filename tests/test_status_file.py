@@ -25,6 +25,12 @@ from iobridge.daemon import agent as daemon
 HOUR_NS = 3600 * 10**9
 
 
+def an_hour_ago() -> int:
+    """CLOCK_MONOTONIC an hour ago, or the boot if this host has been up for
+    less (a fresh CI machine): stale either way, never negative."""
+    return max(0, clock.now_ns() - HOUR_NS)
+
+
 def _status(**over) -> dict:
     """A status file as the agent writes it, fresh, for this process."""
     st = {"pid": psutil.Process().pid, "pid_create_time": psutil.Process().create_time(),
@@ -71,7 +77,7 @@ def test_fresh_file_of_the_agent_that_wrote_it_is_running(tmp_path):
 
 def test_stale_file_naming_pid_1_an_hour_later_is_not_running(tmp_path, capsys):
     path = _write(tmp_path, _status(pid=1, pid_create_time=None,
-                                    written_ns=clock.now_ns() - HOUR_NS))
+                                    written_ns=an_hour_ago()))
     rc, out, err = _status_cli(capsys, path, "--json")
     st = json.loads(out)
     assert rc == 3 and st["agent_alive"] is False and st["stale_reason"] and err == ""
@@ -167,7 +173,7 @@ def test_a_stale_status_missing_report_fields_is_not_running_in_both_forms(tmp_p
     """A stale file is "not running" (exit 3) with and without --json, however
     much of it is left: the text report falls back to its first line."""
     path = _write(tmp_path, _status(pid=1, pid_create_time=None,
-                                    written_ns=clock.now_ns() - HOUR_NS))
+                                    written_ns=an_hour_ago()))
     rc, out, err = _status_cli(capsys, path)
     assert rc == 3 and err == "" and out.startswith("agent pid 1 NOT RUNNING (stale status: ")
     assert len(out.strip().splitlines()) == 1
