@@ -182,6 +182,76 @@ def test_unused_evictions_cut_readahead_next_window_and_clean_windows_restore_it
     assert acts == []
 
 
+def test_a_sequential_device_whose_prefetches_are_used_grows_its_readahead_to_the_cap():
+    """RuleClassifier's sequential class has 320 KiB: a used, clean window
+    takes it to 1024 (4x, capped), no further; waste halves it (640), and
+    a window that classifies random drops the growth at once."""
+    d = P.Decider(RuleClassifier())
+    d.decide({DEV: win(DEV, seq(0, 512))}, {}, {DEV: 128})
+    acts = d.decide({DEV: win(DEV, seq(512, 512), ra_pages=500, ra_used=480)}, {}, {DEV: 320})
+    assert kinds(acts) == [("device_ra", DEV, 320, 1024)]
+    assert "480 of 500 prefetched pages used, none evicted unused: readahead x4" \
+        in acts[0].reason
+    acts = d.decide({DEV: win(DEV, seq(1024, 512), ra_pages=500, ra_used=500)}, {}, {DEV: 1024})
+    assert acts == [] and d.streams[DEV].scale == 4
+    acts = d.decide({DEV: win(DEV, seq(1536, 512), ra_pages=500, ra_wasted=100)}, {}, {DEV: 1024})
+    assert kinds(acts) == [("device_ra", DEV, 1024, 640)]
+    acts = d.decide({DEV: win(DEV, rnd(200), ra_pages=500, ra_used=500)}, {}, {DEV: 640})
+    assert kinds(acts) == [("device_ra", DEV, 640, 8)] and d.streams[DEV].scale == 1.0
+
+
+def test_a_small_class_value_grows_in_steps_of_four():
+    class Small(RuleClassifier):
+        class_readahead_kb = (8, 8, 32, 8)      # the shipped model's map
+    d = P.Decider(Small())
+    kb, got = 128, []
+    for n in range(5):
+        acts = d.decide({DEV: win(DEV, seq(512 * n, 512), ra_pages=500 if n else 0,
+                                  ra_used=500 if n else 0)}, {}, {DEV: kb})
+        for a in acts:
+            kb = a.new
+            got.append(kb)
+    assert got == [32, 128, 512, 1024]
+
+
+def test_files_that_all_scan_grow_the_device_even_when_its_own_window_looks_random():
+    """Two files read sequentially at once: the device's window interleaves
+    them (random to the classifier), the files set it for sequential, and
+    its used readahead grows; files that differ stop the growth."""
+    d = P.Decider(RuleClassifier())
+    a, b = seq(0, 200), seq(50_000, 200)
+    mixed = [x for pair in zip(a, b) for x in pair]
+    d.decide({DEV: win(DEV, mixed)}, {A: win(A, a), B: win(B, b)}, {DEV: 128})
+    a, b = seq(200, 200), seq(50_200, 200)
+    mixed = [x for pair in zip(a, b) for x in pair]
+    acts = d.decide({DEV: win(DEV, mixed, ra_pages=400, ra_used=400)},
+                    {A: win(A, a), B: win(B, b)}, {DEV: 320})
+    assert kinds(acts)[0] == ("device_ra", DEV, 320, 1024)
+    e = P.Decider(RuleClassifier())
+    dev_w = win(DEV, seq(0, 300) + rnd(300), ra_pages=400, ra_used=400)
+    for _ in range(3):
+        acts = e.decide({DEV: dev_w}, {A: win(A, seq(0, 300)), B: win(B, rnd(300))}, {DEV: 128})
+        assert not [x for x in acts if x.kind == "device_ra"]
+    assert e.streams[DEV].scale == 1.0
+
+
+def test_readahead_does_not_grow_on_a_trickle_or_on_pages_left_unused():
+    for counts in ({"ra_pages": 40, "ra_used": 40},        # under MIN_GROW_PAGES
+                   {"ra_pages": 500, "ra_used": 300},      # 60% used
+                   {"ra_pages": 500, "ra_used": 500, "ra_wasted": 4}):   # some waste
+        d = P.Decider(RuleClassifier())
+        d.decide({DEV: win(DEV, seq(0, 512))}, {}, {DEV: 128})
+        assert d.decide({DEV: win(DEV, seq(512, 512), **counts)}, {}, {DEV: 320}) == [], counts
+        assert d.streams[DEV].scale == 1.0
+
+
+def test_a_random_device_never_grows():
+    d = P.Decider(RuleClassifier())
+    d.decide({DEV: win(DEV, rnd(200))}, {}, {DEV: 128})
+    acts = d.decide({DEV: win(DEV, rnd(200, 2), ra_pages=500, ra_used=500)}, {}, {DEV: 8})
+    assert acts == [] and d.streams[DEV].scale == 1.0
+
+
 def test_a_file_whose_prefetches_go_unused_steps_down_its_advice():
     d = P.Decider(RuleClassifier())
     files = {A: win(A, seq(0, 300)), B: win(B, rnd(300))}

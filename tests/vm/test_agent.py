@@ -119,8 +119,8 @@ def agents():
     """Start agents with agents(args...); every one is stopped at the end."""
     started: list[AgentProcess] = []
 
-    def factory(*args: str, env: dict | None = None, workdir=None) -> AgentProcess:
-        a = AgentProcess(list(args), env=env, workdir=workdir)
+    def factory(*args: str, env: dict | None = None, workdir=None, verbose: int = 1) -> AgentProcess:
+        a = AgentProcess(list(args), env=env, workdir=workdir, verbose=verbose)
         started.append(a)
         return a.start()
 

@@ -2,25 +2,26 @@
 a separate `iobridge run --prefetch on` process on the VM kernel: it runs
 the shipped model on a buffered sequential read of a file on a loop
 device, and puts the device back on SIGTERM; an admission model given as
-prefetch model stops the start with nothing attached."""
+prefetch model stops the start with nothing attached; a scan whose
+prefetched pages are used gets its device's readahead grown, to 1024 KiB
+and no further."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
+from conftest import make_file
 from test_agent import PIN_DIR, agents, iobridge, route_programs_attached, route_programs_left  # noqa: F401 (agents: a fixture)
 
 from iobridge.daemon.config import DEFAULT_MODEL, DEFAULT_PREFETCH_MODEL
 
 pytestmark = pytest.mark.vm
 
-PAGE = 4096
 FILE_PAGES = 4096          # 16 MiB
 
 # Reads the file from the start in 128 KiB reads, again and again, its
@@ -53,10 +54,7 @@ def test_the_agent_runs_the_learned_model_and_restores_on_stop(iobridge_module, 
                                                                tmp_path):
     orig = ext4.ra.read_text().strip()
     path = ext4.mnt / "scan"
-    with open(path, "wb") as f:
-        f.write(os.urandom(FILE_PAGES * PAGE))
-        f.flush()
-        os.fsync(f.fileno())
+    make_file(path, FILE_PAGES)
     state = tmp_path / "prefetch-state.json"
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'[prefetch]\nstate_file = "{state}"\n')     # the model: the default
@@ -100,3 +98,51 @@ def test_the_agent_runs_the_learned_model_and_restores_on_stop(iobridge_module, 
     assert ext4.ra.read_text().strip() == orig, "read_ahead_kb restored on stop"
     assert not state.exists()
     assert not PIN_DIR.exists() and not agent.status_file.exists()
+
+
+# A slower scan of a larger file for the growth test: 64 KiB reads, 10 ms
+# apart (at most 6.4 MB/s), so one pass of 64 MiB spans ten windows or more
+# and few windows see the scan come round to the file's start.
+SLOW_READER = READER.replace("128 << 10", "64 << 10")
+SLOW_FILE_PAGES = 16384    # 64 MiB of the fixture's 96
+
+
+@pytest.mark.timeout(900)   # an agent start: BCC under TCG, slower on a busy host
+def test_a_sequential_scan_whose_readahead_is_used_gets_more_of_it(iobridge_module, agents,
+                                                                   ext4, tmp_path):
+    """The feedback rule that grows readahead, on the kernel's own counters:
+    with the rule classifier (sequential class 320 KiB) a scan whose
+    prefetched pages are used takes the device past the class's value (4x
+    per clean window, capped at 1024 KiB) and never past 1024; stop puts
+    the device back."""
+    orig = ext4.ra.read_text().strip()
+    path = ext4.mnt / "scan"
+    make_file(path, SLOW_FILE_PAGES)
+    state = tmp_path / "prefetch-state.json"
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[prefetch]\nmodel = "rules"\nstate_file = "{state}"\n')
+    agent = agents("--config", str(cfg), "--prefetch", "on", verbose=2)   # debug: each change
+    agent.wait_status(lambda s: s["prefetch"].get("running"), timeout_s=180)
+    reader = subprocess.Popen([sys.executable, "-c", SLOW_READER, str(path)])
+    seen = []
+    try:
+        end, capped_at = time.monotonic() + 90, None
+        # until 3 windows past the first 1024 (none may go further), or 90 s
+        while time.monotonic() < (end if capped_at is None else capped_at + 3):
+            kb = int(ext4.ra.read_text())
+            if not seen or seen[-1] != kb:
+                seen.append(kb)
+            if kb >= 1024 and capped_at is None:
+                capped_at = time.monotonic()
+            time.sleep(0.2)
+    finally:
+        reader.kill()
+        reader.wait()
+    grown = [line for line in agent.log().splitlines() if "readahead x4" in line]
+    print(f"read_ahead_kb {orig} -> {' -> '.join(map(str, seen))}")
+    print("\n".join(grown[:4]))
+    assert 1024 in seen and max(seen) == 1024, seen
+    assert grown and "prefetched pages used, none evicted unused" in grown[0], grown
+    assert agent.stop() == 0, agent.log()[-2000:]
+    assert ext4.ra.read_text().strip() == orig, "read_ahead_kb restored on stop"
+    assert not state.exists()
