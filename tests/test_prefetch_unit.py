@@ -194,7 +194,8 @@ def test_a_sequential_device_whose_prefetches_are_used_grows_its_readahead_to_th
         in acts[0].reason
     acts = d.decide({DEV: win(DEV, seq(1024, 512), ra_pages=500, ra_used=500)}, {}, {DEV: 1024})
     assert acts == [] and d.streams[DEV].scale == 4
-    acts = d.decide({DEV: win(DEV, seq(1536, 512), ra_pages=500, ra_wasted=100)}, {}, {DEV: 1024})
+    acts = d.decide({DEV: win(DEV, seq(1536, 512), ra_pages=500, ra_used=400, ra_wasted=100)},
+                    {}, {DEV: 1024})
     assert kinds(acts) == [("device_ra", DEV, 1024, 640)]
     acts = d.decide({DEV: win(DEV, rnd(200), ra_pages=500, ra_used=500)}, {}, {DEV: 640})
     assert kinds(acts) == [("device_ra", DEV, 640, 8)] and d.streams[DEV].scale == 1.0
@@ -233,6 +234,24 @@ def test_files_that_all_scan_grow_the_device_even_when_its_own_window_looks_rand
         acts = e.decide({DEV: dev_w}, {A: win(A, seq(0, 300)), B: win(B, rnd(300))}, {DEV: 128})
         assert not [x for x in acts if x.kind == "device_ra"]
     assert e.streams[DEV].scale == 1.0
+
+
+def test_growth_is_undone_in_the_first_window_whose_prefetches_go_unused():
+    """A scan grows the device's readahead; a random phase that the files
+    still call sequential (a few contiguous reads each) must not inherit
+    it: the first window with its prefetched pages mostly unused undoes it."""
+    class Small(RuleClassifier):
+        class_readahead_kb = (8, 8, 32, 8)
+    d = P.Decider(Small())
+    kb = 128
+    for n in range(4):
+        for a in d.decide({DEV: win(DEV, seq(512 * n, 512), ra_pages=500 if n else 0,
+                                    ra_used=500 if n else 0)}, {}, {DEV: kb}):
+            kb = a.new
+    assert kb == 1024
+    acts = d.decide({DEV: win(DEV, seq(4096, 512), ra_pages=500, ra_used=100)}, {}, {DEV: 1024})
+    assert kinds(acts) == [("device_ra", DEV, 1024, 32)]
+    assert "only 100 of 500 prefetched pages used: growth undone" in acts[0].reason
 
 
 def test_readahead_does_not_grow_on_a_trickle_or_on_pages_left_unused():

@@ -35,7 +35,8 @@ sequential streams (its own class, or its files' one class) whose
 prefetched pages were used (three in four or more), none evicted unused,
 gets four times its readahead next window, up to 1024 KiB (a class's value
 comes from a short sweep and can be far too small: the shipped model's
-sequential class has 32 KiB); a stream whose pages refault gets its
+sequential class has 32 KiB), and loses the growth in the first window
+where fewer are used, or set for another class; a stream whose pages refault gets its
 drop-behind stopped for good.
 
 Every change is logged at debug level with its reason (old -> new, which
@@ -231,6 +232,12 @@ class Decider:
     def _feedback(self, w: Window, s: Stream, is_file: bool) -> list[str]:
         """Apply the feedback rules of one window to a stream; returns why."""
         why = []
+        if (not is_file and s.scale > 1 and w.ra_pages >= MIN_GROW_PAGES
+                and w.ra_used < GROW_USED_FRACTION * w.ra_pages):
+            # growth holds only while its evidence does (a random phase after
+            # a scan must not inherit the scan's readahead)
+            s.scale = 1.0
+            why.append(f"only {w.ra_used} of {w.ra_pages} prefetched pages used: growth undone")
         if w.ra_wasted >= MIN_WASTE_PAGES and w.ra_wasted > WASTE_FRACTION * max(w.ra_pages, 1):
             if is_file:
                 s.demote = min(s.demote + 1, len(LADDER) - 1)
