@@ -432,7 +432,12 @@ def test_sigstopped_agent_table_follows_the_legs_live_state(replicas, agents, tm
     for w in (both_fast, slow, fast_again):
         # The table stayed in force: the kernel routed every read from it.
         assert w["default"] == 0 and w["silent"] == 0 and w["hook"] > 0, w
-    assert both_fast["legs"][1] > 0.2 * sum(both_fast["legs"]), both_fast
+    # Both fast: neither leg is routed as if slow (that gets well under 1%,
+    # as the slow window shows). Not an even split: the kernel prices each
+    # leg by its own newest latency, which a host stall raises until the
+    # next read or probe, so shares wander (19.3% seen for leg 1 in a CI
+    # run, 6.1, quiet host).
+    assert both_fast["legs"][1] > 0.1 * sum(both_fast["legs"]), both_fast
     # Slow: leg 1 got the reads in flight when it turned slow and those routed
     # before the first of them completed (at most WINDOW_QD: each takes 20
     # ms), then the kernel's probes of an idle leg (one per probe_after_ms)
@@ -447,7 +452,7 @@ def test_sigstopped_agent_table_follows_the_legs_live_state(replicas, agents, tm
     # Fast again: a probe saw it, and reads came back beyond the probes.
     assert slow["probes"] + fast_again["probes"] >= 1
     assert fast_again["legs"][1] > fast_again["probes"], fast_again
-    assert fast_again["legs"][1] > 0.2 * sum(fast_again["legs"]), fast_again
+    assert fast_again["legs"][1] > 0.1 * sum(fast_again["legs"]), fast_again
     assert agent.stop() == 0
 
 
