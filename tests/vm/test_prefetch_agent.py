@@ -138,9 +138,10 @@ def test_a_sequential_scan_whose_readahead_is_used_gets_more_of_it(iobridge_modu
     finally:
         reader.kill()
         reader.wait()
-    grown = [line for line in agent.log().splitlines() if "readahead x4" in line]
+    changes = [line for line in agent.log().splitlines() if "device_ra" in line]
+    grown = [line for line in changes if "readahead x4" in line]
     print(f"read_ahead_kb {orig} -> {' -> '.join(map(str, seen))}")
-    print("\n".join(grown[:4]))
+    print("\n".join(changes[:12]))     # every device change, with its reason
     assert 1024 in seen and max(seen) == 1024, seen
     assert grown and "prefetched pages used, none evicted unused" in grown[0], grown
     assert agent.stop() == 0, agent.log()[-2000:]
