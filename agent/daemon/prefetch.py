@@ -36,8 +36,8 @@ prefetched pages were used (three in four or more), none evicted unused,
 gets four times its readahead next window, up to 1024 KiB (a class's value
 comes from a short sweep and can be far too small: the shipped model's
 sequential class has 32 KiB), and loses the growth in the first window
-where fewer are used, or set for another class; a stream whose pages refault gets its
-drop-behind stopped for good.
+where fewer are used or when set for another class; a stream whose pages
+refault gets its drop-behind stopped for good.
 
 Every change is logged at debug level with its reason (old -> new, which
 stream, which features). In shadow mode the unit decides and logs, and
@@ -140,6 +140,13 @@ class Window:
     last: int | None = None
     ra_used: int = 0             # prefetched pages first used in the window
 
+    def readahead_used(self) -> bool | None:
+        """Whether the pages prefetched in the window were used (3 in 4 or
+        more); None when too few were prefetched to tell."""
+        if self.ra_pages < MIN_GROW_PAGES:
+            return None
+        return self.ra_used >= GROW_USED_FRACTION * self.ra_pages
+
     def brief(self) -> str:
         f = self.feats
         return (f"events {f[0]:.0f}, var/range {f[1]:.2f}, mean|delta| {f[3]:.2f}, "
@@ -232,8 +239,7 @@ class Decider:
     def _feedback(self, w: Window, s: Stream, is_file: bool) -> list[str]:
         """Apply the feedback rules of one window to a stream; returns why."""
         why = []
-        if (not is_file and s.scale > 1 and w.ra_pages >= MIN_GROW_PAGES
-                and w.ra_used < GROW_USED_FRACTION * w.ra_pages):
+        if not is_file and s.scale > 1 and w.readahead_used() is False:
             # growth holds only while its evidence does (a random phase after
             # a scan must not inherit the scan's readahead)
             s.scale = 1.0
@@ -252,8 +258,7 @@ class Decider:
             elif not is_file and s.scale < 1:
                 s.scale = min(s.scale * 2, 1.0)
                 why.append("no prefetched page evicted unused: readahead scale up")
-            elif (not is_file and s.ra_cls == "sequential" and w.ra_pages >= MIN_GROW_PAGES
-                  and w.ra_used >= GROW_USED_FRACTION * w.ra_pages
+            elif (not is_file and s.ra_cls == "sequential" and w.readahead_used()
                   and self.class_kb(s.ra_cls) * s.scale < MAX_GROWN_KB):
                 s.scale *= GROW_FACTOR
                 why.append(f"{w.ra_used} of {w.ra_pages} prefetched pages used, none evicted "
@@ -309,8 +314,8 @@ class Decider:
             if dominant is not None and (not mixed or dev in force):
                 actions += self._device(dev, dominant, device_kb.get(dev), devs.get(dev),
                                         notes.get(dev, []), fc if not mixed else {})
-            else:
-                self.stream(dev).ra_cls = None    # the device is not set for one pattern
+            elif dev in self.streams:
+                self.streams[dev].ra_cls = None   # the device is not set for one pattern
             if mixed:
                 for key, c in sorted(fc.items()):
                     actions += self._file_advice(key, c, files.get(key), notes.get(key, []),
@@ -361,8 +366,8 @@ class Decider:
             s.scale = min(s.scale, 1.0)     # growth is for sequential streams only
         s.ra_cls = cls
         kb = int(base * s.scale) // PAGE_KB * PAGE_KB
-        if s.scale > 1:
-            kb = min(kb, max(MAX_GROWN_KB, base))
+        if s.scale > 1:       # grown: only ever from a class value under the cap
+            kb = min(kb, MAX_GROWN_KB)
         out = []
         feats = w.brief() if w else "no device window"
         if kb != kb_now:

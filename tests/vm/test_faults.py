@@ -106,14 +106,13 @@ def test_slow_periods_delay_reads_only_while_slow(make_nullb, make_slow_periods,
                 return state
         return None
 
-    def margins_ms(t: int, lat: int) -> tuple[float, float]:
-        """How far a read's window lies from the start and end of its period."""
-        start, end = next((s, e) for s, e, _ in tl if s <= t < e)
-        return (t - lat - start) / 1e6, (end - t - lat) / 1e6
+    def period_at(t: int) -> tuple[int, int]:
+        """(start, end) of the timeline entry holding time t."""
+        return next((start, end) for start, end, _ in tl if start <= t < end)
 
-    slow_lat = [lat for t, lat in rows if period_of(t, lat) == SLOW]
-    periods_measured = {next(start for start, end, _ in tl if start <= t < end)
-                         for t, lat in rows if period_of(t, lat) == SLOW}
+    slow_rows = [(t, lat) for t, lat in rows if period_of(t, lat) == SLOW]
+    slow_lat = [lat for _, lat in slow_rows]
+    periods_measured = {period_at(t)[0] for t, _ in slow_rows}
     normal_lat = [lat for t, lat in rows if period_of(t, lat) == NORMAL]
     # Less 1% besides the tick: under emulation the tick count and the clock
     # fio reads disagree by tens of us (15.98 ms seen against a 16 ms floor).
@@ -143,8 +142,8 @@ def test_slow_periods_delay_reads_only_while_slow(make_nullb, make_slow_periods,
     # itself holds and the outlier is most likely a misplaced read at a
     # period's edge. The figures name each early read's margins to its
     # period's ends, so a failure says which.
-    early = [(lat / 1e6, *margins_ms(t, lat)) for t, lat in rows
-             if period_of(t, lat) == SLOW and lat < floor_ns]
+    early = [(lat / 1e6, (t - lat - start) / 1e6, (end - t - lat) / 1e6)
+             for t, lat in slow_rows if lat < floor_ns for start, end in [period_at(t)]]
     figures += "; early slow reads (ms, ms after start, ms before end): " + (
         ", ".join(f"({a:.2f}, {b:.0f}, {c:.0f})" for a, b, c in early) or "none")
     assert len(early) <= max(1, len(slow_lat) // 100), figures
