@@ -211,6 +211,32 @@ def test_build_is_one_batched_call_over_every_key_of_every_valid_leg():
         TableMaker(m, ttl_ns=0)
 
 
+def test_build_of_many_legs_equals_each_leg_built_by_the_one_leg_rules():
+    """The build works on every leg at once; each row must still be what the
+    one-leg rules say (penalties_ns, lat_edges_ns, the top's price), and a
+    leg without a baseline a row of zeros."""
+    rng = np.random.default_rng(5)
+    mk = TableMaker(LatModel())
+    for n in (1, 3, 8):
+        bases = [None if rng.random() < 0.25 else
+                 LegBaseline(float(rng.uniform(20, 5000)), float(rng.uniform(1, 500)),
+                             float(rng.uniform(500, 80_000)), float(rng.uniform(10, 5000)))
+                 for _ in range(n)]
+        t = mk.build(0, bases)
+        for i, b in enumerate(bases):
+            if b is None:
+                assert not t.valid[i] and not t.penalty_ns[i].any() and not t.p_slow[i].any()
+                assert t.service_ns[i] == t.top_lat_ns[i] == 0 and not t.lat_edges_ns[i].any()
+                continue
+            alone = mk.build(0, [b])
+            assert (t.p_slow[i] == alone.p_slow[0]).all()
+            risk = D.latency_risk(alone.p_slow[0].astype(np.float64))
+            assert t.penalty_ns[i].tolist() == D.penalties_ns(risk, b).tolist()
+            assert t.lat_edges_ns[i].tolist() == D.lat_edges_ns(b).tolist()
+            assert t.service_ns[i] == round(b.service_us * 1000)
+            assert t.top_lat_ns[i] == round(max(D.LAT_REP_REL[-1] * b.service_us, b.slow_lat_us) * 1000)
+
+
 def test_model_runs_again_only_for_rows_it_has_not_seen():
     """The rows depend on the baselines only through latency x throughput:
     a leg that gets 3x slower at the same read size reuses P(slow) (new

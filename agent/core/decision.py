@@ -67,6 +67,7 @@ built-in default (least in flight) decides.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Sequence
@@ -215,19 +216,35 @@ def bytes_per_read(base: LegBaseline) -> float:
     return base.lat_us * base.tput
 
 
-def _on_grid(x: np.ndarray, steps: int) -> np.ndarray:
-    """x > 0 rounded to the grid of `steps` points per octave."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.exp2(np.rint(np.log2(x) * steps) / steps)
+def _on_grid(x: float, steps: int) -> float:
+    """x > 0 rounded to the grid of `steps` points per octave (inf stays inf)."""
+    if x == math.inf:
+        return x
+    return math.exp2(round(math.log2(x) * steps) / steps)
+
+
+def _point(nbytes: float, ratio: float) -> tuple[float, float]:
+    """One leg's grid point (grid_points). Plain Python on floats: a table of
+    8 legs costs a dozen numpy calls less per recompute (bench tick)."""
+    b = _on_grid(nbytes, BYTES_GRID_STEPS) if nbytes > 0 else 0.0
+    r = min(_on_grid(ratio, RATIO_GRID_STEPS), 1.0) if ratio > 0 else 1.0
+    return b, r
+
+
+def _ratio(lat_us: float, service_us: float) -> float:
+    """per_read_ratio() of plain floats (1 where the latency is 0)."""
+    return min(service_us / lat_us, 1.0) if lat_us > 0 else 1.0
 
 
 def grid_points(nbytes: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """bytes_per_read() and per_read_ratio() of many legs, rounded to the grid
     the model is evaluated on: BYTES_GRID_STEPS points per octave (0 stays 0:
     no throughput known) and RATIO_GRID_STEPS (at most 1; 0 or less: 1)."""
-    nbytes, ratio = np.asarray(nbytes, dtype=np.float64), np.asarray(ratio, dtype=np.float64)
-    b = np.where(nbytes > 0, _on_grid(nbytes, BYTES_GRID_STEPS), 0.0)
-    r = np.where(ratio > 0, np.minimum(_on_grid(ratio, RATIO_GRID_STEPS), 1.0), 1.0)
+    nbytes, ratio = np.broadcast_arrays(np.asarray(nbytes, dtype=np.float64),
+                                        np.asarray(ratio, dtype=np.float64))
+    pts = [_point(b, r) for b, r in zip(nbytes.ravel().tolist(), ratio.ravel().tolist())]
+    b = np.array([pt[0] for pt in pts], dtype=np.float64).reshape(nbytes.shape)
+    r = np.array([pt[1] for pt in pts], dtype=np.float64).reshape(nbytes.shape)
     return b, r
 
 
@@ -239,7 +256,7 @@ def bytes_grid_point(nbytes: float) -> float:
 def per_read_ratio(base: LegBaseline) -> float:
     """The leg's service time per read over its baseline latency (1 at queue
     depth 1; at a deep queue each read's latency counts the queue ahead)."""
-    return float(per_read_ratios(base.lat_us, base.service_us))
+    return _ratio(float(base.lat_us), float(base.service_us))
 
 
 def per_read_ratios(lat_us: np.ndarray, service_us: np.ndarray) -> np.ndarray:
@@ -256,8 +273,7 @@ def ratio_grid_point(ratio: float) -> float:
 
 def grid_point(base: LegBaseline) -> tuple[float, float]:
     """The point of the grid the model is evaluated on for this leg."""
-    b, r = grid_points(bytes_per_read(base), per_read_ratio(base))
-    return float(b), float(r)
+    return _point(float(bytes_per_read(base)), per_read_ratio(base))
 
 
 def key_rows(base: LegBaseline | tuple[float, float]) -> np.ndarray:
@@ -314,21 +330,34 @@ def latency_risk(p_slow: np.ndarray) -> np.ndarray:
     return np.clip(grid - grid[..., :1], 0.0, 1.0).reshape(p.shape)
 
 
-_KEY_LAT_REP = np.array(LAT_REP_REL)[_KEY_LAT]
+_LAT_REP = np.array(LAT_REP_REL)
+# A leg's keys as [size and in-flight buckets, latency buckets] (abi.key_index
+# puts the latency bucket last): a key's penalty scales with its latency bucket.
+_KEYS_BY_LAT = (abi.KEYS_PER_LEG // abi.NUM_LAT_BUCKETS, abi.NUM_LAT_BUCKETS)
+
+
+def _extra_ns(service_us: np.ndarray, slow_lat_us: np.ndarray) -> np.ndarray:
+    """[legs, NUM_LAT_BUCKETS]: what a slow read costs beyond the service
+    time at each latency bucket, ns (service_us, slow_lat_us: [legs, 1])."""
+    extra = np.maximum(np.maximum(_LAT_REP * service_us, slow_lat_us) - service_us, 0.0)
+    extra *= 1000.0
+    return extra
 
 
 def _penalties_ns(p_slow: np.ndarray, service_us, slow_lat_us) -> np.ndarray:
     """penalties_ns for [legs, KEYS] at once (service_us, slow_lat_us: [legs, 1])."""
-    slow_us = np.maximum(_KEY_LAT_REP * service_us, slow_lat_us)
-    extra_ns = np.maximum(slow_us - service_us, 0.0) * 1000.0
-    return np.clip(np.rint(np.asarray(p_slow, dtype=np.float64) * extra_ns),
-                   0, abi.PENALTY_MAX_NS).astype(np.int64)
+    extra = _extra_ns(np.asarray(service_us, dtype=np.float64), slow_lat_us)
+    p = np.asarray(p_slow, dtype=np.float64)
+    pen = p.reshape(*p.shape[:-1], *_KEYS_BY_LAT) * extra[..., None, :]
+    np.rint(pen, out=pen)
+    np.clip(pen, 0, abi.PENALTY_MAX_NS, out=pen)
+    return pen.astype(np.int64).reshape(p.shape)
 
 
 def penalties_ns(p_slow: np.ndarray, base: LegBaseline) -> np.ndarray:
     """penalty_ns per key: P(slow) x (what a slow read costs - service), the
     slow read's cost being at least the key's own latency."""
-    return _penalties_ns(p_slow, base.service_us, base.slow_lat_us)
+    return _penalties_ns(p_slow, np.array([base.service_us]), np.array([base.slow_lat_us]))
 
 
 @dataclass
@@ -436,33 +465,49 @@ class TableMaker:
               infer: bool = True) -> KeyedTable | None:
         """The table of these legs (None: no baseline, no entry). Every leg
         at once in numpy: a recompute with the model's answers kept costs
-        tens of microseconds (iobridge bench tick). infer=False: None
+        about 100 us of CPU with 8 legs (iobridge bench tick). infer=False: None
         instead of running the model for a point not kept."""
+        # As few numpy calls as the arithmetic allows: under the agent's
+        # tick each one starts in cold caches (several us; bench tick).
         n = len(baselines)
-        valid = np.array([b is not None for b in baselines], dtype=bool)
-        p = np.zeros((n, abi.KEYS_PER_LEG), dtype=np.float32)
-        pen = np.zeros((n, abi.KEYS_PER_LEG), dtype=np.int64)
-        edges = np.zeros((n, abi.NUM_LAT_BUCKETS - 1), dtype=np.int64)
-        service = np.zeros(n, dtype=np.int64)
-        top = np.zeros(n, dtype=np.int64)
-        idx = np.flatnonzero(valid)
-        if len(idx):
-            lat, tput, svc, slow = np.array(
-                [(b.lat_us, b.tput, b.service_us, b.slow_lat_us)
-                 for b in (baselines[i] for i in idx)], dtype=np.float64).T
-            points = list(zip(*(g.tolist() for g in grid_points(lat * tput,
-                                                                 per_read_ratios(lat, svc)))))
-            if not infer and not all(pt in self._points for pt in points):
-                return None
-            self._infer(points)
-            kept = [self._points[pt] for pt in points]
-            p[idx] = [pp for pp, _ in kept]
-            svc, slow = svc[:, None], slow[:, None]
-            pen[idx] = _penalties_ns(np.array([risk for _, risk in kept]), svc, slow)
-            edges[idx] = lat_edges_ns(svc)
-            service[idx] = np.minimum(np.rint(svc[:, 0] * 1000), U32_MAX)
-            top[idx] = np.minimum(np.rint(np.maximum(LAT_REP_REL[-1] * svc[:, 0], slow[:, 0]) * 1000),
-                                  abi.PENALTY_MAX_NS)
+        idx = [i for i, b in enumerate(baselines) if b is not None]
+        ready = [baselines[i] for i in idx]
+        valid = np.zeros(n, dtype=bool)
+        valid[idx] = True
+        if not ready:
+            visible = now_ns + self.staleness_ns
+            return KeyedTable(valid, np.zeros((n, abi.KEYS_PER_LEG), dtype=np.float32),
+                              np.zeros((n, abi.KEYS_PER_LEG), dtype=np.int64),
+                              np.zeros((n, abi.NUM_LAT_BUCKETS - 1), dtype=np.int64),
+                              np.zeros(n, dtype=np.int64), self.probe_after_ns, now_ns,
+                              visible, visible + self.ttl_ns, list(baselines),
+                              np.zeros(n, dtype=np.int64))
+        points = [_point(float(b.lat_us * b.tput), _ratio(float(b.lat_us), float(b.service_us)))
+                  for b in ready]
+        if not infer and not all(pt in self._points for pt in points):
+            return None
+        self._infer(points)
+        kept = [self._points[pt] for pt in points]
+        svc, slow = np.array([(b.service_us, b.slow_lat_us) for b in ready],
+                             dtype=np.float64).T[:, :, None]
+        p = np.array([pp for pp, _ in kept], dtype=np.float32)
+        pen = np.array([risk for _, risk in kept], dtype=np.float64).reshape(len(ready),
+                                                                             *_KEYS_BY_LAT)
+        pen *= _extra_ns(svc, slow)[:, None, :]
+        np.rint(pen, out=pen)
+        np.minimum(pen, abi.PENALTY_MAX_NS, out=pen)       # >= 0: risk and extra are
+        pen = pen.astype(np.int64).reshape(len(ready), abi.KEYS_PER_LEG)
+        edges = lat_edges_ns(svc)
+        svc, slow = svc[:, 0], slow[:, 0]
+        service = np.minimum(np.rint(svc * 1000), U32_MAX).astype(np.int64)
+        top = np.minimum(np.rint(np.maximum(LAT_REP_REL[-1] * svc, slow) * 1000),
+                         abi.PENALTY_MAX_NS).astype(np.int64)
+        if len(ready) < n:          # legs without a baseline: zeros, no entry
+            def spread(a):
+                out = np.zeros((n, *a.shape[1:]), dtype=a.dtype)
+                out[idx] = a
+                return out
+            p, pen, edges, service, top = map(spread, (p, pen, edges, service, top))
         visible = now_ns + self.staleness_ns
         return KeyedTable(valid, p, pen, edges, service, self.probe_after_ns, now_ns,
                           visible, visible + self.ttl_ns, list(baselines), top)

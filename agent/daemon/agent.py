@@ -485,7 +485,7 @@ class Agent:
                 if baselines is not None:
                     reads = self._read_copies()
                     # With the model's answers for every leg's grid point kept
-                    # and no deadlines to learn, the build is tens of us of
+                    # and no deadlines to learn, the build is ~100 us of
                     # numpy: done here and published at once (a hand-off to
                     # the builder thread cost 4x its CPU in cold caches,
                     # bench tick). Inference runs off the tick loop (ONNX
