@@ -250,25 +250,13 @@ def grid_points(nbytes: np.ndarray, ratio: np.ndarray) -> tuple[np.ndarray, np.n
 
 def bytes_grid_point(nbytes: float) -> float:
     """bytes_per_read() rounded to the grid (grid_points)."""
-    return float(grid_points(nbytes, 1.0)[0])
+    return _point(float(nbytes), 1.0)[0]
 
 
 def per_read_ratio(base: LegBaseline) -> float:
     """The leg's service time per read over its baseline latency (1 at queue
     depth 1; at a deep queue each read's latency counts the queue ahead)."""
     return _ratio(float(base.lat_us), float(base.service_us))
-
-
-def per_read_ratios(lat_us: np.ndarray, service_us: np.ndarray) -> np.ndarray:
-    """per_read_ratio() of many legs at once (1 where the latency is 0)."""
-    lat_us, service_us = np.asarray(lat_us, dtype=np.float64), np.asarray(service_us, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(lat_us > 0, np.minimum(service_us / lat_us, 1.0), 1.0)
-
-
-def ratio_grid_point(ratio: float) -> float:
-    """per_read_ratio() rounded to its grid (grid_points)."""
-    return float(grid_points(1.0, ratio)[1])
 
 
 def grid_point(base: LegBaseline) -> tuple[float, float]:
@@ -491,12 +479,7 @@ class TableMaker:
         svc, slow = np.array([(b.service_us, b.slow_lat_us) for b in ready],
                              dtype=np.float64).T[:, :, None]
         p = np.array([pp for pp, _ in kept], dtype=np.float32)
-        pen = np.array([risk for _, risk in kept], dtype=np.float64).reshape(len(ready),
-                                                                             *_KEYS_BY_LAT)
-        pen *= _extra_ns(svc, slow)[:, None, :]
-        np.rint(pen, out=pen)
-        np.minimum(pen, abi.PENALTY_MAX_NS, out=pen)       # >= 0: risk and extra are
-        pen = pen.astype(np.int64).reshape(len(ready), abi.KEYS_PER_LEG)
+        pen = _penalties_ns(np.array([risk for _, risk in kept]), svc, slow)
         edges = lat_edges_ns(svc)
         svc, slow = svc[:, 0], slow[:, 0]
         service = np.minimum(np.rint(svc * 1000), U32_MAX).astype(np.int64)
