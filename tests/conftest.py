@@ -27,7 +27,7 @@ class VmTestFailure(Exception):
 def vm_kernels() -> list[str]:
     """The kernels the VM tests run on: $IOBRIDGE_KERNELS or $IOBRIDGE_KERNEL
     (releases, space- or comma-separated), else every line in
-    vm/kernel-release ("all" says the same). 6.12 boots under
+    vm/kernel-release ("all" says the same). The test suite boots under
     single-threaded TCG (iobridge.lab.vm.tcg_threads() says why)."""
     from iobridge.lab import vm
     chosen = os.environ.get("IOBRIDGE_KERNELS") or os.environ.get("IOBRIDGE_KERNEL") or ""
@@ -51,7 +51,8 @@ class VmProxyItem(pytest.Item):
             tail = "\n".join(suite.vm.tail[-25:]) if suite.vm else ""
             why = {"boot": "the guest never finished booting",
                    "panic": "the guest kernel panicked while booting",
-                   "timeout": "the VM was killed at its time bound"}.get(
+                   "timeout": "the VM was killed at its time bound",
+                   "livelock": "the guest kernel locked up and the VM was killed"}.get(
                        suite.vm.why, "the VM run ended without reporting it")
             raise VmTestFailure(f"{self.nodeid}: no outcome from the VM on {self.kernel} ({why}); "
                                 f"console log {suite.log_path}; last console lines:\n{tail}")

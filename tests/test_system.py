@@ -1,6 +1,9 @@
 """Host checks, device resolution and the CLI's error handling (no root, no kernel)."""
 
+import collections
 import os
+import shlex
+import time
 
 import pytest
 
@@ -131,12 +134,16 @@ def test_a_fallback_kernel_recorded_by_setup_wins_over_the_pin(tmp_path):
     assert vm.kernel_releases(tmp_path) == ["6.1.0-60-amd64", "6.12.120+deb12-amd64"]
 
 
-def test_tcg_threading_is_single_from_6_12_unless_the_environment_says(monkeypatch):
+def test_tcg_threading_is_single_for_tests_and_from_6_12_unless_the_environment_says(
+        monkeypatch):
     monkeypatch.delenv("IOBRIDGE_VM_TCG_THREADS", raising=False)
     assert vm.tcg_threads("6.1.0-41-amd64") == "multi"
+    assert vm.tcg_threads("6.1.0-41-amd64", tests=True) == "single"
     assert vm.tcg_threads("6.12.118+deb12-amd64") == "single"
+    assert vm.tcg_threads("6.12.118+deb12-amd64", tests=True) == "single"
     monkeypatch.setenv("IOBRIDGE_VM_TCG_THREADS", "multi")
     assert vm.tcg_threads("6.12.118+deb12-amd64") == "multi"
+    assert vm.tcg_threads("6.1.0-41-amd64", tests=True) == "multi"
     monkeypatch.setenv("IOBRIDGE_VM_TCG_THREADS", "single")
     assert vm.tcg_threads("6.1.0-41-amd64") == "single"
     monkeypatch.setenv("IOBRIDGE_VM_TCG_THREADS", "one")
@@ -145,3 +152,43 @@ def test_tcg_threading_is_single_from_6_12_unless_the_environment_says(monkeypat
     monkeypatch.delenv("IOBRIDGE_VM_TCG_THREADS")
     with pytest.raises(UsageError, match="MAJOR.MINOR"):
         vm.tcg_threads("linux")
+
+
+# Console lines as the 6.1 guest printed them in a CI run that locked up.
+SOFT_LOCKUP_LINE = "[  576.400737] watchdog: BUG: soft lockup - CPU#1 stuck for 104s! [python:1135]"
+RCU_STALL_LINE = "[  549.740758] \t(detected by 1, t=20512 jiffies, g=154025, q=40 ncpus=2)"
+
+
+def test_livelock_seconds_reads_the_kernels_lockup_reports():
+    assert vm.livelock_seconds(SOFT_LOCKUP_LINE) == 104
+    assert vm.livelock_seconds(RCU_STALL_LINE) == pytest.approx(20512 / 250)
+    assert vm.livelock_seconds("[  486.721645] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:") is None
+    assert vm.livelock_seconds("[   70.262927] hrtimer: interrupt took 101590 ns") is None
+    assert vm.livelock_seconds("tests/vm/test_agent.py::test_x PASSED") is None
+
+
+def _fake_guest(tmp_path, lines: list[str], then_sleep: float) -> list[str]:
+    script = tmp_path / "guest.sh"
+    body = "".join(f"echo {shlex.quote(line)}\n" for line in lines)
+    script.write_text(f"{body}sleep {then_sleep}\n")
+    return ["bash", str(script)]
+
+
+def test_a_guest_reporting_a_long_lockup_is_killed_at_once(tmp_path):
+    """The run ends on the kernel's report, not at the time bound."""
+    stuck = SOFT_LOCKUP_LINE.replace("104s", f"{vm.LIVELOCK_S + 8}s")
+    cmd = _fake_guest(tmp_path, [vm.GUEST_READY_MARK, SOFT_LOCKUP_LINE, stuck], then_sleep=300)
+    tail: collections.deque = collections.deque(maxlen=10)
+    started = time.monotonic()
+    rc, why, _ = vm._boot_once(cmd, dict(os.environ), timeout=60, boot_timeout=30, quiet=True,
+                               capture=False, log=None, tail=tail)
+    assert why == "livelock"
+    assert time.monotonic() - started < 20
+    assert any("killed the VM" in line for line in tail)
+
+
+def test_a_short_stall_does_not_end_the_run(tmp_path):
+    cmd = _fake_guest(tmp_path, [vm.GUEST_READY_MARK, SOFT_LOCKUP_LINE, "done"], then_sleep=0)
+    rc, why, _ = vm._boot_once(cmd, dict(os.environ), timeout=60, boot_timeout=30, quiet=True,
+                               capture=True, log=None, tail=collections.deque(maxlen=10))
+    assert (rc, why) == (0, "")

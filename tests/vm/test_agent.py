@@ -53,7 +53,7 @@ COMPARE_PLAN = (("fast", 1), ("fast", 16), ("slowdev", 1))
 # run's slow-leg reads were 0.13% of its reads (default 3.4%), yet its p99
 # was 0.96x the default's (34.3 against 35.9 ms), above the 20 ms slow
 # reads: that tail is host stalls, which both runs meet (quiet: 0.34-0.48x).
-# Under single-threaded TCG (6.12's default, lab/vm.py tcg_threads) the
+# Under single-threaded TCG (the test suite's, lab/vm.py tcg_threads) the
 # agent's CPU time comes out of fio's vCPU as well: with a busy core 1.07x
 # (45.4 against 42.2 ms). The bound leaves room for that noise; a policy
 # that piles reads on one leg queues them and goes past it.
