@@ -18,6 +18,8 @@ from iobridge.core import histogram
 from iobridge.core.errors import IobridgeError
 from iobridge.daemon import metrics as M
 from iobridge.daemon.agent import PhaseTimes
+from iobridge.core import cachestat_abi as cabi
+from iobridge.kernel import blockdev, cachestat
 from iobridge.kernel.dmtarget import HedgeStatus, LegStatus, TargetStatus
 
 
@@ -60,7 +62,7 @@ def test_histogram_buckets_are_exact_and_cumulative():
     assert M.prometheus_buckets(np.zeros(histogram.SLOTS))[0][-1] == ("+Inf", 0.0)
 
 
-def _agent():
+def _agent(prefetch=None):
     legs = [LegStatus("7:0", "A", 10, 2, 0, 0, 1, 9, 1), LegStatus("7:1", "D", 4, 2, 1, 0, 0, 3, 1)]
     times = PhaseTimes()
     for ns in (2_000_000, 3_000_000):
@@ -74,6 +76,7 @@ def _agent():
     return types.SimpleNamespace(
         cfg=types.SimpleNamespace(model="/m/a.onnx"), model=types.SimpleNamespace(sha256="ab" * 32),
         maker=types.SimpleNamespace(threshold=0.08), policy=policy, counters=counters, times=times,
+        prefetch=prefetch,
         target_statuses=lambda: [("iob_t", TargetStatus(3, 9, "learned", "AD", 0, 0, 0, 0, legs,
                                                         HedgeStatus(0, 5, 7, 4, 3, 2, 0, 0, 1)))])
 
@@ -99,6 +102,43 @@ def test_scrape_over_loopback_shows_every_family_with_its_labels():
     assert 'iobridge_decision_age_seconds_bucket{le="+Inf"} 5.0' in lines
     assert 'iobridge_recompute_seconds_bucket{le="+Inf"} 2.0' in lines
     assert 'iobridge_recompute_seconds_bucket{le="0.001048576"} 0.0' in lines
+
+
+def _scrape(agent) -> set[str]:
+    server = M.MetricsServer(f"127.0.0.1:{_free_port()}")
+    server.start(agent)
+    try:
+        return set(urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics",
+                                          timeout=10).read().decode().splitlines())
+    finally:
+        server.stop()
+
+
+def test_without_prefetch_no_prefetch_family_is_shown():
+    assert not any("prefetch" in line or "pagecache" in line for line in _scrape(_agent()))
+
+
+def test_prefetch_unit_and_page_cache_counters_per_device():
+    counters = dict.fromkeys((k for k, _ in M.PREFETCH_COUNTERS), 0)
+    counters.update(windows=12, actions=3, device_changes=1, file_advice=2, gone=1)
+    vals = {n: [0] * cabi.RA_KINDS if n == "ra_windows" else 0 for n in cabi.COUNTERS}
+    vals.update(reads=100, hits=60, ra_pages=50, ra_used=30, ra_unused_removed=20, refaults=4)
+    unit = types.SimpleNamespace(
+        mode="on", counters=counters,
+        classifier_info=lambda: {"name": "prefetch-default", "path": "/m/p.onnx", "sha256": "cd" * 32},
+        device_counters=lambda: {blockdev.kdev(254, 1): cachestat.Counters(vals, ra_pages_setting=32)})
+    lines = _scrape(_agent(prefetch=unit))
+    assert any(line.startswith('iobridge_prefetch_info{classifier="prefetch-default",mode="on"')
+               for line in lines), sorted(lines)
+    assert "iobridge_prefetch_windows_total 12.0" in lines
+    assert "iobridge_prefetch_file_advice_total 2.0" in lines
+    assert "iobridge_prefetch_gone_total 1.0" in lines
+    assert 'iobridge_pagecache_reads_total{dev="254:1"} 100.0' in lines
+    assert 'iobridge_pagecache_hits_total{dev="254:1"} 60.0' in lines
+    assert 'iobridge_pagecache_readahead_used_total{dev="254:1"} 30.0' in lines
+    assert 'iobridge_pagecache_readahead_evicted_unused_total{dev="254:1"} 20.0' in lines
+    assert 'iobridge_pagecache_refaults_total{dev="254:1"} 4.0' in lines
+    assert 'iobridge_pagecache_readahead_bytes{dev="254:1"} 131072.0' in lines
 
 
 def _free_port() -> int:

@@ -13,6 +13,12 @@ extra work and no figure is counted twice:
   table's age at each routing;
 - the agent's counters (recomputes, decision changes, reloads, ticks) and
   its recompute-time histogram;
+- with prefetch on: the prefetch unit's counters (windows, actions by kind,
+  processes gone, errors, restores), its mode and classifier, and the
+  page-cache observer's counters per device (reads, hits, insertions,
+  readahead pages used and evicted unused, evictions, refaults) as of the
+  unit's last closed window (window_s old at most: the unit reads the
+  observer's maps once per window, a scrape does not read them again);
 - the model in force (path, sha256, threshold) and `iobridge_up`.
 
 Histograms come from the log-linear slots the kernel and the agent keep
@@ -30,6 +36,9 @@ import numpy as np
 
 from ..core import histogram
 from ..core.errors import IobridgeError
+from ..kernel import blockdev
+
+PAGE_BYTES = 4096          # the observer counts pages; x86-64's page size
 
 log = logging.getLogger("iobridge.metrics")
 
@@ -45,6 +54,34 @@ HEDGE_COUNTERS = (
     ("lost", "hedged reads the first read completed, the hedge issued"),
     ("refused", "hedges due that the target's budget refused"),
     ("nomem", "hedged reads or hedges given up for lack of bounce memory"),
+)
+
+
+# The prefetch unit's counters (daemon/prefetch.py PrefetchUnit.counters).
+PREFETCH_COUNTERS = (
+    ("windows", "observer windows the prefetch unit has closed and decided on"),
+    ("actions", "prefetch actions applied (none in shadow mode)"),
+    ("device_changes", "read_ahead_kb changes of a device"),
+    ("file_advice", "posix_fadvise advice given to a process's open file"),
+    ("willneed_calls", "WILLNEED calls for predicted extents"),
+    ("dropped_pages", "consumed pages of sequential scans dropped behind them (DONTNEED)"),
+    ("gone", "actions skipped because the process or its file had gone"),
+    ("errors", "prefetch actions or windows that failed"),
+    ("restores", "restores of recorded settings (at stop, or at start after a kill)"),
+)
+# The page-cache observer's counters per device (cachestat_abi.COUNTERS):
+# metric name, counter, help.
+PAGECACHE_COUNTERS = (
+    ("reads", "reads", "pages handed to read calls"),
+    ("hits", "hits", "pages handed to read calls that were cached before the call"),
+    ("insertions", "insertions", "pages added to the page cache"),
+    ("readahead_pages", "ra_pages", "pages added beyond what reads asked for (readahead)"),
+    ("readahead_used", "ra_used", "readahead pages used before their eviction"),
+    ("readahead_evicted_unused", "ra_unused_removed",
+     "readahead pages evicted without having been used (wasted)"),
+    ("evicted_used", "removed_used", "pages evicted or dropped after being used"),
+    ("evicted_unused", "removed_unused", "pages evicted or dropped without being used"),
+    ("refaults", "refaults", "evicted pages read back (workingset refaults)"),
 )
 
 
@@ -177,6 +214,34 @@ class AgentCollector:
         yield HistogramMetricFamily("iobridge_recompute_seconds",
                                     "time to recompute the keyed table (model call included)",
                                     buckets=buckets, sum_value=total)
+        if a.prefetch is not None:
+            yield from self._prefetch(a.prefetch, CounterMetricFamily, GaugeMetricFamily,
+                                      InfoMetricFamily)
+
+    @staticmethod
+    def _prefetch(unit, CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily):
+        info = InfoMetricFamily("iobridge_prefetch", "the prefetch unit's mode and classifier")
+        ci = unit.classifier_info()
+        info.add_metric([], {"mode": unit.mode, "classifier": str(ci["name"]),
+                             "sha256": str(ci["sha256"] or "")})
+        yield info
+        for key, help_ in PREFETCH_COUNTERS:
+            yield CounterMetricFamily(f"iobridge_prefetch_{key}", help_, value=unit.counters[key])
+        fams = [(CounterMetricFamily(f"iobridge_pagecache_{name}",
+                                     help_ + " (as of the prefetch unit's last window)",
+                                     labels=["dev"]), counter)
+                for name, counter, help_ in PAGECACHE_COUNTERS]
+        ra_kb = GaugeMetricFamily("iobridge_pagecache_readahead_bytes",
+                                  "readahead of the device's last file with a window, in bytes",
+                                  labels=["dev"])
+        for dev, c in sorted(unit.device_counters().items()):
+            lab = ["%d:%d" % blockdev.kdev_split(dev)]
+            for fam, counter in fams:
+                fam.add_metric(lab, c.values[counter])
+            ra_kb.add_metric(lab, c.ra_pages_setting * PAGE_BYTES)
+        for fam, _ in fams:
+            yield fam
+        yield ra_kb
 
 
 class MetricsServer:

@@ -761,6 +761,14 @@ class PrefetchUnit:
             self.counters["gone"] += 1
 
     # -- status ------------------------------------------------------------------
+    def device_counters(self) -> dict:
+        """{dev: cachestat.Counters}, the observer's cumulative counters per
+        device as of the last closed window ({} before the first)."""
+        return dict((self._prev or ({}, {}))[0])
+
+    def classifier_info(self) -> dict:
+        return classifier_info(self.classifier)
+
     def status(self) -> dict:
         return {"mode": self.mode, "window_s": self.window_s, "device_only": self.device_only,
                 "classifier": self.classifier.describe(),

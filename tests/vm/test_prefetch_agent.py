@@ -9,6 +9,7 @@ and no further."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import time
 
 import pytest
 from conftest import make_file
-from test_agent import PIN_DIR, agents, iobridge, route_programs_attached, route_programs_left  # noqa: F401 (agents: a fixture)
+from test_agent import PIN_DIR, _free_port, _scrape, agents, iobridge, route_programs_attached, route_programs_left  # noqa: F401 (agents: a fixture)
 
 from iobridge.daemon.config import DEFAULT_MODEL, DEFAULT_PREFETCH_MODEL
 
@@ -58,8 +59,9 @@ def test_the_agent_runs_the_learned_model_and_restores_on_stop(iobridge_module, 
     state = tmp_path / "prefetch-state.json"
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'[prefetch]\nstate_file = "{state}"\n')     # the model: the default
+    port = _free_port()
     t0 = time.monotonic()
-    agent = agents("--config", str(cfg), "--prefetch", "on")
+    agent = agents("--config", str(cfg), "--prefetch", "on", "--metrics-listen", f"127.0.0.1:{port}")
     start_s = time.monotonic() - t0
     reader = subprocess.Popen([sys.executable, "-c", READER, str(path)])
     try:
@@ -67,6 +69,7 @@ def test_the_agent_runs_the_learned_model_and_restores_on_stop(iobridge_module, 
         st = agent.wait_status(lambda s: s["prefetch"].get("running")
                                and s["prefetch"]["counters"]["classified"] >= 1, timeout_s=180)
         classified_s = time.monotonic() - t1
+        metrics = _scrape(port)
         try:      # what it did, for the record; the model's choice is not under test
             st = agent.wait_status(lambda s: s["prefetch"]["counters"]["actions"] >= 1,
                                    timeout_s=20)
@@ -91,6 +94,16 @@ def test_the_agent_runs_the_learned_model_and_restores_on_stop(iobridge_module, 
     assert pf["classifier"].startswith(f"ONNX prefetch model {DEFAULT_PREFETCH_MODEL}")
     assert text.returncode == 0, text.stderr
     assert "classifier learned:prefetch-default.onnx: model " in text.stdout
+    # Metrics (issue 13): the unit's counters, and the kernel's page-cache
+    # counters of the file's device as of the unit's last window: the
+    # reader's passes read its pages and, dropped before each, insert them.
+    dev = "%d:%d" % (os.major(path.stat().st_dev), os.minor(path.stat().st_dev))
+    print("metrics:", {k: v for k, v in metrics.items() if "prefetch" in k or dev in k})
+    assert metrics[f'iobridge_prefetch_info{{classifier="learned:prefetch-default.onnx",'
+                   f'mode="on",sha256="{card["model_sha256"]}"}}'] == 1
+    assert metrics["iobridge_prefetch_windows_total"] >= 1
+    for name in ("reads", "insertions"):
+        assert metrics[f'iobridge_pagecache_{name}_total{{dev="{dev}"}}'] > 0, name
     assert f"prefetch classifier learned:prefetch-default.onnx (sha256 " \
            f"{card['model_sha256'][:12]})" in agent.log()
 
