@@ -52,7 +52,9 @@ class VmProxyItem(pytest.Item):
             why = {"boot": "the guest never finished booting",
                    "panic": "the guest kernel panicked while booting",
                    "timeout": "the VM was killed at its time bound",
-                   "livelock": "the guest kernel locked up and the VM was killed"}.get(
+                   "livelock": "the guest kernel locked up and the VM was killed",
+                   "silent": "the guest fell silent for longer than any test may run "
+                             "and the VM was killed"}.get(
                        suite.vm.why, "the VM run ended without reporting it")
             raise VmTestFailure(f"{self.nodeid}: no outcome from the VM on {self.kernel} ({why}); "
                                 f"console log {suite.log_path}; last console lines:\n{tail}")

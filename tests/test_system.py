@@ -4,6 +4,7 @@ import collections
 import os
 import shlex
 import time
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +193,25 @@ def test_a_short_stall_does_not_end_the_run(tmp_path):
     rc, why, _ = vm._boot_once(cmd, dict(os.environ), timeout=60, boot_timeout=30, quiet=True,
                                capture=True, log=None, tail=collections.deque(maxlen=10))
     assert (rc, why) == (0, "")
+
+
+def test_a_guest_silent_past_the_bound_is_killed_and_boot_time_does_not_count(tmp_path):
+    script = tmp_path / "guest.sh"
+    # 3 s of boot without a line, then the ready mark, then silence.
+    script.write_text(f"sleep 3\necho {shlex.quote(vm.GUEST_READY_MARK)}\nsleep 300\n")
+    tail: collections.deque = collections.deque(maxlen=10)
+    started = time.monotonic()
+    rc, why, _ = vm._boot_once(["bash", str(script)], dict(os.environ), timeout=60,
+                               boot_timeout=30, quiet=True, capture=False, log=None, tail=tail,
+                               silence_s=2)
+    assert why == "silent"
+    assert 5 <= time.monotonic() - started < 20
+    assert any("no line from the guest" in line for line in tail)
+
+
+def test_the_silence_bound_outlasts_every_vm_tests_own_timeout():
+    import re
+    marks = [int(m) for f in (Path(__file__).parent / "vm").glob("test_*.py")
+             for m in re.findall(r"@pytest\.mark\.timeout\((\d+)\)", f.read_text())]
+    assert marks and max(marks + [vm.PER_TEST_TIMEOUT_S]) <= vm.LONGEST_TEST_TIMEOUT_S
+    assert vm.TEST_SILENCE_S > vm.LONGEST_TEST_TIMEOUT_S

@@ -48,6 +48,13 @@ DEFAULT_TIMEOUT_S = 600
 # the host tests.
 DEFAULT_TEST_TIMEOUT_S = 4500
 PER_TEST_TIMEOUT_S = 600      # pytest-timeout inside the VM: one hung test fails alone
+# The longest of the VM tests' own timeouts (@pytest.mark.timeout). The guest
+# writes a console line as each test starts, so a test suite whose console
+# has been silent for longer than that plus a margin has a dead guest (one
+# that died with no lockup report, e.g. every vCPU stuck with interrupts
+# off): the run ends there instead of at its bound.
+LONGEST_TEST_TIMEOUT_S = 1200
+TEST_SILENCE_S = LONGEST_TEST_TIMEOUT_S + 300
 DEFAULT_MEMORY = "2G"
 DEFAULT_CPUS = 2
 MAX_CPUS = 64                 # vm run --cpus
@@ -149,7 +156,7 @@ class VmResult:
     tail: list[str] = field(default_factory=list)
     output: str = ""
     boots: int = 1
-    why: str = ""         # boot, panic, livelock or timeout when it did not run to the end
+    why: str = ""         # boot, panic, livelock, silent or timeout when it did not run to the end
 
 
 # virtme-ng-init prints this when the guest is up and about to run our command.
@@ -186,12 +193,14 @@ def livelock_seconds(line: str) -> float | None:
 
 
 def _boot_once(cmd: list[str], env: dict, *, timeout: float, boot_timeout: float,
-               quiet: bool, capture: bool, log, tail: collections.deque) -> tuple[int, str, str]:
+               quiet: bool, capture: bool, log, tail: collections.deque,
+               silence_s: float | None = None) -> tuple[int, str, str]:
     """One QEMU run. Returns (returncode, why, captured output); `why` is
     "" when it ran to the end, "boot" when the guest never got to our
     command within boot_timeout, "panic" when the kernel died while booting,
-    "livelock" when its kernel reported a CPU stuck for LIVELOCK_S, "timeout"
-    when the whole bound expired."""
+    "livelock" when its kernel reported a CPU stuck for LIVELOCK_S, "silent"
+    when, after boot, no line came for silence_s (None: no such bound),
+    "timeout" when the whole bound expired."""
     captured: list[str] = []
     lines: queue.Queue = queue.Queue()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
@@ -204,9 +213,9 @@ def _boot_once(cmd: list[str], env: dict, *, timeout: float, boot_timeout: float
         lines.put(None)
 
     threading.Thread(target=reader, daemon=True).start()
-    started = time.monotonic()
+    started = last_line = time.monotonic()
     ready = False
-    why = ""
+    why = note = ""       # note: why the VM is killed, for the log and the tail
     try:
         while True:
             now = time.monotonic()
@@ -214,12 +223,18 @@ def _boot_once(cmd: list[str], env: dict, *, timeout: float, boot_timeout: float
             if now >= limit:
                 why = "timeout" if ready or boot_timeout >= timeout else "boot"
                 break
+            if ready and silence_s is not None and now - last_line >= silence_s:
+                why = "silent"
+                note = (f"no line from the guest for {now - last_line:.0f}s "
+                        "(longer than any test may run)")
+                break
             try:
                 line = lines.get(timeout=min(1.0, limit - now))
             except queue.Empty:
                 continue
             if line is None:
                 break
+            last_line = time.monotonic()
             if log:
                 log.write(line)
             tail.append(line.rstrip("\n"))
@@ -231,11 +246,8 @@ def _boot_once(cmd: list[str], env: dict, *, timeout: float, boot_timeout: float
             stuck = livelock_seconds(line)
             if stuck is not None and stuck >= LIVELOCK_S:
                 why = "livelock"
-                note = (f"iobridge: the guest kernel reports a CPU stuck for {stuck:.0f}s "
-                        "(a lockup, see the stacks above); killed the VM")
-                tail.append(note)
-                if log:
-                    log.write(note + "\n")
+                note = (f"the guest kernel reports a CPU stuck for {stuck:.0f}s "
+                        "(a lockup, see the stacks above)")
                 break
             if not ready or _CONSOLE_LINE.match(line):
                 continue    # boot chatter and kernel console: log only
@@ -248,6 +260,10 @@ def _boot_once(cmd: list[str], env: dict, *, timeout: float, boot_timeout: float
         if proc.poll() is None and why:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    if note:
+        tail.append(f"iobridge: {note}; killed the VM")
+        if log:
+            log.write(tail[-1] + "\n")
     return proc.returncode, why, "".join(captured)
 
 
@@ -343,7 +359,8 @@ def _boot(kernel: Kernel, guest_cmd: str, *, accel: str, timeout: float,
         for boot in (1, 2):
             left = timeout - (time.monotonic() - started)
             rc, why, output = _boot_once(cmd, env, timeout=left, boot_timeout=boot_timeout,
-                                         quiet=quiet, capture=capture, log=log, tail=tail)
+                                         quiet=quiet, capture=capture, log=log, tail=tail,
+                                         silence_s=TEST_SILENCE_S if tests else None)
             if why != "boot" or boot == 2:
                 break
             note = (f"iobridge: the VM did not reach the command within {boot_timeout:.0f}s; "
