@@ -18,7 +18,6 @@ from iobridge.core import histogram
 from iobridge.core.errors import IobridgeError
 from iobridge.daemon import metrics as M
 from iobridge.daemon.agent import PhaseTimes
-from iobridge.core import cachestat_abi as cabi
 from iobridge.kernel import blockdev, cachestat
 from iobridge.kernel.dmtarget import HedgeStatus, LegStatus, TargetStatus
 
@@ -82,13 +81,7 @@ def _agent(prefetch=None):
 
 
 def test_scrape_over_loopback_shows_every_family_with_its_labels():
-    server = M.MetricsServer(f"127.0.0.1:{_free_port()}")
-    server.start(_agent())
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10).read().decode()
-    finally:
-        server.stop()
-    lines = set(text.splitlines())
+    lines = _scrape(_agent())
     assert "iobridge_up 1.0" in lines
     assert any(line.startswith('iobridge_model_info{path="/m/a.onnx",sha256="abab') for line in lines)
     assert 'iobridge_reads_routed_by_table_total{dev="7:0",leg="0",target="iob_t"} 9.0' in lines
@@ -121,7 +114,7 @@ def test_without_prefetch_no_prefetch_family_is_shown():
 def test_prefetch_unit_and_page_cache_counters_per_device():
     counters = dict.fromkeys((k for k, _ in M.PREFETCH_COUNTERS), 0)
     counters.update(windows=12, actions=3, device_changes=1, file_advice=2, gone=1)
-    vals = {n: [0] * cabi.RA_KINDS if n == "ra_windows" else 0 for n in cabi.COUNTERS}
+    vals = cachestat.Counters.empty().values
     vals.update(reads=100, hits=60, ra_pages=50, ra_used=30, ra_unused_removed=20, refaults=4)
     unit = types.SimpleNamespace(
         mode="on", counters=counters,

@@ -37,8 +37,7 @@ import numpy as np
 from ..core import histogram
 from ..core.errors import IobridgeError
 from ..kernel import blockdev
-
-PAGE_BYTES = 4096          # the observer counts pages; x86-64's page size
+from ..kernel.readahead import PAGE
 
 log = logging.getLogger("iobridge.metrics")
 
@@ -215,11 +214,12 @@ class AgentCollector:
                                     "time to recompute the keyed table (model call included)",
                                     buckets=buckets, sum_value=total)
         if a.prefetch is not None:
-            yield from self._prefetch(a.prefetch, CounterMetricFamily, GaugeMetricFamily,
-                                      InfoMetricFamily)
+            yield from self._prefetch(a.prefetch)
 
     @staticmethod
-    def _prefetch(unit, CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily):
+    def _prefetch(unit):
+        from prometheus_client.core import (  # noqa: PLC0415
+            CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily)
         info = InfoMetricFamily("iobridge_prefetch", "the prefetch unit's mode and classifier")
         ci = unit.classifier_info()
         info.add_metric([], {"mode": unit.mode, "classifier": str(ci["name"]),
@@ -231,17 +231,17 @@ class AgentCollector:
                                      help_ + " (as of the prefetch unit's last window)",
                                      labels=["dev"]), counter)
                 for name, counter, help_ in PAGECACHE_COUNTERS]
-        ra_kb = GaugeMetricFamily("iobridge_pagecache_readahead_bytes",
+        ra_bytes = GaugeMetricFamily("iobridge_pagecache_readahead_bytes",
                                   "readahead of the device's last file with a window, in bytes",
                                   labels=["dev"])
         for dev, c in sorted(unit.device_counters().items()):
             lab = ["%d:%d" % blockdev.kdev_split(dev)]
             for fam, counter in fams:
                 fam.add_metric(lab, c.values[counter])
-            ra_kb.add_metric(lab, c.ra_pages_setting * PAGE_BYTES)
+            ra_bytes.add_metric(lab, c.ra_pages_setting * PAGE)
         for fam, _ in fams:
             yield fam
-        yield ra_kb
+        yield ra_bytes
 
 
 class MetricsServer:

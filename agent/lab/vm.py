@@ -176,7 +176,7 @@ _BOOT_PANIC = re.compile(r"Kernel panic|PANIC: early exception|kernel BUG at")
 LIVELOCK_S = 120
 GUEST_HZ = 250
 _SOFT_LOCKUP = re.compile(r"soft lockup - CPU#(\d+) stuck for (\d+)s!")
-_RCU_STALL = re.compile(r"rcu_\w+ detected stalls? on CPUs/tasks|detected by \d+, t=(\d+) jiffies")
+_RCU_STALL = re.compile(r"detected by \d+, t=(\d+) jiffies")
 
 
 def livelock_seconds(line: str) -> float | None:
@@ -187,7 +187,7 @@ def livelock_seconds(line: str) -> float | None:
     if m:
         return float(m.group(2))
     m = _RCU_STALL.search(line)
-    if m and m.group(1):
+    if m:
         return int(m.group(1)) / GUEST_HZ
     return None
 
