@@ -177,6 +177,8 @@ static __always_inline void window_add(struct iobridge_cache_window *w, u64 inde
 		w->rev_runs = 0;
 		w->seq_run_max = 1;
 		w->rev_run_max = 1;
+		w->max_fwd = 0;
+		w->max_back = 0;
 		w->contended = 0;
 	} else {
 		s64 d = (s64)(index - w->base);
@@ -193,6 +195,10 @@ static __always_inline void window_add(struct iobridge_cache_window *w, u64 inde
 		if (d > w->hi)
 			w->hi = d;
 		w->sad += delta < 0 ? (u64)-delta : (u64)delta;
+		if (delta > 0 && (u64)delta > w->max_fwd)
+			w->max_fwd = (u64)delta;
+		if (delta < 0 && (u64)-delta > w->max_back)
+			w->max_back = (u64)-delta;
 		if (delta == 1) {
 			if (w->run > 0) {
 				w->run++;

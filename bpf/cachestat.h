@@ -19,7 +19,7 @@
 
 #include <linux/types.h>
 
-#define IOBRIDGE_CACHESTAT_VERSION	1
+#define IOBRIDGE_CACHESTAT_VERSION	2
 
 /* How a readahead window was started (the outermost caller seen). */
 #define IOBRIDGE_RA_SYNC		0	/* page_cache_sync_ra: a read missed */
@@ -57,6 +57,8 @@ struct iobridge_cache_window {
 	__u64 rev_runs;		/* maximal runs of -1 deltas */
 	__u64 seq_run_max;	/* longest forward run, in pages */
 	__u64 rev_run_max;	/* longest backward run, in pages */
+	__u64 max_fwd;		/* largest forward step, pages (a backward scan's wrap) */
+	__u64 max_back;		/* largest backward step, pages (a forward scan's wrap) */
 	__u64 contended;	/* updates skipped: the window was being updated */
 };
 

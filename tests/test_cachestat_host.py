@@ -173,6 +173,10 @@ def kernel_window_add(w: cabi.CacheWindow, index: int, epoch: int) -> None:
     w.s2_lo = lo
     w.lo, w.hi = min(w.lo, d), max(w.hi, d)
     w.sad += abs(delta)
+    if delta > 0:
+        w.max_fwd = max(w.max_fwd, delta)
+    else:
+        w.max_back = max(w.max_back, -delta)
     if delta == 1:
         if w.run > 0:
             w.run += 1

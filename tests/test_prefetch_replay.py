@@ -168,6 +168,39 @@ def test_kml_features_on_a_hand_computed_window():
     assert PF.WindowStats().features(0) == (0.0, 0.0, 0.0, 0.0, 0.0)
 
 
+def test_direction_leaves_out_a_scans_wrap():
+    def window(idx):
+        w = PF.WindowStats()
+        for i in idx:
+            w.add(int(i))
+        return w
+
+    rc = PP.RuleClassifier()
+    cls = PF.PREFETCH_CLASSES
+    # A looping reader of a 49,152-page file, back at page 0 anywhere in a
+    # window of 4,000 insertions: a forward scan (it read as reverse, -0.92).
+    for at in (400, 2000, 3600):
+        w = window([*range(49152 - at, 49152), *range(0, 4000 - at)])
+        assert w.direction == 1.0
+        assert cls[rc.classify(w.features(320), False, w.direction)] == "sequential"
+    # A backward reader back at the file's end: a backward scan.
+    w = window([*range(300, -1, -1), *range(49151, 49000, -1)])
+    assert w.direction == -1.0
+    assert cls[rc.classify(w.features(320), False, w.direction)] == "reverse"
+    # A backward reader whose reads the kernel fills forward in 32-page
+    # chunks has no wrap: its many backward jumps stay counted.
+    chunked = window([s + k for s in range(10_000, 0, -32) for k in range(32)])
+    assert chunked.direction == pytest.approx((chunked.last - chunked.first)
+                                              / (chunked.hi - chunked.lo))
+    assert chunked.direction < -0.99
+    # One step either way, and random windows, are as before.
+    assert window([5, 10]).direction == 1.0 and window([10, 5]).direction == -1.0
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        w = window(rng.integers(0, 10**6, 16))
+        assert w.direction == (w.last - w.first) / (w.hi - w.lo)
+
+
 def test_kml_features_are_exact_on_huge_page_indices():
     w = PF.WindowStats()
     base = 2**50

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 
 # Bump together with IOBRIDGE_CACHESTAT_VERSION in bpf/cachestat.h.
-VERSION = 1
+VERSION = 2
 
 RA_SYNC, RA_ASYNC, RA_FORCED = 0, 1, 2
 RA_KINDS = 3
@@ -43,6 +43,8 @@ class CacheWindow(ctypes.Structure):
         ("rev_runs", ctypes.c_uint64),
         ("seq_run_max", ctypes.c_uint64),
         ("rev_run_max", ctypes.c_uint64),
+        ("max_fwd", ctypes.c_uint64),
+        ("max_back", ctypes.c_uint64),
         ("contended", ctypes.c_uint64),
     ]
 

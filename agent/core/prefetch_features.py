@@ -71,19 +71,21 @@ def readahead_feature(readahead_kb: float) -> float:
 class WindowStats:
     """Running aggregates of one window's page-cache insertions, from which
     `features()` gives the schema's vector. Integers only (count, sum, sum
-    of squares, min, max, sum of |delta|, first, last), kept exact, so the
-    values do not depend on the order of floating-point updates: the same
-    aggregates a BPF map can keep (with 128-bit or scaled sums)."""
+    of squares, min, max, sum of |delta|, first, last, largest step either
+    way), kept exact, so the values do not depend on the order of
+    floating-point updates: the same aggregates a BPF map can keep (with
+    128-bit or scaled sums)."""
 
-    __slots__ = ("n", "s1", "s2", "lo", "hi", "sad", "first", "last")
+    __slots__ = ("n", "s1", "s2", "lo", "hi", "sad", "first", "last", "max_fwd", "max_back")
 
     def __init__(self):
-        self.n = self.s1 = self.s2 = self.sad = 0
+        self.n = self.s1 = self.s2 = self.sad = self.max_fwd = self.max_back = 0
         self.lo = self.hi = self.first = self.last = None
 
     @classmethod
     def from_aggregates(cls, n: int, s1: int, s2: int, lo: int, hi: int, sad: int,
-                        first: int, last: int) -> "WindowStats":
+                        first: int, last: int, max_fwd: int = 0,
+                        max_back: int = 0) -> "WindowStats":
         """A window from aggregates kept elsewhere (the BPF page-cache
         observer's struct iobridge_cache_window). The indices may all be
         shifted by one constant (the kernel keeps them relative to the
@@ -92,11 +94,20 @@ class WindowStats:
         if n:
             w.n, w.s1, w.s2, w.lo, w.hi, w.sad = int(n), int(s1), int(s2), int(lo), int(hi), int(sad)
             w.first, w.last = int(first), int(last)
+            w.max_fwd, w.max_back = int(max_fwd), int(max_back)
         return w
 
     def add(self, index: int) -> None:
         if self.n:
-            self.sad += abs(index - self.last)
+            delta = index - self.last
+            if delta > 0:
+                self.sad += delta
+                if delta > self.max_fwd:
+                    self.max_fwd = delta
+            else:
+                self.sad -= delta
+                if -delta > self.max_back:
+                    self.max_back = -delta
             if index < self.lo:
                 self.lo = index
             elif index > self.hi:
@@ -125,9 +136,24 @@ class WindowStats:
         """(last - first) / (max - min) index, from -1 (one backward scan)
         to 1 (one forward scan); 0 for a window of one index. Not a KML
         feature: KML's are sign-free, so the rule-based stand-in for its MLP
-        uses this to tell reverse from sequential."""
-        rng = 0 if self.n == 0 else self.hi - self.lo
-        return (self.last - self.first) / rng if rng else 0.0
+        uses this to tell reverse from sequential.
+
+        A scan that wrapped inside the window (a looping reader back at the
+        file's start, a backward one back at its end) made one jump against
+        its way that outweighs all its other steps together; that jump is
+        left out, and the rest is measured over the distance it moved. Else
+        a looping sequential reader's window across its restart read as a
+        reverse scan (-0.8 for a restart 80% into the window), and its
+        readahead was cut at every pass."""
+        if self.n == 0:
+            return 0.0
+        moved, rng = self.last - self.first, self.hi - self.lo
+        rest = self.sad - max(self.max_fwd, self.max_back)
+        if self.max_back > rest and moved + self.max_back > 0:
+            moved, rng = moved + self.max_back, rest        # a forward scan's wrap
+        elif self.max_fwd > rest and moved - self.max_fwd < 0:
+            moved, rng = moved - self.max_fwd, rest         # a backward scan's wrap
+        return moved / rng if rng else 0.0
 
 
 # What a learned prefetch classifier takes (core/prefetch_model.py): the
@@ -136,7 +162,7 @@ class WindowStats:
 # (WindowStats.direction), since a forward and a backward scan have the same
 # five features, and whether it had writes (random vs random+write).
 MODEL_EXTRA: tuple[tuple[str, str], ...] = (
-    ("direction", "(last - first) / (max - min) page index, -1..1"),
+    ("direction", "(last - first) / (max - min) page index, -1..1, a wrap left out"),
     ("has_writes", "0 or 1: the window had writes"),
 )
 MODEL_INPUTS: tuple[tuple[str, str], ...] = FEATURES + MODEL_EXTRA

@@ -211,7 +211,8 @@ def window_features(win: dict | None, readahead_kb: float) -> dict:
     else:
         s2 = (win["s2_hi"] << 64) | win["s2_lo"]
         ws = PF.WindowStats.from_aggregates(win["n"], win["s1"], s2, win["lo"], win["hi"],
-                                            win["sad"], 0, win["last"])
+                                            win["sad"], 0, win["last"], win["max_fwd"],
+                                            win["max_back"])
 
         def mean(steps, runs):
             return (steps + runs) / runs if runs else (1.0 if win["n"] else 0.0)

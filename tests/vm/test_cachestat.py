@@ -101,6 +101,35 @@ def test_cold_read_warm_read_and_drop_count_exactly(observer, ext4):
     assert total["ra_used"] == total["ra_pages"] == cold["ra_pages"]
 
 
+def test_a_scan_that_wraps_inside_a_window_reads_as_forward(observer, ext4):
+    """A looping reader back at its file's start inside one window: the
+    kernel keeps the largest backward step, and the window's direction
+    leaves that wrap out (a forward scan), where (last - first) / range of
+    the same aggregates says reverse."""
+    pages = 1024
+    path = ext4.mnt / "wrap"
+    ino = make_file(path, pages)
+    observer.next_window()
+    with open(path, "rb", buffering=0) as f:
+        f.seek(pages * 3 // 4 * PAGE)
+        while f.read(CHUNK):
+            pass
+        f.seek(0)
+        for _ in range(pages // 4 * PAGE // CHUNK):
+            f.read(CHUNK)
+    closed = observer.next_window()
+    win = observer.snapshot(closed)[1][(ext4.dev, ino)].window
+    feats = cs.window_features(win, 128)
+    unwrapped = win["last"] / (win["hi"] - win["lo"])
+    print(f"wrap window: n {win['n']}, lo {win['lo']}, hi {win['hi']}, last {win['last']}, "
+          f"max_back {win['max_back']}, max_fwd {win['max_fwd']}: direction "
+          f"{feats['direction']:+.3f} ((last - first) / range {unwrapped:+.3f})")
+    assert win["n"] >= pages // 2
+    assert win["max_back"] >= pages // 2, "the wrap is the largest backward step"
+    assert unwrapped < 0
+    assert feats["direction"] >= 0.9
+
+
 def test_random_reads_get_little_readahead_next_to_sequential(observer, ext4):
     pages, n = 4096, 256
     seq, rnd = ext4.mnt / "seq", ext4.mnt / "rnd"
