@@ -36,6 +36,9 @@ def test_a_tiny_run_with_two_legs_gives_measured_figures(tiny_result):
     assert rc["n"] > 0 and 0 < rc["p50"] <= rc["p99"] and rc["mean"] > 0
     assert rc["n"] == cost["recompute_with_model_us"]["n"] + cost["recompute_from_cache_us"]["n"]
     assert cost["build_us"]["mean"] > 0 and cost["publish_us"]["mean"] > 0
+    # the last table's recompute repeated back to back, timed apart
+    warm = cost["recompute_warm_us"]
+    assert warm["n"] == tickbench.WARM_REPEATS and 0 < warm["p50"] <= warm["p99"]
     assert 0 < cost["tick_us"]["p50"] <= cost["tick_us"]["p99"]
     assert cost["ticks_per_s"] > 0 and cost["recomputes_per_s"] > 0
     assert cost["changes"] > 0 and cost["published_legs"] == 2
