@@ -159,6 +159,45 @@ def test_mixed_parts_are_shown():
     assert "parts: seq 8.0 MB/s, rand 7.5 MB/s" in B.render(res)
 
 
+def test_rounds_are_judged_by_their_medians_and_each_round_is_shown():
+    # three rounds whose (d) on seq did 14, 9 and 20 MB/s
+    rounds = [result(d_mb=d)["runs"] for d in (14.0, 9.0, 20.0)]
+    rounds[1]["seq"]["c"] = None
+    rounds[1]["seq"]["errors"]["c"] = "agent: did not start"
+    rounds[2]["seq"]["sweep"][512] = run(15.0)
+    merged = B.merge_rounds(rounds)
+    seq = merged["seq"]
+    assert seq["d"]["mb_s"] == 14.0 and seq["d"]["rounds"] == [14.0, 9.0, 20.0]
+    # a round that did not measure a policy is left out of its median, and shown
+    assert seq["c"]["mb_s"] == 11.0 and seq["c"]["rounds"] == [11.0, None, 11.0]
+    assert seq["errors"] == {"c (round 2)": "agent: did not start"}
+    # each setting's median: 512 did 12, 12, 15
+    assert seq["sweep"][512]["mb_s"] == 12.0 and seq["sweep"][512]["rounds"] == [12.0, 12.0, 15.0]
+    # an even count takes the lower middle one, a real run's figures
+    assert B.median_run([run(3.0), run(1.0)])["mb_s"] == 1.0
+    assert B.median_run([None, None]) is None
+    # one round is that round as it is
+    one = result()["runs"]
+    assert B.merge_rounds([one]) is one
+
+    res = result()
+    res["setup"]["rounds"] = 3
+    res["runs"] = merged
+    res["round_ratios"] = B.round_ratios(rounds)
+    # each round's d/b against that round's best static: 14/12, 9/12, 20/15
+    assert [round(r["d_over_b"], 3) for r in res["round_ratios"]["seq"]] == [1.167, 0.75, 1.333]
+    B.summarize(res)
+    assert res["ratios"]["seq"]["d_over_b"] == pytest.approx(14.0 / 12.0)
+    text = B.render(res)
+    assert "3 rounds of every run, medians" in text
+    block = text.split("\nseq: ")[1].split("\n\n")[0]
+    assert "rounds: 14.0 / 9.0 / 20.0 (the median's figures above)" in block
+    assert "rounds: 11.0 / - / 11.0" in block
+    assert "each round: d/b 1.17 / 0.75 / 1.33" in block
+    back = B.json_keys_to_int(json.loads(json.dumps(res)))
+    assert B.render(back) == text
+
+
 # ------------------------------------------------------------ options
 
 def parse(*argv):
@@ -170,9 +209,9 @@ def test_options_defaults_and_forwarding():
     assert args.runtime == B.DEFAULT_RUNTIME_S and args.workloads == list(B.DEFAULT_WORKLOADS)
     assert args.workloads == ["seq", "stride", "rand", "rev", "mixed"]
     assert args.sweep == list(B.DEFAULT_SWEEP_KB) and args.timeout == 2400
-    assert not args.no_observer_cost
+    assert not args.no_observer_cost and args.repeat == 1
     args = parse("--runtime", "4", "--workloads", "rev", "mixed", "--sweep", "0", "1024",
-                 "--no-observer-cost", "--seed", "3")
+                 "--no-observer-cost", "--seed", "3", "--repeat", "3")
     assert (args.runtime, args.workloads, args.sweep, args.seed) == (4.0, ["rev", "mixed"],
                                                                     [0, 1024], 3)
     captured = {}
@@ -185,6 +224,7 @@ def test_options_defaults_and_forwarding():
     fwd = captured["fwd"]
     assert fwd[fwd.index("--workloads") + 1:fwd.index("--workloads") + 3] == ["rev", "mixed"]
     assert "--no-observer-cost" in fwd and fwd[fwd.index("--runtime") + 1] == "4.0"
+    assert fwd[fwd.index("--repeat") + 1] == "3"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -197,6 +237,8 @@ def test_options_defaults_and_forwarding():
     (("--sweep", "-1"), "argument --sweep: must be"),
     (("--sweep", "70000"), "argument --sweep: must be"),
     (("--sweep", "32", "32"), "argument --sweep: 32 given twice"),
+    (("--repeat", "0"), "argument --repeat: must be"),
+    (("--repeat", "21"), "argument --repeat: must be"),
     (("--workloads",), "expected at least one argument"),
 ])
 def test_bad_options_are_usage_errors(capsys, argv, message):

@@ -59,6 +59,7 @@ MATRIX = {
                          "--slow-ms": ALL, "--tick-ms": ALL, "--transfer-completion-us": ALL,
                          "--timeout": ALL},
     ("bench", "prefetch"): {"--runtime": ALL + ("1",), "--sweep": NOT_ZERO + (INT_HUGE,),
+                            "--repeat": ALL + ("21",),
                             "--seed": NOT_ZERO + (INT_HUGE,), "--timeout": ALL},
     ("bench", "tick"): {"--legs": ALL + ("1", "9"), "--change-rate-hz": NOT_ZERO,
                         "--duration": ALL, "--seed": NOT_ZERO + (INT_HUGE,)},

@@ -178,6 +178,7 @@ GOALS = (
     ("wasted_d_over_a", ("rand",), "<=", 0.5, "(d) wasted readahead at most half (a)'s"),
 )
 OBSERVER_COST_GOAL = 0.03
+MAX_REPEAT = 20                      # rounds of the whole bench in one boot
 
 
 def log(msg: str) -> None:
@@ -380,6 +381,46 @@ def observer_cost(without: list[float], with_: list[float]) -> float | None:
     return 1 - (sum(with_) / len(with_)) / (sum(without) / len(without))
 
 
+def median_run(runs: list) -> dict | None:
+    """Of one (workload, policy)'s runs over the rounds, the one with the
+    median throughput (the lower of the middle two for an even count), with
+    every round's throughput in "rounds"; None if no round measured it."""
+    measured = sorted((r for r in runs if tput(r) is not None), key=tput)
+    if not measured:
+        return None
+    return {**measured[(len(measured) - 1) // 2], "rounds": [tput(r) for r in runs]}
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """The runs of several rounds {workload: {"a", "c", "d", "sweep": {kb:
+    run}, "errors"}} as one: each policy's and each setting's median run
+    (median_run); errors kept with their round. Then summarize() judges the
+    medians, and round_ratios() says how each round alone came out."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out = {}
+    for wl in rounds[0]:
+        per = [r[wl] for r in rounds]
+        merged = {p: median_run([x.get(p) for x in per]) for p in ("a", "c", "d")}
+        kbs = sorted({kb for x in per for kb in x.get("sweep", {})})
+        merged["sweep"] = {kb: median_run([x.get("sweep", {}).get(kb) for x in per]) for kb in kbs}
+        merged["errors"] = {f"{k} (round {i + 1})": v for i, x in enumerate(per)
+                            for k, v in x.get("errors", {}).items()}
+        out[wl] = merged
+    return out
+
+
+def round_ratios(rounds: list[dict]) -> dict:
+    """{workload: [ratios() of each round alone]}, (b) being that round's
+    best static setting: the spread behind the medians' ratios."""
+    out: dict = {}
+    for r in rounds:
+        for wl, per in r.items():
+            _, best = best_static(per.get("sweep", {}))
+            out.setdefault(wl, []).append(ratios({**per, "b": best}))
+    return out
+
+
 def summarize(res: dict) -> None:
     """Fill res["best_static"], res["ratios"], res["goals"] from res["runs"]."""
     res["best_static"], res["ratios"] = {}, {}
@@ -416,7 +457,8 @@ def render(res: dict) -> str:
         f"iobridge bench prefetch  (kernel {res['kernel']}, {res['cpus']} CPUs; {s['device']}; "
         f"files of {s['file_mb']} MB under memory.max {s['memory_max_mb']} MB; "
         f"{s['runtime_s']:g} s per run, caches dropped before each; "
-        f"sweep {', '.join(str(k) for k in s['sweep_kb'])} KiB)"]
+        + (f"{s['rounds']} rounds of every run, medians; " if s.get("rounds", 1) > 1 else "")
+        + f"sweep {', '.join(str(k) for k in s['sweep_kb'])} KiB)"]
     if s.get("db"):
         d = s["db"]
         lines[0] += (f"; RocksDB of {_f(d.get('size_mb'), '.0f', 0)} MB ({d['keys']} keys of "
@@ -441,6 +483,9 @@ def render(res: dict) -> str:
                 f"  {label:28} {kb_s:>7} {_f(tput(r), '.1f', 8)} {_pct(r.get('hit_ratio'))} "
                 f"{_pct(r.get('ra_accuracy'), 7)} {_f(r.get('wasted_mb'), '.1f', 9)} "
                 f"{_f(r.get('refaults'), 'd', 9)} {_f(r.get('agent_cpu_percent'), '.1f', 10)}")
+            if len(r.get("rounds", [])) > 1:
+                lines.append("  " + " " * 30 + "rounds: " + " / ".join(
+                    _f(v, ".1f", 0) for v in r["rounds"]) + " (the median's figures above)")
             if len(r.get("parts", [])) > 1:       # (the mixed case: MB/s)
                 lines.append("  " + " " * 30 + "parts: " + ", ".join(
                     f"{q['kind']} {q['mb_s']:.1f} MB/s" for q in r["parts"]))
@@ -453,6 +498,12 @@ def render(res: dict) -> str:
         lines.append("  ratios: " + "  ".join(
             f"{k.replace('_over_', '/')} {_f(rt.get(k), '.2f', 0)}"
             for k in ("d_over_b", "d_over_a", "d_over_c")))
+        per_round = res.get("round_ratios", {}).get(wl)
+        if per_round and len(per_round) > 1:
+            lines.append("  each round: " + "  ".join(
+                f"{k.replace('_over_', '/')} " + " / ".join(_f(rr.get(k), ".2f", 0)
+                                                           for rr in per_round)
+                for k in ("d_over_b", "d_over_a", "d_over_c")))
     lines.append("\n  RA KiB: the setting; * the device's read_ahead_kb the agent left at the "
                  "run's end (per-file advice and WILLNEED not shown)")
     oc = res.get("observer_cost")
@@ -527,6 +578,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=cliutil.seed, default=DEFAULT_SEED,
                    help=f"fio's and db_bench's random seed, the same for every policy "
                         f"(default {DEFAULT_SEED})")
+    p.add_argument("--repeat", type=cliutil.positive_int(MAX_REPEAT), default=1, metavar="N",
+                   help="run every (workload, policy, setting) N times, round after round "
+                        "in the one boot (each agent started once per round), and judge the "
+                        "medians; each round's figures and ratios are shown beside them "
+                        "(default 1; a round of the default set takes 20-25 min under "
+                        "emulation: raise --timeout)")
     p.add_argument("--no-observer-cost", action="store_true",
                    help="skip the observer-alone cost (a warm-up and 4 random-read runs)")
 
@@ -717,13 +774,15 @@ def run_in_vm(args) -> dict:
                   "figures": "observer counter deltas on the test disk from before the run to "
                              "after the caches were dropped at its end"},
         "not_covered": not_covered,
-        "runs": {w: {"sweep": {}, "errors": {}} for w in wls},
+        "runs": {},
         "agents": {}, "errors": [],
     }
-    n_runs = len(wls) * (1 + len([k for k in sweep if k != DEFAULT_KB]) + 2)
+    rounds = getattr(args, "repeat", 1)
+    res["setup"]["rounds"] = rounds
+    n_runs = rounds * len(wls) * (1 + len([k for k in sweep if k != DEFAULT_KB]) + 2)
     done = [0]
 
-    def one(bed, wl, policy, kb, agent=None):
+    def one(bed, runs, wl, policy, kb, agent=None):
         done[0] += 1
         log(f"[{(time.monotonic() - t_start) / 60:5.1f} min] run {done[0]}/{n_runs}: {wl}, "
             f"{POLICY_LABELS.get(policy, policy)}" + (f", read_ahead_kb {kb}" if policy in "ab"
@@ -731,7 +790,7 @@ def run_in_vm(args) -> dict:
         try:
             r = bed.run(wl, kb, agent)
         except Exception as err:      # noqa: BLE001 - the other runs still say something
-            res["runs"][wl]["errors"][policy if policy != "b" else f"b{kb}"] = str(err)[:400]
+            runs[wl]["errors"][policy if policy != "b" else f"b{kb}"] = str(err)[:400]
             log(f"  failed: {err}")
             return None
         log(f"  {_f(tput(r), '.1f', 0)} {unit(wl)}, hit {_pct(r.get('hit_ratio'), 0)}%, wasted "
@@ -740,6 +799,55 @@ def run_in_vm(args) -> dict:
                                                  else ""))
         return r
 
+    def one_round(bed, rnd: int) -> dict:
+        """Every workload under every policy once: {workload: {"a", "sweep",
+        "c", "d", "errors"}}; each agent started once."""
+        runs = {w: {"sweep": {}, "errors": {}} for w in wls}
+        for wl in wls:
+            runs[wl]["a"] = r = one(bed, runs, wl, "a", DEFAULT_KB)
+            if DEFAULT_KB in sweep:
+                runs[wl]["sweep"][DEFAULT_KB] = r
+        for wl in wls:
+            for kb in sweep:
+                if kb != DEFAULT_KB:
+                    runs[wl]["sweep"][kb] = one(bed, runs, wl, "b", kb)
+        if DEFAULT_KB not in sweep:      # (a) is a static setting too
+            for wl in wls:
+                runs[wl]["sweep"][DEFAULT_KB] = runs[wl]["a"]
+        for policy, device_only in (("c", True), ("d", False)):
+            log(f"[{(time.monotonic() - t_start) / 60:5.1f} min] starting the agent for "
+                f"{POLICY_LABELS[policy]} (BCC compiles: a minute or more)")
+            agent = None
+            info = res["agents"].setdefault(policy, {"device_only": device_only, "starts_s": []})
+            try:
+                agent, start_s = _start_agent(device_only)
+                info["start_s"] = round(start_s, 1)
+                info["starts_s"].append(round(start_s, 1))
+                for wl in wls:
+                    runs[wl][policy] = one(bed, runs, wl, policy, DEFAULT_KB, agent)
+                st = agent.status() or {}
+                pf = st.get("prefetch") or {}
+                info.update({k: pf.get(k) for k in ("counters", "classifier_info", "device_only")})
+            except Exception as err:      # noqa: BLE001
+                res["errors"].append(f"policy {policy}{where(rnd)}: {err}"[:600])
+                log(f"policy {policy} failed: {err}")
+                for wl in wls:
+                    runs[wl].setdefault(policy, None)
+                    runs[wl]["errors"].setdefault(policy, f"agent: {err}"[:200])
+            finally:
+                if agent is not None:
+                    rc = agent.stop()
+                    info["exit"] = rc
+                    if rc != 0:
+                        res["errors"].append(f"policy {policy}{where(rnd)}: the agent exited "
+                                             f"{rc}: {agent.log()[-400:]}")
+                    P.set_read_ahead_kb(DEFAULT_KB, NULLB)
+        return runs
+
+    def where(rnd: int) -> str:
+        return f" (round {rnd + 1})" if rounds > 1 else ""
+
+    all_rounds: list[dict] = []
     P.setup_cgroup()
     nullb_mb = 3 * P.FILE_MB + MIXED_RANDOM_MB + 64      # 3 files of FILE_MB at most
     if dbs:       # the DB, and the copy readrandomwriterandom writes into with room to grow
@@ -783,45 +891,10 @@ def run_in_vm(args) -> dict:
             log(f"observer compiled in {bed.obs.compile_seconds:.1f} s; {bed.obs.hooks}")
             if not args.no_observer_cost:
                 cost_run("with_mb_s")
-            for wl in wls:
-                res["runs"][wl]["a"] = r = one(bed, wl, "a", DEFAULT_KB)
-                if DEFAULT_KB in sweep:
-                    res["runs"][wl]["sweep"][DEFAULT_KB] = r
-            for wl in wls:
-                for kb in sweep:
-                    if kb != DEFAULT_KB:
-                        res["runs"][wl]["sweep"][kb] = one(bed, wl, "b", kb)
-            if DEFAULT_KB not in sweep:      # (a) is a static setting too
-                for wl in wls:
-                    res["runs"][wl]["sweep"][DEFAULT_KB] = res["runs"][wl]["a"]
-            for policy, device_only in (("c", True), ("d", False)):
-                log(f"[{(time.monotonic() - t_start) / 60:5.1f} min] starting the agent for "
-                    f"{POLICY_LABELS[policy]} (BCC compiles: a minute or more)")
-                agent = None
-                try:
-                    agent, start_s = _start_agent(device_only)
-                    res["agents"][policy] = {"start_s": round(start_s, 1),
-                                             "device_only": device_only}
-                    for wl in wls:
-                        res["runs"][wl][policy] = one(bed, wl, policy, DEFAULT_KB, agent)
-                    st = agent.status() or {}
-                    pf = st.get("prefetch") or {}
-                    res["agents"][policy].update(
-                        {k: pf.get(k) for k in ("counters", "classifier_info", "device_only")})
-                except Exception as err:      # noqa: BLE001
-                    res["errors"].append(f"policy {policy}: {err}"[:600])
-                    log(f"policy {policy} failed: {err}")
-                    for wl in wls:
-                        res["runs"][wl].setdefault(policy, None)
-                        res["runs"][wl]["errors"].setdefault(policy, f"agent: {err}"[:200])
-                finally:
-                    if agent is not None:
-                        rc = agent.stop()
-                        res["agents"].setdefault(policy, {})["exit"] = rc
-                        if rc != 0:
-                            res["errors"].append(f"policy {policy}: the agent exited {rc}: "
-                                                 f"{agent.log()[-400:]}")
-                        P.set_read_ahead_kb(DEFAULT_KB, NULLB)
+            for rnd in range(rounds):
+                if rounds > 1:
+                    log(f"round {rnd + 1} of {rounds}")
+                all_rounds.append(one_round(bed, rnd))
             if not args.no_observer_cost:
                 cost_run("with_mb_s")
         finally:
@@ -837,8 +910,10 @@ def run_in_vm(args) -> dict:
                                 "with, without (observer closed)"})
             res["observer_cost"] = oc
         res["setup"]["remount_failures"] = bed.remount_failures
-    for wl in wls:
-        res["runs"][wl]["sweep"] = {int(k): v for k, v in res["runs"][wl]["sweep"].items()}
+    res["runs"] = merge_rounds(all_rounds) if all_rounds else {
+        w: {"sweep": {}, "errors": {}} for w in wls}
+    if rounds > 1:
+        res["round_ratios"] = round_ratios(all_rounds)
     summarize(res)
     res["seconds"] = round(time.monotonic() - t_start, 1)
     log(f"done in {res['seconds'] / 60:.1f} min")
