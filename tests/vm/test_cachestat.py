@@ -261,6 +261,8 @@ def test_json_output_parses_and_shows_the_file(ext4, tmp_path):
     devs = {d["dev"] for r in lines for d in r["devices"].values()}
     assert "%d:%d" % cs.blockdev.kdev_split(ext4.dev) in devs
     feats = [f["window"] for f in rows if f["window"]["events"]]
+    print("per interval, the file's insertions, window events and contended updates:",
+          [(f["insertions"], f["window"]["events"], f["window"].get("contended")) for f in rows])
     assert feats and all(set(cs.PF.FEATURE_NAMES) <= set(w) for w in feats)
     assert sum(w["events"] for w in feats) == 512
     # --events: one insert record per page of the file, unless the kernel
