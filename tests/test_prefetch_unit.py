@@ -90,8 +90,16 @@ def test_a_scanner_beside_a_random_reader_gets_advice_per_file():
     acts = d.decide({DEV: dev_w}, {A: win(A, seq(0, 300)), B: win(B, rnd(300))}, {DEV: 128})
     assert ("advise", A, "as opened", "sequential") in kinds(acts)
     assert ("advise", B, "as opened", "random") in kinds(acts)
-    assert not [a for a in acts if a.kind == "device_ra"]
-    assert "files on device 7:0 differ" in acts[0].reason
+    # the device serves the file that reads ahead most (RANDOM stops B's readahead)
+    assert ("device_ra", DEV, 128, 320) in kinds(acts)
+    dev_act = next(a for a in acts if a.kind == "device_ra")
+    assert "files on it differ: set for the class that reads ahead most" in dev_act.reason
+    assert all("files on device 7:0 differ" in a.reason for a in acts if a.kind == "advise")
+    # one file forced on its own (an operator's decision) leaves the device as it is
+    acts = P.Decider(RuleClassifier()).decide({DEV: win(DEV, seq(0, 300))},
+                                              {A: win(A, seq(0, 300))}, {DEV: 128},
+                                              force={A: "random"})
+    assert kinds(acts) == [("advise", A, "as opened", "random")]
 
 
 def test_device_only_sets_the_device_from_its_own_window_and_nothing_per_file():
@@ -117,10 +125,12 @@ def test_device_only_sets_the_device_from_its_own_window_and_nothing_per_file():
     acts = d.decide({DEV: win(DEV, seq(4096, 4096), ra_pages=1000, ra_wasted=900)},
                     {A: win(A, seq(4096, 4096))}, {DEV: 320})
     assert acts == [] and d.streams[DEV].scale == 1.0
-    # the same windows without the switch: per-file advice (the default)
+    # the same windows without the switch: per-file advice (the default),
+    # the device set for the scanner
     acts = P.Decider(RuleClassifier()).decide({DEV: dev_w}, {A: win(A, a), B: win(B, b)},
                                               {DEV: 128})
-    assert not [x for x in acts if x.kind == "device_ra"]
+    assert ("device_ra", DEV, 128, 320) in kinds(acts)
+    assert {x.new for x in acts if x.kind == "advise"} == {"sequential", "random"}
 
 
 def test_device_only_config_key_and_status(tmp_path):
@@ -218,7 +228,8 @@ def test_a_small_class_value_grows_in_steps_of_four():
 def test_files_that_all_scan_grow_the_device_even_when_its_own_window_looks_random():
     """Two files read sequentially at once: the device's window interleaves
     them (random to the classifier), the files set it for sequential, and
-    its used readahead grows; files that differ stop the growth."""
+    its used readahead grows; so it does where files differ, the device set
+    for the scanner among them."""
     d = P.Decider(RuleClassifier())
     a, b = seq(0, 200), seq(50_000, 200)
     mixed = [x for pair in zip(a, b) for x in pair]
@@ -230,10 +241,12 @@ def test_files_that_all_scan_grow_the_device_even_when_its_own_window_looks_rand
     assert kinds(acts)[0] == ("device_ra", DEV, 320, 1024)
     e = P.Decider(RuleClassifier())
     dev_w = win(DEV, seq(0, 300) + rnd(300), ra_pages=400, ra_used=400)
-    for _ in range(3):
-        acts = e.decide({DEV: dev_w}, {A: win(A, seq(0, 300)), B: win(B, rnd(300))}, {DEV: 128})
-        assert not [x for x in acts if x.kind == "device_ra"]
-    assert e.streams[DEV].scale == 1.0
+    got, kb = [], 128
+    for _ in range(4):
+        for x in e.decide({DEV: dev_w}, {A: win(A, seq(0, 300)), B: win(B, rnd(300))}, {DEV: kb}):
+            if x.kind == "device_ra":
+                got.append(kb := x.new)
+    assert got == [320, 1024]
 
 
 def test_growth_is_undone_in_the_first_window_whose_prefetches_go_unused():
@@ -494,7 +507,8 @@ def test_shadow_decides_and_logs_but_changes_nothing(tmp_path, caplog, mode):
     obs.feed(B, rnd(300))
     with caplog.at_level("DEBUG", logger="iobridge.prefetch"):
         acts = unit.step()
-    assert {(a.kind, a.key, a.new) for a in acts} == {("advise", A, "sequential"),
+    assert {(a.kind, a.key, a.new) for a in acts} == {("device_ra", DEV, 320),
+                                                      ("advise", A, "sequential"),
                                                       ("advise", B, "random")}
     assert "prefetch: file 7:0:11: advise as opened -> sequential: class sequential" in caplog.text
     changes = [c for c in act.calls if c[0] != "holders"]
@@ -503,7 +517,7 @@ def test_shadow_decides_and_logs_but_changes_nothing(tmp_path, caplog, mode):
         assert "[shadow] prefetch:" in caplog.text
     else:
         assert sorted(changes) == [("advise", 4242, 3, A, "sequential"),
-                                   ("advise", 4242, 3, B, "random")]
+                                   ("advise", 4242, 3, B, "random"), ("set", DEV, 320)]
         rec = P.Record.load(tmp_path / "state.json")
         assert rec.files == {"4242:3": {"pid": 4242, "fd": 3, "dev": DEV, "ino": 12,
                                         "advice": "random"}}

@@ -13,7 +13,12 @@ acts through kernel/readahead.py:
   already-open files re-copy the new value;
 - where files on one device differ (a sequential scanner beside a random
   reader), each file is advised on its own: SEQUENTIAL, RANDOM, or NORMAL
-  for a reverse scan; the device keeps its value;
+  for a reverse scan; and the device is set for the class among its files
+  that reads ahead the most (with its feedback and growth), since a file
+  advised RANDOM reads no more than it asks for whatever the device's
+  value (left as it was, the device kept whatever an earlier window of one
+  pattern had set: 32 KiB for a scanner beside a random reader in `bench
+  prefetch`, 0.57x the kernel default's throughput);
 - a reverse scan gets WILLNEED, in chunks, for the extent below it (Linux's
   readahead does nothing for backward scans);
 - a sequential scan whose pages are not re-read gets its consumed pages
@@ -309,11 +314,18 @@ class Decider:
                 dominant = force[dev]
             elif len(kinds) == 1 and not mixed:
                 dominant = max(fc.values(), key=list(fc.values()).count)
+            elif len(kinds) > 1:
+                # each file is advised on its own below: the device serves
+                # the one that reads ahead the most
+                dominant = max(sorted(fc.values()), key=self.class_kb)
             else:
                 dominant = dev_cls.get(dev)
-            if dominant is not None and (not mixed or dev in force):
-                actions += self._device(dev, dominant, device_kb.get(dev), devs.get(dev),
-                                        notes.get(dev, []), fc if not mixed else {})
+            differ = len(kinds) > 1 and dev not in force
+            if dominant is not None and (not mixed or dev in force or differ):
+                why = notes.get(dev, []) + (["files on it differ: set for the class that reads "
+                                             "ahead most"] if differ else [])
+                actions += self._device(dev, dominant, device_kb.get(dev), devs.get(dev), why,
+                                        fc if not mixed else {})
             elif dev in self.streams:
                 self.streams[dev].ra_cls = None   # the device is not set for one pattern
             if mixed:
