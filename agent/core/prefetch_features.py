@@ -143,8 +143,9 @@ class WindowStats:
         its way that outweighs all its other steps together; that jump is
         left out, and the rest is measured over the distance it moved. Else
         a looping sequential reader's window across its restart read as a
-        reverse scan (-0.8 for a restart 80% into the window), and its
-        readahead was cut at every pass."""
+        reverse scan (-0.92 for a window of 4,000 insertions of a
+        49,152-page file, wherever the restart fell), and its readahead was
+        cut at every pass."""
         if self.n == 0:
             return 0.0
         moved, rng = self.last - self.first, self.hi - self.lo

@@ -305,25 +305,24 @@ class Decider:
             by_dev.setdefault(key[0], {})[key] = c
         for dev in sorted(set(dev_cls) | set(by_dev)):
             fc = by_dev.get(dev, {})
-            kinds = {CLASS_ADVICE[c] for c in fc.values()}
-            mixed = len(kinds) > 1 or any(k in force for k in fc)
+            differ = len({CLASS_ADVICE[c] for c in fc.values()}) > 1
+            mixed = differ or any(k in force for k in fc)
             # The files' own windows say more than the device's, where
             # several streams interleave (two sequential scans look random
             # together); the device's class serves when no file has one.
             if dev in force:
                 dominant = force[dev]
-            elif len(kinds) == 1 and not mixed:
+            elif fc and not mixed:
                 dominant = max(fc.values(), key=list(fc.values()).count)
-            elif len(kinds) > 1:
+            elif differ:
                 # each file is advised on its own below: the device serves
                 # the one that reads ahead the most
                 dominant = max(sorted(fc.values()), key=self.class_kb)
             else:
                 dominant = dev_cls.get(dev)
-            differ = len(kinds) > 1 and dev not in force
-            if dominant is not None and (not mixed or dev in force or differ):
+            if dominant is not None and (not mixed or differ or dev in force):
                 why = notes.get(dev, []) + (["files on it differ: set for the class that reads "
-                                             "ahead most"] if differ else [])
+                                             "ahead most"] if differ and dev not in force else [])
                 actions += self._device(dev, dominant, device_kb.get(dev), devs.get(dev), why,
                                         fc if not mixed else {})
             elif dev in self.streams:

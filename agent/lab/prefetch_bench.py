@@ -799,10 +799,13 @@ def run_in_vm(args) -> dict:
                                                  else ""))
         return r
 
+    def no_runs() -> dict:
+        return {w: {"sweep": {}, "errors": {}} for w in wls}
+
     def one_round(bed, rnd: int) -> dict:
         """Every workload under every policy once: {workload: {"a", "sweep",
         "c", "d", "errors"}}; each agent started once."""
-        runs = {w: {"sweep": {}, "errors": {}} for w in wls}
+        runs = no_runs()
         for wl in wls:
             runs[wl]["a"] = r = one(bed, runs, wl, "a", DEFAULT_KB)
             if DEFAULT_KB in sweep:
@@ -910,8 +913,7 @@ def run_in_vm(args) -> dict:
                                 "with, without (observer closed)"})
             res["observer_cost"] = oc
         res["setup"]["remount_failures"] = bed.remount_failures
-    res["runs"] = merge_rounds(all_rounds) if all_rounds else {
-        w: {"sweep": {}, "errors": {}} for w in wls}
+    res["runs"] = merge_rounds(all_rounds) if all_rounds else no_runs()
     if rounds > 1:
         res["round_ratios"] = round_ratios(all_rounds)
     summarize(res)
