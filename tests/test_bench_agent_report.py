@@ -52,3 +52,20 @@ def test_hedging_goals_missed_say_so():
     goals = E.summarize(_result(on_p999_qd16=6000.0, issued_qd16=80))
     assert goals["hedged_p999_us@16"]["met"] is False
     assert goals["hedged_extra_reads"] == {"value": 0.08, "goal": "<= 0.06", "met": False}
+
+
+def test_each_depth_line_marks_its_own_figures():
+    # QD1 meets the IOPS and extra-read goals, QD16 misses both: the QD1 line
+    # says met, the QD16 line and the summary say missed.
+    res = _result(on_p999_qd16=6000.0, issued_qd16=80)
+    res["hedging"]["runs"][3]["iops"] = 2000.0
+    res["hedging"]["ratios"][16]["iops"] = 2000.0 / 3000.0
+    res["goals"] = E.summarize(res)
+    lines = E.render(res).splitlines()
+    qd1 = next(line for line in lines if line.startswith("QD 1: hedged / not: "))
+    qd16 = next(line for line in lines if line.startswith("QD 16: hedged / not: "))
+    assert "IOPS 0.99  [goal >= 0.95: met]" in qd1 and qd1.endswith("[goal <= 0.06: met]")
+    assert "IOPS 0.67  [goal >= 0.95: MISSED]" in qd16
+    assert qd16.endswith("[goal <= 0.06: MISSED]")
+    summary = next(line for line in lines if line.startswith("goals (issues 10 and 12)"))
+    assert "hedged_iops" in summary and "hedged_extra_reads" in summary

@@ -83,7 +83,7 @@ STATUS_INTERVAL_S = 2.0
 STALE_INTERVALS = 5
 # `iobridge status` exit codes
 STATUS_RUNNING, STATUS_NOT_RUNNING, STATUS_UNREADABLE = 0, 3, 4
-# Target listing period where no uevent socket can be opened.
+# Target listing period where the uevent listener has ended.
 FALLBACK_DISCOVER_S = 1.0
 # A leg's baseline that moved by more than this (relative, any of latency,
 # throughput, slow cost) makes the table be recomputed.
@@ -184,7 +184,7 @@ class Agent:
         self.counters = {"ticks": 0, "overruns": 0, "recomputes": 0, "decision_changes": 0,
                          "tick_errors": 0, "reloads": 0, "reload_failures": 0,
                          "targets_added": 0, "targets_removed": 0, "seq_retries": 0,
-                         "samples": 0, "listings": 0, "read_samples": 0,
+                         "samples": 0, "listings": 0, "listings_by_uevent": 0, "read_samples": 0,
                          "deadline_updates": 0}
         self.started_ns = 0
         self.last_published_ns = 0
@@ -211,6 +211,7 @@ class Agent:
         self._status_written = False
         self._stop = threading.Event()
         self._events: uevents.DmEvents | None = None
+        self._events_broken_said = False
         self._reload = False
         self._thread: threading.Thread | None = None
         self.prefetch = None                 # daemon/prefetch.PrefetchUnit when serving
@@ -246,6 +247,12 @@ class Agent:
         system.require_bpf_kernel()
         bpf.check_header_version()
         dmtarget.check_module_version()      # names the missing module or both versions
+        # The uevent listener imports pyroute2 and opens its socket on its
+        # own thread meanwhile; a socket refused (a sandbox without
+        # AF_NETLINK) stops the start after the first listing, before
+        # anything is compiled or attached.
+        self._events = uevents.DmEvents()
+        self._events.start()
         # The model check (imports, ONNX checker, a bounded test inference in
         # a child process) and the BCC compiles are independent, and each
         # takes long on a slow host: the check runs on a thread while BCC
@@ -260,6 +267,7 @@ class Agent:
             checked = ex.submit(self._load_models, cfg)
             try:
                 self._targets = discover(cfg.targets)  # first listing in line: errors stop the start
+                self._events.wait_open()
                 if cfg.metrics_listen:
                     # Before anything is attached: a port in use stops the start clean.
                     from .metrics import MetricsServer  # noqa: PLC0415
@@ -298,14 +306,8 @@ class Agent:
         if cfg.prefetch_mode != "off":
             self._start_prefetch()
         self.started_ns = clock.now_ns()
-        # Opened here, not in the discovery thread: an error shows at start.
-        self._events = uevents.DmEvents()
-        if self._events.open():
-            log.info("target discovery: dm uevents, and a full listing every %g s",
-                     cfg.discover_interval_s)
-        else:
-            log.warning("target discovery: %s; listing targets every %g s instead",
-                        self._events.error, FALLBACK_DISCOVER_S)
+        log.info("target discovery: dm uevents, and a full listing every %g s",
+                 cfg.discover_interval_s)
         self._thread = threading.Thread(target=self._discovery_loop, name="discovery", daemon=True)
         self._thread.start()
         log.info("agent started: %d target(s), tick %.3g ms, expiry %d ticks, %s",
@@ -356,6 +358,8 @@ class Agent:
         self._stop.set()
         self.notify.stopping()
         self._builder.shutdown(wait=False, cancel_futures=True)
+        if self._events is not None:
+            self._events.close()       # also wakes the discovery loop
         self._stop_prefetch()
         acquired = any(x is not None for x in (self.policy, self.pins, self.observer))
         if self.metrics is not None:
@@ -386,19 +390,26 @@ class Agent:
     # -- target discovery (background thread) -------------------------------
     def _discovery_loop(self) -> None:
         events = self._events
-        others: set[str] = set()     # dm devices that are not managed targets
         try:
             while not self._stop.is_set():
-                if events.sock is not None:
-                    events.wait(self.cfg.discover_interval_s, others, self._stop)
-                elif self._stop.wait(min(FALLBACK_DISCOVER_S, self.cfg.discover_interval_s)):
-                    break
+                if events.listening:
+                    if events.wait(self.cfg.discover_interval_s, self._stop):
+                        self.counters["listings_by_uevent"] += 1
+                else:
+                    if not self._events_broken_said:
+                        self._events_broken_said = True
+                        log.warning("target discovery: the uevent listener ended (%s); "
+                                    "listing targets every %g s instead", events.broken,
+                                    FALLBACK_DISCOVER_S)
+                    if self._stop.wait(min(FALLBACK_DISCOVER_S, self.cfg.discover_interval_s)):
+                        break
                 if self._stop.is_set():
                     break
                 t0 = time.perf_counter_ns()
                 self._discover_once()
                 self.times.add("discover", time.perf_counter_ns() - t0)
-                others = uevents.dm_names() - {t.name for t in self._targets}
+                # dm devices that are not managed targets: their "change" is not news
+                events.ignore = uevents.dm_names() - {t.name for t in self._targets}
         finally:
             events.close()
 

@@ -11,24 +11,39 @@ a target at once would still wake the agent for nothing.
 Relevant: "add" and "remove" of any dm device; "change" (dm sends one on
 every resume, with DM_NAME) unless it names a device known not to be a
 managed target, such as a dm-delay leg reloaded by a fault schedule.
-A netlink socket on the kernel's uevent broadcast group delivers them.
+
+pyroute2's uevent socket delivers them. pyroute2 keeps its socket and event
+loop per thread (threading.local), so the thread that binds the socket must
+be the one that reads it: a socket bound on the main thread and read on
+another reads a second, unbound socket that never receives anything (why an
+earlier version's discovery loop made no listing). DmEvents therefore owns a
+listener thread that opens, binds and reads, and hands the consumer a flag.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import glob
-import select
-import socket
+import logging
+import threading
 import time
 from pathlib import Path
 
-NETLINK_KOBJECT_UEVENT = 15
-KERNEL_GROUP = 1          # the kernel's broadcast (udev's rebroadcast is group 2)
+from ..core.errors import IobridgeError
+
+log = logging.getLogger(__name__)
+
 # After the first relevant event, wait this long for the rest of the burst
 # (dmsetup create sends add, then change on resume) and list once.
 SETTLE_S = 0.05
 # Longest single wait, so a stop request is seen this fast.
 WAIT_SLICE_S = 1.0
+# The listener thread reports its socket open (or the error) within this:
+# importing pyroute2 takes ~7 s of CPU in the emulated test VM.
+OPEN_TIMEOUT_S = 120.0
+# After a read error (ENOBUFS: events were lost), pause before reading on.
+ERROR_PAUSE_S = 0.1
 
 
 def dm_names() -> set[str]:
@@ -42,16 +57,6 @@ def dm_names() -> set[str]:
     return names
 
 
-def parse(data: bytes) -> dict:
-    """A kernel uevent datagram: "ACTION@DEVPATH\\0KEY=VALUE\\0..."."""
-    out = {}
-    for field in data.split(b"\0")[1:]:
-        key, sep, value = field.partition(b"=")
-        if sep:
-            out[key.decode(errors="replace")] = value.decode(errors="replace")
-    return out
-
-
 def is_relevant(event: dict, ignore_names: set[str]) -> bool:
     """Does this uevent (its properties) say the target list may have changed?"""
     if event.get("SUBSYSTEM") != "block" or not str(event.get("DEVNAME", "")).startswith("dm-"):
@@ -62,59 +67,118 @@ def is_relevant(event: dict, ignore_names: set[str]) -> bool:
 
 
 class DmEvents:
-    """Wait for dm uevents. open() returns False (and sets `error`) where
-    the socket cannot be had; the caller then polls."""
+    """Relevant dm uevents, read by a listener thread of its own.
+
+    start() starts it; wait_open() raises IobridgeError where the socket
+    cannot be opened and bound; wait() is for the consumer (the discovery
+    loop), which sets `ignore` to the dm names whose "change" does not
+    concern it.
+    """
 
     def __init__(self):
-        self.sock = None
-        self.error: str | None = None
-        self.seen = 0          # relevant events received
+        self.seen = 0                  # relevant events received
+        self.lost = 0                  # read errors (ENOBUFS: events dropped)
+        self.ignore: set[str] = set()  # replaced whole by the consumer
+        self.broken: str | None = None  # why the listener ended early, if it did
+        self._pending = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._open_error: str | None = None
+        self._open_hint = ("the agent finds its targets by dm uevents; a service sandbox "
+                           "must allow AF_NETLINK")
+        self._opened = threading.Event()
 
-    def open(self) -> bool:
-        # A plain netlink socket: with pyroute2's UeventSocket the test VM's
-        # discovery loop made no listing in 40 s (cause not found).
+    @property
+    def listening(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the listener; it imports pyroute2 (~0.1 s of CPU on a host,
+        seconds under emulation) and opens its socket while the caller goes
+        on. wait_open() says how that went."""
+        self._thread = threading.Thread(target=self._run, args=(self._opened,),
+                                        name="uevents", daemon=True)
+        self._thread.start()
+
+    def wait_open(self, timeout_s: float = OPEN_TIMEOUT_S) -> None:
+        """Raise IobridgeError if the socket could not be opened and bound."""
+        if not self._opened.wait(timeout_s):
+            self.close()
+            raise IobridgeError(f"the kernel's uevent socket did not open within {timeout_s:g} s")
+        if self._open_error is not None:
+            self._thread.join()
+            raise IobridgeError(f"cannot open the kernel's uevent socket: {self._open_error}",
+                                self._open_hint)
+
+    def _run(self, opened: threading.Event) -> None:
         try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_KOBJECT_UEVENT)
-            sock.bind((0, KERNEL_GROUP))
-            sock.setblocking(False)
+            asyncio.run(self._listen(opened))
+        except Exception as err:   # noqa: BLE001 (the thread must say why it ended)
+            if opened.is_set():
+                self.broken = f"{type(err).__name__}: {err}"
+            else:                  # pyroute2 missing or broken: a start error
+                self._open_error = f"{type(err).__name__}: {err}"
+                self._open_hint = "pyroute2 0.9 or later is needed: reinstall iobridge"
+        finally:
+            opened.set()
+            self._pending.set()     # a consumer waiting on a dead listener lists now
+
+    async def _listen(self, opened: threading.Event) -> None:
+        # Imported here: pyroute2's import is slow and only the agent needs it.
+        from pyroute2.netlink.uevent import MONITOR_GROUP_KERNEL, AsyncUeventSocket  # noqa: PLC0415
+        try:
+            sock = AsyncUeventSocket()
+            await sock.bind(groups=MONITOR_GROUP_KERNEL)   # not udev's rebroadcast
         except OSError as err:
-            self.error = f"cannot open the uevent socket: {err.strerror or err}"
-            return False
-        self.sock = sock
-        return True
+            self._open_error = err.strerror or str(err)
+            return
+        opened.set()
 
-    def _read(self, ignore_names: set[str]) -> bool:
-        hits = 0
-        while True:
-            try:
-                data = self.sock.recv(1 << 16)
-            except BlockingIOError:
-                break
-            except OSError:
-                return True       # overrun (ENOBUFS): events were lost, so list
-            hits += is_relevant(parse(data), ignore_names)
-        self.seen += hits
-        return hits > 0
+        async def one_datagram():
+            return [msg async for msg in sock.get()]
 
-    def wait(self, timeout_s: float, ignore_names: set[str], stop=None) -> bool:
-        """Block up to `timeout_s` (or until `stop`, a threading.Event, is
-        set) for a relevant event; True if one came, after draining what
-        follows it within SETTLE_S."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    msgs = await asyncio.wait_for(one_datagram(), WAIT_SLICE_S)
+                except asyncio.TimeoutError:
+                    continue
+                except Exception as err:   # noqa: BLE001 (pyroute2 raises its own types)
+                    code = getattr(err, "code", None) or getattr(err, "errno", None)
+                    if code in (errno.ECONNRESET, errno.EBADF):
+                        self.broken = f"uevent socket closed ({err})"
+                        return
+                    self.lost += 1          # overrun: events were dropped, so list
+                    self._pending.set()
+                    await asyncio.sleep(ERROR_PAUSE_S)
+                    continue
+                ignore = self.ignore
+                hits = sum(is_relevant(dict(msg), ignore) for msg in msgs)
+                if hits:
+                    self.seen += hits
+                    self._pending.set()
+        finally:
+            sock.close()
+
+    def wait(self, timeout_s: float, stop: threading.Event) -> bool:
+        """Block up to `timeout_s` (or until `stop` is set) for a relevant
+        event; True if one came, after SETTLE_S for the rest of its burst.
+        Events that arrive while the caller lists set the flag again."""
         deadline = time.monotonic() + timeout_s
-        while stop is None or not stop.is_set():
+        while not stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            ready, _, _ = select.select([self.sock], [], [], min(left, WAIT_SLICE_S))
-            if ready and self._read(ignore_names):
-                settle = time.monotonic() + SETTLE_S
-                while (left := settle - time.monotonic()) > 0:
-                    if select.select([self.sock], [], [], left)[0]:
-                        self._read(ignore_names)
+            if self._pending.wait(min(left, WAIT_SLICE_S)):
+                if stop.is_set() or not self.listening:
+                    return False
+                stop.wait(SETTLE_S)
+                self._pending.clear()
                 return True
         return False
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        self._stop.set()
+        self._pending.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=WAIT_SLICE_S + 2)

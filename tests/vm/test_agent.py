@@ -464,9 +464,13 @@ def test_a_target_reusing_a_removed_ones_id_never_routes_by_its_entries(replicas
     the agent publishes for it. The agent is stopped across the swap, so its
     reaction time is unbounded here, the hardest case of "within 100 ms";
     its entries stay valid and its heartbeat counts as fresh all along
-    (60 s), so only the incarnation keeps them from the new device."""
+    (60 s), so only the incarnation keeps them from the new device.
+    The safety-net listing is an hour apart: the agent can learn of the new
+    target only from its uevents (queued while it was stopped), and of the
+    target's removal at the end too."""
     cfg = tmp_path / "long-ttl.toml"
-    cfg.write_text("[agent]\ntick_ms = 60\nttl_ticks = 1000\nmax_silence_ms = 60000\n")
+    cfg.write_text("[agent]\ntick_ms = 60\nttl_ticks = 1000\nmax_silence_ms = 60000\n"
+                   "discover_interval_s = 3600\n")
     agent = agents("--config", str(cfg))
     warm_up(agent.status, replicas, timeout_s=60)
     old = dmtarget.target_ref(replicas.name)
@@ -482,19 +486,31 @@ def test_a_target_reusing_a_removed_ones_id_never_routes_by_its_entries(replicas
         swapped = window(replicas, 1.0)
     finally:
         agent.send(signal.SIGCONT)
+        t_cont = time.monotonic()
     print(json.dumps({"old": old, "new": new, "before": before, "swapped": swapped}))
     assert new.id == old.id and new.incarnation != old.incarnation, (old, new)
     # The program ran with a live-looking agent and valid entries for that id,
     # and left every read to the default.
     assert swapped["hook"] == 0 and swapped["silent"] == 0 and swapped["default"] > 0, swapped
     # Once the agent sees the new device, it publishes for it and routes again.
-    agent.wait_status(lambda st: [t["incarnation"] for t in st["targets"]] == [new.incarnation],
-                      timeout_s=60)
+    st = agent.wait_status(lambda st: [t["incarnation"] for t in st["targets"]]
+                           == [new.incarnation], timeout_s=60)
+    seen_s = time.monotonic() - t_cont
+    assert st["counters"]["listings_by_uevent"] >= 1, st["counters"]
+    assert "target discovery: dm uevents" in agent.log()
     deadline = time.monotonic() + 60
     while (w := window(replicas, 0.5))["hook"] == 0:
         assert time.monotonic() < deadline, ("the agent never published for the new target", w)
     after = window(replicas, 1.0)
     assert after["hook"] > 0 and after["default"] == 0, after
+    # Removed while the agent runs: seen at once, not in an hour.
+    t_rm = time.monotonic()
+    dmtarget.remove(replicas.name)
+    st = agent.wait_status(lambda st: st["targets"] == [], timeout_s=30)
+    gone_s = time.monotonic() - t_rm
+    print(f"uevent discovery: new incarnation in the status {seen_s:.2f} s after SIGCONT, "
+          f"removal {gone_s:.2f} s after dmsetup remove; listings {st['counters']['listings']}, "
+          f"{st['counters']['listings_by_uevent']} woken by a uevent")
     assert agent.stop() == 0
 
 

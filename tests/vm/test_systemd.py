@@ -282,3 +282,32 @@ def test_unit_start_reload_watchdog_restart_stop(installed_unit, replicas):
     print(f"systemd: READY {ready_s:.0f} s after start; watchdog restart "
           f"{restart_s:.0f} s after SIGSTOP; new pid {new_pid}; routing program freed "
           f"{gone_s:.1f} s after stop")
+
+
+def test_a_sandbox_without_netlink_stops_the_start_with_a_clear_error(installed_unit):
+    """A unit hardened past what the agent needs (no AF_NETLINK, so no
+    uevent socket) fails its start with one line saying so, before it
+    compiles or attaches anything; Restart=no so systemd does not retry."""
+    preloaded = route_program_ids()
+    hardened = DROPIN.with_name("no-netlink.conf")
+    hardened.write_text("[Service]\nRestart=no\nRestrictAddressFamilies=\n"
+                        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n")
+    try:
+        assert systemctl("daemon-reload").returncode == 0
+        t0 = time.monotonic()
+        proc = systemctl("start", "iobridge")
+        failed_s = time.monotonic() - t0
+        out = journal()
+        assert proc.returncode != 0, out[-3000:]
+        assert prop("ActiveState") == "failed" and prop("Result") == "exit-code", out[-3000:]
+        agent_out = AGENT_LOG.read_text(errors="replace")
+        assert "cannot open the kernel's uevent socket" in agent_out, agent_out[-2000:]
+        assert "AF_NETLINK" in agent_out and "Traceback" not in agent_out, agent_out[-2000:]
+        assert not PIN_DIR.exists() and not STATUS.exists()
+        assert route_program_ids() == preloaded
+        print(f"no-netlink sandbox: start failed after {failed_s:.1f} s with: "
+              f"{[line for line in agent_out.splitlines() if 'uevent' in line]}")
+    finally:
+        hardened.unlink(missing_ok=True)
+        systemctl("reset-failed", "iobridge")
+        systemctl("daemon-reload")
