@@ -194,35 +194,40 @@ def test_unused_evictions_cut_readahead_next_window_and_clean_windows_restore_it
 
 def test_a_sequential_device_whose_prefetches_are_used_grows_its_readahead_to_the_cap():
     """RuleClassifier's sequential class has 320 KiB: a used, clean window
-    takes it to 1024 (4x, capped), no further; waste halves it (640), and
-    a window that classifies random drops the growth at once."""
+    takes it to 1024, no further; waste halves it (512), and a window that
+    classifies random drops the growth at once."""
     d = P.Decider(RuleClassifier())
     d.decide({DEV: win(DEV, seq(0, 512))}, {}, {DEV: 128})
     acts = d.decide({DEV: win(DEV, seq(512, 512), ra_pages=500, ra_used=480)}, {}, {DEV: 320})
     assert kinds(acts) == [("device_ra", DEV, 320, 1024)]
-    assert "480 of 500 prefetched pages used, none evicted unused: readahead x4" \
-        in acts[0].reason
+    assert ("480 of 500 prefetched pages used, none evicted unused: readahead grown to "
+            "1024 KiB") in acts[0].reason
     acts = d.decide({DEV: win(DEV, seq(1024, 512), ra_pages=500, ra_used=500)}, {}, {DEV: 1024})
-    assert acts == [] and d.streams[DEV].scale == 4
+    assert acts == [] and d.streams[DEV].scale == 1024 / 320
     acts = d.decide({DEV: win(DEV, seq(1536, 512), ra_pages=500, ra_used=400, ra_wasted=100)},
                     {}, {DEV: 1024})
-    assert kinds(acts) == [("device_ra", DEV, 1024, 640)]
-    acts = d.decide({DEV: win(DEV, rnd(200), ra_pages=500, ra_used=500)}, {}, {DEV: 640})
-    assert kinds(acts) == [("device_ra", DEV, 640, 8)] and d.streams[DEV].scale == 1.0
+    assert kinds(acts) == [("device_ra", DEV, 1024, 512)]
+    acts = d.decide({DEV: win(DEV, rnd(200), ra_pages=500, ra_used=500)}, {}, {DEV: 512})
+    assert kinds(acts) == [("device_ra", DEV, 512, 8)] and d.streams[DEV].scale == 1.0
 
 
-def test_a_small_class_value_grows_in_steps_of_four():
+def test_a_small_class_value_grows_to_the_cap_in_the_window_that_shows_it_is_used():
+    """The shipped model's sequential class has 32 KiB. A first window
+    whose readahead (the kernel's 128 KiB) was not measured sets 32 and
+    grows in the next; one whose readahead was used goes to 1024 at once,
+    never through the class's 32."""
     class Small(RuleClassifier):
         class_readahead_kb = (8, 8, 32, 8)      # the shipped model's map
-    d = P.Decider(Small())
-    kb, got = 128, []
-    for n in range(5):
-        acts = d.decide({DEV: win(DEV, seq(512 * n, 512), ra_pages=500 if n else 0,
-                                  ra_used=500 if n else 0)}, {}, {DEV: kb})
-        for a in acts:
-            kb = a.new
-            got.append(kb)
-    assert got == [32, 128, 512, 1024]
+    for first_used, want in ((0, [32, 1024]), (500, [1024])):
+        d = P.Decider(Small())
+        kb, got = 128, []
+        for n in range(5):
+            used = 500 if n else first_used
+            for a in d.decide({DEV: win(DEV, seq(512 * n, 512), ra_pages=used, ra_used=used)},
+                              {}, {DEV: kb}):
+                kb = a.new
+                got.append(kb)
+        assert got == want, (first_used, got)
 
 
 def test_files_that_all_scan_grow_the_device_even_when_its_own_window_looks_random():
@@ -246,7 +251,7 @@ def test_files_that_all_scan_grow_the_device_even_when_its_own_window_looks_rand
         for x in e.decide({DEV: dev_w}, {A: win(A, seq(0, 300)), B: win(B, rnd(300))}, {DEV: kb}):
             if x.kind == "device_ra":
                 got.append(kb := x.new)
-    assert got == [320, 1024]
+    assert got == [1024]
 
 
 def test_growth_is_undone_in_the_first_window_whose_prefetches_go_unused():
@@ -265,6 +270,19 @@ def test_growth_is_undone_in_the_first_window_whose_prefetches_go_unused():
     acts = d.decide({DEV: win(DEV, seq(4096, 512), ra_pages=500, ra_used=100)}, {}, {DEV: 1024})
     assert kinds(acts) == [("device_ra", DEV, 1024, 32)]
     assert "only 100 of 500 prefetched pages used: growth undone" in acts[0].reason
+
+
+def test_a_device_cut_for_waste_steps_back_up_before_it_grows_again():
+    """Halved below its class's value for waste (320 -> 160), a device
+    steps back to the class's value in its next clean window, and only the
+    window after that may grow it."""
+    d = P.Decider(RuleClassifier())
+    kb, got = 128, []
+    for counts in ({}, {"ra_pages": 500, "ra_used": 400, "ra_wasted": 100},
+                   {"ra_pages": 500, "ra_used": 500}, {"ra_pages": 500, "ra_used": 500}):
+        for a in d.decide({DEV: win(DEV, seq(0, 512), **counts)}, {}, {DEV: kb}):
+            got.append(kb := a.new)
+    assert got == [320, 160, 320, 1024], got
 
 
 def test_readahead_does_not_grow_on_a_trickle_or_on_pages_left_unused():

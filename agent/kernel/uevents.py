@@ -32,7 +32,6 @@ from pathlib import Path
 
 from ..core.errors import IobridgeError
 
-log = logging.getLogger(__name__)
 
 # After the first relevant event, wait this long for the rest of the burst
 # (dmsetup create sends add, then change on resume) and list once.
@@ -126,6 +125,9 @@ class DmEvents:
     async def _listen(self, opened: threading.Event) -> None:
         # Imported here: pyroute2's import is slow and only the agent needs it.
         from pyroute2.netlink.uevent import MONITOR_GROUP_KERNEL, AsyncUeventSocket  # noqa: PLC0415
+        # Its debug lines (several per read, one per idle second) would
+        # bury the agent's own at -vv, which sets DEBUG for every logger.
+        logging.getLogger("pyroute2").setLevel(logging.WARNING)
         try:
             sock = AsyncUeventSocket()
             await sock.bind(groups=MONITOR_GROUP_KERNEL)   # not udev's rebroadcast
