@@ -211,7 +211,6 @@ class Agent:
         self._status_written = False
         self._stop = threading.Event()
         self._events: uevents.DmEvents | None = None
-        self._events_broken_said = False
         self._reload = False
         self._thread: threading.Thread | None = None
         self.prefetch = None                 # daemon/prefetch.PrefetchUnit when serving
@@ -390,14 +389,15 @@ class Agent:
     # -- target discovery (background thread) -------------------------------
     def _discovery_loop(self) -> None:
         events = self._events
+        fallback_said = False
         try:
             while not self._stop.is_set():
                 if events.listening:
                     if events.wait(self.cfg.discover_interval_s, self._stop):
                         self.counters["listings_by_uevent"] += 1
                 else:
-                    if not self._events_broken_said:
-                        self._events_broken_said = True
+                    if not fallback_said:
+                        fallback_said = True
                         log.warning("target discovery: the uevent listener ended (%s); "
                                     "listing targets every %g s instead", events.broken,
                                     FALLBACK_DISCOVER_S)

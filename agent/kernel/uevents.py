@@ -75,8 +75,6 @@ class DmEvents:
     """
 
     def __init__(self):
-        self.seen = 0                  # relevant events received
-        self.lost = 0                  # read errors (ENOBUFS: events dropped)
         self.ignore: set[str] = set()  # replaced whole by the consumer
         self.broken: str | None = None  # why the listener ended early, if it did
         self._pending = threading.Event()
@@ -95,8 +93,7 @@ class DmEvents:
         """Start the listener; it imports pyroute2 (~0.1 s of CPU on a host,
         seconds under emulation) and opens its socket while the caller goes
         on. wait_open() says how that went."""
-        self._thread = threading.Thread(target=self._run, args=(self._opened,),
-                                        name="uevents", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="uevents", daemon=True)
         self._thread.start()
 
     def wait_open(self, timeout_s: float = OPEN_TIMEOUT_S) -> None:
@@ -109,20 +106,20 @@ class DmEvents:
             raise IobridgeError(f"cannot open the kernel's uevent socket: {self._open_error}",
                                 self._open_hint)
 
-    def _run(self, opened: threading.Event) -> None:
+    def _run(self) -> None:
         try:
-            asyncio.run(self._listen(opened))
+            asyncio.run(self._listen())
         except Exception as err:   # noqa: BLE001 (the thread must say why it ended)
-            if opened.is_set():
+            if self._opened.is_set():
                 self.broken = f"{type(err).__name__}: {err}"
             else:                  # pyroute2 missing or broken: a start error
                 self._open_error = f"{type(err).__name__}: {err}"
                 self._open_hint = "pyroute2 0.9 or later is needed: reinstall iobridge"
         finally:
-            opened.set()
+            self._opened.set()
             self._pending.set()     # a consumer waiting on a dead listener lists now
 
-    async def _listen(self, opened: threading.Event) -> None:
+    async def _listen(self) -> None:
         # Imported here: pyroute2's import is slow and only the agent needs it.
         from pyroute2.netlink.uevent import MONITOR_GROUP_KERNEL, AsyncUeventSocket  # noqa: PLC0415
         # Its debug lines (several per read, one per idle second) would
@@ -134,7 +131,7 @@ class DmEvents:
         except OSError as err:
             self._open_error = err.strerror or str(err)
             return
-        opened.set()
+        self._opened.set()
 
         async def one_datagram():
             return [msg async for msg in sock.get()]
@@ -150,14 +147,11 @@ class DmEvents:
                     if code in (errno.ECONNRESET, errno.EBADF):
                         self.broken = f"uevent socket closed ({err})"
                         return
-                    self.lost += 1          # overrun: events were dropped, so list
-                    self._pending.set()
+                    self._pending.set()     # overrun (ENOBUFS): events were dropped, so list
                     await asyncio.sleep(ERROR_PAUSE_S)
                     continue
                 ignore = self.ignore
-                hits = sum(is_relevant(dict(msg), ignore) for msg in msgs)
-                if hits:
-                    self.seen += hits
+                if any(is_relevant(dict(msg), ignore) for msg in msgs):
                     self._pending.set()
         finally:
             sock.close()
