@@ -420,3 +420,26 @@ def test_cloudphysics_linux_beats_no_readahead():
     assert linux["hit_ratio"] > none["hit_ratio"] + 0.2
     assert linux["device_read_requests"] < none["device_read_requests"]
     assert math.isclose(linux["wasted_mb"], linux["wasted_pages"] * 4096 / 2**20)
+
+
+def test_step_over_range_tells_random_reads_from_scans_whatever_the_files_size():
+    import random
+
+    def window(idx):
+        w = PF.WindowStats()
+        for i in idx:
+            w.add(int(i))
+        return w
+
+    r = random.Random(5)
+    for pages in (1_536, 6_144, 49_152, 1_000_000):     # 6 MB to 4 GB files
+        for n in (16, 1_500):
+            assert 0.2 < window(r.randrange(pages) for _ in range(n)).step_over_range < 0.5
+        # 8 KiB random reads: two pages a read, half the steps of one page
+        assert 0.1 < window(s + k for s in (r.randrange(pages) for _ in range(700))
+                            for k in (0, 1)).step_over_range < 0.3
+    # scans: forward with a wrap, backward in readahead chunks, backward by 8 KiB reads
+    assert window([*range(49_000, 49_152), *range(0, 4_000)]).step_over_range < 0.001
+    assert window(s + k for s in range(10_000, 0, -32) for k in range(32)).step_over_range < 0.01
+    assert window(s + k for s in range(10_000, 0, -2) for k in (0, 1)).step_over_range < 0.001
+    assert window([5]).step_over_range == 0.0 == PF.WindowStats().step_over_range

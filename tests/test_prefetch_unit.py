@@ -37,7 +37,7 @@ def win(key, indices, ra_kb=128, **counts) -> P.Window:
         ws.add(i)
     w = P.Window(key, ws.features(ra_kb), ws.direction, False,
                  insertions=counts.pop("insertions", len(indices)), lo=ws.lo, last=ws.last,
-                 **counts)
+                 step_over_range=ws.step_over_range, **counts)
     if not indices:
         w.lo = w.last = None
     return w
@@ -343,6 +343,37 @@ def test_any_classifier_object_is_accepted():
     d = P.Decider(AlwaysReverse())
     acts = d.decide({DEV: win(DEV, seq(0, 20))}, {}, {DEV: 128})
     assert kinds(acts) == [("device_ra", DEV, 128, 480)]
+
+
+class AlwaysScan:
+    """A classifier that calls every window a scan: as the shipped model
+    called a random reader of a file smaller than those it was fitted on."""
+
+    def __init__(self, cls):
+        self.index = PF.PREFETCH_CLASSES.index(cls)
+
+    def classify(self, feats, has_writes, direction):
+        return self.index if feats[0] else None
+
+    def describe(self):
+        return "always a scan"
+
+
+@pytest.mark.parametrize("said", ["reverse", "sequential"])
+def test_a_scan_verdict_on_random_steps_is_taken_as_random(said):
+    d = P.Decider(AlwaysScan(said))
+    small_random = win(B, rnd(1500, span=6_144))         # a 24 MB file's random reader
+    acts = d.decide({DEV: win(DEV, seq(0, 300))}, {A: win(A, seq(0, 300)), B: small_random},
+                    {DEV: 128})
+    assert d.streams[B].cls == "random" and d.streams[A].cls == said
+    advice = next(a for a in acts if a.kind == "advise" and a.key == B)
+    assert advice.new == "random"
+    assert f"the classifier said {said}, but steps average" in advice.reason
+    assert not [a for a in acts if a.key == B and a.kind in ("willneed", "dontneed")]
+    # a scan stays what the classifier said, and a forced class is not checked
+    d = P.Decider(AlwaysScan(said))
+    d.decide({}, {A: win(A, seq(0, 300))}, {DEV: 128}, force={B: "reverse"})
+    assert d.streams[A].cls == said and d.streams[B].cls == "reverse"
 
 
 def test_few_events_decide_nothing():

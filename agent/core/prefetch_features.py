@@ -132,6 +132,20 @@ class WindowStats:
         return (float(n), var, var1, self.sad / n, ra)
 
     @property
+    def step_over_range(self) -> float:
+        """Mean |step| between consecutive insertions over the range they
+        span, the largest step left out (a scan's wrap): about 1/3 for
+        random reads (the mean distance of two uniform points) whatever the
+        file's size, near 0 for a scan, forward or backward (unit steps, or
+        readahead chunks). Not a model input: KML's features grow with the
+        file's size, so a model fitted on one size can call a random reader
+        of another a scan; the agent checks its verdicts with this."""
+        if self.n < 2 or self.hi == self.lo:
+            return 0.0
+        rest = self.sad - max(self.max_fwd, self.max_back)
+        return rest / ((self.n - 1) * (self.hi - self.lo))
+
+    @property
     def direction(self) -> float:
         """(last - first) / (max - min) index, from -1 (one backward scan)
         to 1 (one forward scan); 0 for a window of one index. Not a KML

@@ -32,6 +32,13 @@ files are still advised NORMAL after a change, since an open file keeps the
 value it copied at open otherwise (the device's value reaching the file is
 what a per-device setting means).
 
+A check on the classifier: a scan verdict (sequential or reverse) on a
+window whose steps average a tenth of the range read or more is taken as
+random (core/prefetch_features.WindowStats.step_over_range, about 1/3 for
+random reads of a file of any size): KML's features grow with the file's
+size, and a model fitted on one size can call a random reader of another a
+scan. Not in device-only mode (KML has no such check).
+
 Feedback (on top of the classifier): a stream whose prefetched pages were
 evicted unused in the window gets less readahead next window (a device's
 value is halved, a file's advice steps down SEQUENTIAL -> NORMAL ->
@@ -94,6 +101,13 @@ REREAD_FACTOR = 1.25         # reads over insertions above which pages count as 
 MIN_DROP_PAGES = 256         # drop-behind in pieces of at least 1 MiB
 MAX_WILLNEED_PAGES = 4096    # 16 MiB ahead of a reverse scan per window at most
 PAGE_KB = 4
+# A scan's steps are a few pages (or a readahead chunk) against the range it
+# covers; random reads step about 1/3 of it (WindowStats.step_over_range).
+# A scan verdict on a window stepping this much or more is taken as random:
+# the shipped model, fitted on 192 MB files, called a random reader of a
+# 24 MB file reverse or sequential (KML's features grow with the file), and
+# its flapping advice and WILLNEED cost that reader a fifth of its reads.
+MIN_RANDOM_STEP = 0.1
 # A file's advice steps, from least to most readahead (feedback moves along it).
 LADDER = ("random", "normal", "sequential")
 # Each class's per-file advice where files on a device differ; a reverse
@@ -146,6 +160,7 @@ class Window:
     lo: int | None = None        # lowest and last page index inserted (absolute)
     last: int | None = None
     ra_used: int = 0             # prefetched pages first used in the window
+    step_over_range: float = 0.0   # WindowStats.step_over_range: ~1/3 random, ~0 a scan
 
     def readahead_used(self) -> bool | None:
         """Whether the pages prefetched in the window were used (3 in 4 or
@@ -171,7 +186,7 @@ def window_of(key, delta: cs.Counters, readahead_kb: float) -> Window:
         lo, last = w["base"] + w["lo"], w["base"] + w["last"]
     return Window(key, tuple(wf[n] for n in PF.FEATURE_NAMES), wf["direction"], False,
                   v["insertions"], v["reads"], v["ra_pages"], v["ra_unused_removed"],
-                  v["refaults"], lo, last, v["ra_used"])
+                  v["refaults"], lo, last, v["ra_used"], wf["step_over_range"])
 
 
 @dataclass
@@ -233,9 +248,13 @@ class Decider:
         notes[key] = self._feedback(w, s, is_file)
         if key in force:
             s.cls = force[key]
-        else:
-            s.cls = _cls_name(self.classifier.classify(w.feats, w.has_writes, w.direction))
-            self.classified += s.cls is not None
+            return s.cls
+        s.cls = _cls_name(self.classifier.classify(w.feats, w.has_writes, w.direction))
+        self.classified += s.cls is not None
+        if s.cls in ("sequential", "reverse") and w.step_over_range >= MIN_RANDOM_STEP:
+            said, s.cls = s.cls, "random+write" if w.has_writes else "random"
+            notes[key].append(f"the classifier said {said}, but steps average "
+                              f"{w.step_over_range:.2f} of the range read: {s.cls}")
         return s.cls
 
     def class_kb(self, cls: str) -> int:

@@ -221,7 +221,7 @@ def window_features(win: dict | None, readahead_kb: float) -> dict:
                 "rev_run_mean": mean(win["rev_steps"], win["rev_runs"]),
                 "seq_steps": win["seq_steps"], "rev_steps": win["rev_steps"]}
     feats = dict(zip(PF.FEATURE_NAMES, ws.features(readahead_kb)))
-    return {**feats, "direction": ws.direction, **runs,
+    return {**feats, "direction": ws.direction, "step_over_range": ws.step_over_range, **runs,
             "contended": win["contended"] if win else 0}
 
 
