@@ -62,6 +62,7 @@ def kinds(actions):
 def test_one_pattern_on_a_device_sets_its_readahead_and_open_files_follow():
     d = P.Decider(RuleClassifier())
     acts = d.decide({DEV: win(DEV, seq(0, 512))}, {A: win(A, seq(0, 512))}, {DEV: 128})
+    acts = [a for a in acts if a.kind != "dontneed"]      # drop-behind: its own test
     assert kinds(acts) == [("device_ra", DEV, 128, 320), ("advise", A, "as opened", "normal")]
     assert "device class sequential" in acts[0].reason and "events 512" in acts[0].reason
     # the same pattern again: nothing to change
@@ -165,18 +166,109 @@ def test_a_reverse_scan_gets_willneed_below_it_once():
 
 def test_drop_behind_for_a_scan_not_re_read_and_not_when_pages_are_read_again():
     d = P.Decider(RuleClassifier())
-    d.decide({}, {A: win(A, seq(0, 512), reads=512)}, {DEV: 128})
-    acts = d.decide({}, {A: win(A, seq(512, 512), reads=512)}, {DEV: 128})
+    keep = P.KEEP_BEHIND_FRONT * 128 // 4        # below the window's last page
+    acts = d.decide({}, {A: win(A, seq(0, 512), reads=512)}, {DEV: 128})
     drop = [a for a in acts if a.kind == "dontneed"]
-    assert len(drop) == 1 and drop[0].extent == (0, 512 - 64)
+    assert len(drop) == 1 and drop[0].extent == (0, 511 - keep)
+    assert "not re-read: readahead front at page 511" in drop[0].reason
     # the next piece starts where the last ended
-    acts = d.decide({}, {A: win(A, seq(1024, 512), reads=512)}, {DEV: 128})
-    assert [a.extent for a in acts if a.kind == "dontneed"] == [(448, 512)]
+    acts = d.decide({}, {A: win(A, seq(512, 512), reads=512)}, {DEV: 128})
+    assert [a.extent for a in acts if a.kind == "dontneed"] == [(511 - keep, 512)]
     # a window with pages read twice: kept
     e = P.Decider(RuleClassifier())
     e.decide({}, {A: win(A, seq(0, 512), reads=1100)}, {DEV: 128})
     acts = e.decide({}, {A: win(A, seq(512, 512), reads=1100)}, {DEV: 128})
     assert not [a for a in acts if a.kind == "dontneed"]
+
+
+def test_a_scan_set_for_drop_behind_is_dropped_between_windows_behind_its_front():
+    d = P.Decider(RuleClassifier())
+    d.decide({}, {A: win(A, seq(0, 200), reads=200), B: win(B, rnd(300), reads=300)},
+             {DEV: 128})
+    assert d.droppers() == [A]
+    keep = P.KEEP_BEHIND_FRONT * 128 // 4
+    # the front moved on: everything more than `keep` pages below it goes, in order
+    assert d.drop_between(A, 2000, 128)[0].extent == (0, 2000 - keep)
+    assert d.drop_between(A, 2000 + P.MIN_DROP_PAGES - 1, 128) == []      # too little yet
+    assert d.drop_between(A, 3000, 128)[0].extent == (2000 - keep, 1000)
+    assert "readahead front at page 4000" in d.drop_between(A, 4000, 128)[0].reason
+    # a larger readahead keeps more; a scan back at its start drops from 0 again
+    assert d.drop_between(A, 600, 1024) == []
+    assert d.drop_between(A, 5000, 1024)[0].extent == (0, 5000 - P.KEEP_BEHIND_FRONT * 256)
+    # not a dropper, or no front seen: nothing
+    assert d.drop_between(B, 9000, 128) == [] and d.drop_between(A, None, 128) == []
+    # each window decides again: a window with pages read twice stops it
+    d.decide({}, {A: win(A, seq(6000, 512), reads=1100)}, {DEV: 128})
+    assert d.droppers() == [] and d.drop_between(A, 20_000, 128) == []
+
+
+def test_window_front_is_read_only_from_the_open_window_and_not_while_locked():
+    s = leaf()
+    assert cs.window_front(s, 4) is None
+    for i in range(100, 150):
+        kernel_window_add(s.win[0], i, 4)
+    assert cs.window_front(s, 4) == 149
+    assert cs.window_front(s, 5) is None and cs.window_front(s, 6) is None
+    s.win[0].lock |= 1
+    assert cs.window_front(s, 4) is None
+
+
+def test_the_unit_drops_between_windows_and_not_in_shadow_mode(tmp_path):
+    for mode in ("on", "shadow"):
+        obs, act = FakeObserver(), FakeActuators()
+        unit = P.PrefetchUnit(None, RuleClassifier(), mode, tmp_path / f"{mode}.json",
+                              actuators=act)
+        unit.attach(obs)
+        obs.feed(A, seq(0, 512), reads=512)
+        unit.step()
+        obs.feed(A, seq(512, 2000), reads=2000)     # the open window, between two steps
+        act.calls.clear()
+        unit.drop_tick()
+        drops = [c for c in act.calls if c[0] == "dontneed"]
+        if mode == "shadow":
+            assert drops == []
+            continue
+        # kept below the front: the device's readahead as the window left it
+        assert act.kb[DEV] == 320
+        # from where the window's own drop ended (front 511, the device at 128 then)
+        at_window = 511 - P.KEEP_BEHIND_FRONT * 32
+        assert drops == [("dontneed", 4242, 3, A, at_window,
+                          2511 - P.KEEP_BEHIND_FRONT * 80 - at_window)]
+        unit.drop_tick()                              # the front has not moved
+        assert [c for c in act.calls if c[0] == "dontneed"] == drops
+        assert unit.counters["dropped_pages"] == 2511 - P.KEEP_BEHIND_FRONT * 80
+
+
+def test_the_run_loop_ticks_drop_behind_between_windows(tmp_path, monkeypatch):
+    import threading
+    monkeypatch.setattr(P, "DROP_TICK_S", 0.01)
+    obs, act = FakeObserver(), FakeActuators()
+    unit = P.PrefetchUnit(None, RuleClassifier(), "on", tmp_path / "r.json", actuators=act,
+                          window_s=0.5)
+    unit.attach(obs)
+    obs.feed(A, seq(0, 512), reads=512)
+    calls, order = {"step": 0, "tick": 0}, []
+    step, tick = unit.step, unit.drop_tick
+
+    def counted(name, fn):
+        def f():
+            calls[name] += 1
+            order.append(name)
+            return fn()
+        return f
+    monkeypatch.setattr(unit, "step", counted("step", step))
+    monkeypatch.setattr(unit, "drop_tick", counted("tick", tick))
+    stop = threading.Event()
+    t = threading.Thread(target=unit.run, args=(stop,))
+    t.start()
+    deadline = time.monotonic() + 20
+    while calls["tick"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    t.join(5)
+    assert not t.is_alive()
+    # no tick before the first window set a file for drop-behind
+    assert order[0] == "step" and calls["tick"] >= 3
 
 
 def test_unused_evictions_cut_readahead_next_window_and_clean_windows_restore_it():
@@ -383,7 +475,8 @@ def test_few_events_decide_nothing():
 
 def test_no_block_device_means_files_only():
     d = P.Decider(RuleClassifier())
-    assert d.decide({DEV: win(DEV, seq(0, 512))}, {A: win(A, seq(0, 512))}, {DEV: None}) == []
+    acts = d.decide({DEV: win(DEV, seq(0, 512))}, {A: win(A, seq(0, 512))}, {DEV: None})
+    assert [a.kind for a in acts] == ["dontneed"] and acts[0].key == A
 
 
 # ------------------------------------------------------------ the record
@@ -519,12 +612,16 @@ class FakeObserver:
         self.devs = {DEV: cabi.CacheStats()}
         self.files = {A: cabi.CacheStats(), B: cabi.CacheStats()}
 
-    def feed(self, key, indices):
+    def feed(self, key, indices, reads=0):
         for leaf_ in ((self.devs[key[0]], self.files[key]) if isinstance(key, tuple)
                       else (self.devs[key],)):
             for i in indices:
                 kernel_window_add(leaf_.win[self.epoch & 1], i, self.epoch)
             leaf_.insertions += len(indices)
+            leaf_.reads += reads
+
+    def file_front(self, key):
+        return cs.window_front(self.files[key], self.epoch)
 
     def next_window(self):
         closed = self.epoch

@@ -22,7 +22,11 @@ acts through kernel/readahead.py:
 - a reverse scan gets WILLNEED, in chunks, for the extent below it (Linux's
   readahead does nothing for backward scans);
 - a sequential scan whose pages are not re-read gets its consumed pages
-  dropped (DONTNEED), so it does not evict a random reader's working set.
+  dropped (DONTNEED), so it does not evict a random reader's working set:
+  at each window, and every DROP_TICK_S between windows behind its
+  readahead front (the page it last inserted, read from the observer's
+  open window), since a scanner fills a memory-limited cgroup many times
+  over within one window.
 
 Per-device only (`prefetch.device_only`, default off; KML-like, what
 `iobridge bench prefetch` compares as policy (c)): each device is classified
@@ -99,6 +103,16 @@ MIN_GROW_PAGES = 64          # prefetched in the window (256 KiB)
 MAX_GROWN_KB = 1024
 REREAD_FACTOR = 1.25         # reads over insertions above which pages count as re-read
 MIN_DROP_PAGES = 256         # drop-behind in pieces of at least 1 MiB
+# Between windows, a scan set for drop-behind has what its readahead front
+# left behind dropped every DROP_TICK_S: once a window let a scanner at
+# 60-90 MB/s fill a 48 MB cgroup between drops, and a random reader beside
+# it (24 MB) kept no page until it read it again (0 hits in bench prefetch's
+# mixed case under every policy). The pages kept below the front: the
+# readahead the reader may still be in (SEQUENTIAL doubles the device's
+# value, and the kernel reads one window ahead of the one being read: up
+# to 4x behind the front), and one more for margin.
+DROP_TICK_S = 0.1
+KEEP_BEHIND_FRONT = 5        # x the device's readahead, in pages
 MAX_WILLNEED_PAGES = 4096    # 16 MiB ahead of a reverse scan per window at most
 PAGE_KB = 4
 # A scan's steps are a few pages (or a readahead chunk) against the range it
@@ -200,6 +214,7 @@ class Stream:
     advice: str | None = None    # file: the advice it last got from us
     drop_behind: bool = True     # off for good once its pages refault
     dropped_to: int = 0          # file: pages below this were dropped
+    drop_now: bool = False       # file: set for drop-behind by this window (ticks drop too)
     willneed_low: int | None = None   # file: lowest page WILLNEED already asked for
     seen: int = 0                # window number last seen
 
@@ -301,6 +316,8 @@ class Decider:
         operator's or a test's decision; a forced file is advised on its own)."""
         self.window_no += 1
         force = force or {}
+        for st in self.streams.values():
+            st.drop_now = False          # each window decides it again
         if self.device_only:
             return self._decide_device_only(devs, files, device_kb, force)
         actions: list[Action] = []
@@ -467,16 +484,38 @@ class Decider:
             return []
         if w.reads > REREAD_FACTOR * max(w.insertions, 1):
             return []             # pages are being read again: keep them
-        if w.lo < s.dropped_to:
+        s.drop_now = True
+        return self._drop_below(key, s, w.last, kb,
+                                f"sequential scan ({w.brief()}), {w.reads} reads of "
+                                f"{w.insertions} insertions: pages behind it not re-read")
+
+    def droppers(self) -> list:
+        """The files this window set for drop-behind (dropped between windows too)."""
+        return sorted(k for k, s in self.streams.items() if s.drop_now)
+
+    def drop_between(self, key, front: int | None, kb) -> list:
+        """Between windows: the same drop for a file this window set for
+        drop-behind, from its readahead front (`front`, the page it last
+        inserted in the open window)."""
+        s = self.streams.get(key)
+        if s is None or not s.drop_now or front is None:
+            return []
+        return self._drop_below(key, s, front, kb, "drop-behind between windows")
+
+    @staticmethod
+    def _drop_below(key, s: Stream, front: int, kb, why: str) -> list:
+        """DONTNEED for the pages more than KEEP_BEHIND_FRONT readahead
+        windows below the scan's front, from where the last drop ended."""
+        if front < s.dropped_to:
             s.dropped_to = 0               # the scan started again from lower down
-        keep = 2 * int((kb or 128) // PAGE_KB)      # the readahead window behind the reader
-        end = w.lo - keep
+        keep = KEEP_BEHIND_FRONT * int((kb or 128) // PAGE_KB)
+        end = front - keep
         if end - s.dropped_to < MIN_DROP_PAGES:
             return []
         first, s.dropped_to = s.dropped_to, end
         return [Action("dontneed", key, None, "dontneed",
-                       f"sequential scan ({w.brief()}), {w.reads} reads of {w.insertions} "
-                       "insertions: pages behind it not re-read", (first, end - first))]
+                       f"{why}: readahead front at page {front}, {keep} pages kept below it",
+                       (first, end - first))]
 
     def _forget(self) -> None:
         old = [k for k, s in self.streams.items() if self.window_no - s.seen > FORGET_WINDOWS]
@@ -618,6 +657,7 @@ class PrefetchUnit:
                          "willneed_calls": 0, "dropped_pages": 0, "gone": 0, "errors": 0,
                          "restores": 0, "restored_devices": 0, "restored_files": 0}
         self._prev: tuple[dict, dict] | None = None
+        self._drop: dict = {}        # (dev, ino) -> (Holder, device KiB): drop between windows
 
     @property
     def shadow(self) -> bool:
@@ -725,14 +765,39 @@ class PrefetchUnit:
         self.counters["classified"] = self.decider.classified
         for a in actions:
             log.debug("%s%s", "[shadow] " if self.shadow else "", a.line())
-        if not self.shadow and actions:
-            self.apply(actions)
+        droppers = [] if self.shadow else self.decider.droppers()
+        self._drop = {}
+        if not self.shadow and (actions or droppers):
+            keys = {a.key for a in actions if isinstance(a.key, tuple)} | set(droppers)
+            holders = self.act.holders(keys)
+            self.apply(actions, holders)
+            # one descriptor serves: DONTNEED drops the file's cached pages;
+            # the readahead kept below the front is the device's value now
+            self._drop = {k: (holders[k][0], self.act.read_ahead_kb(k[0]))
+                          for k in droppers if holders.get(k)}
         return actions
 
+    def drop_tick(self) -> None:
+        """Between windows: drop what each file set for drop-behind has left
+        behind its readahead front. A file whose drop fails is left alone
+        until the next window."""
+        for key, (h, kb) in list(self._drop.items()):
+            for a in self.decider.drop_between(key, self.obs.file_front(key), kb):
+                log.debug("%s", a.line())
+                try:
+                    done = self._file_action(a, h)
+                except IobridgeError as err:
+                    self.counters["errors"] += 1
+                    log.warning("prefetch: %s: dontneed not done: %s", stream_label(key), err)
+                    done = False
+                if not done:
+                    self._drop.pop(key, None)
+
     # -- acting ------------------------------------------------------------------
-    def apply(self, actions: list[Action]) -> None:
-        file_keys = {a.key for a in actions if isinstance(a.key, tuple)}
-        holders = self.act.holders(file_keys) if file_keys else {}
+    def apply(self, actions: list[Action], holders: dict | None = None) -> None:
+        if holders is None:
+            file_keys = {a.key for a in actions if isinstance(a.key, tuple)}
+            holders = self.act.holders(file_keys) if file_keys else {}
         for a in actions:
             try:
                 if a.kind == "device_ra":
@@ -765,7 +830,9 @@ class PrefetchUnit:
         self.counters["actions"] += 1
         self.counters["device_changes"] += 1
 
-    def _file_action(self, a: Action, h) -> None:
+    def _file_action(self, a: Action, h) -> bool:
+        """One file action on holder `h`; False when its process or
+        descriptor went away (counted as gone, not an error)."""
         label = f"{h.pid}:{h.fd}"
         try:
             if a.kind == "advise":
@@ -796,6 +863,8 @@ class PrefetchUnit:
             # the process exited or closed the file since the scan: not an error
             log.debug("prefetch: %s: %s skipped: %s", stream_label(a.key), a.kind, gone)
             self.counters["gone"] += 1
+            return False
+        return True
 
     # -- status ------------------------------------------------------------------
     def device_counters(self) -> dict:
@@ -820,7 +889,20 @@ class PrefetchUnit:
         """Step every window until `stop` (a threading.Event) is set. A
         failing window is logged and counted; the next one runs."""
         next_t = time.monotonic() + self.window_s
-        while not stop.wait(max(next_t - time.monotonic(), 0)):
+        while True:
+            wait = next_t - time.monotonic()
+            if self._drop:
+                wait = min(wait, DROP_TICK_S)
+            if stop.wait(max(wait, 0)):
+                break
+            if time.monotonic() < next_t:
+                try:
+                    self.drop_tick()
+                except Exception:    # noqa: BLE001 - the next window decides again
+                    self.counters["errors"] += 1
+                    self._drop = {}
+                    log.exception("prefetch drop-behind between windows failed")
+                continue
             next_t += self.window_s
             try:
                 self.step()

@@ -225,6 +225,17 @@ def window_features(win: dict | None, readahead_kb: float) -> dict:
             "contended": win["contended"] if win else 0}
 
 
+def window_front(leaf, epoch: int) -> int | None:
+    """The page index last inserted in a file's window of `epoch` while the
+    kernel is still filling it (a forward scan's readahead front); None when
+    that window has no insertion yet or an update holds its lock (the copy
+    could mix two updates)."""
+    w = leaf.win[epoch & 1]
+    if (w.lock & 1) or w.epoch != (epoch & 0xFFFFFFFF) or not w.n:
+        return None
+    return int(w.base) + int(w.last)
+
+
 def ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
@@ -397,6 +408,15 @@ class CacheObserver:
         files = {(int(k.dev), int(k.ino)): Counters.from_leaf(v, epoch)
                  for k, v in self.bpf[b"file_stats"].items()}
         return devs, files
+
+    def file_front(self, key) -> int | None:
+        """The page index file `key` (dev, ino) last inserted in the open
+        window (window_front), read from the map now; None without one."""
+        try:
+            leaf = self.bpf[b"file_stats"][cabi.CacheFileKey(dev=key[0], ino=key[1])]
+        except KeyError:
+            return None
+        return window_front(leaf, self.epoch)
 
     def _percpu_sum(self, name: str) -> int:
         return bpf.percpu_sum(self.bpf, name)

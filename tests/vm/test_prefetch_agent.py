@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from conftest import make_file
 from test_agent import PIN_DIR, _free_port, _scrape, agents, iobridge, route_programs_attached, route_programs_left  # noqa: F401 (agents: a fixture)
 
 from iobridge.daemon.config import DEFAULT_MODEL, DEFAULT_PREFETCH_MODEL
+from iobridge.daemon.prefetch import KEEP_BEHIND_FRONT, MIN_DROP_PAGES
 
 pytestmark = pytest.mark.vm
 
@@ -127,7 +129,9 @@ def test_a_sequential_scan_whose_readahead_is_used_gets_more_of_it(iobridge_modu
     with the rule classifier (sequential class 320 KiB) a scan whose
     prefetched pages are used takes the device past the class's value (to
     1024 KiB in the window that shows it) and never past 1024; stop puts the
-    device back."""
+    device back. The same scan, not re-read, is dropped behind between
+    windows too: each drop ends KEEP_BEHIND_FRONT readaheads below the front
+    the observer's open window showed, and starts where the last ended."""
     orig = ext4.ra.read_text().strip()
     path = ext4.mnt / "scan"
     make_file(path, SLOW_FILE_PAGES)
@@ -151,12 +155,28 @@ def test_a_sequential_scan_whose_readahead_is_used_gets_more_of_it(iobridge_modu
     finally:
         reader.kill()
         reader.wait()
+    st = agent.wait_status(lambda s: "prefetch" in s, timeout_s=30)
+    errors = st["prefetch"]["counters"]["errors"]
     changes = [line for line in agent.log().splitlines() if "device_ra" in line]
     grown = [line for line in changes if "readahead grown to 1024 KiB" in line]
     print(f"read_ahead_kb {orig} -> {' -> '.join(map(str, seen))}")
     print("\n".join(changes[:12]))     # every device change, with its reason
     assert 1024 in seen and max(seen) == 1024, seen
     assert grown and "prefetched pages used, none evicted unused" in grown[0], grown
+    # every drop, at a window or between windows: (between?, first, pages, front, kept)
+    drops = [(m[3] is not None, int(m[1]), int(m[2]), int(m[4]), int(m[5])) for m in
+             re.finditer(r"dontneed None -> dontneed pages (\d+)\+(\d+): "
+                         r"(drop-behind between windows)?[^\n]*?readahead front at page "
+                         r"(\d+), (\d+) pages kept below it", agent.log())]
+    print(f"{len(drops)} drops, {sum(d[0] for d in drops)} between windows; "
+          f"(between, first, pages, front, kept): {drops[:6]}")
+    assert any(d[0] for d in drops), "a scan not re-read is dropped behind between windows"
+    for _, first, pages, front, kept in drops:
+        assert pages >= MIN_DROP_PAGES and first + pages == front - kept
+        assert kept % KEEP_BEHIND_FRONT == 0       # that many of the device's readahead
+    for (_, f0, n0, *_), (_, f1, *_) in zip(drops, drops[1:]):
+        assert f1 in (f0 + n0, 0), (f0, n0, f1)    # where the last ended, or a new pass
+    assert errors == 0
     assert agent.stop() == 0, agent.log()[-2000:]
     assert ext4.ra.read_text().strip() == orig, "read_ahead_kb restored on stop"
     assert not state.exists()
