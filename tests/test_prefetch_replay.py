@@ -152,6 +152,14 @@ def test_marker_on_the_demand_page_triggers_the_next_window():
 
 # ------------------------------------------------------------- KML features
 
+def window(indices) -> PF.WindowStats:
+    """A window over page-cache insertions at `indices`, in order."""
+    w = PF.WindowStats()
+    for i in indices:
+        w.add(int(i))
+    return w
+
+
 def test_kml_features_on_a_hand_computed_window():
     w = PF.WindowStats()
     for i in (10, 12, 11, 15):
@@ -169,12 +177,6 @@ def test_kml_features_on_a_hand_computed_window():
 
 
 def test_direction_leaves_out_a_scans_wrap():
-    def window(idx):
-        w = PF.WindowStats()
-        for i in idx:
-            w.add(int(i))
-        return w
-
     rc = PP.RuleClassifier()
     cls = PF.PREFETCH_CLASSES
     # A looping reader of a 49,152-page file, back at page 0 anywhere in a
@@ -211,12 +213,6 @@ def test_kml_features_are_exact_on_huge_page_indices():
 
 def test_rule_classifier_classes():
     rc = PP.RuleClassifier()
-
-    def window(idx):
-        w = PF.WindowStats()
-        for i in idx:
-            w.add(int(i))
-        return w
 
     rng = np.random.default_rng(0)
     rand = window(rng.integers(0, 10**6, 200))
@@ -424,12 +420,6 @@ def test_cloudphysics_linux_beats_no_readahead():
 
 def test_step_over_range_tells_random_reads_from_scans_whatever_the_files_size():
     import random
-
-    def window(idx):
-        w = PF.WindowStats()
-        for i in idx:
-            w.add(int(i))
-        return w
 
     r = random.Random(5)
     for pages in (1_536, 6_144, 49_152, 1_000_000):     # 6 MB to 4 GB files

@@ -769,7 +769,7 @@ class PrefetchUnit:
         self._drop = {}
         if not self.shadow and (actions or droppers):
             keys = {a.key for a in actions if isinstance(a.key, tuple)} | set(droppers)
-            holders = self.act.holders(keys)
+            holders = self.act.holders(keys) if keys else {}    # a /proc scan: only for files
             self.apply(actions, holders)
             # one descriptor serves: DONTNEED drops the file's cached pages;
             # the readahead kept below the front is the device's value now
