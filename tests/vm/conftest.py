@@ -391,9 +391,9 @@ def fio_errors(result: dict) -> int:
 
 
 def verify_while_flipping(dev: str, size_mb: int, max_bs: str, flip,
-                          min_flips: int = 0) -> tuple[dict, dict, int]:
+                          min_flips: int = 0, min_bs: str = "4k") -> tuple[dict, dict, int]:
     """Two checksummed fio write passes over `dev`, verifying as they go and
-    at the end (4 KiB at queue depth 8, then 4 KiB..max_bs at 16, over half
+    at the end (4 KiB at queue depth 8, then min_bs..max_bs at 16, over half
     the size), while a thread calls flip(i) for i = 0, 1, ... until both
     end; the second pass is repeated (up to 5 times) until min_flips flips
     were made, however fast the machine; returns (pass 1, the last pass,
@@ -415,7 +415,7 @@ def verify_while_flipping(dev: str, size_mb: int, max_bs: str, flip,
                  "--verify_backlog=256", "--randrepeat=0")
         for _ in range(6):
             r2 = fio("--name=verify2", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-                     "--iodepth=16", "--rw=randwrite", f"--bsrange=4k-{max_bs}",
+                     "--iodepth=16", "--rw=randwrite", f"--bsrange={min_bs}-{max_bs}",
                      f"--size={size_mb // 2}M", "--verify=crc32c", "--do_verify=1",
                      "--verify_fatal=1", "--randrepeat=0")
             if flips[0] >= min_flips or fio_errors(r2):

@@ -52,8 +52,9 @@ def randread_p99_us(dev: str, runtime_s: int) -> tuple[float, int]:
 
 def test_hedged_reads_verify_while_the_slow_leg_flips(make_nullb, make_dm, make_iobridge):
     """Every read hedged at once (1 us, budget 100%) while leg 1 flips
-    between fast and 3 ms: checksummed writes and reads of 4 KiB to 512 KiB
-    (above 256 KiB reads are not hedge-eligible and go direct) see 0 verify
+    between fast and 3 ms: checksummed writes and reads of 512 B to 512 KiB
+    (above 256 KiB reads are not hedge-eligible and go direct; sizes that
+    are not whole pages take the copy's partial-page path) see 0 verify
     errors, hedges win and lose, the legs stay byte-identical, and nothing
     is left once the I/O stops."""
     size_mb = 16
@@ -67,7 +68,8 @@ def test_hedged_reads_verify_while_the_slow_leg_flips(make_nullb, make_dm, make_
         reload(Path(slow).name, delay_table(base[1], 3 if i % 2 == 0 else 0))
         time.sleep(0.2)
 
-    r1, r2, flips = verify_while_flipping(dev, size_mb, "512k", flip, min_flips=3)
+    r1, r2, flips = verify_while_flipping(dev, size_mb, "512k", flip, min_flips=3,
+                                          min_bs="512")
     assert fio_errors(r1) == 0 and fio_errors(r2) == 0
     st = dmtarget.status(name)
     h = st.hedge
