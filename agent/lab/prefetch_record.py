@@ -122,10 +122,12 @@ def drop_caches() -> None:
 
 
 def start(kind: str, bs_kb: int, path: Path, seed: int, run_s: float | None = None,
-          size_mb: int | None = None, rw: str | None = None) -> subprocess.Popen:
+          size_mb: int | None = None, rw: str | None = None,
+          fio_extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """Start workload `kind` on `path` in the cgroup for `run_s` seconds
     (default RUN_S) over its first `size_mb` (default FILE_MB); `rw` replaces
-    the kind's fio rw= (e.g. "read:28k", a strided read)."""
+    the kind's fio rw= (e.g. "read:28k", a strided read); `fio_extra`: more
+    fio options (ignored by the reverse reader, which is not fio)."""
     run_s = RUN_S if run_s is None else run_s
     size_mb = FILE_MB if size_mb is None else size_mb
     if kind == "rev":
@@ -137,6 +139,7 @@ def start(kind: str, bs_kb: int, path: Path, seed: int, run_s: float | None = No
                "--time_based", f"--randseed={seed}", "--output-format=json"]
         if kind == "randrw":
             cmd.append("--rwmixread=70")
+        cmd += fio_extra
     return start_argv(cmd)
 
 
