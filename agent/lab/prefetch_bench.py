@@ -10,7 +10,8 @@ step) does not carry over into a workload that would use it: the
 sequential read and the mixed case's scanner have a file each; strided,
 random and reverse reads share one, in that order.
 
-Workloads (buffered, psync): fio sequential read, fio strided read
+Workloads (buffered, psync; fio with BENCH_FIO_OPTS: no advice of its
+own, no invalidation): fio sequential read, fio strided read
 (rw=read:GAP), fio random read (with replacement: BENCH_FIO_RANDOM_OPTS),
 the reverse reader of prefetch_record (fio has no backward pattern), and
 mixed: a sequential scanner and a random reader on two files of the same
@@ -103,15 +104,19 @@ MAX_READ_AHEAD_KB = 65536
 DEFAULT_SEED = 11
 MIXED_RANDOM_MB = 24                 # the mixed case's random reader's file: half of memory.max
 NULLB = "nullb_pfbench"
-# fio options of every bench run: the bench drops the caches before each
-# run itself, so fio's own invalidation of a file's pages when it opens it
-# is off; random readers read with replacement. With fio's defaults (a
-# random map: each block once a pass over the file; invalidate=1) the mixed
-# case's random reader re-read nothing from the page cache under any policy
-# (0 hits of 10-14 thousand reads a run, (b) and (d)); with these, 18% of
-# its reads hit under (b) and 35% under (d) (6.1, one boot, 8 s runs).
-# Which of the two options mattered is not separated.
-BENCH_FIO_OPTS = ("--invalidate=0",)
+# fio options of every bench run. fio's defaults are not what the agent is
+# for (seen with strace on fio 3.33):
+# - fadvise_hint=1 advises each file RANDOM or SEQUENTIAL itself, which
+#   decides readahead before any policy can (the db workloads run with
+#   --advise_random_on_open=false for the same reason): off, the readers
+#   give no advice, as most applications;
+# - with its random map a random reader reads each block once a pass and
+#   fio drops the file's pages (DONTNEED over the whole file) at the start
+#   of every pass (80 times in 2 s on a 1 MB file; once with norandommap),
+#   so the mixed case's random reader hit 0 of 10-14 thousand reads a run
+#   under every policy. Random readers read with replacement, and fio never
+#   invalidates (the bench drops the caches before each run itself).
+BENCH_FIO_OPTS = ("--invalidate=0", "--fadvise_hint=0")
 BENCH_FIO_RANDOM_OPTS = ("--norandommap",)
 
 POLICIES = ("a", "b", "c", "d")
@@ -470,6 +475,8 @@ def render(res: dict) -> str:
         f"{s['runtime_s']:g} s per run, caches dropped before each; "
         + (f"{s['rounds']} rounds of every run, medians; " if s.get("rounds", 1) > 1 else "")
         + f"sweep {', '.join(str(k) for k in s['sweep_kb'])} KiB)"]
+    if s.get("fio_options"):
+        lines[0] += f"; fio {s['fio_options']} (random readers also {s['fio_random_options']})"
     if s.get("db"):
         d = s["db"]
         lines[0] += (f"; RocksDB of {_f(d.get('size_mb'), '.0f', 0)} MB ({d['keys']} keys of "
@@ -783,6 +790,8 @@ def run_in_vm(args) -> dict:
                   "memory_max_mb": P.MEMORY_MB, "mixed_random_mb": MIXED_RANDOM_MB,
                   "runtime_s": args.runtime, "sweep_kb": sweep, "seed": args.seed,
                   "workloads": {w: WORKLOADS[w]["how"] for w in wls},
+                  "fio_options": " ".join(BENCH_FIO_OPTS),
+                  "fio_random_options": " ".join(BENCH_FIO_RANDOM_OPTS),
                   "figures": "observer counter deltas on the test disk from before the run to "
                              "after the caches were dropped at its end"},
         "not_covered": not_covered,
