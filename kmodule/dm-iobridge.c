@@ -24,7 +24,6 @@
 #include <linux/list.h>
 #include <linux/spinlock.h>
 #include <linux/sched.h>
-#include <linux/highmem.h>
 #include <linux/hrtimer.h>
 #include <linux/mempool.h>
 #include <linux/wait.h>
@@ -672,49 +671,15 @@ static void iob_hclone_submit(struct iob_c *ic, struct iob_hclone *hc, u64 now)
 	submit_bio_noacct(&hc->bio);
 }
 
-/*
- * Copy the winning bounce read (one page per bvec, from offset 0) into the
- * caller's pages.  A whole page goes by copy_page(): with ERMS, memcpy()
- * is "rep movsb", which QEMU TCG runs one byte an iteration (4 KiB cost
- * about 6 us in the VM, several times copy_page()'s "rep movsq"); on real
- * hardware the two cost about the same.
- */
-static void iob_hedge_copy(struct iob_hedge *h, struct iob_hclone *winner)
-{
-	struct bio_vec dst;
-	struct bvec_iter it;
-	unsigned int done = 0;
-
-	__bio_for_each_segment(dst, h->orig, it, h->orig_iter) {
-		unsigned int off = 0;
-
-		while (off < dst.bv_len) {
-			struct page *sp = winner->bio.bi_io_vec[done >> PAGE_SHIFT].bv_page;
-			unsigned int soff = offset_in_page(done);
-			unsigned int len = min_t(unsigned int, dst.bv_len - off, PAGE_SIZE - soff);
-			void *s = kmap_local_page(sp);
-			void *d = kmap_local_page(dst.bv_page);
-
-			if (len == PAGE_SIZE)	/* both whole pages at offset 0 */
-				copy_page(d, s);
-			else
-				memcpy(d + dst.bv_offset + off, s + soff, len);
-			kunmap_local(d);
-			kunmap_local(s);
-			off += len;
-			done += len;
-		}
-		flush_dcache_page(dst.bv_page);
-	}
-}
-
 /* Complete the caller's read (the caller of this set h->done). */
 static void iob_hedge_finish(struct iob_hedge *h, struct iob_hclone *winner)
 {
 	struct bio *orig = h->orig;
 
 	if (winner) {
-		iob_hedge_copy(h, winner);
+		struct bvec_iter src = { .bi_size = h->size }, dst = h->orig_iter;
+
+		bio_copy_data_iter(orig, &dst, &winner->bio, &src);
 		orig->bi_status = BLK_STS_OK;
 	} else {
 		orig->bi_status = h->error ? h->error : BLK_STS_IOERR;
