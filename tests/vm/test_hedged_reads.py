@@ -54,7 +54,7 @@ def test_hedged_reads_verify_while_the_slow_leg_flips(make_nullb, make_dm, make_
     """Every read hedged at once (1 us, budget 100%) while leg 1 flips
     between fast and 3 ms: checksummed writes and reads of 512 B to 512 KiB
     (above 256 KiB reads are not hedge-eligible and go direct; sizes that
-    are not whole pages take the copy's partial-page path) see 0 verify
+    are not whole pages are copied out of bounce pages too) see 0 verify
     errors, hedges win and lose, the legs stay byte-identical, and nothing
     is left once the I/O stops."""
     size_mb = 16
