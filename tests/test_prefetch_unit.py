@@ -623,6 +623,12 @@ class FakeObserver:
     def file_front(self, key):
         return cs.window_front(self.files[key], self.epoch)
 
+    def forget_files(self, keys):
+        gone = [k for k in keys if k in self.files]
+        for k in gone:
+            del self.files[k]
+        return len(gone)
+
     def next_window(self):
         closed = self.epoch
         self.epoch += 1
@@ -671,6 +677,29 @@ def test_shadow_decides_and_logs_but_changes_nothing(tmp_path, caplog, mode):
         assert act.calls[-1] == ("advise", 4242, 3, B, "normal")
         assert not (tmp_path / "state.json").exists()
     assert unit.status()["streams_per_class"]["sequential"] == 1
+
+
+def test_idle_files_leave_the_observers_map_and_count_from_zero_when_back(tmp_path):
+    """A file whose counters stay still for PRUNE_IDLE_WINDOWS windows loses
+    its map entry (a snapshot reads every entry, every window); one with
+    stream state keeps it; a forgotten file that comes back is counted from
+    its new entry, not against its old totals."""
+    obs, act = FakeObserver(), FakeActuators()
+    idle = (DEV, 99)
+    obs.files[idle] = leaf(insertions=5000, reads=5000)      # touched before, never again
+    unit = P.PrefetchUnit(None, RuleClassifier(), "on", tmp_path / "state.json", actuators=act)
+    unit.attach(obs)
+    obs.feed(A, seq(0, 300))
+    for _ in range(P.PRUNE_IDLE_WINDOWS - 1):     # A gets stream state; B and idle stay still
+        unit.step()
+        assert idle in obs.files and B in obs.files
+    unit.step()
+    assert idle not in obs.files and B not in obs.files and A in obs.files
+    assert unit.counters["forgotten_files"] == 2
+    obs.files[idle] = cabi.CacheStats()          # the kernel makes a new entry
+    obs.feed(idle, seq(0, 300))
+    devs, files, _ = unit.windows()
+    assert files[idle].insertions == 300 and files[idle].lo == 0
 
 
 # ------------------------------------------------------------ actuator errors

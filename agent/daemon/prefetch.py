@@ -87,6 +87,13 @@ MODES = ("off", "shadow", "on")
 RECORD_VERSION = 1
 MAX_FILES = 64               # files considered per window (most insertions first)
 FORGET_WINDOWS = 30          # a stream idle this long loses its feedback state
+# A file whose counters did not move for this many windows (and that has no
+# stream state, no forced setting and no drop-behind) has its entry deleted
+# from the observer's map. Each window reads every entry (two syscalls and a
+# conversion each); with every file the page cache touched since the start
+# kept (compilers' headers, libraries, past runs' files) that cost grew to
+# most of the agent's CPU under emulation.
+PRUNE_IDLE_WINDOWS = 10
 WASTE_FRACTION = 0.10        # unused evictions over prefetched pages that cut readahead
 MIN_WASTE_PAGES = 8
 MIN_SCALE = 1 / 16
@@ -655,9 +662,11 @@ class PrefetchUnit:
         self.record = Record(record_path)
         self.counters = {"windows": 0, "classified": 0, "actions": 0, "device_changes": 0, "file_advice": 0,
                          "willneed_calls": 0, "dropped_pages": 0, "gone": 0, "errors": 0,
-                         "restores": 0, "restored_devices": 0, "restored_files": 0}
+                         "restores": 0, "restored_devices": 0, "restored_files": 0,
+                         "forgotten_files": 0}
         self._prev: tuple[dict, dict] | None = None
         self._drop: dict = {}        # (dev, ino) -> (Holder, device KiB): drop between windows
+        self._idle: dict = {}        # (dev, ino) -> windows its counters have not moved
 
     @property
     def shadow(self) -> bool:
@@ -746,9 +755,17 @@ class PrefetchUnit:
             d = c.minus(pdev.get(dev, cs.Counters.empty()))
             if d.window or d.values["ra_unused_removed"] or d.values["refaults"]:
                 devs[dev] = window_of(dev, d, kb_of(dev) or 0)
-        rows = []
+        rows, idle = [], []
         for key, c in nfile.items():
-            d = c.minus(pfile.get(key, cs.Counters.empty()))
+            p = pfile.get(key)
+            if p is not None and c.window is None and c.values == p.values:
+                n = self._idle[key] = self._idle.get(key, 0) + 1
+                if n >= PRUNE_IDLE_WINDOWS and key not in self.decider.streams \
+                        and key not in self.force and key not in self._drop:
+                    idle.append(key)
+                continue
+            self._idle.pop(key, None)
+            d = c.minus(p or cs.Counters.empty())
             if d.window or ((d.values["ra_unused_removed"] or d.values["refaults"])
                             and key in self.decider.streams):
                 rows.append((-(d.window or {}).get("n", 0), key, d))
@@ -756,6 +773,13 @@ class PrefetchUnit:
         files = {key: window_of(key, d, kb_of(key[0]) or 0) for _, key, d in rows[:MAX_FILES]}
         for key in self.force:
             kb_of(key if isinstance(key, int) else key[0])
+        if idle:
+            self.counters["forgotten_files"] += self.obs.forget_files(idle)
+            for key in idle:       # a later entry for it counts from zero
+                del nfile[key]
+                del self._idle[key]
+        for key in [k for k in self._idle if k not in nfile]:
+            del self._idle[key]
         return devs, files, kb
 
     def step(self) -> list[Action]:

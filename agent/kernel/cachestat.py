@@ -409,6 +409,23 @@ class CacheObserver:
                  for k, v in self.bpf[b"file_stats"].items()}
         return devs, files
 
+    def forget_files(self, keys) -> int:
+        """Delete the per-file entries of `keys` ((dev, ino) pairs) from the
+        kernel's map; returns how many there were. For files idle long enough
+        that their counts no longer matter to the caller: every file the
+        page cache touches gets an entry and keeps it, so without this a
+        window's snapshot reads every file seen since the start. A file
+        active again starts from zero."""
+        table = self.bpf[b"file_stats"]
+        n = 0
+        for dev, ino in keys:
+            try:
+                del table[cabi.CacheFileKey(dev=dev, ino=ino)]
+                n += 1
+            except KeyError:
+                pass
+        return n
+
     def file_front(self, key) -> int | None:
         """The page index file `key` (dev, ino) last inserted in the open
         window (window_front), read from the map now; None without one."""
