@@ -778,8 +778,6 @@ class PrefetchUnit:
             for key in idle:       # a later entry for it counts from zero
                 del nfile[key]
                 del self._idle[key]
-        for key in [k for k in self._idle if k not in nfile]:
-            del self._idle[key]
         return devs, files, kb
 
     def step(self) -> list[Action]:
