@@ -23,7 +23,9 @@ demo: setup module
 
 # pytest exits 5 when it collected no test: that is a failure here.
 # The VM tests run on every kernel in vm/kernel-release (6.1 and 6.12), one
-# VM boot each, or on each release in KERNELS (tests/conftest.py).
+# VM boot each, the boots side by side (one per host CPU;
+# IOBRIDGE_VM_PARALLEL=1: one after the other), or on each release in
+# KERNELS (tests/conftest.py).
 test: setup module
 	@IOBRIDGE_KERNELS="$(KERNELS)" $(PYTEST) -v -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc

@@ -38,4 +38,5 @@ def pytest_runtest_logreport(report):
             longrepr += "\n----- captured stdout (last 6000 characters) -----\n"
             longrepr += report.capstdout[-6000:]
         _emit({"nodeid": report.nodeid, "phase": report.when, "outcome": outcome,
-               "seconds": round(report.duration, 3), "longrepr": longrepr})
+               "seconds": round(report.duration, 3), "time": time.time(),
+               "longrepr": longrepr})
