@@ -679,6 +679,27 @@ def test_shadow_decides_and_logs_but_changes_nothing(tmp_path, caplog, mode):
     assert unit.status()["streams_per_class"]["sequential"] == 1
 
 
+def test_the_record_is_written_before_a_descriptors_first_change_only(tmp_path, monkeypatch):
+    """The record is written before the first change to a descriptor (and
+    when its number now holds another file), not again for each later
+    change of advice: restoring is NORMAL whatever the advice was. A kill
+    after the later changes still leaves the descriptor to restore."""
+    act = FakeActuators()
+    unit = P.PrefetchUnit(None, RuleClassifier(), "on", tmp_path / "state.json", actuators=act)
+    saves = []
+    real_save = P.Record.save
+    monkeypatch.setattr(P.Record, "save", lambda rec: (saves.append(1), real_save(rec)))
+    h = RA.Holder(4242, 3, "/x")
+    for advice in ("sequential", "random", "normal", "random"):
+        assert unit._file_action(P.Action("advise", A, None, advice, "test"), h)
+    assert len(saves) == 1
+    assert unit.record.files["4242:3"]["advice"] == "random"
+    assert P.Record.load(tmp_path / "state.json").files["4242:3"]["ino"] == A[1]
+    assert unit._file_action(P.Action("advise", B, None, "random", "test"), h)   # fd reused
+    assert len(saves) == 2
+    assert P.Record.load(tmp_path / "state.json").files["4242:3"]["ino"] == B[1]
+
+
 def test_idle_files_leave_the_observers_map_and_count_from_zero_when_back(tmp_path):
     """A file whose counters stay still for PRUNE_IDLE_WINDOWS windows loses
     its map entry (a snapshot reads every entry, every window); one with
@@ -746,6 +767,44 @@ def test_a_process_that_exited_or_a_reused_descriptor_is_file_gone(tmp_path):
         h.close()
     with pytest.raises(RA.FileGone, match="has exited"):
         act.advise(h.proc.pid, h.fd, file_key(data), "random")
+
+
+def test_holders_are_scanned_for_once_per_max_age_and_a_gone_one_makes_a_rescan(
+        tmp_path, monkeypatch):
+    """One /proc scan serves a file's holders for HOLDERS_MAX_AGE_S (the scan
+    stats every descriptor of every process); a holder found gone when
+    acting leaves the cache, so the next call scans again and finds the
+    process that has the file open now."""
+    data = tmp_path / "data"
+    data.write_bytes(b"x" * 4096)
+    key = file_key(data)
+    scans = []
+    real_scan = RA.open_holders
+    monkeypatch.setattr(RA, "open_holders",
+                        lambda *a, **kw: (scans.append(1), list(real_scan(*a, **kw)))[1])
+    act = RA.Actuators()
+    first = Holder(data)
+    second = None
+    try:
+        assert act.holders({key}) == {key: [RA.Holder(first.proc.pid, first.fd, str(data))]}
+        second = Holder(data)
+        assert act.holders({key}) == {key: [RA.Holder(first.proc.pid, first.fd, str(data))]}
+        assert len(scans) == 1
+        first.close()
+        with pytest.raises(RA.FileGone, match="has exited"):
+            act.advise(first.proc.pid, first.fd, key, "random")
+        assert act.holders({key}) == {key: [RA.Holder(second.proc.pid, second.fd, str(data))]}
+        assert len(scans) == 2
+        monkeypatch.setattr(RA, "HOLDERS_MAX_AGE_S", 0.0)
+        time.sleep(0.01)
+        act.holders({key})
+        assert len(scans) == 3
+        assert act.holders({(DEV, 1)}) == {} and len(scans) == 4   # nobody: looked for each time
+        assert act.holders({(DEV, 1)}) == {} and len(scans) == 5
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
 
 
 def test_non_root_is_refused_before_anything(tmp_path, monkeypatch):

@@ -272,14 +272,14 @@ def dev_label(dev: int) -> str:
     return blockdev.name_of(dev)
 
 
-def open_holders(want, proc: Path = Path("/proc")):
+def open_holders(want, proc: Path = Path("/proc"), skip_pid: int | None = None):
     """Yield (key, pid, fd, path) for every open descriptor, in /proc/PID/fd,
     of a file whose (dev, inode) key is in `want` (kernel dev_t encoding, as
-    the observer keys files). Processes and descriptors that go away during
-    the scan are skipped. The one /proc scan both PathCache and the prefetch
-    actuators (kernel/readahead.py) use."""
+    the observer keys files), but not process `skip_pid`'s. Processes and
+    descriptors that go away during the scan are skipped. The one /proc scan
+    both PathCache and the prefetch actuators (kernel/readahead.py) use."""
     try:
-        pids = [p for p in os.listdir(proc) if p.isdigit()]
+        pids = [p for p in os.listdir(proc) if p.isdigit() and p != str(skip_pid)]
     except OSError:
         return
     for pid in pids:
