@@ -88,13 +88,20 @@ SLOW_MS = 20                          # what a slow period adds to a read (Repli
 SLOW_READS_BOUND = 0.5                # share of the reads while slow that the slow leg served
 MIN_ROUTED_FRACTION = 0.95            # reads the table routed while the agent ran (after warm-up)
 # A pair whose learned run's median read took more than this many times the
-# default run's is run again, once, and the second pair is judged. Why: the
-# legs are the same and no routing makes the median read of 100 us legs 2x
-# slower unless it piles reads onto a slow leg, which the second pair shows
-# again; a whole-VM stall does (a CI run at QD16: learned p50 20.1 against
-# 4.75 ms, IOPS 571 against 1,452, p99 114.8 against 54.3 ms, with the
-# prefetch unit off).
+# default run's is run again (at most STALLED_ATTEMPTS pairs in all) and the
+# last pair is judged. Why: the legs are the same and no routing makes the
+# median read of 100 us legs 2x slower unless it piles reads onto a slow
+# leg, which every pair shows again; a whole-VM stall does (a CI run at
+# QD16: learned p50 20.1 against 4.75 ms, IOPS 571 against 1,452, p99 114.8
+# against 54.3 ms). With both kernels' VMs side by side on two host cores,
+# 2 of 6 first pairs looked so, both on 6.1, with the table steering (7
+# slow-leg reads while slow against 190 and 782): QD1 p50 1.32 against 0.52
+# ms, IOPS 350 against 534, p99 0.81x (bound 0.8); QD16 p50 11.3 against
+# 5.0 ms, IOPS 848 against 1,594, p99 1.50x (bound 1.25). Their second
+# pairs: p99 0.47x and 0.78x. An unstalled learned median is up to about
+# 1.6x the default's at QD1 (the agent's CPU comes out of fio's vCPU).
 STALLED_P50_FACTOR = 2.0
+STALLED_ATTEMPTS = 3
 
 
 def _replicas(name: str, completion_us: int = 100, period_scale: float = 1.0) -> ReplicaSet:
@@ -219,14 +226,15 @@ def comparison(iobridge_module):
         # kernel ignores its table and the module default decides), then the
         # learned run on the same seeded slow periods.
         for key, qd in COMPARE_PLAN:
-            for attempt in range(2):
+            for attempt in range(1, STALLED_ATTEMPTS + 1):
                 with agent_paused(agent):
                     default = run_policy(sets[key], "default", qd, COMPARE_RUNTIME_S,
                                          COMPARE_SEED)
                 learned = run_policy(sets[key], "learned", qd, COMPARE_RUNTIME_S,
                                      COMPARE_SEED, agent.pid)
                 runs[key, qd, "default"], runs[key, qd, "learned"] = default, learned
-                if learned["p50_us"] <= STALLED_P50_FACTOR * default["p50_us"]:
+                if (attempt == STALLED_ATTEMPTS
+                        or learned["p50_us"] <= STALLED_P50_FACTOR * default["p50_us"]):
                     break
                 stalled_pairs.append({"key": key, "iodepth": qd, "default": default,
                                       "learned": learned})
