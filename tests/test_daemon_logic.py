@@ -98,6 +98,16 @@ class FakePolicy:
     def clear(self, target):
         pass
 
+    attached, attach_error = True, None
+
+    def attach(self):
+        if self.attach_error:
+            raise self.attach_error
+        self.attached = True
+
+    def detach(self):
+        self.attached = False
+
 
 def fake_agent(n_legs=2, recompute_ms=1.0, **settings):
     from iobridge.daemon import config
@@ -179,6 +189,87 @@ def test_a_reload_checks_the_model_off_the_tick_loop(tmp_path, monkeypatch):
     assert agent.counters["ticks"] >= 20 and pings_during >= 5, agent.notify.sent
     assert agent.notify.sent[:2] == ["ready", "reloading"] and "ready" in agent.notify.sent[2:]
     assert checked[0] - t0 >= 1.0
+
+
+def _reloaded(agent, cfg, model=None):
+    """A prepared reload of `cfg` put in force (as the tick loop does)."""
+    import concurrent.futures
+    done = concurrent.futures.Future()
+    model = model or FixedModel([0.9])
+    done.set_result((cfg, model, decision.TableMaker(model)))
+    return agent._apply_reload(done)
+
+
+def test_a_reload_switches_shadow_mode_and_the_table_follows(caplog):
+    """Into shadow: the routing program is detached at once (the module
+    default decides) and nothing is published or extended, while the agent
+    goes on deciding; out of it: attached again and a fresh table published."""
+    agent = fake_agent()
+    agent.notify = RecordingNotifier()
+
+    def tick_until(done, ticks=500):
+        for _ in range(ticks):
+            if done():
+                return True
+            agent.legmap.done += 3
+            time.sleep(0.002)
+            agent.tick()
+        return done()
+
+    assert tick_until(lambda: agent.policy.published and agent._pending is None)
+    with caplog.at_level("INFO", logger="iobridge.agent"):
+        assert _reloaded(agent, agent.cfg.replace(shadow=True))
+    assert agent.cfg.shadow and not agent.policy.attached
+    assert "module default decides every read" in caplog.text
+    published, extended = len(agent.policy.published), agent.policy.extended
+    recomputes = agent.counters["recomputes"]
+    assert tick_until(lambda: agent.counters["recomputes"] > recomputes  # still deciding
+                      and agent._pending is None)
+    assert (len(agent.policy.published), agent.policy.extended) == (published, extended)
+    assert _reloaded(agent, agent.cfg.replace(shadow=False))
+    assert not agent.cfg.shadow and agent.policy.attached
+    assert tick_until(lambda: len(agent.policy.published) > published)
+
+
+def test_a_program_that_cannot_attach_keeps_shadow_mode_and_says_why(caplog):
+    from iobridge.core.errors import IobridgeError
+    agent = fake_agent(shadow=True)
+    agent.notify = RecordingNotifier()
+    agent.policy.attached = False
+    agent.policy.attach_error = IobridgeError("cannot attach iobridge_route: refused")
+    with caplog.at_level("INFO", logger="iobridge.agent"):
+        assert _reloaded(agent, agent.cfg.replace(shadow=False, tick_ms=100))
+    assert agent.cfg.shadow and not agent.policy.attached and agent.cfg.tick_ms == 100
+    assert "shadow mode kept: cannot attach iobridge_route: refused" in caplog.text
+
+
+def test_a_reload_keeps_an_unchanged_model_and_checks_a_changed_card(tmp_path, monkeypatch):
+    """Same model and card bytes: the checked model stays (no test inference
+    again); a card edited since: the full load and check."""
+    import json
+    import shutil
+
+    from iobridge.core.model import AdmissionModel, card_path
+    from iobridge.daemon import config
+    model = tmp_path / "m.onnx"
+    shutil.copy(config.DEFAULT_MODEL, model)
+    shutil.copy(card_path(config.DEFAULT_MODEL), card_path(model))
+    agent = fake_agent()
+    agent.cfg = agent.cfg.replace(model=model, threshold=0.3)
+    agent.model = AdmissionModel(model)
+    loads = []
+    monkeypatch.setattr(agent, "_load_model", lambda cfg: loads.append(cfg) or (None, None))
+    agent.maker = agent._maker(agent.cfg, agent.model)
+    cfg, kept, maker = agent._prepare_reload()
+    assert kept is agent.model and maker is agent.maker and loads == []   # answers kept too
+    agent.cfg = agent.cfg.replace(threshold=0.25)       # as if the file said so
+    cfg, kept, maker = agent._prepare_reload()
+    assert kept is agent.model and maker is not agent.maker and maker.threshold == 0.25
+    card = json.loads(card_path(model).read_text())
+    card["decision_threshold"] = 0.2
+    card_path(model).write_text(json.dumps(card))
+    agent._prepare_reload()
+    assert len(loads) == 1
 
 
 def test_a_start_refused_early_stops_quietly_and_leaves_the_status_file(tmp_path, caplog):

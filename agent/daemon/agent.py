@@ -41,7 +41,11 @@ as a safety net. A target that disappears has its entries cleared and its
 leg slots freed.
 
 Signals: SIGHUP reloads the config file and the model (a file that fails
-validation is refused and the running ones stay in force); SIGTERM and
+validation is refused and the running ones stay in force; an unchanged
+model file keeps the checked model), and switches shadow mode on or off
+(off -> on detaches the routing program, so the module default decides
+every read at once; on -> off attaches it and publishes a fresh table);
+SIGTERM and
 SIGINT stop cleanly: detach, unpin, leave the targets on the module default.
 Under systemd (Type=notify) READY, STATUS, WATCHDOG, RELOADING and STOPPING
 are sent through daemon/sdnotify.py.
@@ -224,9 +228,12 @@ class Agent:
     def _load_model(cfg: config_mod.Config):
         from ..core.model import AdmissionModel  # noqa: PLC0415 (onnxruntime import is slow)
         model = AdmissionModel(cfg.model)          # raises ModelCheckError with the reason
-        maker = decision.TableMaker(model, ttl_ns=cfg.ttl_ns, threshold=cfg.threshold,
-                                    probe_after_ns=cfg.probe_after_ns)
-        return model, maker
+        return model, Agent._maker(cfg, model)
+
+    @staticmethod
+    def _maker(cfg: config_mod.Config, model) -> decision.TableMaker:
+        return decision.TableMaker(model, ttl_ns=cfg.ttl_ns, threshold=cfg.threshold,
+                                   probe_after_ns=cfg.probe_after_ns)
 
     @staticmethod
     def _load_models(cfg: config_mod.Config):
@@ -713,7 +720,33 @@ class Agent:
         tick loop, which goes on beating the heartbeat and the watchdog."""
         cfg = config_mod.load(self.cfg.source) if self.cfg.source else self.cfg
         cfg = cfg.replace(**self.overrides)
+        if self._model_unchanged(cfg):
+            # The bytes checked at the last load are the bytes in the files:
+            # no second check (a child process's test inference, seconds
+            # under emulation), and with the maker's settings unchanged its
+            # kept answers too (no inference at the next recompute).
+            log.info("model %s unchanged (sha256 %s): kept", cfg.model, self.model.sha256[:12])
+            maker = self._maker(cfg, self.model)
+            old = self.maker
+            if (old is not None and old.model is self.model
+                    and (old.ttl_ns, old.threshold, old.probe_after_ns)
+                    == (maker.ttl_ns, maker.threshold, maker.probe_after_ns)):
+                maker = old
+            return cfg, self.model, maker
         return (cfg, *self._load_model(cfg))
+
+    def _model_unchanged(self, cfg: config_mod.Config) -> bool:
+        """The model in force came from cfg.model, whose file and card hold
+        the same bytes and card as when it was checked."""
+        from ..core.model import card_path, model_sha256  # noqa: PLC0415
+        m = self.model
+        if m is None or getattr(m, "path", None) is None or Path(cfg.model) != m.path:
+            return False
+        try:
+            return (model_sha256(m.path.read_bytes()) == m.sha256
+                    and json.loads(card_path(m.path).read_text()) == m.card)
+        except (OSError, ValueError):
+            return False          # the full load says what is wrong
 
     def _apply_reload(self, prepared: concurrent.futures.Future) -> bool:
         """Put a prepared reload in force (waits for it), or log why not."""
@@ -725,17 +758,20 @@ class Agent:
             self.notify.ready(f"reload refused: {err}")
             return False
         # hedging: the observer streams leg bios only if it was opened to
-        fixed = ("shadow", "pin_dir", "metrics_listen", "hedging", "prefetch_mode",
+        fixed = ("pin_dir", "metrics_listen", "hedging", "prefetch_mode",
                  "prefetch_window_s", "prefetch_state_file", "prefetch_model",
                  "prefetch_device_only")
         if any(getattr(cfg, k) != getattr(self.cfg, k) for k in fixed):
-            log.warning("shadow, pin_dir, metrics_listen, admission.hedging and the prefetch "
+            log.warning("pin_dir, metrics_listen, admission.hedging and the prefetch "
                         "keys take effect at restart only (prefetch: mode, window_s, "
                         "state_file, model, device_only)")
             cfg = dataclasses.replace(cfg, **{k: getattr(self.cfg, k) for k in fixed})
+        if cfg.shadow != self.cfg.shadow and not self._set_shadow(cfg.shadow):
+            cfg = dataclasses.replace(cfg, shadow=self.cfg.shadow)
+        if maker is not self.maker:
+            self._pending = None      # a recompute with the old maker is dropped
         self.cfg, self.model, self.maker = cfg, model, maker
         self._dirty = True            # the new model (or probing, expiry) fills the table
-        self._pending = None          # a recompute with the old model is dropped
         self._last_build_ns = self._next_check_ns = 0
         self.policy.heartbeat(clock.now_ns(),
                               max_silence_ns=cfg.max_silence_ns)
@@ -743,6 +779,25 @@ class Agent:
         log.info("reloaded: model %s (threshold %.4f), tick %.3g ms",
                  cfg.model, maker.threshold, cfg.tick_ms)
         self.notify.ready("reloaded")
+        return True
+
+    def _set_shadow(self, shadow: bool) -> bool:
+        """Enter shadow mode (detach the routing program: the module default
+        decides every read from the next one on, the agent goes on deciding
+        and logging) or leave it (attach; the reload's recompute publishes a
+        fresh table, and until then the entries left have expired, so the
+        module default decides). False, said, if the program cannot attach."""
+        if shadow:
+            self.policy.detach()
+            log.info("shadow mode: routing program detached, the module default decides "
+                     "every read; decisions are still made and logged")
+            return True
+        try:
+            self.policy.attach()
+        except IobridgeError as err:
+            log.error("shadow mode kept: %s", err)
+            return False
+        log.info("shadow mode left: routing program attached, publishing")
         return True
 
     # -- main loop ---------------------------------------------------------------

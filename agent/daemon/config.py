@@ -8,7 +8,8 @@
                                # heartbeat is older than this (0 = never)
     recompute_ms = 1000        # the keyed table is recomputed at most this often,
                                # and only when a leg's baseline or the model changed
-    shadow = false             # compute and log decisions, publish nothing
+    shadow = false             # compute and log decisions, publish nothing (the
+                               # module default decides); a reload switches it
     discover_interval_s = 10.0 # a full target listing (ioctls) this often; dm
                                # uevents trigger one at once in between
     status_file = "/run/iobridge/status.json"
