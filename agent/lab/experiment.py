@@ -44,6 +44,7 @@ import numpy as np
 from ..core import abi, cliutil, clock, resources
 from ..core.errors import IobridgeError, UsageError
 from ..core.features import MIN_BASELINE_SAMPLES
+from ..core.outfiles import atomic_output
 from ..core.clock import TICK_MS_MAX, TICK_MS_MIN
 from ..daemon.config import Config
 from ..kernel import dmtarget
@@ -460,9 +461,8 @@ def set_agent_shadow(agent: "AgentProcess", config: Path, shadow: bool,
     it is in force: into shadow, the routing program detached (the module
     default decides every read); out of it, a fresh table published."""
     since = clock.now_ns()
-    tmp = config.with_name(config.name + ".tmp")
-    tmp.write_text(f"[agent]\nshadow = {'true' if shadow else 'false'}\n")
-    tmp.replace(config)
+    with atomic_output(config) as tmp:     # the agent never reads half a file
+        tmp.write_text(f"[agent]\nshadow = {'true' if shadow else 'false'}\n")
     agent.send(signal.SIGHUP)
     agent.wait_status(lambda s: s.get("shadow") is shadow
                       and (shadow or (s.get("last_published_ns") or 0) > since), timeout_s)
