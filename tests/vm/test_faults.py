@@ -133,20 +133,28 @@ def test_slow_periods_delay_reads_only_while_slow(make_nullb, make_slow_periods,
     # dmsetup), which eats into the 0.3 s slow periods; fio's own start-up
     # takes seconds too. So ask for few, but from more than one period.
     assert len(slow_lat) >= 10 and len(periods_measured) >= 2 and len(normal_lat) >= 100, figures
-    # Every read wholly inside a slow period waited out the delay, but for at
-    # most one in a hundred (and one in any run). Placing a read in a period
-    # takes two clocks read by two processes: fio's log (whole ms, its own
-    # epoch) and the switching thread's. One CI run on 6.12 had one read of
-    # 105 at 7.35 ms; a 20 ms dm-delay that never switched delayed 1,499 of
-    # 1,499 reads by 16.6 ms or more beside a busy host core, so the delay
-    # itself holds and the outlier is most likely a misplaced read at a
-    # period's edge. The figures name each early read's margins to its
-    # period's ends, so a failure says which.
+    # Every read wholly inside a slow period was delayed, but for at most one
+    # in a hundred (and one in any run): "delayed" is more than half the
+    # delay, far above a normal read. Placing a read in a period takes two
+    # clocks read by two processes, fio's log (whole ms, its own epoch) and
+    # the switching thread's; one CI run on 6.12 had one read of 105 at 7.35
+    # ms, most likely misplaced at a period's edge.
+    #
+    # Most also waited out the whole delay less a tick, but not all: dm-delay
+    # counts the delay in jiffies from the last tick handled, and under a
+    # loaded TCG host a tick can be handled milliseconds late, so a read that
+    # arrives then is released early by as much. A CI run with both kernels'
+    # VMs side by side had 2 reads of 127 at 12.8 and 13.5 ms, 287 and 547 ms
+    # inside periods of over 0.8 s, far from any edge. So up to one in twenty
+    # (and two in any run) may come in under that floor. The figures name
+    # each early read's margins to its period's ends, so a failure says which.
     early = [(lat / 1e6, (t - lat - start) / 1e6, (end - t - lat) / 1e6)
              for t, lat in slow_rows if lat < floor_ns for start, end in [period_at(t)]]
     figures += "; early slow reads (ms, ms after start, ms before end): " + (
         ", ".join(f"({a:.2f}, {b:.0f}, {c:.0f})" for a, b, c in early) or "none")
-    assert len(early) <= max(1, len(slow_lat) // 100), figures
+    undelayed = [lat for lat, _, _ in early if lat < SLOW_MS / 2]
+    assert len(undelayed) <= max(1, len(slow_lat) // 100), figures
+    assert len(early) <= max(2, len(slow_lat) // 20), figures
     assert statistics.median(slow_lat) >= 0.9 * SLOW_MS * 1e6, figures
     # ... and reads wholly inside normal periods were not delayed.
     assert statistics.median(normal_lat) < 0.25 * SLOW_MS * 1e6, figures
