@@ -15,15 +15,17 @@ from iobridge.kernel import dmioctl as D
 def test_request_numbers_match_dm_ioctl_h():
     # _IOWR(0xfd, cmd, struct dm_ioctl) as libdevmapper computes them
     assert D.request(D.LIST_DEVICES) == 0xC138FD02
+    assert D.request(D.DEV_SUSPEND) == 0xC138FD06
+    assert D.request(D.TABLE_LOAD) == 0xC138FD09
     assert D.request(D.TABLE_STATUS) == 0xC138FD0C
 
 
 def test_header_carries_version_sizes_and_name():
-    buf = D.pack("iob_x", 4096, flags=D.STATUS_TABLE_FLAG, target_count=2, payload=b"abc")
+    buf = D.pack("iob_x", 4096, flags=D.SKIP_LOCKFS_FLAG, target_count=2, payload=b"abc")
     h = D.header(buf)
     assert len(buf) == 4096 and h["version"] == D.VERSION
     assert h["data_size"] == 4096 and h["data_start"] == 312 and h["target_count"] == 2
-    assert h["flags"] == D.STATUS_TABLE_FLAG
+    assert h["flags"] == D.SKIP_LOCKFS_FLAG
     assert bytes(buf[40 + 8:40 + 8 + 6]) == b"iob_x\0"
     assert bytes(buf[312:315]) == b"abc"
 
@@ -57,6 +59,19 @@ lines_st = st.lists(st.builds(
 def test_status_answers_unpack_to_their_lines(lines):
     buf = _status_answer(lines)
     assert D.unpack_specs(buf, len(lines)) == lines
+
+
+@given(lines_st)
+def test_load_payload_chains_specs_from_each_spec(lines):
+    data = D.pack_specs(lines)
+    offset, seen = 0, []
+    for _ in lines:
+        start, length, _status, nxt, ttype = D.SPEC.unpack_from(data, offset)
+        params = data[offset + D.SPEC.size:offset + nxt].split(b"\0")[0].decode()
+        seen.append(D.TargetLine(start, length, ttype.rstrip(b"\0").decode(), params))
+        assert nxt % 8 == 0
+        offset += nxt
+    assert seen == lines and offset == len(data)
 
 
 def test_a_truncated_status_answer_is_an_error():

@@ -7,18 +7,19 @@ from exponential distributions. It records when each period really held, on
 CLOCK_MONOTONIC, the clock bpf_ktime_get_ns() reads, so I/O timestamps from
 the BPF observers (or fio logs using that clock) can be matched to periods.
 
-How a switch works, per drivers/md/dm-delay.c and dm-ioctl.c (6.1):
-`dmsetup load` stages the new table and `dmsetup resume` swaps it in; resume
+How a switch works, per drivers/md/dm-delay.c and dm-ioctl.c (6.1): a
+table load stages the new table and a resume swaps it in (the ioctls of
+`dmsetup load` and `dmsetup resume`, made directly: kernel/dmioctl.py); resume
 suspends the device itself when an inactive table is staged, so no separate
-`dmsetup suspend` is needed. dm-delay's presuspend hook dispatches every bio
+suspend is needed. dm-delay's presuspend hook dispatches every bio
 it is still holding at once, so a read caught in a slow->normal switch
 completes early, and reads arriving during the swap wait in dm core and then
 take the new table. --noflush makes no difference to dm-delay (it only
 matters for targets that push bios back to dm core, which dm-delay never
-does); we pass --nolockfs so that a filesystem on top is not frozen and
-synced at every switch. The "switching" entries of the timeline cover the
-resume, when the table in force is uncertain (~0.1 s under TCG, mostly
-starting dmsetup).
+does); the resume skips lockfs so that a filesystem on top is not frozen
+and synced at every switch. The "switching" entries of the timeline cover
+the resume, when the table in force is uncertain (11-13 ms on average under
+TCG with two VMs side by side; with two dmsetup processes it was ~0.5 s).
 
 Side effect to know about when counting I/O: every resume emits a change
 uevent, and udev's blkid probe then reads the device (hundreds of extra
@@ -37,7 +38,7 @@ from pathlib import Path
 
 from ..core.clock import now_ns
 from ..core.errors import IobridgeError, UsageError
-from ..kernel import blockdev, dmtarget
+from ..kernel import blockdev, dmioctl, dmtarget
 
 NORMAL, SLOW, SWITCHING = "normal", "slow", "switching"
 
@@ -115,9 +116,14 @@ class SlowPeriods:
 
     # ------------------------------------------------------------ tables
 
-    def _table(self, read_ms: int) -> str:
+    def _spec(self, read_ms: int) -> dmioctl.TargetLine:
         # Reads go to dev with read_ms; writes and flushes to dev with 0.
-        return f"0 {self._sectors} delay {self.dev} 0 {read_ms} {self.dev} 0 0"
+        return dmioctl.TargetLine(0, self._sectors, "delay",
+                                  f"{self.dev} 0 {read_ms} {self.dev} 0 0")
+
+    def _table(self, read_ms: int) -> str:
+        spec = self._spec(read_ms)
+        return f"{spec.start} {spec.length} {spec.target_type} {spec.params}"
 
     def create(self) -> str:
         """Create the delay device with no delay; returns its path."""
@@ -138,16 +144,12 @@ class SlowPeriods:
         """Reload the table for `state`, closing the current period."""
         # Loading only stages the table; the old one stays in force until
         # the resume, so only the resume is the uncertain window.
-        # dmsetup, not kernel/dmioctl: with the same two ioctls made directly
-        # (a switch in 5 ms instead of ~100), the QD1 comparison's table let
-        # the slow leg serve most reads while slow in 2 of 3 VM runs (cause
-        # not found yet); with dmsetup it avoided it in every run on record.
-        _dmsetup("load", self.name, "--table", self._table(self.slow_ms if state == SLOW else 0))
+        # By ioctl, not dmsetup: two dmsetup processes per switch (130-200 ms
+        # of CPU each under emulation), about two switches a second, took
+        # CPU from the workload being measured and set its tail.
+        dmioctl.load(self.name, [self._spec(self.slow_ms if state == SLOW else 0)])
         t0 = now_ns()
-        # --noudevsync: do not wait for udev to process the change uevent
-        # (nothing about the node changes); in the test VM that wait made a
-        # resume take 3.4 s instead of 0.1 s.
-        _dmsetup("resume", "--nolockfs", "--noudevsync", self.name)
+        dmioctl.resume(self.name, skip_lockfs=True)
         t1 = now_ns()
         with self._lock:
             self.timeline.append((self._state_since, t0, self._state))

@@ -197,8 +197,8 @@ def test_table_round_trip_and_options(make_nullb, make_iobridge):
 
 
 def test_ioctl_calls_agree_with_dmsetup(make_nullb, make_iobridge):
-    """kernel/dmioctl (what the agent lists targets with and the experiments
-    read counters with) against dmsetup on the same devices."""
+    """kernel/dmioctl (what the agent lists targets with and the slow-period
+    schedule swaps tables with) against dmsetup on the same devices."""
     from iobridge.kernel import dmioctl
     legs = [make_nullb(size_mb=8), make_nullb(size_mb=8)]
     name = make_iobridge(legs, policy="round_robin")
@@ -212,8 +212,24 @@ def test_ioctl_calls_agree_with_dmsetup(make_nullb, make_iobridge):
     assert name in names
     assert sorted(names) == sorted(line.split()[0] for line in listed.splitlines()
                                    if line.strip() and "No devices" not in line)
-    with pytest.raises(IobridgeError, match="no device-mapper device"):
-        dmioctl.status(f"{name}_absent")
+    # A staged table takes effect at resume, as dmsetup load + resume.
+    lin = f"{name}_lin"
+    size = sectors_of(legs[0])
+    run(["dmsetup", "create", lin, "--table", f"0 {size} linear {legs[0]} 0"])
+    try:
+        dmioctl.load(lin, [dmioctl.TargetLine(0, size // 2, "linear", f"{legs[1]} 0")])
+        assert run(["dmsetup", "table", lin]).stdout.split()[1] == str(size)   # staged only
+        dmioctl.resume(lin)
+        rdev = os.stat(legs[1]).st_rdev
+        assert run(["dmsetup", "table", lin]).stdout.split() == [
+            "0", str(size // 2), "linear", f"{os.major(rdev)}:{os.minor(rdev)}", "0"]
+        with pytest.raises(IobridgeError, match="no device-mapper device"):
+            dmioctl.status(f"{name}_absent")
+        with pytest.raises(IobridgeError, match="loading a table into"):
+            dmioctl.load(lin, [dmioctl.TargetLine(0, 8, "no_such_target", "")])
+        assert run(["dmsetup", "table", lin]).stdout.split()[1] == str(size // 2)
+    finally:
+        run(["dmsetup", "remove", lin])
 
 
 def test_messages(make_nullb, make_iobridge):
