@@ -69,3 +69,20 @@ def test_each_depth_line_marks_its_own_figures():
     assert qd16.endswith("[goal <= 0.06: MISSED]")
     summary = next(line for line in lines if line.startswith("goals (issues 10 and 12)"))
     assert "hedged_iops" in summary and "hedged_extra_reads" in summary
+
+
+def test_the_routed_line_shows_every_run_its_goal_judges():
+    # The goal takes the lowest routed fraction of every learned run, the
+    # transfer check's too: the line must show that run, or it reads
+    # "100%, 100% [MISSED]".
+    res = _result(on_p999_qd16=3000.0, issued_qd16=50)
+    slow = _run("learned", 1, 9000.0, 500.0, reads=944)
+    slow["default_routed"] = 56
+    res["transfer"] = {"completion_us": 1000, "slow_ms": 8, "runs": [slow],
+                       "ratios": {}}
+    res["goals"] = E.summarize(res)
+    assert res["goals"]["routed_fraction"] == {"value": 0.944, "goal": ">= 0.95", "met": False}
+    line = next(line for line in E.render(res).splitlines()
+                if line.startswith("reads routed by the table"))
+    assert "QD 1 100.0%" in line and "QD 1 at 1000 us 94.4%" in line
+    assert line.endswith("[goal >= 0.95: MISSED]")

@@ -742,11 +742,16 @@ def render(res: dict) -> str:
     for qd, rat in res["ratios"].items():
         lines.append(f"QD {qd}: (c) / best of (a), (b): " + _ratio_parts(rat, goals, f"@{qd}"))
     learned = [r for r in res["runs"] if r["policy"] == "learned"]
+    # Every learned run the goal judges, the transfer's too (summarize()).
+    judged = [("", r) for r in learned] + [
+        (f" at {res['transfer']['completion_us']} us", r)
+        for r in res.get("transfer", {}).get("runs", []) if r["policy"] == "learned"]
     if learned:
         lines.append("reads routed by the table while the agent ran (kernel counters routed / "
                      "(routed + default)): " + ", ".join(
-                         f"QD {r['iodepth']} {_pct(routed_fraction(r))} "
-                         f"({(r.get('route') or {}).get('probes', '-')} probes)" for r in learned)
+                         f"QD {r['iodepth']}{where} {_pct(routed_fraction(r))} "
+                         f"({(r.get('route') or {}).get('probes', '-')} probes)"
+                         for where, r in judged)
                      + goal_mark(goals.get("routed_fraction")))
     if res.get("decision_age"):
         d = res["decision_age"]
