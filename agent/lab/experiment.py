@@ -46,7 +46,6 @@ from ..core.errors import IobridgeError, UsageError
 from ..core.features import MIN_BASELINE_SAMPLES
 from ..core.outfiles import atomic_output
 from ..core.clock import TICK_MS_MAX, TICK_MS_MIN
-from ..daemon.config import Config
 from ..kernel import dmtarget
 from . import testbed, workload
 from .faults import NORMAL, SLOW, SlowPeriods, now_ns
@@ -428,32 +427,6 @@ def read_clat_log(prefix: str) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
-@contextlib.contextmanager
-def agent_paused(agent: "AgentProcess", max_silence_s: float = Config.max_silence_ms / 1000):
-    """The agent SIGSTOPped for a baseline run, so baseline and learned runs
-    alternate side by side in one agent's life (an emulated machine's speed
-    drifted 2.3x within one run; runs far apart in time compare the drift).
-    Once the heartbeat is older than max_silence the routing program leaves
-    every read to the module default, and the stopped agent takes no CPU. On
-    exit the agent is continued; this returns once it has run again (its
-    status file rewritten), so its next tick has renewed the table."""
-    agent.send(signal.SIGSTOP)
-    try:
-        time.sleep(max_silence_s + 0.5)
-        yield
-    finally:
-        since = time.time_ns()
-        agent.send(signal.SIGCONT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if agent.status_file.stat().st_mtime_ns > since:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.05)
-
-
 def set_agent_shadow(agent: "AgentProcess", config: Path, shadow: bool,
                      timeout_s: float = 120.0) -> None:
     """Switch a running agent started with `--config config` into or out
@@ -473,11 +446,13 @@ def agent_shadowed(agent: "AgentProcess", config: Path):
     """The agent in shadow mode for a baseline run: the module default
     decides every read while the agent goes on observing and deciding, so
     both runs of a pair pay the agent's CPU and differ in the routing
-    alone. Why not agent_paused: under emulation, with a single vCPU, the
-    agent's CPU (17% of it at QD16 in one CI run) comes out of fio's, and
-    at QD16, where the run is CPU-bound, that alone put the learned run's
-    p99 at 1.45x the agent-stopped default's (IOPS 0.81x) while it steered
-    all but 11 reads away from the slow leg while slow (default 880)."""
+    alone. Why not a stopped agent (SIGSTOP, once the default of the demo
+    too): under emulation, with a single vCPU, the agent's CPU (17% of it
+    at QD16 in one CI run) comes out of fio's, and at QD16, where the run
+    is CPU-bound, that alone put the learned run's p99 at 1.45x the
+    agent-stopped default's (IOPS 0.81x) while it steered all but 11 reads
+    away from the slow leg while slow (default 880). What the agent costs
+    is its own question (the bench's overhead runs)."""
     set_agent_shadow(agent, config, True)
     try:
         yield
@@ -583,7 +558,8 @@ def compare(depths=(1, 16), runtime_s: float = 15.0, seed: int = 7, slow_ms: int
             baselines: tuple[str, ...] = ("default", "roundrobin"),
             replicas: ReplicaSet | None = None) -> dict:
     """(a), (b), then (c) at each depth on one replica set, one depth after
-    the other, (a) and (b) with the agent stopped (agent_paused); returns
+    the other, (a) and (b) with the agent in shadow mode (agent_shadowed:
+    every run pays the agent's CPU, the runs differ in routing); returns
     {"runs": [...], "ratios": {depth: {...}}, "setup": {...}, "_latencies":
     {panel: {label: ns array}} (with lat_dir)}. before_agent(rs) runs
     before the agent starts; with_agent(agent, rs) after
@@ -606,15 +582,18 @@ def compare(depths=(1, 16), runtime_s: float = 15.0, seed: int = 7, slow_ms: int
             before_agent(rs)
         progress("  starting the agent (BCC compiles its programs) ...")
         t0 = time.monotonic()
-        agent = AgentProcess(list(agent_args)).start()
+        workdir = Path(tempfile.mkdtemp(prefix="iobridge-agent-"))
+        config = workdir / "iobridge.toml"    # rewritten to switch shadow mode
+        config.write_text("[agent]\nshadow = false\n")
+        agent = AgentProcess([*agent_args, "--config", str(config)], workdir=workdir).start()
         startup_s = time.monotonic() - t0
         progress("  reading until the agent has a baseline for every leg ...")
         first_table_s = warm_up(agent.status, rs)
-        # Side by side: each depth's baselines (agent stopped), then (c).
+        # Side by side: each depth's baselines (agent in shadow), then (c).
         for qd in depths:
-            for policy in baselines:
-                with agent_paused(agent):
-                    one(policy, qd)
+            with agent_shadowed(agent, config):
+                for policy in baselines:
+                    one(policy, qd, agent.pid)
             one("learned", qd, agent.pid)
         if with_agent is not None:
             with_agent(agent, rs)
