@@ -56,12 +56,14 @@ COMPARE_PLAN = (("fast", 1, 10), ("fast", 16, 20), ("slowdev", 1, 10))
 # while slow against 880). The slow periods switch by ioctl (lab/faults):
 # with two dmsetup processes per switch (0.3-0.4 s of the guest's CPU
 # about twice a second) QD16 ran at 1,000-1,450 IOPS and its p99 was
-# 0.65-1.20x over 10 runs. Since, on 6.1 and 6.12 (quiet, beside a busy host core, both
-# kernels' VMs side by side as CI runs them):
-#   100 us legs, QD1:  p99 0.19-0.37x, reads over 20 ms 0.06-0.12x
-#   100 us legs, QD16: p99 0.60-0.84x (1,700-4,450 IOPS)
-#   1 ms legs,   QD1:  p99 0.27-0.36x, reads over 20 ms 0.05-0.07x
-# and 31-72 slow-leg reads while slow against 196-238 (QD1), 227-589
+# 0.65-1.20x over 10 runs. Since, 6 runs on 6.1 and 6.12 (quiet, beside a
+# busy host core, both kernels' VMs side by side as CI runs them, and a CI
+# pre-check):
+#   100 us legs, QD1:  p99 0.19-0.47x, reads over 20 ms 0.06-0.18x
+#   100 us legs, QD16: p99 0.60-1.00x (1,700-4,450 IOPS; 1.00x in the CI
+#                      pre-check on 6.1, median 1.16x, IOPS 1.01x)
+#   1 ms legs,   QD1:  p99 0.27-0.57x, reads over 20 ms 0.04-0.11x
+# and 31-72 slow-leg reads while slow against 192-250 (QD1), 227-589
 # against 1,445-2,554 (QD16). A policy that does nothing routes like the
 # module default and gets about 1x on each. Beyond what CI does, both VMs
 # side by side *and* a busy host core (three hogs on two cores, ~150-900
