@@ -427,6 +427,21 @@ def read_clat_log(prefix: str) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
+def _write_shadow_config(config: Path, shadow: bool) -> None:
+    with atomic_output(config) as tmp:     # the agent never reads half a file
+        tmp.write_text(f"[agent]\nshadow = {'true' if shadow else 'false'}\n")
+
+
+def switchable_agent(args=()) -> tuple["AgentProcess", Path]:
+    """An AgentProcess (not started) that reads its config from a file in its
+    own workdir, out of shadow mode, so that set_agent_shadow and
+    agent_shadowed can switch it; returns it and the config's path."""
+    workdir = Path(tempfile.mkdtemp(prefix="iobridge-agent-"))
+    config = workdir / "iobridge.toml"
+    _write_shadow_config(config, False)
+    return AgentProcess([*args, "--config", str(config)], workdir=workdir), config
+
+
 def set_agent_shadow(agent: "AgentProcess", config: Path, shadow: bool,
                      timeout_s: float = 120.0) -> None:
     """Switch a running agent started with `--config config` into or out
@@ -434,8 +449,7 @@ def set_agent_shadow(agent: "AgentProcess", config: Path, shadow: bool,
     it is in force: into shadow, the routing program detached (the module
     default decides every read); out of it, a fresh table published."""
     since = clock.now_ns()
-    with atomic_output(config) as tmp:     # the agent never reads half a file
-        tmp.write_text(f"[agent]\nshadow = {'true' if shadow else 'false'}\n")
+    _write_shadow_config(config, shadow)
     agent.send(signal.SIGHUP)
     agent.wait_status(lambda s: s.get("shadow") is shadow
                       and (shadow or (s.get("last_published_ns") or 0) > since), timeout_s)
@@ -582,10 +596,8 @@ def compare(depths=(1, 16), runtime_s: float = 15.0, seed: int = 7, slow_ms: int
             before_agent(rs)
         progress("  starting the agent (BCC compiles its programs) ...")
         t0 = time.monotonic()
-        workdir = Path(tempfile.mkdtemp(prefix="iobridge-agent-"))
-        config = workdir / "iobridge.toml"    # rewritten to switch shadow mode
-        config.write_text("[agent]\nshadow = false\n")
-        agent = AgentProcess([*agent_args, "--config", str(config)], workdir=workdir).start()
+        agent, config = switchable_agent(agent_args)
+        agent.start()
         startup_s = time.monotonic() - t0
         progress("  reading until the agent has a baseline for every leg ...")
         first_table_s = warm_up(agent.status, rs)

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,8 +35,8 @@ from iobridge.daemon.config import DEFAULT_MODEL, Config
 from iobridge.kernel import dmtarget
 from iobridge.lab import testbed, workload
 from iobridge.lab.experiment import (AgentProcess, ReplicaSet, agent_shadowed, route_stats,
-                                     routed_fraction, run_policy, slow_read_share, table_ready,
-                                     warm_up)
+                                     routed_fraction, run_policy, slow_read_share,
+                                     switchable_agent, table_ready, warm_up)
 
 pytestmark = pytest.mark.vm
 
@@ -210,10 +209,8 @@ def comparison(iobridge_module):
     try:
         for rs in sets.values():
             rs.create()
-        workdir = Path(tempfile.mkdtemp(prefix="iobridge-agent-"))
-        config = workdir / "iobridge.toml"    # rewritten to switch shadow mode
-        config.write_text("[agent]\nshadow = false\n")
-        agent = AgentProcess(["--config", str(config)], workdir=workdir).start()  # shipped model
+        agent, config = switchable_agent()
+        agent.start()                        # the shipped model
         agent.wait_status(lambda s: len(s["targets"]) == 2)
         # The runs measure the table in force: each set's legs get baselines first.
         first_table_s = {key: warm_up(agent.status, rs) for key, rs in sets.items()}
