@@ -74,6 +74,44 @@ def test_timeline_queries():
     assert sp.in_slow(110) and sp.in_slow(399) and not sp.in_slow(400)
     assert sp.state_at(500) is None and sp.state_at(-1) is None
     assert sp.slow_fraction() == pytest.approx(290 / 500)
+    # A span counts for a period only if that period covers all of it.
+    assert sp.state_over(10, 90) == NORMAL and sp.state_over(110, 399) == SLOW
+    assert sp.state_over(90, 120) is None          # meets a switch
+    assert sp.state_over(102, 108) is None         # inside the switch
+    assert sp.state_over(300, 450) is None         # slow, switch, normal
+    assert sp.state_over(110, 400) is None         # ends where slow ends
+    assert sp.state_over(490, 510) is None and sp.state_over(-5, 5) is None   # outside the run
+
+
+def test_slow_leg_reads_count_only_spans_inside_one_period(monkeypatch):
+    """The sampler puts a span's reads in a period only if the period covers
+    the whole span; reads of spans that meet a switch count for neither."""
+    from types import SimpleNamespace
+
+    from iobridge.lab import experiment
+
+    sp = SlowPeriods("/dev/null", "x", 20, 0.5, 0.3)
+    sp.timeline = [(0, 1000, NORMAL), (1000, 1010, SWITCHING), (1010, 2000, SLOW)]
+    clock = itertools.count(0, 50)          # each now_ns() call 50 ns later
+    # (slow leg, other leg) reads before each status: 10 + 10 per span
+    counts = iter([(i * 10, i * 10) for i in range(100)])
+    monkeypatch.setattr(experiment, "now_ns", lambda: next(clock))
+
+    def status(name):
+        a, b = next(counts)
+        return SimpleNamespace(legs=[SimpleNamespace(reads=b), SimpleNamespace(reads=a)])
+    monkeypatch.setattr(experiment.dmtarget, "status", status)
+    rs = SimpleNamespace(name="x", slow=sp, SLOW_LEG=1)
+    sampler = experiment.SlowLegReads(rs, interval_s=0)
+    stops = iter([False] * 19 + [True])
+    sampler._stop = SimpleNamespace(wait=lambda s: next(stops))   # noqa: SLF001
+    sampler._run()                                                # noqa: SLF001
+    # counts at t 0-50, 100-150, ... 1900-1950, so the spans are [0, 150],
+    # [100, 250], ... [1800, 1950]: those ending before 1000 are normal (9),
+    # those meeting the switch ([900, 1050] and [1000, 1150]) count for
+    # neither, and the rest are slow (8).
+    assert sampler.reads == {"normal": 90, "switching": 20, "slow": 80}
+    assert sampler.all_reads == {"normal": 180, "switching": 40, "slow": 160}
 
 
 def test_dmsetup_failures_are_clear(tmp_path, monkeypatch):

@@ -245,6 +245,14 @@ class SlowPeriods:
                 return state
         return None
 
+    def state_over(self, t0_ns: int, t1_ns: int) -> str | None:
+        """NORMAL or SLOW if that one period covers all of [t0_ns, t1_ns];
+        None if the span meets a switch or lies outside the run."""
+        for start, end, state in self._entries():
+            if start <= t0_ns and t1_ns < end:
+                return state if state != SWITCHING else None
+        return None
+
     def in_slow(self, ts_ns: int) -> bool:
         """True if reads submitted at ts_ns certainly met the slow table."""
         return self.state_at(ts_ns) == SLOW

@@ -63,7 +63,13 @@ COMPARE_PLAN = (("fast", 1, 10), ("fast", 16, 20), ("slowdev", 1, 10))
 #                      pre-check on 6.1, median 1.16x, IOPS 1.01x)
 #   1 ms legs,   QD1:  p99 0.27-0.57x, reads over 20 ms 0.04-0.11x
 # and 31-72 slow-leg reads while slow against 192-250 (QD1), 227-589
-# against 1,445-2,554 (QD16). A policy that does nothing routes like the
+# against 1,445-2,554 (QD16). Those counts put the reads of each 20 ms
+# sample in the period current at its end, so the reads routed just before
+# a slow period counted as slow-leg reads while slow: at QD16 a floor of
+# about 1.3% of the reads while slow under both policies (one run: 0.52x,
+# learned 2.15% against 4.15%, failed SLOW_READS_BOUND). Counted in spans
+# inside one period only (experiment.SlowLegReads), a run on 6.1 had 10
+# against 138 (QD1) and 84 against 1,230 (QD16, share 0.08x). A policy that does nothing routes like the
 # module default and gets about 1x on each. Beyond what CI does, both VMs
 # side by side *and* a busy host core (three hogs on two cores, ~150-900
 # IOPS) broke 6.1's QD16 (1.63x, learned IOPS 0.64x, median 1.46x) and its
