@@ -116,7 +116,7 @@ struct iob_c {
 	atomic64_t hook_rejected;	/* invalid choices from the BPF program */
 	/* Hedged reads ("Hedged reads" in iobridge_abi.h) */
 	u32 hedge_us;			/* the target's own deadline, 0 = the program's only */
-	u32 hedge_budget_pct;		/* extra reads, percent of reads routed */
+	u32 hedge_budget_ppm;		/* extra reads, millionths of reads routed */
 	atomic64_t hedge_tokens;	/* the budget's bucket, micro-tokens */
 	atomic64_t hedges_issued;
 	atomic64_t hedges_won;		/* the hedge completed the read */
@@ -499,7 +499,7 @@ static void iob_read_failed(struct iob_c *ic, unsigned int i, blk_opf_t opf)
 static void iob_budget_earn(struct iob_c *ic)
 {
 	const s64 cap = (s64)IOBRIDGE_HEDGE_BUCKET * IOBRIDGE_HEDGE_TOKEN;
-	s64 credit = (s64)READ_ONCE(ic->hedge_budget_pct) * (IOBRIDGE_HEDGE_TOKEN / 100);
+	s64 credit = (s64)READ_ONCE(ic->hedge_budget_ppm) * (IOBRIDGE_HEDGE_TOKEN / 1000000);
 	s64 old = atomic64_read(&ic->hedge_tokens), new;
 
 	if (!credit)
@@ -836,7 +836,7 @@ static bool iob_hedge_read(struct iob_c *ic, struct iob_io *io, struct bio *bio,
 	 * bounce read would not fill it). */
 	if (!bio->bi_iter.bi_size || bio->bi_iter.bi_size > IOB_HEDGE_MAX_PAGES * PAGE_SIZE ||
 	    (bio->bi_opf & (REQ_NOWAIT | REQ_POLLED | REQ_INTEGRITY)) ||
-	    !READ_ONCE(ic->hedge_budget_pct))
+	    !READ_ONCE(ic->hedge_budget_ppm))
 		return false;
 	h = mempool_alloc(ic->hedge_pool, GFP_NOWAIT);
 	if (!h) {
@@ -1151,7 +1151,10 @@ static void iob_free(struct dm_target *ti, struct iob_c *ic)
  * The settings that are one unsigned number, in the table line and by
  * message alike: one definition of each one's name, range and meaning, so
  * the two paths cannot disagree. Its error reads "<name> needs <what>
- * <min>..<max><unit><zero>".
+ * <min>..<max><unit><zero>". A setting with decimals takes up to that many
+ * digits after a point and is kept scaled by 10^decimals (the hedge budget:
+ * a percent to 4 decimals, kept in millionths of reads, so that budgets
+ * under 1% can be set).
  */
 struct iob_uint_setting {
 	const char *name;
@@ -1159,17 +1162,19 @@ struct iob_uint_setting {
 	const char *unit;
 	const char *zero;	/* what 0 means, "" when 0 is out of range */
 	char *invalid;		/* ti->error for a bad table (dm declares it char *) */
-	u32 min, max;
+	u32 min, max;		/* as written, before scaling */
+	unsigned int decimals;
 	size_t offset;		/* the u32 in struct iob_c */
 };
 
 static const struct iob_uint_setting iob_uint_settings[] = {
 	{ "error_threshold", "a value", "", "", "Invalid error_threshold",
-	  1, IOB_MAX_ERROR_THRESHOLD, offsetof(struct iob_c, error_threshold) },
+	  1, IOB_MAX_ERROR_THRESHOLD, 0, offsetof(struct iob_c, error_threshold) },
 	{ "hedge_us", "a deadline", " microseconds", " (0 = the routing program's only)",
-	  "Invalid hedge_us", 0, IOB_MAX_HEDGE_US, offsetof(struct iob_c, hedge_us) },
-	{ "hedge_budget", "a whole percent of reads", "", " (0 = never hedge)",
-	  "Invalid hedge_budget", 0, 100, offsetof(struct iob_c, hedge_budget_pct) },
+	  "Invalid hedge_us", 0, IOB_MAX_HEDGE_US, 0, offsetof(struct iob_c, hedge_us) },
+	{ "hedge_budget", "a percent of reads (up to 4 decimals)", "", " (0 = never hedge)",
+	  "Invalid hedge_budget", 0, 100, IOBRIDGE_HEDGE_BUDGET_DECIMALS,
+	  offsetof(struct iob_c, hedge_budget_ppm) },
 };
 
 #define IOB_UINT_NEEDS_FMT "%s needs %s %u..%u%s%s"
@@ -1185,15 +1190,80 @@ static const struct iob_uint_setting *iob_uint_setting(const char *name)
 	return NULL;
 }
 
+static u32 iob_pow10(unsigned int n)
+{
+	u32 p = 1;
+
+	while (n--)
+		p *= 10;
+	return p;
+}
+
+/*
+ * @s as a number with at most @decimals digits after a point ("0.15",
+ * "5"; not "5.", ".5", "+5" or "1e3"), scaled by 10^@decimals into @v.
+ */
+static bool iob_parse_fixed(const char *s, unsigned int decimals, u64 *v)
+{
+	unsigned int frac = 0;
+	bool point = false, digit = false;
+
+	*v = 0;
+	for (; *s; s++) {
+		if (*s == '.' && !point && digit) {
+			point = true;
+			digit = false;
+			continue;
+		}
+		if (*s < '0' || *s > '9' || (point && ++frac > decimals))
+			return false;
+		*v = *v * 10 + (*s - '0');
+		if (*v > U32_MAX)
+			return false;
+		digit = true;
+	}
+	if (!digit)
+		return false;
+	*v *= iob_pow10(decimals - frac);
+	return true;
+}
+
 /* Set @u from @arg (NULL: missing); false, nothing changed, if out of range. */
 static bool iob_set_uint(struct iob_c *ic, const struct iob_uint_setting *u, const char *arg)
 {
 	unsigned int v;
+	u64 scaled;
 
-	if (!arg || kstrtouint(arg, 10, &v) || v < u->min || v > u->max)
+	if (!arg)
 		return false;
+	if (u->decimals) {
+		if (!iob_parse_fixed(arg, u->decimals, &scaled) ||
+		    scaled < (u64)u->min * iob_pow10(u->decimals) ||
+		    scaled > (u64)u->max * iob_pow10(u->decimals))
+			return false;
+		v = scaled;
+	} else if (kstrtouint(arg, 10, &v) || v < u->min || v > u->max) {
+		return false;
+	}
 	WRITE_ONCE(*(u32 *)((char *)ic + u->offset), v);
 	return true;
+}
+
+/* A hedge budget in millionths as the percent it was set as: "5", "0.15". */
+static const char *iob_budget_str(char *buf, size_t size, u32 ppm)
+{
+	const u32 scale = iob_pow10(IOBRIDGE_HEDGE_BUDGET_DECIMALS);
+	u32 frac = ppm % scale;
+	int width = IOBRIDGE_HEDGE_BUDGET_DECIMALS;
+
+	if (!frac) {
+		snprintf(buf, size, "%u", ppm / scale);
+		return buf;
+	}
+	for (; frac % 10 == 0; frac /= 10)
+		width--;
+	snprintf(buf, size, "%u.%0*u", ppm / scale, width, frac);
+	return buf;
 }
 
 static int iob_parse_options(struct dm_target *ti, struct iob_c *ic,
@@ -1290,7 +1360,8 @@ static int iob_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	ic->id = IOBRIDGE_MAX_TARGETS;	/* not allocated yet */
 	ic->error_threshold = IOB_DEFAULT_ERROR_THRESHOLD;
 	ic->policy = IOB_POLICY_LEAST_INFLIGHT;
-	ic->hedge_budget_pct = IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT;
+	ic->hedge_budget_ppm = IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT *
+		iob_pow10(IOBRIDGE_HEDGE_BUDGET_DECIMALS);
 	init_waitqueue_head(&ic->hedge_wait);
 	spin_lock_init(&ic->page_lock);
 	INIT_LIST_HEAD(&ic->page_cache);
@@ -1447,6 +1518,9 @@ static void iob_status(struct dm_target *ti, status_type_t type,
 {
 	struct iob_c *ic = ti->private;
 	unsigned int sz = 0, i, nopts;
+	const u32 default_ppm = IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT *
+		iob_pow10(IOBRIDGE_HEDGE_BUDGET_DECIMALS);
+	char budget[16];
 
 	switch (type) {
 	case STATUSTYPE_INFO:
@@ -1471,8 +1545,8 @@ static void iob_status(struct dm_target *ti, status_type_t type,
 			       (unsigned long long)atomic64_read(&leg->hook_routed),
 			       (unsigned long long)atomic64_read(&leg->default_routed));
 		}
-		DMEMIT(" hedge %u %u %llu %llu %llu %llu %d %d %llu", READ_ONCE(ic->hedge_us),
-		       READ_ONCE(ic->hedge_budget_pct),
+		DMEMIT(" hedge %u %s %llu %llu %llu %llu %d %d %llu", READ_ONCE(ic->hedge_us),
+		       iob_budget_str(budget, sizeof(budget), READ_ONCE(ic->hedge_budget_ppm)),
 		       (unsigned long long)atomic64_read(&ic->hedges_issued),
 		       (unsigned long long)atomic64_read(&ic->hedges_won),
 		       (unsigned long long)atomic64_read(&ic->hedges_lost),
@@ -1488,7 +1562,7 @@ static void iob_status(struct dm_target *ti, status_type_t type,
 			(ic->error_threshold != IOB_DEFAULT_ERROR_THRESHOLD ? 2 : 0) +
 			(ic->policy != IOB_POLICY_LEAST_INFLIGHT ? 2 : 0) +
 			(ic->hedge_us ? 2 : 0) +
-			(ic->hedge_budget_pct != IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT ? 2 : 0);
+			(ic->hedge_budget_ppm != default_ppm ? 2 : 0);
 		if (nopts) {
 			DMEMIT(" %u", nopts);
 			if (ic->error_threshold != IOB_DEFAULT_ERROR_THRESHOLD)
@@ -1497,8 +1571,9 @@ static void iob_status(struct dm_target *ti, status_type_t type,
 				DMEMIT(" policy %s", iob_policy_names[ic->policy]);
 			if (ic->hedge_us)
 				DMEMIT(" hedge_us %u", ic->hedge_us);
-			if (ic->hedge_budget_pct != IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT)
-				DMEMIT(" hedge_budget %u", ic->hedge_budget_pct);
+			if (ic->hedge_budget_ppm != default_ppm)
+				DMEMIT(" hedge_budget %s",
+				       iob_budget_str(budget, sizeof(budget), ic->hedge_budget_ppm));
 			if (ic->strict_writes)
 				DMEMIT(" strict_writes");
 		}
@@ -1679,7 +1754,7 @@ static int iob_iterate_devices(struct dm_target *ti, iterate_devices_callout_fn 
 
 static struct target_type iob_target = {
 	.name = "iobridge",
-	.version = {1, 2, 0},
+	.version = {1, 3, 0},
 	.module = THIS_MODULE,
 	.ctr = iob_ctr,
 	.dtr = iob_dtr,

@@ -100,7 +100,9 @@ struct iobridge_route_ctx {
  * pages and the winner's data is copied, so a late completion never writes
  * into pages returned to the caller.  Extra reads are bounded by a token
  * bucket in the target, whatever the deadlines say: every read routed
- * earns budget% x IOBRIDGE_HEDGE_TOKEN / 100 micro-tokens, a hedge costs
+ * earns budget% x IOBRIDGE_HEDGE_TOKEN / 100 micro-tokens (the budget a
+ * percent to IOBRIDGE_HEDGE_BUDGET_DECIMALS decimals, kept in millionths of
+ * reads, so a read earns exactly that many micro-tokens), a hedge costs
  * IOBRIDGE_HEDGE_TOKEN, the bucket holds IOBRIDGE_HEDGE_BUCKET hedges and
  * starts empty; a hedge due without a whole token is refused (counted) and
  * the read waits for its own leg.  agent/core/hedging.py is the reference
@@ -109,6 +111,7 @@ struct iobridge_route_ctx {
 #define IOBRIDGE_HEDGE_TOKEN		1000000
 #define IOBRIDGE_HEDGE_BUCKET		16
 #define IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT	5
+#define IOBRIDGE_HEDGE_BUDGET_DECIMALS		4
 
 /* ------------------------------------------------------------------------
  * Feature-keyed decision table (BPF array, BPF_F_MMAPABLE, written by the

@@ -102,6 +102,7 @@ PROBE_LAT_MULT = 32
 HEDGE_TOKEN = 1_000_000        # one hedge, in the bucket's micro-tokens
 HEDGE_BUCKET = 16              # bucket capacity, in hedges
 HEDGE_DEFAULT_BUDGET_PCT = 5   # extra reads, percent of reads routed
+HEDGE_BUDGET_DECIMALS = 4      # the budget's decimals (kept in millionths of reads)
 
 
 def probe_wait_ns(probe_after_ns: int, last_lat_ns: int) -> int:
@@ -188,6 +189,7 @@ CONSTANTS = {
     "HEDGE_TOKEN": "IOBRIDGE_HEDGE_TOKEN",
     "HEDGE_BUCKET": "IOBRIDGE_HEDGE_BUCKET",
     "HEDGE_DEFAULT_BUDGET_PCT": "IOBRIDGE_HEDGE_DEFAULT_BUDGET_PCT",
+    "HEDGE_BUDGET_DECIMALS": "IOBRIDGE_HEDGE_BUDGET_DECIMALS",
 }
 
 

@@ -1228,7 +1228,7 @@ def format_status(st: dict) -> str:
         if th:
             lines.append(f"  hedges in the target: {th['issued']} issued, {th['won']} won, "
                          f"{th['lost']} lost, {th['refused']} refused by its budget of "
-                         f"{th['budget_pct']}% of reads"
+                         f"{th['budget_pct']:g}% of reads"
                          + (f", {th['nomem']} given up for lack of bounce memory"
                             if th.get("nomem") else "")
                          + (f"; its own deadline {th['hedge_us']} us" if th["hedge_us"] else ""))

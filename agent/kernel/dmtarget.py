@@ -12,7 +12,8 @@ Status line of the target (`dmsetup status NAME`, after "START LEN iobridge"):
 A leg's reads count every read sent to it (hedges and retries too);
 hook_routed + default_routed are the callers' reads. The hedge fields
 (target 1.2, ABI 7): the target's own deadline (0 = the routing program's
-only) and budget (percent of reads), hedges issued, won (the hedge completed
+only) and budget (percent of reads; since target 1.3 to 4 decimals, "0.15",
+whole before), hedges issued, won (the hedge completed
 the read), lost (the first read did), refused (no token in the budget),
 hedged reads alive and the bounce pages they hold (both 0 when idle), and
 nomem: no bounce memory without waiting (a read that went to its leg
@@ -26,7 +27,9 @@ device holding target_id (decision entries are valid for it only).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import NamedTuple
@@ -64,7 +67,7 @@ HEDGE_FIELDS = ("hedge_us", "budget_pct", "issued", "won", "lost", "refused", "a
 @dataclasses.dataclass
 class HedgeStatus:
     hedge_us: int        # the target's own deadline, 0 = the routing program's only
-    budget_pct: int      # extra reads allowed, percent of reads routed
+    budget_pct: float    # extra reads allowed, percent of reads routed
     issued: int
     won: int
     lost: int
@@ -141,10 +144,31 @@ def device_sectors(dev: str) -> int:
         os.close(fd)
 
 
+# A hedge budget as the target takes and prints it: a percent of reads, 0
+# to 100, to at most HEDGE_BUDGET_DECIMALS decimals.
+_BUDGET_RE = re.compile(r"\d+(\.\d{1,%d})?" % abi.HEDGE_BUDGET_DECIMALS)
+
+
+def budget_arg(percent: float | int | str) -> str:
+    """A hedge budget (percent of reads) as the target's table line and
+    message take it ("5", "0.15"); a UsageError for one it would refuse."""
+    scale = 10 ** abi.HEDGE_BUDGET_DECIMALS
+    try:
+        value = float(percent)
+    except (TypeError, ValueError):
+        value = math.nan
+    millionths = round(value * scale) if math.isfinite(value) else -1
+    if not (0 <= millionths <= 100 * scale and abs(millionths - value * scale) < 1e-6 * scale):
+        raise UsageError(f"hedge budget {percent!r}: must be a percent of reads from 0 to 100 "
+                         f"with at most {abi.HEDGE_BUDGET_DECIMALS} decimals (0 = never hedge)")
+    whole, frac = divmod(millionths, scale)
+    return f"{whole}.{frac:0{abi.HEDGE_BUDGET_DECIMALS}d}".rstrip("0") if frac else str(whole)
+
+
 def table_line(legs: list[str], sectors: int | None = None, *,
                error_threshold: int | None = None, policy: str | None = None,
                strict_writes: bool = False, hedge_us: int | None = None,
-               hedge_budget: int | None = None) -> str:
+               hedge_budget: float | int | None = None) -> str:
     """The dm table line "0 SECTORS iobridge N DEV... [K OPTS...]"."""
     if not 2 <= len(legs) <= abi.MAX_LEGS:
         raise UsageError(f"an iobridge target needs 2 to {abi.MAX_LEGS} legs, got {len(legs)}")
@@ -162,7 +186,7 @@ def table_line(legs: list[str], sectors: int | None = None, *,
     if hedge_us is not None:
         opts += ["hedge_us", str(hedge_us)]
     if hedge_budget is not None:
-        opts += ["hedge_budget", str(hedge_budget)]
+        opts += ["hedge_budget", budget_arg(hedge_budget)]
     parts = ["0", str(sectors), abi.TARGET_TYPE, str(len(legs)), *legs]
     if opts:
         parts += [str(len(opts)), *opts]
@@ -220,7 +244,9 @@ def parse_status(line: str) -> TargetStatus:
         if tail:
             if tail[0] != "hedge" or len(tail) != 1 + len(HEDGE_FIELDS):
                 raise ValueError("unexpected fields after the legs")
-            hedge = HedgeStatus(*(int(v) for v in tail[1:]))
+            if not _BUDGET_RE.fullmatch(tail[2]):
+                raise ValueError(f"hedge budget {tail[2]!r}")
+            hedge = HedgeStatus(int(tail[1]), float(tail[2]), *(int(v) for v in tail[3:]))
     except (IndexError, ValueError) as err:
         raise IobridgeError(f"cannot parse iobridge status line {line!r}") from err
     return TargetStatus(tid, incarnation, policy, health, retries, rfail, wfail, rejected, legs,

@@ -161,7 +161,10 @@ BAD_TABLES = [
     ("bad-hedge-us", lambda s, l: f"0 {s} iobridge 2 {l[0]} {l[1]} 2 hedge_us 10000001",
      "hedge_us needs a deadline 0..10000000 microseconds"),
     ("bad-hedge-budget", lambda s, l: f"0 {s} iobridge 2 {l[0]} {l[1]} 2 hedge_budget 5%",
-     "hedge_budget needs a whole percent of reads 0..100"),
+     "hedge_budget needs a percent of reads (up to 4 decimals) 0..100"),
+    ("too-fine-hedge-budget",
+     lambda s, l: f"0 {s} iobridge 2 {l[0]} {l[1]} 2 hedge_budget 0.00001",
+     "hedge_budget needs a percent of reads (up to 4 decimals) 0..100"),
     ("hedge-us-no-value", lambda s, l: f"0 {s} iobridge 2 {l[0]} {l[1]} 1 hedge_us",
      "hedge_us needs a deadline"),
     ("option-count-mismatch", lambda s, l: f"0 {s} iobridge 2 {l[0]} {l[1]} 3 strict_writes",
@@ -238,12 +241,17 @@ def test_messages(make_nullb, make_iobridge):
     bad = [("bogus",), ("fail_leg", "2"), ("fail_leg", "x"), ("policy", "fastest"),
            ("restore_leg", "0", "please"), ("error_threshold", "0"), ("bench_hook", "0"),
            ("hedge_us", "1.5"), ("hedge_us", "10000001"), ("hedge_budget", "101"),
-           ("hedge_budget", "x")]
+           ("hedge_budget", "x"), ("hedge_budget", "100.0001"), ("hedge_budget", "0.00001"),
+           ("hedge_budget", "5."), ("hedge_budget", ".5"), ("hedge_budget", "1.2.3"),
+           ("hedge_budget", "+5"), ("hedge_budget", "99999999999")]
     for words in bad:
         since = dmesg_len()
         proc = run(["dmsetup", "message", name, "0", *words], check=False)
         assert proc.returncode != 0, words
         assert "iobridge" in dmesg_tail(since), words
+    # A refused message changed nothing.
+    h = dmtarget.status(name).hedge
+    assert (h.hedge_us, h.budget_pct) == (0, abi.HEDGE_DEFAULT_BUDGET_PCT), h
 
     dmtarget.message(name, "policy", "primary")
     assert dmtarget.status(name).policy == "primary"
@@ -252,6 +260,10 @@ def test_messages(make_nullb, make_iobridge):
     h = dmtarget.status(name).hedge
     assert (h.hedge_us, h.budget_pct) == (250, 12), h
     assert dmtarget.table(name).endswith("6 policy primary hedge_us 250 hedge_budget 12")
+    # Under 1%, to 4 decimals (target 1.3), printed as it was set.
+    dmtarget.message(name, "hedge_budget", "0.0150")
+    assert dmtarget.status(name).hedge.budget_pct == 0.015
+    assert dmtarget.table(name).endswith("hedge_us 250 hedge_budget 0.015")
     dmtarget.message(name, "hedge_us", "0")
     dmtarget.message(name, "hedge_budget", "5")
     dmtarget.message(name, "reset_counters")

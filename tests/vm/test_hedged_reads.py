@@ -136,7 +136,7 @@ def test_budget_bounds_extra_reads(make_nullb, make_iobridge):
     h = st.hedge
     routed = sum(leg.hook_routed + leg.default_routed for leg in st.legs)
     bound = abi.HEDGE_DEFAULT_BUDGET_PCT * routed // 100
-    print(f"\nbudget {h.budget_pct}%: {routed} reads, hedges issued {h.issued} "
+    print(f"\nbudget {h.budget_pct:g}%: {routed} reads, hedges issued {h.issued} "
           f"(bound {bound}), refused {h.refused}, won {h.won}, lost {h.lost}")
     assert h.budget_pct == abi.HEDGE_DEFAULT_BUDGET_PCT
     assert routed >= 4000
@@ -150,6 +150,34 @@ def test_budget_bounds_extra_reads(make_nullb, make_iobridge):
         "--number_ios=500", "--size=8M")
     h = dmtarget.status(name).hedge
     assert (h.issued, h.refused) == (0, 0), h
+
+
+def test_a_budget_under_one_percent_bounds_extra_reads(make_nullb, make_iobridge):
+    """A budget of 0.25% (target 1.3 takes 4 decimals; a whole percent was
+    the finest before, 20x the budgets the replay finds right for
+    CloudPhysics and OLTP): with a deadline every read reaches, a fresh
+    target issues at most 0.25% of its reads as hedges (the bucket starts
+    empty, each read earns 2,500 of a hedge's 1,000,000 micro-tokens) and
+    refuses the rest."""
+    base = [make_nullb(size_mb=8, irqmode=2, completion_nsec=200_000) for _ in range(2)]
+    name = make_iobridge(base, hedge_us=1, hedge_budget=0.25)
+    assert dmtarget.table(name).endswith("hedge_us 1 hedge_budget 0.25")
+    dev = f"/dev/mapper/{name}"
+    r = fio("--name=budget", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
+            "--iodepth=4", "--rw=randread", "--bs=4k", "--size=8M", "--io_size=16M",
+            "--randrepeat=0")
+    assert fio_errors(r) == 0
+    st = dmtarget.status(name)
+    h = st.hedge
+    routed = sum(leg.hook_routed + leg.default_routed for leg in st.legs)
+    bound = routed * 2_500 // abi.HEDGE_TOKEN
+    print(f"\nbudget {h.budget_pct:g}%: {routed} reads, hedges issued {h.issued} "
+          f"(bound {bound}), refused {h.refused}")
+    assert h.budget_pct == 0.25
+    assert routed >= 4000
+    assert 0 < h.issued <= bound, (h, bound)
+    assert h.refused > 0 and h.issued + h.refused <= routed, h
+    assert_idle(name)
 
 
 def test_failing_leg_with_hedging_loses_no_read(make_nullb, make_dm, make_iobridge):
