@@ -196,6 +196,8 @@ struct iob_hedge {
 	bool due;			/* the deadline has passed */
 	bool hedged;			/* the one hedge was tried (issued or refused) */
 	bool hedge_issued;
+	bool learned;			/* the deadline is the routing program's */
+	u64 start_ns;			/* the first read's submission */
 	struct hrtimer timer;		/* the deadline */
 	struct work_struct work;	/* issues the hedge or a retry */
 };
@@ -385,6 +387,21 @@ static bool iob_fail_leg(struct iob_c *ic, unsigned int i, bool stale,
 	return true;
 }
 
+/*
+ * The completion the routing hook sees for @leg, packed (latency, queue):
+ * of its two newest, the one iobridge_use_previous() picks (0: none yet).
+ */
+static u64 iob_leg_recent(struct iob_leg *leg)
+{
+	u64 lat = atomic64_read(&leg->lat_newest);
+	u64 prev = atomic64_read(&leg->lat_previous);
+
+	if (iobridge_use_previous(iob_lat_of(lat), iob_qlen_of(lat),
+				  iob_lat_of(prev), iob_qlen_of(prev)))
+		return prev;
+	return lat;
+}
+
 /* Default policy: pick a readable leg not in @exclude, or -1. */
 static int iob_default_leg(struct iob_c *ic, unsigned int exclude)
 {
@@ -445,12 +462,8 @@ static int iob_hook(struct iob_c *ic, sector_t sector, unsigned int bytes,
 	}
 	smp_rmb();	/* pairs with iob_leg_completed() */
 	for (i = 0; i < ic->nr_legs; i++) {
-		u64 lat = atomic64_read(&ic->legs[i].lat_newest);
-		u64 prev = atomic64_read(&ic->legs[i].lat_previous);
+		u64 lat = iob_leg_recent(&ic->legs[i]);
 
-		if (iobridge_use_previous(iob_lat_of(lat), iob_qlen_of(lat),
-					  iob_lat_of(prev), iob_qlen_of(prev)))
-			lat = prev;
 		ctx.last_lat_ns[i] = iob_lat_of(lat);
 		ctx.last_lat_qlen[i] = iob_qlen_of(lat);
 		ctx.last_complete_ns[i] = atomic64_read(&ic->legs[i].last_complete_ns);
@@ -735,6 +748,27 @@ static void iob_hclone_endio(struct bio *bio)
 	iob_hedge_put(h);
 }
 
+/*
+ * Legs a hedge of a read that has waited @waited_ns would not beat it on:
+ * those whose recent read (as the routing hook sees it) took at least that
+ * long. A leg in a slow period holds a hedge longer than the first read
+ * is likely to take, which is late more often through a host stall than
+ * a slow leg, and a hedge sent there only spends the budget and the leg.
+ * Only for the routing program's deadlines: the target's own hedge_us is
+ * plain hedging (the least in-flight other leg), which tests use to force
+ * hedges with deadlines shorter than any read.
+ */
+static unsigned long iob_hedge_futile(struct iob_c *ic, u64 waited_ns)
+{
+	unsigned long mask = 0;
+	unsigned int i;
+
+	for (i = 0; i < ic->nr_legs; i++)
+		if (iob_lat_of(iob_leg_recent(&ic->legs[i])) >= waited_ns)
+			mask |= BIT(i);
+	return mask;
+}
+
 /* The deadline passed: hand the timer's reference to the work. */
 static enum hrtimer_restart iob_hedge_timer(struct hrtimer *t)
 {
@@ -759,11 +793,12 @@ static void iob_hedge_work(struct work_struct *w)
 	struct iob_hedge *h = container_of(w, struct iob_hedge, work);
 	struct iob_c *ic = h->ic;
 	struct iob_hclone *hc;
-	unsigned long flags;
+	unsigned long flags, futile;
 	bool hedge;
 	int next;
 
 	for (;;) {
+		futile = h->learned ? iob_hedge_futile(ic, ktime_get_ns() - h->start_ns) : 0;
 		spin_lock_irqsave(&h->lock, flags);
 		if (h->done || (h->inflight && (!h->due || h->hedged))) {
 			spin_unlock_irqrestore(&h->lock, flags);
@@ -772,7 +807,9 @@ static void iob_hedge_work(struct work_struct *w)
 		hedge = h->inflight > 0;
 		if (hedge)
 			h->hedged = true;
-		next = iob_default_leg(ic, h->tried);
+		/* A retry takes any leg left; a hedge only one it may win on
+		 * (none: the read waits for its leg, no token spent). */
+		next = iob_default_leg(ic, h->tried | (hedge ? futile : 0));
 		if (next < 0 && !hedge) {
 			h->done = true;
 			spin_unlock_irqrestore(&h->lock, flags);
@@ -819,12 +856,13 @@ static void iob_hedge_work(struct work_struct *w)
 }
 
 /*
- * Read @bio through bounce pages on @leg with a hedge after @hedge_us.
+ * Read @bio through bounce pages on @leg with a hedge after @hedge_us
+ * (@learned: the routing program's deadline, see iob_hedge_futile()).
  * Returns false (nothing done) when the read is not hedge-eligible or
  * memory is short: the caller then reads directly, unhedged.
  */
 static bool iob_hedge_read(struct iob_c *ic, struct iob_io *io, struct bio *bio,
-			   sector_t sector, unsigned int leg, u32 hedge_us)
+			   sector_t sector, unsigned int leg, u32 hedge_us, bool learned)
 {
 	struct iob_hclone *hc;
 	struct iob_hedge *h;
@@ -858,6 +896,7 @@ static bool iob_hedge_read(struct iob_c *ic, struct iob_io *io, struct bio *bio,
 	}
 	atomic_inc(&ic->hedge_active);
 	h->tried = BIT(leg);
+	h->learned = learned;
 	h->inflight = 1;
 	h->refs = 2;		/* the read, the armed timer */
 	INIT_WORK(&h->work, iob_hedge_work);
@@ -868,6 +907,7 @@ static bool iob_hedge_read(struct iob_c *ic, struct iob_io *io, struct bio *bio,
 	io->kind = IOB_HEDGED;
 	io->leg = IOB_NO_LEG;	/* iob_end_io() has nothing to do */
 	now = ktime_get_ns();
+	h->start_ns = now;
 	hrtimer_start(&h->timer, ns_to_ktime(now + (u64)hedge_us * NSEC_PER_USEC),
 		      HRTIMER_MODE_ABS);
 	iob_hclone_submit(ic, hc, now);
@@ -880,6 +920,7 @@ static int iob_map_read(struct iob_c *ic, struct iob_io *io, struct bio *bio)
 	sector_t sector = dm_target_offset(ti, bio->bi_iter.bi_sector);
 	struct iob_leg *leg;
 	u32 hedge_us = 0;
+	bool learned;
 	int chosen = -1;
 
 	if (trace_iobridge_route_enabled())
@@ -898,9 +939,10 @@ static int iob_map_read(struct iob_c *ic, struct iob_io *io, struct bio *bio)
 	}
 	iob_budget_earn(ic);
 	/* The program's deadline for the leg it chose, else the target's own. */
-	if (!hedge_us)
+	learned = hedge_us != 0;
+	if (!learned)
 		hedge_us = READ_ONCE(ic->hedge_us);
-	if (hedge_us && iob_hedge_read(ic, io, bio, sector, chosen, hedge_us))
+	if (hedge_us && iob_hedge_read(ic, io, bio, sector, chosen, hedge_us, learned))
 		return DM_MAPIO_SUBMITTED;
 	leg = &ic->legs[chosen];
 	io->leg = chosen;

@@ -95,10 +95,12 @@ struct iobridge_route_ctx {
  * Hedged reads (since ABI 7)
  *
  * A read still pending on its leg when its hedge deadline has passed gets
- * ONE more read, to the best other healthy leg; the first good completion
- * completes the caller's bio.  Both reads go into the target's own bounce
- * pages and the winner's data is copied, so a late completion never writes
- * into pages returned to the caller.  Extra reads are bounded by a token
+ * ONE more read, to the least in-flight other healthy leg (for a deadline
+ * from the routing program, only one whose recent read took less than the
+ * read has waited); the first good completion completes the caller's bio.
+ * Both reads go into the target's own bounce pages and the winner's data
+ * is copied, so a late completion never writes into pages returned to the
+ * caller.  Extra reads are bounded by a token
  * bucket in the target, whatever the deadlines say: every read routed
  * earns budget% x IOBRIDGE_HEDGE_TOKEN / 100 micro-tokens (the budget a
  * percent to IOBRIDGE_HEDGE_BUDGET_DECIMALS decimals, kept in millionths of

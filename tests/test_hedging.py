@@ -249,12 +249,16 @@ def test_table_hedged_sends_a_hedge_to_another_healthy_leg():
     sent = []
     orig = pol.hedge_leg
 
-    def record(now, nbytes, legs, primary):
-        sent.append((primary, orig(now, nbytes, legs, primary)))
-        return sent[-1][1]
+    def record(now, nbytes, legs, primary, exclude):
+        sent.append((primary, exclude, orig(now, nbytes, legs, primary, exclude)))
+        return sent[-1][2]
     pol.hedge_leg = record
-    simulate(_trace(4000, gap_ns=50_000), 3, pol, BUSY, hedge_budget=1.0)
-    assert sent and all(p != h and 0 <= h < 3 for p, h in sent)
+    r = simulate(_trace(4000, gap_ns=50_000), 3, pol, BUSY, hedge_budget=1.0)
+    hedged = [(p, x, h) for p, x, h in sent if h >= 0]
+    assert hedged and all(p != h and 0 <= h < 3 and h not in x for p, x, h in hedged)
+    # a hedge is futile only when every other leg is excluded
+    assert r.hedging["futile"] == sum(1 for p, x, h in sent if h < 0)
+    assert all({0, 1, 2} - {p} <= x for p, x, h in sent if h < 0)
 
 
 # ------------------------------------------------------------------ replay
@@ -330,6 +334,6 @@ def test_cli_text_reports_every_hedging_policy(small_trace, capsys):
     lines = out.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("hedging "))
     assert lines[head].split() == ["hedging", "budget", "deadlines", "extra", "reads", "of",
-                                   "reads", "refused", "won"]
+                                   "reads", "futile", "refused", "won"]
     assert lines[head + 1].split()[:2] == ["hedged", "none"]
     assert not any(ln.startswith("leastinflight ") for ln in lines[head:])

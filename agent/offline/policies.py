@@ -143,12 +143,20 @@ class Policy:
         after its issue it gets a duplicate if still pending; 0 = never."""
         return 0
 
-    def hedge_leg(self, now: int, nbytes: int, legs, primary: int) -> int:
+    # Learned deadlines hedge only to a leg whose recent read took less than
+    # the read has waited (the target's iob_hedge_futile(); simulate()
+    # applies it); a fixed deadline hedges plainly, as the target's own
+    # hedge_us option.
+    skips_futile_hedges = False
+
+    def hedge_leg(self, now: int, nbytes: int, legs, primary: int,
+                  exclude: frozenset = frozenset()) -> int:
         """The leg a hedge of a read pending on `primary` goes to: the least
-        in-flight other leg, lowest index on ties (the module default's
-        rule)."""
-        return min((li for li in range(len(legs)) if li != primary),
-                   key=lambda li: (legs[li].qlen, li))
+        in-flight other leg not in `exclude`, lowest index on ties (the
+        module default's rule, which the target uses for every hedge); -1
+        if there is none."""
+        return min((li for li in range(len(legs)) if li != primary and li not in exclude),
+                   key=lambda li: (legs[li].qlen, li), default=-1)
 
     def stats(self) -> dict:
         return {}
@@ -498,6 +506,7 @@ class TableHedged(Table):
     hedge."""
     name = "table-hedged"
     hedges = True
+    skips_futile_hedges = True
 
     def __init__(self, model, *args, worth: float = H.HEDGE_WORTH, **kw):
         super().__init__(model, *args, **kw)
@@ -555,16 +564,6 @@ class TableHedged(Table):
         lg = legs[leg]
         return table.hedge_deadline_ns(leg, nbytes, lg.qlen, lg.last_lat_ns, lg.last_lat_qlen)
 
-    def hedge_leg(self, now, nbytes, legs, primary):
-        """The table's rule among the other legs (the kernel runs the same
-        routing program with the primary marked unhealthy)."""
-        table = self.visible(now)
-        leg, _ = route(table, now, nbytes, [lg.qlen for lg in legs],
-                       [lg.last_lat_ns for lg in legs], [lg.last_complete_ns for lg in legs],
-                       healthy=[i != primary for i in range(len(legs))], rng=self.rng,
-                       last_lat_qlen=[lg.last_lat_qlen for lg in legs])
-        return leg if leg >= 0 else super().hedge_leg(now, nbytes, legs, primary)
-
     def deadline_summary(self) -> dict | None:
         """The newest published deadlines (us), compact: per leg, for each
         size bucket the deadline of an idle leg with a fast newest read, and
@@ -600,9 +599,6 @@ class HedgedLearned(TableHedged):
         self._maybe_rebuild(now)
         self.reads += 1
         return least_inflight([leg.qlen for leg in legs])
-
-    def hedge_leg(self, now, nbytes, legs, primary):
-        return Policy.hedge_leg(self, now, nbytes, legs, primary)
 
     def stats(self):
         st = super().stats()

@@ -293,14 +293,16 @@ def format_table(report: dict) -> str:
     hedging = [(n, s["hedging"]) for n, s in pols.items() if s.get("hedging")]
     if hedging:
         lines.append(f"{'hedging':<14}{'budget':>8}{'deadlines':>11}{'extra reads':>13}"
-                     f"{'of reads':>10}{'refused':>9}{'won':>7}")
+                     f"{'of reads':>10}{'futile':>8}{'refused':>9}{'won':>7}")
         for name, h in hedging:
             budget = "none" if h["budget"] is None else f"{h['budget'] * 100:g}%"
             lines.append(f"{name:<14}{budget:>8}{h['deadlines_passed']:>11d}"
                          f"{h['extra_reads']:>13d}{h['extra_per_read']:>10.3%}"
-                         f"{h['refused_by_budget']:>9d}{h['won']:>7d}")
-        lines.append("  (deadlines: reads still pending at their deadline; refused: hedges "
-                     "the target's token bucket refused; won: the duplicate completed first)")
+                         f"{h.get('futile', 0):>8d}{h['refused_by_budget']:>9d}{h['won']:>7d}")
+        lines.append("  (deadlines: reads still pending at their deadline; futile: no other leg's "
+                     "recent read was faster than the wait, so no hedge (learned deadlines); "
+                     "refused: hedges the target's token bucket refused; won: the duplicate "
+                     "completed first)")
     if "hedged" in pols and "details" in pols["hedged"] and "fallback" not in pols["hedged"]:
         d = pols["hedged"]["details"]
         lines.append(f"hedged: duplicate after {d['deadline_us']:.0f} us (p{d['percentile']:g} "

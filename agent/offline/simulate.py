@@ -44,12 +44,14 @@ class SimResult:
 
 
 def hedge_stats(budget_fraction: float | None, reads: int, due: int, extra: int,
-                refused: int, won: int) -> dict:
-    """What a hedging policy's report says about its extra reads."""
+                refused: int, won: int, futile: int = 0) -> dict:
+    """What a hedging policy's report says about its extra reads. futile:
+    deadlines passed with no other leg whose recent read was faster than the
+    wait (Policy.skips_futile_hedges), so no hedge and no token."""
     return {"budget": budget_fraction, "bucket_hedges": None if budget_fraction is None
             else H.BUCKET_HEDGES, "deadlines_passed": due, "extra_reads": extra,
             "extra_per_read": round(extra / reads, 6) if reads else 0.0,
-            "refused_by_budget": refused, "won": won}
+            "refused_by_budget": refused, "won": won, "futile": futile}
 
 
 def recorded_timelines(trace: Trace, nlegs: int) -> list[dict]:
@@ -116,7 +118,8 @@ def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
     extra = 0
     hedges = policy.hedges and nlegs > 1
     budget = H.HedgeBudget(hedge_budget) if hedges and hedge_budget is not None else None
-    due = won = 0
+    due = won = futile = 0
+    skip_futile = policy.skips_futile_hedges
     hq: list = []
     rec = {"issue_ns": [], "complete_ns": [], "qlen": [], "leg": [], "bytes": [], "op": []} if record else None
     rid = 0
@@ -127,13 +130,19 @@ def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
         rec["leg"].append(leg); rec["bytes"].append(nb); rec["op"].append(o)
 
     def run_hedge(item):
-        nonlocal extra, won
+        nonlocal extra, won, futile
         h, r, pl, pdone, arr, nb = item
         for leg in legs:
             leg.advance(h)
+        # the leg first, then the token (the target's order)
+        excl = frozenset(li for li, leg in enumerate(legs)
+                         if leg.last_lat_ns >= h - arr) if skip_futile else frozenset()
+        d = policy.hedge_leg(h, nb, legs, pl, excl)
+        if d < 0:
+            futile += 1
+            return          # no leg worth it: the read waits for its own leg
         if budget is not None and not budget.try_hedge():
             return          # refused: the read waits for its own leg
-        d = policy.hedge_leg(h, nb, legs, pl)
         ddone, q = legs[d].submit(h, nb, False)
         if rec is not None:
             log(h, ddone, q, d, nb, OP_READ)
@@ -187,7 +196,7 @@ def simulate(trace: Trace, nlegs: int, policy: P.Policy, params: DeviceParams,
     hedging = None
     if policy.hedges:
         hedging = hedge_stats(hedge_budget, nreads, due, extra,
-                              budget.refused if budget is not None else 0, won)
+                              budget.refused if budget is not None else 0, won, futile)
     return SimResult(read_lat, read_issue, sent, extra, time.perf_counter() - t0, records,
                      policy.stats(), hedging)
 

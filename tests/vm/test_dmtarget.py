@@ -481,10 +481,12 @@ def test_bpf_routing_follows_penalties(make_nullb, make_iobridge, direct_io, rou
 def test_table_hedge_deadline_reaches_the_target(make_nullb, make_iobridge, direct_io, routing):
     """The chosen leg's hedge_us for the read's key reaches the target
     (ABI 7): leg 0 (10 ms, time enough for the hedge's workqueue on a busy
-    host) gets 4 KiB reads with a 1 us deadline and they are hedged on leg 1
+    host) gets 4 KiB reads with a 1 ms deadline and they are hedged on leg 1
     (budget 100%); 64 KiB reads have none and are not; once
     the entries expire (no agent) nothing is hedged, the target having no
-    deadline of its own."""
+    deadline of its own. Not shorter: a deadline from the program hedges
+    only to a leg whose recent read took less than the read has waited
+    (iob_hedge_futile), and leg 1's reads take tens of us under emulation."""
     # Not slower: the losers stay in flight on leg 0 for its whole latency,
     # and at 30 ms 32 of them made its cost (33 x 30 ms) reach leg 1's
     # penalty, so leg 1 got the rest of the reads (VM, 6.1).
@@ -494,7 +496,7 @@ def test_table_hedge_deadline_reaches_the_target(make_nullb, make_iobridge, dire
     io = direct_io(f"/dev/mapper/{name}")
     routing.attach()
     n = 200
-    routing.set_leg(tid, 0, penalty_ns=0, ttl_s=600, hedge_us=by_size([1, 0, 0, 0]))
+    routing.set_leg(tid, 0, penalty_ns=0, ttl_s=600, hedge_us=by_size([1000, 0, 0, 0]))
     routing.set_leg(tid, 1, penalty_ns=HUGE_NS, ttl_s=600)
     dmtarget.message(name, "reset_counters")
     io.read(n, bs=4096)
@@ -506,12 +508,46 @@ def test_table_hedge_deadline_reaches_the_target(make_nullb, make_iobridge, dire
     issued = st.hedge.issued
     io.read(n, bs=65536)
     assert dmtarget.status(name).hedge.issued == issued
-    routing.set_leg(tid, 0, penalty_ns=0, ttl_s=0.2, hedge_us=1)
+    routing.set_leg(tid, 0, penalty_ns=0, ttl_s=0.2, hedge_us=1000)
     routing.set_leg(tid, 1, penalty_ns=HUGE_NS, ttl_s=0.2)
     time.sleep(0.5)
     io.read(n, bs=4096)
     st = dmtarget.status(name)
     assert st.hedge.issued == issued and sum(st.legs[i].default_routed for i in (0, 1)) >= n, st
+
+
+def test_a_learned_deadline_does_not_hedge_to_a_slower_leg(make_nullb, make_iobridge,
+                                                           direct_io, routing):
+    """A deadline from the routing program hedges only to a leg whose
+    recent read took less than the read has waited (iob_hedge_futile): leg
+    0 answers in 10 ms, leg 1 in 30 ms; reads on leg 0 with a 1 ms deadline
+    get no hedge (no token spent, none refused), while the target's own
+    hedge_us (plain hedging) sends each to leg 1 all the same."""
+    legs = [make_nullb(size_mb=8, irqmode=2, completion_nsec=10_000_000),
+            make_nullb(size_mb=8, irqmode=2, completion_nsec=30_000_000)]
+    name = make_iobridge(legs, hedge_budget=100)
+    tid = dmtarget.target_ref(name)
+    io = direct_io(f"/dev/mapper/{name}")
+    routing.attach()
+    n = 40
+    # leg 1's recent reads: 30 ms
+    routing.set_leg(tid, 0, penalty_ns=HUGE_NS, ttl_s=600)
+    routing.set_leg(tid, 1, penalty_ns=0, ttl_s=600)
+    io.read(4, bs=4096)
+    routing.set_leg(tid, 0, penalty_ns=0, ttl_s=600, hedge_us=by_size([1000, 0, 0, 0]))
+    routing.set_leg(tid, 1, penalty_ns=HUGE_NS, ttl_s=600)
+    dmtarget.message(name, "reset_counters")
+    io.read(n, bs=4096)
+    st = dmtarget.status(name)
+    assert st.legs[0].hook_routed == n and st.legs[1].reads == 0, st
+    assert (st.hedge.issued, st.hedge.refused) == (0, 0), st.hedge
+    # The target's own deadline, the program giving none: plain hedging.
+    routing.set_leg(tid, 0, penalty_ns=0, ttl_s=600)
+    dmtarget.message(name, "hedge_us", "1000")
+    dmtarget.message(name, "reset_counters")
+    io.read(n, bs=4096)
+    st = dmtarget.status(name)
+    assert st.hedge.issued >= 0.9 * n and st.legs[1].reads == st.hedge.issued, st
 
 
 def test_bpf_routing_follows_live_latency(make_nullb, make_dm_delay, make_iobridge, direct_io,
