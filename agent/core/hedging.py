@@ -10,8 +10,9 @@ read still pending on its leg when the deadline of the key it was routed
 with has passed gets ONE more read, to the least in-flight other healthy
 leg whose recent read took less than the read has waited (none such: no
 hedge, no token; the target's own fixed hedge_us hedges to any other leg);
-the first completion wins. Writes are never hedged. Extra reads are bounded by a
-token bucket in the target (HedgeBudget), whatever the agent publishes.
+the first completion wins. Writes are never hedged. Extra reads are
+bounded by a token bucket in the target (HedgeBudget), whatever the agent
+publishes.
 
 The budget, in the kernel's integer arithmetic (no floats in the kernel):
 every read routed by the target earns `credit` = fraction x HEDGE_TOKEN

@@ -118,36 +118,46 @@ def test_hedging_lowers_p99_of_a_slow_primary_within_its_budget(make_nullb, make
     assert_idle(name)
 
 
-def test_budget_bounds_extra_reads(make_nullb, make_iobridge):
-    """A deadline every read reaches (1 us) under the default budget (5%):
-    the target issues at most 5% of its reads + the bucket as hedges and
-    counts the rest as refused. The legs complete each read from a 200 us
-    timer: a plain null_blk can answer before the 1 us hedge timer fires
-    under emulation (in one CI run only 26 of 4,126 reads reached their
-    deadline, so none was refused)."""
+def _hedge_every_read(make_nullb, make_iobridge, **opts):
+    """A fresh target over two legs that complete each read from a 200 us
+    timer, with a 1 us deadline every read reaches (and `opts`), after
+    4,096 fio random reads at depth 4: (name, hedge status, reads routed,
+    the budget's bound on hedges: budget x reads, the bucket starting
+    empty). Why the timer: a plain null_blk can answer before the 1 us
+    hedge timer fires under emulation (in one CI run only 26 of 4,126
+    reads reached their deadline, so none was refused)."""
     base = [make_nullb(size_mb=8, irqmode=2, completion_nsec=200_000) for _ in range(2)]
-    name = make_iobridge(base, hedge_us=1)
-    dev = f"/dev/mapper/{name}"
-    r = fio("--name=budget", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-            "--iodepth=4", "--rw=randread", "--bs=4k", "--size=8M", "--io_size=16M",
-            "--randrepeat=0")
+    name = make_iobridge(base, hedge_us=1, **opts)
+    r = fio("--name=budget", f"--filename=/dev/mapper/{name}", "--direct=1",
+            "--ioengine=libaio", "--iodepth=4", "--rw=randread", "--bs=4k", "--size=8M",
+            "--io_size=16M", "--randrepeat=0")
     assert fio_errors(r) == 0
     st = dmtarget.status(name)
     h = st.hedge
     routed = sum(leg.hook_routed + leg.default_routed for leg in st.legs)
-    bound = abi.HEDGE_DEFAULT_BUDGET_PCT * routed // 100
+    # the budget in millionths of a read: what each read earns of a token
+    bound = routed * round(h.budget_pct * 10 ** abi.HEDGE_BUDGET_DECIMALS) // abi.HEDGE_TOKEN
     print(f"\nbudget {h.budget_pct:g}%: {routed} reads, hedges issued {h.issued} "
           f"(bound {bound}), refused {h.refused}, won {h.won}, lost {h.lost}")
-    assert h.budget_pct == abi.HEDGE_DEFAULT_BUDGET_PCT
     assert routed >= 4000
-    assert 0 < h.issued <= bound, (h, bound)     # the bucket starts empty
+    assert 0 < h.issued <= bound, (h, bound)
     assert h.refused > 0 and h.issued + h.refused <= routed, h
     assert_idle(name)
+    return name, h
+
+
+def test_budget_bounds_extra_reads(make_nullb, make_iobridge):
+    """A deadline every read reaches (1 us) under the default budget (5%):
+    the target issues at most 5% of its reads as hedges (the bucket starts
+    empty) and counts the rest as refused; with a budget of 0 it never
+    hedges."""
+    name, h = _hedge_every_read(make_nullb, make_iobridge)
+    assert h.budget_pct == abi.HEDGE_DEFAULT_BUDGET_PCT
     # Budget 0: never hedge, whatever the deadline.
     dmtarget.message(name, "hedge_budget", "0")
     dmtarget.message(name, "reset_counters")
-    fio("--name=none", f"--filename={dev}", "--direct=1", "--rw=randread", "--bs=4k",
-        "--number_ios=500", "--size=8M")
+    fio("--name=none", f"--filename=/dev/mapper/{name}", "--direct=1", "--rw=randread",
+        "--bs=4k", "--number_ios=500", "--size=8M")
     h = dmtarget.status(name).hedge
     assert (h.issued, h.refused) == (0, 0), h
 
@@ -156,28 +166,11 @@ def test_a_budget_under_one_percent_bounds_extra_reads(make_nullb, make_iobridge
     """A budget of 0.25% (target 1.3 takes 4 decimals; a whole percent was
     the finest before, 20x the budgets the replay finds right for
     CloudPhysics and OLTP): with a deadline every read reaches, a fresh
-    target issues at most 0.25% of its reads as hedges (the bucket starts
-    empty, each read earns 2,500 of a hedge's 1,000,000 micro-tokens) and
-    refuses the rest."""
-    base = [make_nullb(size_mb=8, irqmode=2, completion_nsec=200_000) for _ in range(2)]
-    name = make_iobridge(base, hedge_us=1, hedge_budget=0.25)
-    assert dmtarget.table(name).endswith("hedge_us 1 hedge_budget 0.25")
-    dev = f"/dev/mapper/{name}"
-    r = fio("--name=budget", f"--filename={dev}", "--direct=1", "--ioengine=libaio",
-            "--iodepth=4", "--rw=randread", "--bs=4k", "--size=8M", "--io_size=16M",
-            "--randrepeat=0")
-    assert fio_errors(r) == 0
-    st = dmtarget.status(name)
-    h = st.hedge
-    routed = sum(leg.hook_routed + leg.default_routed for leg in st.legs)
-    bound = routed * 2_500 // abi.HEDGE_TOKEN
-    print(f"\nbudget {h.budget_pct:g}%: {routed} reads, hedges issued {h.issued} "
-          f"(bound {bound}), refused {h.refused}")
+    target issues at most 0.25% of its reads as hedges (each read earns
+    2,500 of a hedge's 1,000,000 micro-tokens) and refuses the rest."""
+    name, h = _hedge_every_read(make_nullb, make_iobridge, hedge_budget=0.25)
     assert h.budget_pct == 0.25
-    assert routed >= 4000
-    assert 0 < h.issued <= bound, (h, bound)
-    assert h.refused > 0 and h.issued + h.refused <= routed, h
-    assert_idle(name)
+    assert dmtarget.table(name).endswith("hedge_us 1 hedge_budget 0.25")
 
 
 def test_failing_leg_with_hedging_loses_no_read(make_nullb, make_dm, make_iobridge):
